@@ -1,0 +1,334 @@
+"""Configuration: YAML file + command-line overrides -> frozen dataclasses.
+
+Everything is validated before any socket is opened. Each problem names its key path (and
+the flag, when the value came from one) and the rule it breaks; all problems are reported
+together. config/fanoutd.yaml documents every key.
+"""
+
+import os
+import socket
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from typing import Any
+
+import yaml
+
+from fanoutd import fanout, ring
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+MAX_WORKERS = 256  # PACKET_FANOUT_MAX: members of one fanout group
+
+
+@dataclass(frozen=True)
+class FanoutConfig:
+    mode: str = "hash"
+    flags: tuple[str, ...] = ("defrag",)
+    group_id: int | None = None  # None: the kernel picks an unused id
+
+
+@dataclass(frozen=True)
+class RingConfig:
+    block_size: int = 1 << 20
+    block_count: int = 32
+    frame_size: int = 2048
+    block_timeout_ms: int = 10
+    rxhash: bool = True
+
+    @property
+    def geometry(self) -> ring.RingGeometry:
+        return ring.RingGeometry(self.block_size, self.block_count, self.frame_size,
+                                 self.block_timeout_ms)
+
+
+@dataclass(frozen=True)
+class PublishConfig:
+    endpoint: str = "tcp://127.0.0.1:7440"
+    sndhwm: int = 256
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = "127.0.0.1:9740"
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    interface: str = "auto"
+    workers: int | None = None  # None: one per CPU
+    runtime_dir: str | None = None  # None: $RUNTIME_DIRECTORY, /run/fanoutd or the temp dir
+    fanout: FanoutConfig = field(default_factory=FanoutConfig)
+    ring: RingConfig = field(default_factory=RingConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+# Command-line flags that override a key; used to name the flag in error messages too.
+FLAG_KEYS = {
+    "interface": "interface",
+    "workers": "workers",
+    "fanout": "fanout.mode",
+    "fanout_flags": "fanout.flags",
+    "group_id": "fanout.group_id",
+    "publish": "publish.endpoint",
+    "hwm": "publish.sndhwm",
+    "metrics": "metrics.listen",
+    "block_size": "ring.block_size",
+    "block_count": "ring.block_count",
+    "frame_size": "ring.frame_size",
+    "block_timeout": "ring.block_timeout_ms",
+    "log_level": "log.level",
+}
+AUTO_KEYS = {"workers", "runtime_dir", "fanout.group_id"}  # keys where "auto" means None
+
+
+class ConfigError(Exception):
+    """Invalid configuration: a list of (key, reason)."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        super().__init__(problems)
+        self.problems = problems
+
+    def __str__(self) -> str:
+        return "\n".join(f"{key}: {reason}" for key, reason in self.problems)
+
+
+def load_config(path: str | None = None, overrides: dict[str, Any] | None = None,
+                resolve: bool = True) -> Config:
+    """Read path (if given), apply overrides (flag dest -> value), validate.
+
+    With resolve, `auto` values that depend on this machine (interface, workers) are
+    replaced by what they resolve to, so the result is the effective configuration.
+    """
+    problems: list[tuple[str, str]] = []
+    raw = _read_yaml(path) if path else {}
+    labels: dict[str, str] = {}
+    for dest, value in (overrides or {}).items():
+        if value is None:
+            continue
+        key = FLAG_KEYS[dest]
+        labels[key] = f"{key} (--{dest.replace('_', '-')})"
+        _set_path(raw, key, value)
+    cfg = _build(Config, raw, "", labels, problems)
+    if not problems:
+        problems.extend(_check(cfg, labels))
+    if not problems and resolve:
+        cfg = _resolve(cfg, labels, problems)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _read_yaml(path: str) -> dict:
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError([(path, f"cannot read the config file: {e.strerror}")]) from None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown place"
+        raise ConfigError([(path, f"YAML syntax error at {where}: {e.problem}")]) from None
+    except yaml.YAMLError as e:
+        raise ConfigError([(path, f"YAML error: {e}")]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([(path, "the top level must be a mapping of keys")])
+    return data
+
+
+def _set_path(raw: dict, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[leaf] = value
+
+
+def _build(cls: type, raw: Any, prefix: str, labels: dict[str, str],
+           problems: list[tuple[str, str]]) -> Any:
+    """Type-check one section against its dataclass; unknown keys are problems."""
+    section = prefix.rstrip(".") or "config"
+    if not isinstance(raw, dict):
+        problems.append((section, f"must be a mapping, got {_kind(raw)}"))
+        return cls()
+    known = {f.name: f for f in fields(cls)}
+    for key in raw:
+        if key not in known:
+            problems.append((f"{prefix}{key}", f"unknown key (known: {', '.join(known)})"))
+    values = {}
+    for name, f in known.items():
+        if name not in raw:
+            continue
+        key = prefix + name
+        default = getattr(cls(), name)
+        if is_dataclass(default):
+            values[name] = _build(type(default), raw[name], key + ".", labels, problems)
+        else:
+            ok, value = _coerce(key, raw[name], f.type)
+            if ok:
+                values[name] = value
+            else:
+                problems.append((labels.get(key, key), value))
+    return replace(cls(), **values)
+
+
+def _coerce(key: str, value: Any, typ: Any) -> tuple[bool, Any]:
+    """(True, typed value) or (False, reason). Flags arrive as strings, YAML as typed values."""
+    if key in AUTO_KEYS and value in ("auto", None):
+        return True, None
+    if typ in (int, int | None):
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            suffix = " or auto" if key in AUTO_KEYS else ""
+            return False, f"must be an integer{suffix}, got {_kind(value)} {value!r}"
+        return True, value
+    if typ is bool:
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "false", "no", "off"):
+            value = value.lower() in ("true", "yes", "on")
+        if not isinstance(value, bool):
+            return False, f"must be true or false, got {_kind(value)} {value!r}"
+        return True, value
+    if typ == tuple[str, ...]:
+        if isinstance(value, str):
+            value = [] if value.strip() in ("", "none") else value.split(",")
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            return False, f"must be a list of strings, got {_kind(value)} {value!r}"
+        return True, tuple(v.strip() for v in value)
+    if not isinstance(value, str):
+        return False, f"must be a string, got {_kind(value)} {value!r}"
+    return True, value
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", bool: "a boolean", int: "an integer",
+            float: "a number", str: "a string", type(None): "nothing"}.get(type(value),
+                                                                         type(value).__name__)
+
+
+def _check(cfg: Config, labels: dict[str, str]) -> list[tuple[str, str]]:
+    """Rules between and within values, once every value has its type."""
+    problems = []
+
+    def bad(key: str, reason: str) -> None:
+        problems.append((labels.get(key, key), reason))
+
+    if not cfg.interface or len(cfg.interface) >= 16 or "/" in cfg.interface:
+        bad("interface", f"must be an interface name (1-15 characters) or auto, "
+                         f"got {cfg.interface!r}")
+    if cfg.workers is not None and not 1 <= cfg.workers <= MAX_WORKERS:
+        bad("workers", f"must be between 1 and {MAX_WORKERS} (members of one fanout group) "
+                       f"or auto, got {cfg.workers}")
+    if cfg.fanout.mode not in fanout.MODES:
+        bad("fanout.mode", f"must be one of {', '.join(fanout.MODES)}, got {cfg.fanout.mode!r}")
+    for flag in cfg.fanout.flags:
+        if flag not in fanout.FLAGS:
+            bad("fanout.flags", f"unknown flag {flag!r} (known: {', '.join(fanout.FLAGS)})")
+    if cfg.fanout.group_id is not None and not 0 <= cfg.fanout.group_id <= fanout.MAX_GROUP_ID:
+        bad("fanout.group_id", f"must be between 0 and {fanout.MAX_GROUP_ID} or auto, "
+                               f"got {cfg.fanout.group_id}")
+    for name, reason in cfg.ring.geometry.problems(ring.page_size(), ring.max_page_order()):
+        bad(f"ring.{name}", reason)
+    reason = endpoint_problem(cfg.publish.endpoint)
+    if reason:
+        bad("publish.endpoint", reason)
+    if cfg.publish.sndhwm < 0:
+        bad("publish.sndhwm", f"must be 0 (no limit) or more, got {cfg.publish.sndhwm}")
+    try:
+        parse_host_port(cfg.metrics.listen)
+    except ValueError as e:
+        bad("metrics.listen", str(e))
+    if cfg.log.level not in LOG_LEVELS:
+        bad("log.level", f"must be one of {', '.join(LOG_LEVELS)}, got {cfg.log.level!r}")
+    return problems
+
+
+def endpoint_problem(endpoint: str) -> str | None:
+    """Why a ZeroMQ bind endpoint is unusable, or None."""
+    scheme, sep, rest = endpoint.partition("://")
+    if not sep or scheme not in ("tcp", "ipc"):
+        return f"must be tcp://HOST:PORT or ipc://PATH, got {endpoint!r}"
+    if scheme == "tcp":
+        try:
+            parse_host_port(rest)
+        except ValueError as e:
+            return f"{e} in {endpoint!r}"
+    elif not rest:
+        return "ipc:// needs a socket path"
+    return None
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """'127.0.0.1:9740', '[::1]:9740' or '*:9740' -> (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"must be HOST:PORT, got {text!r}")
+    if not 0 < int(port) < 65536:
+        raise ValueError(f"port must be between 1 and 65535, got {port}")
+    return host.strip("[]"), int(port)
+
+
+def _resolve(cfg: Config, labels: dict[str, str],
+             problems: list[tuple[str, str]]) -> Config:
+    interface = cfg.interface
+    if interface == "auto":
+        interface = default_interface()
+        if interface is None:
+            problems.append(("interface", "auto found no default route and no other interface "
+                                          "that is up; set interface"))
+            return cfg
+    else:
+        try:
+            socket.if_nametoindex(interface)
+        except OSError:
+            problems.append((labels.get("interface", "interface"),
+                             f"interface {interface!r} does not exist"))
+            return cfg
+    return replace(cfg, interface=interface, workers=cfg.workers or os.cpu_count() or 1)
+
+
+def default_interface() -> str | None:
+    """The interface of the IPv4 default route, else the first non-loopback one that is up."""
+    try:
+        with open("/proc/net/route") as f:
+            for line in f.readlines()[1:]:
+                parts = line.split()
+                if len(parts) > 7 and parts[1] == "00000000" and parts[7] == "00000000":
+                    return parts[0]
+    except OSError:
+        pass
+    for _, name in socket.if_nameindex():
+        try:
+            with open(f"/sys/class/net/{name}/operstate") as f:
+                if name != "lo" and f.read().strip() == "up":
+                    return name
+        except OSError:
+            continue
+    return None
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config as plain YAML-ready data, with None shown as auto."""
+    out = {}
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if is_dataclass(value):
+            out[f.name] = to_dict(value)
+        elif isinstance(value, tuple):
+            out[f.name] = list(value)
+        else:
+            out[f.name] = "auto" if value is None else value
+    return out
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

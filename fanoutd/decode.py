@@ -1,0 +1,322 @@
+"""Frame -> summary row.
+
+A row is a list whose columns are named by FIELDS (the `fields` of a wire-format batch).
+Decoding never raises on wire input: a frame that ends early or carries an impossible header
+gets `err` set to one of ERROR_REASONS and keeps every field parsed before the problem.
+An unknown or unparsed protocol is not an error; its fields simply stay None.
+
+Every header is read with a precompiled struct.Struct and every read is bounded by the
+captured length, never by the buffer (the buffer is a whole ring block holding other frames).
+"""
+
+import struct
+
+from fanoutd import _linux
+
+FIELDS = (
+    "ts_ns",
+    "len",
+    "caplen",
+    "ifindex",
+    "rxhash",
+    "pkttype",
+    "eth_dst",
+    "eth_src",
+    "ethertype",
+    "vlan",
+    "src",
+    "dst",
+    "proto",
+    "ttl",
+    "sport",
+    "dport",
+    "tcp_flags",
+    "icmp_type",
+    "icmp_code",
+    "frag",
+    "err",
+)
+(
+    TS_NS,
+    LEN,
+    CAPLEN,
+    IFINDEX,
+    RXHASH,
+    PKTTYPE,
+    ETH_DST,
+    ETH_SRC,
+    ETHERTYPE,
+    VLAN,
+    SRC,
+    DST,
+    PROTO,
+    TTL,
+    SPORT,
+    DPORT,
+    TCP_FLAGS,
+    ICMP_TYPE,
+    ICMP_CODE,
+    FRAG,
+    ERR,
+) = range(len(FIELDS))
+
+ERROR_REASONS = (
+    "truncated-ethernet",
+    "truncated-vlan",
+    "truncated-llc",
+    "truncated-arp",
+    "truncated-ipv4",
+    "bad-ipv4-header",
+    "truncated-ipv6",
+    "bad-ipv6-header",
+    "truncated-ipv6-ext",
+    "truncated-tcp",
+    "bad-tcp-header",
+    "truncated-udp",
+    "truncated-sctp",
+    "truncated-dccp",
+    "truncated-icmp",
+    "truncated-icmpv6",
+)
+
+ETH_P_IP = 0x0800
+ETH_P_ARP = 0x0806
+ETH_P_IPV6 = 0x86DD
+VLAN_TPIDS = frozenset((0x8100, 0x88A8, 0x9100))  # 802.1Q, 802.1ad, pre-standard QinQ
+ETH_MAX_LENGTH_FIELD = 1500  # type/length <= 1500 is an 802.3 length, not an ethertype
+VLAN_TAG_LEN = 4
+
+IPPROTO_ICMP = 1
+IPPROTO_TCP = 6
+IPPROTO_UDP = 17
+IPPROTO_DCCP = 33
+IPPROTO_ICMPV6 = 58
+IPPROTO_SCTP = 132
+IPPROTO_UDPLITE = 136
+# IPv6 extension headers we walk: hop-by-hop, routing, destination options use
+# (len + 1) * 8 bytes; AH uses (len + 2) * 4; the fragment header is 8 bytes.
+IPV6_EXT_8 = frozenset((0, 43, 60, 135, 139, 140))
+IPPROTO_FRAGMENT = 44
+IPPROTO_AH = 51
+
+_MACS_TYPE = struct.Struct("!6s6sH")
+_U16 = struct.Struct("!H")
+_LLC_SNAP = struct.Struct("!BBB3sH")
+_ARP = struct.Struct("!HHBBH")
+_ARP_IPV4 = struct.Struct("!6x4s6x4s")
+_IPV4 = struct.Struct("!B5xHBB2x4s4s")  # ver_ihl, flags+frag offset, ttl, proto, src, dst
+_IPV6 = struct.Struct("!I2xBB16s16s")  # version/class/flow, next header, hop limit, src, dst
+_IPV6_EXT = struct.Struct("!BB")
+_IPV6_FRAG = struct.Struct("!BxH")
+_PORTS = struct.Struct("!HH")
+_TCP = struct.Struct("!HH8xBB")  # ports, data offset, flags
+_ICMP = struct.Struct("!BB")
+
+_PORT_PROTOS = {  # protocol -> (minimum header length, reason when shorter)
+    IPPROTO_TCP: (20, "truncated-tcp"),
+    IPPROTO_UDP: (8, "truncated-udp"),
+    IPPROTO_UDPLITE: (8, "truncated-udp"),
+    IPPROTO_SCTP: (12, "truncated-sctp"),
+    IPPROTO_DCCP: (12, "truncated-dccp"),
+}
+
+
+def decode_frame(
+    buf: bytes,
+    off: int,
+    caplen: int,
+    wire_len: int,
+    ts_ns: int = 0,
+    ifindex: int = 0,
+    rxhash: int = 0,
+    pkttype: int = 0,
+    vlan_tci: int | None = None,
+) -> list:
+    """Summarise the frame buf[off:off+caplen] into a row in FIELDS order.
+
+    vlan_tci is the tag the kernel stripped into the ring header (TP_STATUS_VLAN_VALID),
+    or None. Like libpcap, which puts such a tag back, `len` and `caplen` then count it.
+    """
+    end = off + caplen
+    vlan = []
+    if vlan_tci is not None:
+        vlan.append(vlan_tci & 0x0FFF)
+        caplen += VLAN_TAG_LEN
+        wire_len += VLAN_TAG_LEN
+    row = [ts_ns, wire_len, caplen, ifindex, rxhash, pkttype, None, None, None, vlan,
+           None, None, None, None, None, None, None, None, None, False, None]
+
+    if end - off < 14:
+        if end - off >= 6:
+            row[ETH_DST] = buf[off:off + 6]
+        if end - off >= 12:
+            row[ETH_SRC] = buf[off + 6:off + 12]
+        row[ERR] = "truncated-ethernet"
+        return row
+    row[ETH_DST], row[ETH_SRC], ethertype = _MACS_TYPE.unpack_from(buf, off)
+    pos = off + 14
+
+    while ethertype in VLAN_TPIDS:
+        if end - pos < VLAN_TAG_LEN:
+            row[ERR] = "truncated-vlan"
+            return row
+        tci, ethertype = _PORTS.unpack_from(buf, pos)
+        vlan.append(tci & 0x0FFF)
+        pos += VLAN_TAG_LEN
+
+    if ethertype <= ETH_MAX_LENGTH_FIELD:
+        # 802.3 with an LLC header; only SNAP with the zero OUI carries an ethertype.
+        if end - pos < 3:
+            row[ERR] = "truncated-llc"
+            return row
+        if buf[pos] != 0xAA or buf[pos + 1] != 0xAA:
+            return row
+        if end - pos < 8:
+            row[ERR] = "truncated-llc"
+            return row
+        _, _, _, oui, ethertype = _LLC_SNAP.unpack_from(buf, pos)
+        if oui != b"\x00\x00\x00":
+            return row
+        pos += 8
+
+    row[ETHERTYPE] = ethertype
+    if ethertype == ETH_P_IP:
+        _ipv4(buf, pos, end, row)
+    elif ethertype == ETH_P_IPV6:
+        _ipv6(buf, pos, end, row)
+    elif ethertype == ETH_P_ARP:
+        _arp(buf, pos, end, row)
+    return row
+
+
+def _ipv4(buf: bytes, pos: int, end: int, row: list) -> None:
+    if end - pos < 20:
+        row[ERR] = "truncated-ipv4"
+        return
+    ver_ihl, frag, ttl, proto, src, dst = _IPV4.unpack_from(buf, pos)
+    ihl = (ver_ihl & 0x0F) * 4
+    if ver_ihl >> 4 != 4 or ihl < 20:
+        row[ERR] = "bad-ipv4-header"
+        return
+    row[SRC] = src
+    row[DST] = dst
+    row[PROTO] = proto
+    row[TTL] = ttl
+    frag_offset = frag & 0x1FFF
+    if frag_offset or frag & 0x2000:
+        row[FRAG] = True
+    if end - pos < ihl:
+        row[ERR] = "truncated-ipv4"
+        return
+    if frag_offset == 0:  # only the first fragment carries the transport header
+        _transport(buf, pos + ihl, end, proto, row)
+
+
+def _ipv6(buf: bytes, pos: int, end: int, row: list) -> None:
+    if end - pos < 40:
+        row[ERR] = "truncated-ipv6"
+        return
+    vtf, nxt, hlim, src, dst = _IPV6.unpack_from(buf, pos)
+    if vtf >> 28 != 6:
+        row[ERR] = "bad-ipv6-header"
+        return
+    row[SRC] = src
+    row[DST] = dst
+    row[TTL] = hlim
+    pos += 40
+    while True:
+        if nxt in IPV6_EXT_8 or nxt == IPPROTO_AH:
+            if end - pos < 2:
+                row[ERR] = "truncated-ipv6-ext"
+                return
+            following, hlen = _IPV6_EXT.unpack_from(buf, pos)
+            hlen = (hlen + 2) * 4 if nxt == IPPROTO_AH else (hlen + 1) * 8
+            if end - pos < hlen:
+                row[ERR] = "truncated-ipv6-ext"
+                return
+            nxt = following
+            pos += hlen
+        elif nxt == IPPROTO_FRAGMENT:
+            if end - pos < 8:
+                row[ERR] = "truncated-ipv6-ext"
+                return
+            following, offset_flags = _IPV6_FRAG.unpack_from(buf, pos)
+            if offset_flags & 0xFFF9:  # fragment offset (bits 15..3) or more-fragments
+                row[FRAG] = True
+            nxt = following
+            pos += 8
+            if offset_flags >> 3:  # a later fragment: its payload starts mid-datagram
+                row[PROTO] = nxt
+                return
+        else:
+            break
+    row[PROTO] = nxt
+    _transport(buf, pos, end, nxt, row)
+
+
+def _transport(buf: bytes, pos: int, end: int, proto: int, row: list) -> None:
+    avail = end - pos
+    if proto in _PORT_PROTOS:
+        need, reason = _PORT_PROTOS[proto]
+        if avail >= 4:
+            row[SPORT], row[DPORT] = _PORTS.unpack_from(buf, pos)
+        if proto == IPPROTO_TCP and avail >= 14:
+            _, _, doff, flags = _TCP.unpack_from(buf, pos)
+            row[TCP_FLAGS] = ((doff & 0x01) << 8) | flags  # NS, then CWR..FIN
+            if doff >> 4 < 5:
+                row[ERR] = "bad-tcp-header"
+                return
+        if avail < need:
+            row[ERR] = reason
+    elif proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
+        if avail >= 2:
+            row[ICMP_TYPE], row[ICMP_CODE] = _ICMP.unpack_from(buf, pos)
+        if avail < 4:
+            row[ERR] = "truncated-icmp" if proto == IPPROTO_ICMP else "truncated-icmpv6"
+
+
+def _arp(buf: bytes, pos: int, end: int, row: list) -> None:
+    if end - pos < 8:
+        row[ERR] = "truncated-arp"
+        return
+    htype, ptype, hlen, plen, _op = _ARP.unpack_from(buf, pos)
+    if end - pos < 8 + 2 * (hlen + plen):
+        row[ERR] = "truncated-arp"
+        return
+    if htype == 1 and ptype == ETH_P_IP and hlen == 6 and plen == 4:
+        row[SRC], row[DST] = _ARP_IPV4.unpack_from(buf, pos + 8)
+
+
+def decode_block(block: bytes, first_offset: int, num_pkts: int, errors: dict) -> list:
+    """Decode every frame of one TPACKET_V3 block (a copy of its bytes) into rows.
+
+    Frames are found by following tp_next_offset from first_offset. errors maps a
+    reason to a count and is incremented for each row whose `err` is set.
+    """
+    rows = []
+    hdr_unpack = _linux.TPACKET3_HDR.unpack_from
+    vlan_valid = _linux.TP_STATUS_VLAN_VALID
+    limit = len(block)
+    pos = first_offset
+    for _ in range(num_pkts):
+        if pos + _linux.TPACKET3_HDR.size > limit:
+            break  # a corrupt chain; the kernel never writes one
+        (next_offset, sec, nsec, snaplen, wire_len, status, mac, _net,
+         rxhash, tci, _tpid, ifindex, _hatype, pkttype) = hdr_unpack(block, pos)
+        mac_off = pos + mac
+        snaplen = min(snaplen, max(0, limit - mac_off))
+        row = decode_frame(block, mac_off, snaplen, wire_len, sec * 1_000_000_000 + nsec,
+                           ifindex, rxhash, pkttype, tci if status & vlan_valid else None)
+        err = row[ERR]
+        if err is not None:
+            errors[err] = errors.get(err, 0) + 1
+        rows.append(row)
+        if not next_offset:
+            break
+        pos += next_offset
+    return rows
+
+
+def as_dict(row: list) -> dict:
+    """A row as {field: value}; for tests and tools, never the hot path."""
+    return dict(zip(FIELDS, row, strict=True))

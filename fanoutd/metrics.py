@@ -1,0 +1,108 @@
+"""Prometheus exposition: a custom collector over the slot table, served from the
+supervisor's own loop (no threads: the supervisor forks, and a thread would not survive
+that cleanly).
+
+Metric families are built fresh at each scrape from the shared slot counters, so totals
+belong to the slot and survive a worker restart, and every counter exists for every worker
+from the first scrape, at zero.
+"""
+
+import socket
+from collections.abc import Iterable, Iterator
+from http.server import HTTPServer
+from typing import Protocol
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import MetricsHandler
+from prometheus_client.registry import CollectorRegistry
+
+from fanoutd import __version__
+from fanoutd.decode import ERROR_REASONS
+from fanoutd.slotstats import SlotStats
+
+# (metric name without _total, slot counter, help)
+SLOT_COUNTERS = (
+    ("fanoutd_kernel_packets", "kernel_packets",
+     "Packets the kernel passed to this worker's socket, including the dropped ones "
+     "(PACKET_STATISTICS tp_packets)."),
+    ("fanoutd_kernel_drops", "kernel_drops",
+     "Packets the kernel dropped because this worker's ring was full (tp_drops)."),
+    ("fanoutd_kernel_freezes", "kernel_freezes",
+     "Times the kernel froze this worker's ring queue for lack of a free block "
+     "(tp_freeze_q_cnt)."),
+    ("fanoutd_packets_decoded", "packets", "Frames decoded into summaries."),
+    ("fanoutd_bytes", "bytes", "Wire bytes of the decoded frames."),
+    ("fanoutd_batches_published", "batches", "Batches (ring blocks) handed to ZeroMQ."),
+    ("fanoutd_publish_drops", "publish_drops",
+     "Batches refused at the publish high-water mark (their seq is skipped)."),
+    ("fanoutd_worker_restarts", "restarts", "Times this worker slot's process was replaced."),
+)
+
+
+class SlotView(Protocol):
+    index: int
+    stats: SlotStats
+
+    @property
+    def up(self) -> bool: ...
+
+
+class StatsSource(Protocol):
+    interface: str
+
+    @property
+    def slots(self) -> Iterable[SlotView]: ...
+
+    def refresh_kernel_stats(self) -> None: ...
+
+
+class SlotCollector:
+    def __init__(self, source: StatsSource) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[Metric]:
+        self.source.refresh_kernel_stats()
+        iface = self.source.interface
+        slots = list(self.source.slots)
+        snaps = [(str(slot.index), slot.stats.snapshot()) for slot in slots]
+        for name, key, doc in SLOT_COUNTERS:
+            family = CounterMetricFamily(name, doc, labels=("interface", "worker"))
+            for worker, snap in snaps:
+                family.add_metric((iface, worker), snap[key])
+            yield family
+        errors = CounterMetricFamily("fanoutd_decode_errors",
+                                     "Frames whose decoding stopped early, by reason.",
+                                     labels=("interface", "worker", "reason"))
+        for worker, snap in snaps:
+            for reason in ERROR_REASONS:
+                errors.add_metric((iface, worker, reason), snap[f"err:{reason}"])
+        yield errors
+        backlog = GaugeMetricFamily("fanoutd_ring_blocks_user",
+                                    "Ring blocks held by user space: the worker's backlog.",
+                                    labels=("interface", "worker"))
+        for worker, snap in snaps:
+            backlog.add_metric((iface, worker), snap["blocks_user"])
+        yield backlog
+        up = GaugeMetricFamily("fanoutd_workers_up",
+                               "Workers that have mapped their ring and are capturing.",
+                               labels=("interface",))
+        up.add_metric((iface,), sum(1 for slot in slots if slot.up))
+        yield up
+        info = GaugeMetricFamily("fanoutd_build_info", "fanoutd version.", labels=("version",))
+        info.add_metric((__version__,), 1)
+        yield info
+
+
+class MetricsServer(HTTPServer):
+    """Answers one scrape whenever the supervisor's loop finds the listener readable."""
+
+    timeout = 0  # handle_request() must never wait for a connection
+
+    def __init__(self, host: str, port: int, source: StatsSource) -> None:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(SlotCollector(source))
+        handler = MetricsHandler.factory(registry)
+        handler.timeout = 2  # a client that stalls mid-request cannot hold the loop longer
+        if ":" in host:
+            self.address_family = socket.AF_INET6
+        super().__init__((host if host != "*" else "", port), handler)

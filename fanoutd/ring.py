@@ -1,0 +1,226 @@
+"""RxRing: one AF_PACKET socket's TPACKET_V3 receive ring.
+
+The supervisor calls `open_capture_socket` (socket, ring request, bind) and keeps the
+socket for the daemon's life; a worker maps the ring with `RxRing` and walks it. The
+geometry rules are the ones packet_set_ring enforces (see the kernel's packet_mmap
+document), checked up front by `RingGeometry.problems` so a bad value is reported by
+name instead of as EINVAL from setsockopt.
+"""
+
+import errno
+import mmap
+import select
+import socket
+from dataclasses import dataclass
+
+from fanoutd import _linux
+
+DEFAULT_MAX_ORDER = 10  # MAX_PAGE_ORDER on current kernels with 4 KiB pages
+
+
+class CaptureError(Exception):
+    """A capture socket could not be set up; the message says what and why."""
+
+
+@dataclass(frozen=True)
+class RingGeometry:
+    block_size: int
+    block_count: int
+    frame_size: int
+    block_timeout_ms: int
+
+    @property
+    def frames_per_block(self) -> int:
+        return self.block_size // self.frame_size
+
+    @property
+    def frame_count(self) -> int:
+        # tp_frame_nr is redundant for the kernel: it must equal this exactly.
+        return self.frames_per_block * self.block_count
+
+    @property
+    def size(self) -> int:
+        return self.block_size * self.block_count
+
+    def problems(self, page_size: int, max_order: int) -> list[tuple[str, str]]:
+        """Every broken kernel rule, as (field, rule) pairs; empty when the ring is valid."""
+        found = []
+        max_block = page_size << max_order
+        block_ok = False
+        if self.block_size <= 0 or self.block_size % page_size:
+            found.append(("block_size", f"must be a positive multiple of the page size "
+                                        f"({page_size} bytes), got {self.block_size}"))
+        elif self.block_size > max_block:
+            found.append(("block_size", f"must be at most PAGE_SIZE << MAX_ORDER = {max_block} "
+                                        f"bytes (one physically contiguous allocation), "
+                                        f"got {self.block_size}"))
+        elif self.block_size & (self.block_size - 1):
+            found.append(("block_size", f"must be a power of two (the kernel allocates whole "
+                                        f"page orders, the rest is wasted), got "
+                                        f"{self.block_size}"))
+        else:
+            block_ok = True
+        if self.frame_size % _linux.TPACKET_ALIGNMENT:
+            found.append(("frame_size", f"must be a multiple of TPACKET_ALIGNMENT "
+                                        f"({_linux.TPACKET_ALIGNMENT}), got {self.frame_size}"))
+        if self.frame_size <= _linux.TPACKET3_HDRLEN:
+            found.append(("frame_size", f"must be larger than the frame header "
+                                        f"(TPACKET3_HDRLEN = {_linux.TPACKET3_HDRLEN} bytes), "
+                                        f"got {self.frame_size}"))
+        elif block_ok and self.frame_size > self.block_size:
+            found.append(("frame_size", f"must fit in a block (block_size {self.block_size}), "
+                                        f"got {self.frame_size}"))
+        if self.block_count < 2:
+            found.append(("block_count", f"must be at least 2, so the kernel can fill one block "
+                                         f"while the worker reads another, got "
+                                         f"{self.block_count}"))
+        elif self.frame_size > 0 and self.frame_count >= 2**32:
+            found.append(("block_count", "frames per block times blocks must fit in 32 bits"))
+        if not 1 <= self.block_timeout_ms <= 60_000:
+            found.append(("block_timeout_ms", f"must be between 1 and 60000 ms, got "
+                                              f"{self.block_timeout_ms}"))
+        return found
+
+
+def page_size() -> int:
+    return mmap.PAGESIZE
+
+
+def max_page_order() -> int:
+    """MAX_ORDER of this kernel: /proc/buddyinfo has one column per order 0..MAX_ORDER."""
+    try:
+        with open("/proc/buddyinfo") as f:
+            line = f.readline().split()
+        return len(line) - 4 - 1  # "Node 0, zone DMA" then the columns
+    except (OSError, IndexError):
+        return DEFAULT_MAX_ORDER
+
+
+def open_capture_socket(ifname: str, geometry: RingGeometry, rxhash: bool) -> socket.socket:
+    """An AF_PACKET socket with a TPACKET_V3 RX ring, bound to ifname, not yet in a fanout group.
+
+    The socket is created with protocol 0 so it receives nothing until bind() gives it
+    ETH_P_ALL: no packet reaches it before the ring is in place.
+    """
+    try:
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+    except PermissionError:
+        raise CaptureError("permission denied opening an AF_PACKET socket: capture needs "
+                           "CAP_NET_RAW (run as root or grant the capability)") from None
+    try:
+        sock.setsockopt(_linux.SOL_PACKET, _linux.PACKET_VERSION, _linux.TPACKET_V3)
+        req = _linux.TpacketReq3(
+            tp_block_size=geometry.block_size,
+            tp_block_nr=geometry.block_count,
+            tp_frame_size=geometry.frame_size,
+            tp_frame_nr=geometry.frame_count,
+            tp_retire_blk_tov=geometry.block_timeout_ms,
+            tp_sizeof_priv=0,
+            tp_feature_req_word=_linux.TP_FT_REQ_FILL_RXHASH if rxhash else 0,
+        )
+        try:
+            sock.setsockopt(_linux.SOL_PACKET, _linux.PACKET_RX_RING, bytes(req))
+        except OSError as e:
+            raise CaptureError(f"the kernel refused the RX ring ({geometry.block_count} blocks "
+                               f"of {geometry.block_size} bytes): {e.strerror}") from None
+        try:
+            sock.bind((ifname, _linux.ETH_P_ALL))
+        except OSError as e:
+            if e.errno in (errno.ENODEV, errno.ENXIO):
+                raise CaptureError(f"interface {ifname!r} does not exist") from None
+            raise CaptureError(f"cannot bind to interface {ifname!r}: {e.strerror}") from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def read_kernel_stats(sock: socket.socket) -> tuple[int, int, int]:
+    """(packets, drops, freeze_q_cnt) since the previous call: PACKET_STATISTICS resets on read.
+
+    The kernel's tp_packets already includes the dropped packets.
+    """
+    raw = sock.getsockopt(_linux.SOL_PACKET, _linux.PACKET_STATISTICS,
+                          _linux.TPACKET_STATS_V3.size)
+    return _linux.TPACKET_STATS_V3.unpack(raw)
+
+
+class RxRing:
+    """A worker's view of a slot's ring: map it, find ready blocks in order, hand them back."""
+
+    def __init__(self, sock: socket.socket, geometry: RingGeometry) -> None:
+        self.sock = sock
+        self.geometry = geometry
+        self.map = mmap.mmap(sock.fileno(), geometry.size, mmap.MAP_SHARED,
+                             mmap.PROT_READ | mmap.PROT_WRITE)
+        self.poller = select.poll()
+        self.poller.register(sock.fileno(), select.POLLIN | select.POLLERR)
+        self._head = _linux.BLOCK_HEAD.unpack_from
+        self.socket_errors: list[int] = []  # errno values poll reported, for the worker
+        # A replacement worker resumes where its predecessor stopped.
+        oldest = self.oldest_user_block()
+        self.cursor = 0 if oldest is None else oldest
+
+    def close(self) -> None:
+        self.map.close()
+
+    def head(self, index: int) -> tuple[int, int, int, int, int]:
+        """(block_status, num_pkts, offset_to_first_pkt, blk_len, seq_num) of a block."""
+        return self._head(self.map, index * self.geometry.block_size
+                          + _linux.BLOCK_STATUS_OFFSET)
+
+    def oldest_user_block(self) -> int | None:
+        """The user-owned block with the lowest seq_num: where reading must continue."""
+        best = None
+        for index in range(self.geometry.block_count):
+            status, _, _, _, seq = self.head(index)
+            if status & _linux.TP_STATUS_USER and (best is None or seq < best[0]):
+                best = (seq, index)
+        return None if best is None else best[1]
+
+    def user_blocks(self) -> int:
+        """How many blocks user space holds right now: the worker's backlog."""
+        return sum(self.head(i)[0] & _linux.TP_STATUS_USER
+                   for i in range(self.geometry.block_count))
+
+    def wait(self, timeout_ms: int) -> bool:
+        """Wait for the block at the cursor; True when it is ready to read.
+
+        The kernel fills blocks in ring order, so normally the cursor's block is the next
+        one. If poll says data is ready but the cursor's block is not, the cursor is out of
+        step (a restart, or a block skipped): resynchronise on the oldest user block.
+        """
+        if self.head(self.cursor)[0] & _linux.TP_STATUS_USER:
+            return True
+        events = self.poller.poll(timeout_ms)
+        if not events:
+            return False
+        if events[0][1] & select.POLLERR:
+            # A pending socket error (ENETDOWN when the link goes down) keeps poll firing
+            # until it is read; reading SO_ERROR clears it.
+            err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self.socket_errors.append(err)
+        if self.head(self.cursor)[0] & _linux.TP_STATUS_USER:
+            return True
+        oldest = self.oldest_user_block()
+        if oldest is None:
+            return False
+        self.cursor = oldest
+        return True
+
+    def read(self) -> tuple[bytes, int, int]:
+        """A copy of the cursor's block: (bytes, offset_to_first_pkt, num_pkts).
+
+        Copying once (a memcpy) lets the decoder slice addresses out as bytes directly.
+        """
+        _, num_pkts, first, blk_len, _ = self.head(self.cursor)
+        start = self.cursor * self.geometry.block_size
+        length = min(blk_len or self.geometry.block_size, self.geometry.block_size)
+        return self.map[start:start + length], first, num_pkts
+
+    def release(self) -> None:
+        """Hand the cursor's block back to the kernel and move on."""
+        _linux.BLOCK_STATUS.pack_into(self.map, self.cursor * self.geometry.block_size
+                                      + _linux.BLOCK_STATUS_OFFSET, _linux.TP_STATUS_KERNEL)
+        self.cursor = (self.cursor + 1) % self.geometry.block_count

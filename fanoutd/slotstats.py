@@ -1,0 +1,67 @@
+"""Per-slot counters in shared memory, written by the worker, read by the supervisor.
+
+DESIGN.md has workers report counters over a socketpair. We keep them in a page of
+anonymous shared memory that the supervisor maps before it forks instead, because:
+- a counter belongs to the slot, not the process: it survives a worker being replaced,
+  and nothing counted between the last report and a SIGKILL is lost;
+- the batch `seq` continues across a replacement without any hand-over;
+- reading is free for the supervisor at scrape time, and the heartbeat is just the
+  timestamp the worker writes on each turn of its loop.
+Each value is a native 64-bit word written with a single store (memoryview cast 'Q'),
+so a reader never sees a torn value. The supervisor writes the kernel counters it reads
+from the slot's socket into the same page, so every child can publish the lot.
+"""
+
+import mmap
+import time
+
+from fanoutd.decode import ERROR_REASONS
+
+FIELDS = (
+    "heartbeat_ns",      # CLOCK_MONOTONIC of the worker's last loop turn
+    "capturing",         # 1 once the worker has mapped the ring and entered its loop
+    "pid",
+    "next_seq",          # seq of the next batch this slot publishes
+    "packets",           # frames decoded
+    "bytes",             # wire bytes of those frames
+    "batches",           # batches handed to ZeroMQ
+    "publish_drops",     # batches refused at the high-water mark
+    "blocks",            # ring blocks walked
+    "blocks_user",       # blocks held by user space at the last look: the backlog
+    "link_errors",       # socket errors poll reported (ENETDOWN, ...)
+    "kernel_packets",    # the rest is written by the supervisor
+    "kernel_drops",
+    "kernel_freezes",
+    "restarts",
+    *(f"err:{reason}" for reason in ERROR_REASONS),
+)
+INDEX = {name: i for i, name in enumerate(FIELDS)}
+ERROR_INDEX = {reason: INDEX[f"err:{reason}"] for reason in ERROR_REASONS}
+
+
+class SlotStats:
+    """One slot's counters. Create it in the supervisor before fork; children inherit it."""
+
+    def __init__(self) -> None:
+        self._map = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        self.words = memoryview(self._map).cast("Q")
+        assert len(FIELDS) <= len(self.words)
+
+    def __getitem__(self, name: str) -> int:
+        return self.words[INDEX[name]]
+
+    def __setitem__(self, name: str, value: int) -> None:
+        self.words[INDEX[name]] = value
+
+    def add(self, name: str, n: int = 1) -> None:
+        self.words[INDEX[name]] += n
+
+    def beat(self) -> None:
+        self.words[INDEX["heartbeat_ns"]] = time.monotonic_ns()
+
+    def errors(self) -> dict[str, int]:
+        return {reason: self.words[i] for reason, i in ERROR_INDEX.items()}
+
+    def snapshot(self) -> dict[str, int]:
+        values = self.words.tolist()
+        return {name: values[i] for i, name in enumerate(FIELDS)}

@@ -1,0 +1,368 @@
+"""The supervisor: owns the slot sockets, forks the proxy and the workers, keeps them alive.
+
+Shaped after gunicorn's arbiter: signal handlers only record the signal (and wake the loop
+through the wakeup fd); one loop does all the work; children are reaped with
+waitpid(-1, WNOHANG) until none is left. Child states follow supervisord: STARTING,
+RUNNING, BACKOFF (waiting for a growing restart delay), STOPPING, FATAL (it kept failing
+to start, so the daemon gives up and exits non-zero for systemd to see).
+"""
+
+import contextlib
+import logging
+import os
+import select
+import shutil
+import signal
+import socket
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from fanoutd import fanout, publish, ring, worker
+from fanoutd.config import Config, parse_host_port
+from fanoutd.metrics import MetricsServer
+from fanoutd.slotstats import SlotStats
+
+log = logging.getLogger("fanoutd")
+
+# Exit statuses of `fanoutd run` (documented in the README).
+EXIT_OK = 0
+EXIT_UNAVAILABLE = 69  # the interface, an endpoint or a port cannot be used
+EXIT_SOFTWARE = 70  # a worker or the proxy went FATAL
+EXIT_NOPERM = 77  # missing privilege (CAP_NET_RAW)
+
+TICK_S = 0.25  # supervisor loop period
+KERNEL_STATS_EVERY_S = 1.0
+STOP_GRACE_S = 5.0  # SIGTERM, then SIGKILL after this long
+BACKOFF_FIRST_S = 0.1
+BACKOFF_MAX_S = 10.0
+STABLE_AFTER_S = 10.0  # a child that ran this long resets its failure count
+FATAL_AFTER = 5  # consecutive failed starts before a child goes FATAL
+PROXY_READY_TIMEOUT_S = 10.0
+
+
+class StartupError(Exception):
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Child:
+    name: str
+    main: Callable[[], int]
+    state: str = "STOPPED"
+    pid: int | None = None
+    started_at: float = 0.0
+    failures: int = 0
+    restart_at: float = 0.0
+
+
+@dataclass
+class Slot:
+    index: int
+    sock: socket.socket
+    stats: SlotStats = field(default_factory=SlotStats)
+    child: Child | None = None
+
+    @property
+    def up(self) -> bool:
+        return self.child is not None and self.child.state == "RUNNING"
+
+
+class Supervisor:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.interface = cfg.interface
+        self.slot_list: list[Slot] = []
+        self.proxy: Child | None = None
+        self.metrics: MetricsServer | None = None
+        self.runtime_dir: str | None = None
+        self.backend = ""
+        self.group_id: int | None = None
+        self.signals: list[int] = []
+        self.stopping = False
+        self.exit_status = EXIT_OK
+        self.announced_ready = False
+        self.kernel_stats_at = 0.0
+
+    @property
+    def slots(self) -> list[Slot]:
+        return self.slot_list
+
+    # -- life cycle ---------------------------------------------------------------------
+
+    def run(self) -> int:
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        self._wake_r = wake_r
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
+            signal.signal(signum, self._record_signal)
+        try:
+            self._open_slots()
+            self._open_metrics()
+            self._make_runtime_dir()
+            self._start_proxy()
+            for slot in self.slot_list:
+                slot.child = Child(f"fanoutd-w{slot.index}", self._worker_main(slot))
+                self._spawn(slot.child)
+            while not self.stopping:
+                self._loop_once()
+        except StartupError as e:
+            log.error("%s", e)
+            self.exit_status = e.status
+        finally:
+            self._shutdown()
+            signal.set_wakeup_fd(-1)
+            os.close(wake_r)
+            os.close(wake_w)
+        return self.exit_status
+
+    def _open_slots(self) -> None:
+        cfg = self.cfg
+        try:
+            for index in range(cfg.workers or 1):
+                sock = ring.open_capture_socket(cfg.interface, cfg.ring.geometry, cfg.ring.rxhash)
+                self.slot_list.append(Slot(index, sock))
+            self.group_id = fanout.join_group([s.sock for s in self.slot_list], cfg.fanout.mode,
+                                              cfg.fanout.flags, cfg.fanout.group_id)
+        except ring.CaptureError as e:
+            status = EXIT_NOPERM if "permission" in str(e) else EXIT_UNAVAILABLE
+            raise StartupError(str(e), status) from None
+        except fanout.FanoutError as e:
+            raise StartupError(str(e), EXIT_UNAVAILABLE) from None
+
+    def _open_metrics(self) -> None:
+        host, port = parse_host_port(self.cfg.metrics.listen)
+        try:
+            self.metrics = MetricsServer(host, port, self)
+        except OSError as e:
+            raise StartupError(f"metrics.listen: cannot listen on {self.cfg.metrics.listen}: "
+                               f"{e.strerror}", EXIT_UNAVAILABLE) from None
+
+    def _make_runtime_dir(self) -> None:
+        base = (self.cfg.runtime_dir or os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+                or ("/run/fanoutd" if os.geteuid() == 0 else tempfile.gettempdir()))
+        try:
+            os.makedirs(base, mode=0o755, exist_ok=True)
+            self.runtime_dir = tempfile.mkdtemp(prefix=f"{self.interface}-", dir=base)
+        except OSError as e:
+            raise StartupError(f"runtime_dir: cannot create a directory in {base}: {e.strerror}",
+                               EXIT_UNAVAILABLE) from None
+        self.backend = f"ipc://{self.runtime_dir}/workers.ipc"
+
+    def _start_proxy(self) -> None:
+        cfg = self.cfg.publish
+        self._proxy_ready_w = -1
+
+        def main() -> int:
+            return publish.run_proxy(self.backend, cfg.endpoint, cfg.sndhwm,
+                                     self._proxy_ready_w)
+
+        self.proxy = Child("fanoutd-proxy", main)
+        self._spawn_proxy()
+
+    def _spawn_proxy(self) -> None:
+        """Fork the proxy and wait until it has bound the public endpoint (or failed to)."""
+        assert self.proxy is not None
+        ready_r, self._proxy_ready_w = os.pipe()
+        try:
+            self._spawn(self.proxy)
+        finally:
+            os.close(self._proxy_ready_w)
+        try:
+            readable, _, _ = select.select([ready_r], [], [], PROXY_READY_TIMEOUT_S)
+            answer = os.read(ready_r, 4096).decode(errors="replace") if readable else ""
+        finally:
+            os.close(ready_r)
+        if answer != "ok":
+            raise StartupError(answer or "the proxy did not start", EXIT_UNAVAILABLE)
+        self.proxy.state = "RUNNING"
+
+    def _worker_main(self, slot: Slot) -> Callable[[], int]:
+        cfg = self.cfg
+
+        def main() -> int:
+            for other in self.slot_list:  # a worker touches its own ring only
+                if other is not slot:
+                    other.sock.close()
+            return worker.run_worker(slot.index, self.interface, slot.sock, slot.stats,
+                                     cfg.ring.geometry, self.backend, cfg.publish.sndhwm)
+
+        return main
+
+    def _spawn(self, child: Child) -> None:
+        pid = os.fork()
+        if pid == 0:  # the child never returns into the supervisor's code
+            status = 1
+            try:
+                signal.set_wakeup_fd(-1)
+                for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
+                    signal.signal(signum, signal.SIG_DFL)
+                if self.metrics is not None:
+                    self.metrics.socket.close()
+                status = child.main()
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(status)
+        child.pid = pid
+        child.state = "STARTING"
+        child.started_at = time.monotonic()
+        log.debug("started %s (pid %d)", child.name, pid)
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def _record_signal(self, signum: int, frame: object) -> None:
+        self.signals.append(signum)
+
+    def _loop_once(self) -> None:
+        waiting = [self._wake_r]
+        if self.metrics is not None:
+            waiting.append(self.metrics.socket)
+        readable, _, _ = select.select(waiting, [], [], TICK_S)
+        if self._wake_r in readable:
+            while True:
+                try:
+                    if not os.read(self._wake_r, 512):
+                        break
+                except BlockingIOError:
+                    break
+        while self.signals:
+            self._handle_signal(self.signals.pop(0))
+        if self.stopping:
+            return
+        if self.metrics is not None and self.metrics.socket in readable:
+            self.metrics.handle_request()
+        self._tick()
+
+    def _handle_signal(self, signum: int) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            log.info("%s received: stopping", signal.Signals(signum).name)
+            self.stopping = True
+        elif signum == signal.SIGCHLD:
+            self._reap()
+        elif signum == signal.SIGHUP:
+            log.warning("SIGHUP received: configuration reload is not supported yet; ignored")
+
+    def _children(self) -> list[Child]:
+        found = [s.child for s in self.slot_list if s.child is not None]
+        return [*found, self.proxy] if self.proxy is not None else found
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            for child in self._children():
+                if child.pid == pid:
+                    self._child_exited(child, status)
+                    break
+
+    def _child_exited(self, child: Child, status: int) -> None:
+        child.pid = None
+        if self.stopping or child.state == "STOPPING":
+            child.state = "STOPPED"
+            return
+        how = _describe_status(status)
+        now = time.monotonic()
+        booted = child.state == "RUNNING"
+        if now - child.started_at >= STABLE_AFTER_S:
+            child.failures = 0
+        child.failures += 1
+        if not booted and child.failures >= FATAL_AFTER:
+            child.state = "FATAL"
+            log.error("%s failed to start %d times in a row (last: %s); giving up",
+                      child.name, child.failures, how)
+            self.exit_status = EXIT_SOFTWARE
+            self.stopping = True
+            return
+        delay = min(BACKOFF_FIRST_S * 2 ** (child.failures - 1), BACKOFF_MAX_S)
+        child.state = "BACKOFF"
+        child.restart_at = now + delay
+        log.warning("%s %s; restarting in %.1f s", child.name, how, delay)
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        for slot in self.slot_list:
+            child = slot.child
+            if child is None:
+                continue
+            if child.state == "STARTING" and slot.stats["capturing"]:
+                child.state = "RUNNING"
+            elif child.state == "BACKOFF" and now >= child.restart_at:
+                slot.stats.add("restarts")
+                slot.stats["capturing"] = 0  # the dead worker's flag; the new one sets it
+                self._spawn(child)
+        proxy = self.proxy
+        if proxy is not None and proxy.state == "BACKOFF" and now >= proxy.restart_at:
+            self._spawn_proxy()
+        if not self.announced_ready and all(s.up for s in self.slot_list):
+            self.announced_ready = True
+            log.info("capturing on %s: %d workers, fanout %s (group %d), publishing on %s",
+                     self.interface, len(self.slot_list), self.cfg.fanout.mode,
+                     self.group_id, self.cfg.publish.endpoint)
+        if now - self.kernel_stats_at >= KERNEL_STATS_EVERY_S:
+            self.refresh_kernel_stats()
+
+    def refresh_kernel_stats(self) -> None:
+        """Fold PACKET_STATISTICS (reset by each read) into each slot's running totals."""
+        self.kernel_stats_at = time.monotonic()
+        for slot in self.slot_list:
+            packets, drops, freezes = ring.read_kernel_stats(slot.sock)
+            words = slot.stats
+            words.add("kernel_packets", packets)
+            words.add("kernel_drops", drops)
+            words.add("kernel_freezes", freezes)
+
+    # -- stopping -----------------------------------------------------------------------
+
+    def _shutdown(self) -> None:
+        """Workers first (they flush their last batches to the proxy), then the proxy."""
+        workers = [s.child for s in self.slot_list if s.child is not None]
+        self._stop_children(workers)
+        if self.proxy is not None:
+            self._stop_children([self.proxy])
+        if self.slot_list:
+            self.refresh_kernel_stats()
+        for slot in self.slot_list:
+            slot.sock.close()
+        if self.metrics is not None:
+            self.metrics.server_close()
+        if self.runtime_dir:
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+    def _stop_children(self, children: list[Child]) -> None:
+        for child in children:
+            if child.pid is not None:
+                child.state = "STOPPING"
+                _kill(child.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        while any(c.pid is not None for c in children):
+            if time.monotonic() >= deadline:
+                for child in children:
+                    if child.pid is not None:
+                        log.warning("%s did not stop in %.0f s; killing it", child.name,
+                                    STOP_GRACE_S)
+                        _kill(child.pid, signal.SIGKILL)
+                deadline = float("inf")
+            self._reap()
+            time.sleep(0.01)
+
+
+def _kill(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # it may have exited already
+        os.kill(pid, signum)
+
+
+def _describe_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exited with status {os.WEXITSTATUS(status)}"

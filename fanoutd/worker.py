@@ -1,0 +1,106 @@
+"""The worker: a forked child that maps one slot's ring, decodes, and publishes.
+
+The supervisor opened the socket and joined the fanout group; the worker only maps the
+ring, so a replacement worker picks up the same ring (and so the same flows) at the
+oldest block its predecessor had not handed back.
+"""
+
+import errno
+import logging
+import os
+import signal
+import socket
+
+import zmq
+
+from fanoutd import slotstats
+from fanoutd.decode import LEN, decode_block
+from fanoutd.proctitle import set_process_name
+from fanoutd.publish import BatchPublisher
+from fanoutd.ring import RingGeometry, RxRing
+
+log = logging.getLogger("fanoutd.worker")
+
+POLL_MS = 100  # the longest a worker goes without a heartbeat or checking for stop
+EXIT_BOOT_FAILED = 3  # the worker could not start; repeated, the slot goes FATAL
+
+
+class _Stop:
+    requested = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.requested = True
+
+
+def run_worker(index: int, iface: str, sock: socket.socket, stats: slotstats.SlotStats,
+               geometry: RingGeometry, backend: str, sndhwm: int) -> int:
+    """The worker process's main; returns its exit status."""
+    set_process_name(f"fanoutd-w{index}")
+    stop = _Stop()
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group: the supervisor decides
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        rx = RxRing(sock, geometry)
+    except OSError as e:
+        log.error("worker %d: cannot map the ring of %s: %s", index, iface, e.strerror)
+        return EXIT_BOOT_FAILED
+    ctx = zmq.Context(1)
+    pub = BatchPublisher(ctx, backend, iface, index, sndhwm)
+    try:
+        stats["pid"] = os.getpid()
+        stats["capturing"] = 1
+        _capture(rx, pub, stats, stop, iface, index)
+    finally:
+        stats["capturing"] = 0
+        pub.close()
+        ctx.term()
+        rx.close()
+    return 0
+
+
+def _capture(rx: RxRing, pub: BatchPublisher, stats: slotstats.SlotStats, stop: _Stop,
+             iface: str, index: int) -> None:
+    words = stats.words
+    i = slotstats.INDEX
+    seq_i, packets_i, bytes_i = i["next_seq"], i["packets"], i["bytes"]
+    batches_i, drops_i, blocks_i, user_i = (i["batches"], i["publish_drops"], i["blocks"],
+                                            i["blocks_user"])
+    error_index = slotstats.ERROR_INDEX
+    errors: dict[str, int] = {}
+    while not stop.requested:
+        stats.beat()
+        if not rx.wait(POLL_MS):
+            if rx.socket_errors:
+                _report_socket_errors(rx, stats, iface, index)
+            continue
+        block, first, num_pkts = rx.read()
+        if num_pkts:
+            rows = decode_block(block, first, num_pkts, errors)
+            seq = words[seq_i]
+            # A refused batch still uses its seq, so subscribers see the gap.
+            words[seq_i] = seq + 1
+            if pub.publish(seq, rows):
+                words[batches_i] += 1
+            else:
+                words[drops_i] += 1
+            words[packets_i] += len(rows)
+            words[bytes_i] += sum(row[LEN] for row in rows)
+            if errors:
+                for reason, n in errors.items():
+                    words[error_index[reason]] += n
+                errors.clear()
+        words[user_i] = rx.user_blocks()
+        rx.release()
+        words[blocks_i] += 1
+
+
+def _report_socket_errors(rx: RxRing, stats: slotstats.SlotStats, iface: str,
+                          index: int) -> None:
+    for err in rx.socket_errors:
+        stats.add("link_errors")
+        if err == errno.ENETDOWN:
+            log.warning("worker %d: %s went down; waiting for it to come back", index, iface)
+        else:
+            log.warning("worker %d: socket error on %s: %s", index, iface, os.strerror(err))
+    rx.socket_errors.clear()

@@ -1,0 +1,107 @@
+"""Config: defaults, YAML and flag overrides, and one clear problem per broken rule."""
+
+import pytest
+
+from fanoutd.config import Config, ConfigError, dump, load_config
+
+
+def problems(path=None, **overrides):
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides, resolve=False)
+    return info.value.problems
+
+
+def write(tmp_path, text):
+    path = tmp_path / "fanoutd.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_shipped_config_is_valid_and_equals_the_defaults():
+    assert load_config("config/fanoutd.yaml", resolve=False) == Config()
+
+
+def test_yaml_values_and_flag_overrides(tmp_path):
+    path = write(tmp_path, "interface: lo\nworkers: 3\nfanout: {mode: lb, flags: []}\n"
+                           "ring: {block_size: 65536}\n")
+    cfg = load_config(path, {"workers": "5", "block_count": "4", "group_id": "77",
+                             "fanout_flags": "defrag,rollover"}, resolve=False)
+    assert (cfg.interface, cfg.workers, cfg.fanout.mode) == ("lo", 5, "lb")
+    assert cfg.fanout.flags == ("defrag", "rollover")
+    assert cfg.fanout.group_id == 77
+    assert (cfg.ring.block_size, cfg.ring.block_count) == (65536, 4)
+
+
+def test_auto_values_resolve_to_this_machine():
+    cfg = load_config(None, {"interface": "lo"})
+    assert cfg.interface == "lo"
+    assert cfg.workers >= 1
+    assert load_config(None, {"interface": "lo", "workers": "auto"}).workers == cfg.workers
+
+
+def test_print_config_round_trips(tmp_path):
+    cfg = load_config(None, {"interface": "lo", "workers": "2", "group_id": "9"})
+    again = load_config(write(tmp_path, dump(cfg)), resolve=False)
+    assert again == cfg
+
+
+@pytest.mark.parametrize("overrides, key, words", [
+    ({"block_size": "1000"}, "ring.block_size (--block-size)", "multiple of the page size"),
+    ({"block_size": "8388608"}, "ring.block_size (--block-size)", "PAGE_SIZE << MAX_ORDER"),
+    ({"block_size": "12288"}, "ring.block_size (--block-size)", "power of two"),
+    ({"frame_size": "100"}, "ring.frame_size (--frame-size)", "TPACKET_ALIGNMENT"),
+    ({"frame_size": "64"}, "ring.frame_size (--frame-size)", "larger than the frame header"),
+    ({"block_size": "4096", "frame_size": "8192"}, "ring.frame_size (--frame-size)",
+     "fit in a block"),
+    ({"block_count": "1"}, "ring.block_count (--block-count)", "at least 2"),
+    ({"block_timeout": "0"}, "ring.block_timeout_ms (--block-timeout)", "between 1 and"),
+    ({"fanout": "bogus"}, "fanout.mode (--fanout)", "hash, lb, cpu, rollover, rnd, qm"),
+    ({"fanout_flags": "defrag,nope"}, "fanout.flags (--fanout-flags)", "unknown flag 'nope'"),
+    ({"group_id": "70000"}, "fanout.group_id (--group-id)", "between 0 and 65535"),
+    ({"group_id": "x"}, "fanout.group_id (--group-id)", "integer or auto"),
+    ({"workers": "0"}, "workers (--workers)", "between 1 and 256"),
+    ({"workers": "many"}, "workers (--workers)", "integer or auto"),
+    ({"publish": "udp://x:1"}, "publish.endpoint (--publish)", "tcp://HOST:PORT or ipc://"),
+    ({"publish": "tcp://127.0.0.1:99999"}, "publish.endpoint (--publish)", "between 1 and"),
+    ({"metrics": "9740"}, "metrics.listen (--metrics)", "HOST:PORT"),
+    ({"log_level": "loud"}, "log.level (--log-level)", "debug, info"),
+    ({"interface": "x" * 16}, "interface (--interface)", "1-15 characters"),
+])
+def test_each_broken_rule_names_key_flag_and_rule(overrides, key, words):
+    found = problems(**overrides)
+    assert any(k == key and words in reason for k, reason in found), found
+
+
+def test_every_problem_is_reported_at_once():
+    found = problems(block_size="1000", fanout="bogus", workers="0")
+    keys = {k.split(" ")[0] for k, _ in found}
+    assert {"ring.block_size", "fanout.mode", "workers"} <= keys
+
+
+@pytest.mark.parametrize("text, key, words", [
+    ("ring:\n  block_sise: 4096\n", "ring.block_sise", "unknown key"),
+    ("surprise: 1\n", "surprise", "unknown key"),
+    ("ring: 5\n", "ring", "must be a mapping"),
+    ("workers: true\n", "workers", "must be an integer"),
+    ("ring: {rxhash: maybe}\n", "ring.rxhash", "true or false"),
+    ("fanout: {flags: defrag}\n", "fanout.flags", None),
+    ("- a\n- b\n", None, "top level must be a mapping"),
+    ("ring:\n  block_size: [1\n", None, "YAML syntax error at line 3"),
+])
+def test_bad_files_name_the_key(tmp_path, text, key, words):
+    path = write(tmp_path, text)
+    if key == "fanout.flags":  # a single string is accepted as a comma-separated list
+        assert load_config(path, resolve=False).fanout.flags == ("defrag",)
+        return
+    found = problems(path)
+    expected_key = path if key is None else key  # file-level problems name the file
+    assert any(k == expected_key and words in reason for k, reason in found), found
+
+
+def test_missing_file_and_missing_interface(tmp_path):
+    found = problems(str(tmp_path / "nope.yaml"))
+    assert "cannot read the config file" in found[0][1]
+    with pytest.raises(ConfigError) as info:
+        load_config(None, {"interface": "nosuchif0"})
+    assert info.value.problems == [("interface (--interface)",
+                                    "interface 'nosuchif0' does not exist")]
