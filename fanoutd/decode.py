@@ -67,6 +67,7 @@ ERROR_REASONS = (
     "truncated-arp",
     "truncated-ipv4",
     "bad-ipv4-header",
+    "bad-ipv4-length",
     "truncated-ipv6",
     "bad-ipv6-header",
     "truncated-ipv6-ext",
@@ -85,6 +86,8 @@ ETH_P_IPV6 = 0x86DD
 VLAN_TPIDS = frozenset((0x8100, 0x88A8, 0x9100))  # 802.1Q, 802.1ad, pre-standard QinQ
 ETH_MAX_LENGTH_FIELD = 1500  # type/length <= 1500 is an 802.3 length, not an ethertype
 VLAN_TAG_LEN = 4
+# SNAP OUIs whose protocol id is an ethertype: RFC 1042 and 802.1H bridge-tunnel.
+SNAP_ETHERTYPE_OUIS = frozenset((b"\x00\x00\x00", b"\x00\x00\xf8"))
 
 IPPROTO_ICMP = 1
 IPPROTO_TCP = 6
@@ -104,8 +107,10 @@ _U16 = struct.Struct("!H")
 _LLC_SNAP = struct.Struct("!BBB3sH")
 _ARP = struct.Struct("!HHBBH")
 _ARP_IPV4 = struct.Struct("!6x4s6x4s")
-_IPV4 = struct.Struct("!B5xHBB2x4s4s")  # ver_ihl, flags+frag offset, ttl, proto, src, dst
-_IPV6 = struct.Struct("!I2xBB16s16s")  # version/class/flow, next header, hop limit, src, dst
+# ver_ihl, total length, flags+fragment offset, ttl, protocol, src, dst
+_IPV4 = struct.Struct("!BxH2xHBB2x4s4s")
+# version/class/flow, payload length, next header, hop limit, src, dst
+_IPV6 = struct.Struct("!IHBB16s16s")
 _IPV6_EXT = struct.Struct("!BB")
 _IPV6_FRAG = struct.Struct("!BxH")
 _PORTS = struct.Struct("!HH")
@@ -175,7 +180,7 @@ def decode_frame(
             row[ERR] = "truncated-llc"
             return row
         _, _, _, oui, ethertype = _LLC_SNAP.unpack_from(buf, pos)
-        if oui != b"\x00\x00\x00":
+        if oui not in SNAP_ETHERTYPE_OUIS:
             return row
         pos += 8
 
@@ -193,7 +198,7 @@ def _ipv4(buf: bytes, pos: int, end: int, row: list) -> None:
     if end - pos < 20:
         row[ERR] = "truncated-ipv4"
         return
-    ver_ihl, frag, ttl, proto, src, dst = _IPV4.unpack_from(buf, pos)
+    ver_ihl, total, frag, ttl, proto, src, dst = _IPV4.unpack_from(buf, pos)
     ihl = (ver_ihl & 0x0F) * 4
     if ver_ihl >> 4 != 4 or ihl < 20:
         row[ERR] = "bad-ipv4-header"
@@ -205,6 +210,11 @@ def _ipv4(buf: bytes, pos: int, end: int, row: list) -> None:
     frag_offset = frag & 0x1FFF
     if frag_offset or frag & 0x2000:
         row[FRAG] = True
+    if total:  # 0 on GSO/BIG TCP packets captured before segmentation: length unknown
+        if total < ihl:
+            row[ERR] = "bad-ipv4-length"
+            return
+        end = min(end, pos + total)  # what follows is Ethernet padding, not payload
     if end - pos < ihl:
         row[ERR] = "truncated-ipv4"
         return
@@ -216,7 +226,7 @@ def _ipv6(buf: bytes, pos: int, end: int, row: list) -> None:
     if end - pos < 40:
         row[ERR] = "truncated-ipv6"
         return
-    vtf, nxt, hlim, src, dst = _IPV6.unpack_from(buf, pos)
+    vtf, payload_len, nxt, hlim, src, dst = _IPV6.unpack_from(buf, pos)
     if vtf >> 28 != 6:
         row[ERR] = "bad-ipv6-header"
         return
@@ -224,6 +234,8 @@ def _ipv6(buf: bytes, pos: int, end: int, row: list) -> None:
     row[DST] = dst
     row[TTL] = hlim
     pos += 40
+    if payload_len:  # 0 for jumbograms and BIG TCP: the length is elsewhere or unknown
+        end = min(end, pos + payload_len)
     while True:
         if nxt in IPV6_EXT_8 or nxt == IPPROTO_AH:
             if end - pos < 2:

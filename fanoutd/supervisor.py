@@ -8,6 +8,7 @@ to start, so the daemon gives up and exits non-zero for systemd to see).
 """
 
 import contextlib
+import ctypes
 import logging
 import os
 import select
@@ -41,6 +42,7 @@ BACKOFF_MAX_S = 10.0
 STABLE_AFTER_S = 10.0  # a child that ran this long resets its failure count
 FATAL_AFTER = 5  # consecutive failed starts before a child goes FATAL
 PROXY_READY_TIMEOUT_S = 10.0
+PR_SET_PDEATHSIG = 1
 
 
 class StartupError(Exception):
@@ -98,7 +100,7 @@ class Supervisor:
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
         os.set_blocking(wake_w, False)
-        self._wake_r = wake_r
+        self._wake_r, self._wake_w = wake_r, wake_w
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
             signal.signal(signum, self._record_signal)
@@ -196,13 +198,17 @@ class Supervisor:
         return main
 
     def _spawn(self, child: Child) -> None:
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # the child never returns into the supervisor's code
             status = 1
             try:
+                _die_with_parent(parent)
                 signal.set_wakeup_fd(-1)
                 for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
                     signal.signal(signum, signal.SIG_DFL)
+                os.close(self._wake_r)
+                os.close(self._wake_w)
                 if self.metrics is not None:
                     self.metrics.socket.close()
                 status = child.main()
@@ -355,6 +361,14 @@ class Supervisor:
                 deadline = float("inf")
             self._reap()
             time.sleep(0.01)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel send SIGTERM if the supervisor dies, so no child outlives it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _kill(pid: int, signum: int) -> None:
