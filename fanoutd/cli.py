@@ -4,14 +4,16 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 
 from fanoutd import __version__
-from fanoutd.config import ConfigError, dump, load_config
+from fanoutd.config import Config, ConfigError, InterfaceUnavailable, dump, load_config
 
 # Exit statuses; the supervisor's own are in supervisor.py. All are listed in the README.
 EXIT_USAGE = 2  # argparse's
+EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: the interface is not there
 EXIT_CONFIG = 78  # EX_CONFIG: the configuration is invalid
 
 
@@ -81,19 +83,23 @@ def _overrides(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k) for k in keys}
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace) -> Config | int:
+    """The effective configuration, or the exit status after reporting its problems."""
     try:
         return load_config(args.config, _overrides(args))
     except ConfigError as e:
         for key, reason in e.problems:
             print(f"fanoutd: {key}: {reason}", file=sys.stderr)
-        return None
+        return EXIT_UNAVAILABLE if isinstance(e, InterfaceUnavailable) else EXIT_CONFIG
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    # Until the supervisor installs its handlers, a stop request is still a clean stop.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda signum, frame: sys.exit(0))
     cfg = _load(args)
-    if cfg is None:
-        return EXIT_CONFIG
+    if isinstance(cfg, int):
+        return cfg
     logging.basicConfig(level=cfg.log.level.upper(), stream=sys.stderr,
                         format="fanoutd[%(process)d]: %(levelname)s: %(message)s")
     from fanoutd.supervisor import Supervisor  # the daemon's modules only when running it
@@ -103,16 +109,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    if cfg is None:
-        return EXIT_CONFIG
+    if isinstance(cfg, int):
+        return cfg
     print(f"configuration is valid: capture on {cfg.interface} with {cfg.workers} workers")
     return 0
 
 
 def _cmd_print_config(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    if cfg is None:
-        return EXIT_CONFIG
+    if isinstance(cfg, int):
+        return cfg
     sys.stdout.write(dump(cfg))
     return 0
 

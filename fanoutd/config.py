@@ -21,7 +21,7 @@ MAX_WORKERS = 256  # PACKET_FANOUT_MAX: members of one fanout group
 @dataclass(frozen=True)
 class FanoutConfig:
     mode: str = "hash"
-    flags: tuple[str, ...] = ("defrag",)
+    flags: tuple[str, ...] = ()
     group_id: int | None = None  # None: the kernel picks an unused id
 
 
@@ -97,6 +97,11 @@ class ConfigError(Exception):
         return "\n".join(f"{key}: {reason}" for key, reason in self.problems)
 
 
+class InterfaceUnavailable(ConfigError):
+    """The configuration is valid but its interface is not here (yet): a missing resource,
+    not a mistake, so `run` exits EX_UNAVAILABLE and a service manager may retry."""
+
+
 def load_config(path: str | None = None, overrides: dict[str, Any] | None = None,
                 resolve: bool = True) -> Config:
     """Read path (if given), apply overrides (flag dest -> value), validate.
@@ -116,10 +121,12 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
     cfg = _build(Config, raw, "", labels, problems)
     if not problems:
         problems.extend(_check(cfg, labels))
-    if not problems and resolve:
-        cfg = _resolve(cfg, labels, problems)
     if problems:
         raise ConfigError(problems)
+    if resolve:
+        cfg = _resolve(cfg, labels, problems)
+        if problems:
+            raise InterfaceUnavailable(problems)
     return cfg
 
 

@@ -74,7 +74,7 @@ class RingGeometry:
             found.append(("block_count", f"must be at least 2, so the kernel can fill one block "
                                          f"while the worker reads another, got "
                                          f"{self.block_count}"))
-        elif self.frame_size > 0 and self.frame_count >= 2**32:
+        elif block_ok and self.frame_size > 0 and self.frame_count >= 2**32:
             found.append(("block_count", "frames per block times blocks must fit in 32 bits"))
         if not 1 <= self.block_timeout_ms <= 60_000:
             found.append(("block_timeout_ms", f"must be between 1 and 60000 ms, got "
@@ -209,15 +209,16 @@ class RxRing:
         self.cursor = oldest
         return True
 
-    def read(self) -> tuple[bytes, int, int]:
-        """A copy of the cursor's block: (bytes, offset_to_first_pkt, num_pkts).
+    def read(self) -> tuple[bytes, int, int, int]:
+        """A copy of the cursor's block: (bytes, offset_to_first_pkt, num_pkts, seq_num).
 
         Copying once (a memcpy) lets the decoder slice addresses out as bytes directly.
+        seq_num is the kernel's count of blocks opened on this ring, from 1.
         """
-        _, num_pkts, first, blk_len, _ = self.head(self.cursor)
+        _, num_pkts, first, blk_len, seq_num = self.head(self.cursor)
         start = self.cursor * self.geometry.block_size
         length = min(blk_len or self.geometry.block_size, self.geometry.block_size)
-        return self.map[start:start + length], first, num_pkts
+        return self.map[start:start + length], first, num_pkts, seq_num
 
     def release(self) -> None:
         """Hand the cursor's block back to the kernel and move on."""

@@ -4,7 +4,6 @@ DESIGN.md has workers report counters over a socketpair. We keep them in a page 
 anonymous shared memory that the supervisor maps before it forks instead, because:
 - a counter belongs to the slot, not the process: it survives a worker being replaced,
   and nothing counted between the last report and a SIGKILL is lost;
-- the batch `seq` continues across a replacement without any hand-over;
 - reading is free for the supervisor at scrape time, and the heartbeat is just the
   timestamp the worker writes on each turn of its loop.
 Each value is a native 64-bit word written with a single store (memoryview cast 'Q'),
@@ -21,7 +20,6 @@ FIELDS = (
     "heartbeat_ns",      # CLOCK_MONOTONIC of the worker's last loop turn
     "capturing",         # 1 once the worker has mapped the ring and entered its loop
     "pid",
-    "next_seq",          # seq of the next batch this slot publishes
     "packets",           # frames decoded
     "bytes",             # wire bytes of those frames
     "batches",           # batches handed to ZeroMQ

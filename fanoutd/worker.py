@@ -63,7 +63,7 @@ def _capture(rx: RxRing, pub: BatchPublisher, stats: slotstats.SlotStats, stop: 
              iface: str, index: int) -> None:
     words = stats.words
     i = slotstats.INDEX
-    seq_i, packets_i, bytes_i = i["next_seq"], i["packets"], i["bytes"]
+    packets_i, bytes_i = i["packets"], i["bytes"]
     batches_i, drops_i, blocks_i, user_i = (i["batches"], i["publish_drops"], i["blocks"],
                                             i["blocks_user"])
     error_index = slotstats.ERROR_INDEX
@@ -74,22 +74,21 @@ def _capture(rx: RxRing, pub: BatchPublisher, stats: slotstats.SlotStats, stop: 
             if rx.socket_errors:
                 _report_socket_errors(rx, stats, iface, index)
             continue
-        block, first, num_pkts = rx.read()
-        if num_pkts:
-            rows = decode_block(block, first, num_pkts, errors)
-            seq = words[seq_i]
-            # A refused batch still uses its seq, so subscribers see the gap.
-            words[seq_i] = seq + 1
-            if pub.publish(seq, rows):
-                words[batches_i] += 1
-            else:
-                words[drops_i] += 1
-            words[packets_i] += len(rows)
-            words[bytes_i] += sum(row[LEN] for row in rows)
-            if errors:
-                for reason, n in errors.items():
-                    words[error_index[reason]] += n
-                errors.clear()
+        block, first, num_pkts, block_seq = rx.read()
+        rows = decode_block(block, first, num_pkts, errors)
+        # The batch seq is the kernel's block sequence number (from 1 on a new ring), so it
+        # needs no bookkeeping: it continues across a worker replacement, a block published
+        # again carries the same seq, and a refused batch leaves a gap subscribers can see.
+        if pub.publish(block_seq - 1, rows):
+            words[batches_i] += 1
+        else:
+            words[drops_i] += 1
+        words[packets_i] += len(rows)
+        words[bytes_i] += sum(row[LEN] for row in rows)
+        if errors:
+            for reason, n in errors.items():
+                words[error_index[reason]] += n
+            errors.clear()
         words[user_i] = rx.user_blocks()
         rx.release()
         words[blocks_i] += 1

@@ -2,7 +2,7 @@
 
 import pytest
 
-from fanoutd.config import Config, ConfigError, dump, load_config
+from fanoutd.config import Config, ConfigError, InterfaceUnavailable, dump, load_config
 
 
 def problems(path=None, **overrides):
@@ -101,7 +101,8 @@ def test_bad_files_name_the_key(tmp_path, text, key, words):
 def test_missing_file_and_missing_interface(tmp_path):
     found = problems(str(tmp_path / "nope.yaml"))
     assert "cannot read the config file" in found[0][1]
-    with pytest.raises(ConfigError) as info:
+    # A missing interface is a missing resource, not a config mistake: a different status.
+    with pytest.raises(InterfaceUnavailable) as info:
         load_config(None, {"interface": "nosuchif0"})
     assert info.value.problems == [("interface (--interface)",
                                     "interface 'nosuchif0' does not exist")]
