@@ -2,7 +2,6 @@
 
 import argparse
 import json
-import logging
 import os
 import signal
 import sys
@@ -56,6 +55,14 @@ def _parser() -> argparse.ArgumentParser:
     tail.add_argument("--timeout", type=float, default=None,
                       help="stop after this many seconds without packets")
     tail.set_defaults(handler=_cmd_tail)
+
+    stats = sub.add_parser("stats", help="per-worker counters of a running fanoutd")
+    stats.add_argument("--metrics", default="127.0.0.1:9740", metavar="HOST:PORT",
+                       help="its metrics address (default %(default)s)")
+    stats.add_argument("--interval", type=float, default=1.0,
+                       help="seconds between the two scrapes that give packets/s")
+    stats.add_argument("--watch", action="store_true", help="refresh until interrupted")
+    stats.set_defaults(handler=_cmd_stats)
     return parser
 
 
@@ -100,10 +107,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if isinstance(cfg, int):
         return cfg
-    logging.basicConfig(level=cfg.log.level.upper(), stream=sys.stderr,
-                        format="fanoutd[%(process)d]: %(levelname)s: %(message)s")
     from fanoutd.supervisor import Supervisor  # the daemon's modules only when running it
+    from fanoutd.systemd import setup_logging
 
+    setup_logging(cfg.log.level)
     return Supervisor(cfg).run()
 
 
@@ -125,6 +132,7 @@ def _cmd_print_config(args: argparse.Namespace) -> int:
 
 def _cmd_tail(args: argparse.Namespace) -> int:
     from fanoutd.client import Subscriber, to_json_ready
+    from fanoutd.views import packet_line
 
     shown = 0
     with Subscriber(args.endpoint) as sub:
@@ -132,7 +140,7 @@ def _cmd_tail(args: argparse.Namespace) -> int:
             if args.json:
                 line = json.dumps(to_json_ready(pkt), separators=(",", ":"))
             else:
-                line = format_line(pkt)
+                line = packet_line(pkt)
             print(line, flush=True)
             shown += 1
             if args.count and shown >= args.count:
@@ -143,42 +151,22 @@ def _cmd_tail(args: argparse.Namespace) -> int:
     return 0
 
 
-PROTO_NAMES = {1: "ICMP", 6: "TCP", 17: "UDP", 58: "ICMP6", 132: "SCTP", 33: "DCCP",
-               136: "UDPLite", 47: "GRE", 50: "ESP", 51: "AH"}
-ETHERTYPE_NAMES = {0x0800: "IPv4", 0x86DD: "IPv6", 0x0806: "ARP", 0x88CC: "LLDP",
-                   0x8847: "MPLS", 0x8863: "PPPoE-D", 0x8864: "PPPoE-S"}
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from fanoutd.views import read_metrics, stats_table
 
-
-def format_line(pkt: dict) -> str:
-    """One packet as a line: time, worker, protocol, source > destination, flags, length."""
-    from fanoutd.client import format_ip, format_mac, format_tcp_flags
-
-    ts = pkt["ts_ns"]
-    when = time.strftime("%H:%M:%S", time.localtime(ts // 1_000_000_000))
-    parts = [f"{when}.{ts % 1_000_000_000 // 1000:06d}", f"w{pkt['worker']}"]
-    if pkt.get("vlan"):
-        parts.append("vlan " + ".".join(str(v) for v in pkt["vlan"]))
-    proto, src, dst = pkt.get("proto"), format_ip(pkt.get("src")), format_ip(pkt.get("dst"))
-    ethertype = pkt.get("ethertype")
-    if proto is not None:
-        parts.append(PROTO_NAMES.get(proto, f"proto-{proto}"))
-        if pkt.get("sport") is not None:
-            sep = "." if ":" in (src or "") else ":"
-            src, dst = f"{src}{sep}{pkt['sport']}", f"{dst}{sep}{pkt['dport']}"
-        parts.append(f"{src} > {dst}")
-        if pkt.get("tcp_flags") is not None:
-            parts.append(f"[{format_tcp_flags(pkt['tcp_flags'])}]")
-        if pkt.get("icmp_type") is not None:
-            parts.append(f"type {pkt['icmp_type']} code {pkt['icmp_code']}")
-        if pkt.get("frag"):
-            parts.append("frag")
-    elif src is not None:
-        parts.append(f"{ETHERTYPE_NAMES.get(ethertype, 'IP')} {src} > {dst}")
-    else:
-        name = ETHERTYPE_NAMES.get(ethertype) if ethertype is not None else "802.3"
-        parts.append(name or f"ethertype 0x{ethertype:04x}")
-        parts.append(f"{format_mac(pkt.get('eth_src'))} > {format_mac(pkt.get('eth_dst'))}")
-    parts.append(f"len {pkt['len']}")
-    if pkt.get("err"):
-        parts.append(f"[{pkt['err']}]")
-    return " ".join(parts)
+    try:
+        before = read_metrics(args.metrics)
+        while True:
+            time.sleep(args.interval)
+            after = read_metrics(args.metrics)
+            if args.watch:
+                print("\033[H\033[J", end="")  # clear the screen
+            print(stats_table(before, after, args.interval), flush=True)
+            if not args.watch:
+                return 0
+            before = after
+    except OSError as e:
+        reason = getattr(e, "reason", None) or e.strerror or e
+        print(f"fanoutd stats: cannot read http://{args.metrics}/metrics: {reason}",
+              file=sys.stderr)
+        return EXIT_UNAVAILABLE

@@ -56,6 +56,12 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class SupervisorConfig:
+    heartbeat_timeout_ms: int = 10_000
+    status_interval_ms: int = 5_000
+
+
+@dataclass(frozen=True)
 class Config:
     interface: str = "auto"
     workers: int | None = None  # None: one per CPU
@@ -65,6 +71,7 @@ class Config:
     publish: PublishConfig = field(default_factory=PublishConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
 
 
 # Command-line flags that override a key; used to name the flag in error messages too.
@@ -254,6 +261,12 @@ def _check(cfg: Config, labels: dict[str, str]) -> list[tuple[str, str]]:
         parse_host_port(cfg.metrics.listen)
     except ValueError as e:
         bad("metrics.listen", str(e))
+    if not 100 <= cfg.supervisor.heartbeat_timeout_ms <= 3_600_000:
+        bad("supervisor.heartbeat_timeout_ms", f"must be between 100 and 3600000 ms, got "
+                                               f"{cfg.supervisor.heartbeat_timeout_ms}")
+    if not 100 <= cfg.supervisor.status_interval_ms <= 3_600_000:
+        bad("supervisor.status_interval_ms", f"must be between 100 and 3600000 ms, got "
+                                             f"{cfg.supervisor.status_interval_ms}")
     if cfg.log.level not in LOG_LEVELS:
         bad("log.level", f"must be one of {', '.join(LOG_LEVELS)}, got {cfg.log.level!r}")
     return problems

@@ -8,6 +8,7 @@ from the first scrape, at zero.
 """
 
 import socket
+import time
 from collections.abc import Iterable, Iterator
 from http.server import HTTPServer
 from typing import Protocol
@@ -43,9 +44,6 @@ class SlotView(Protocol):
     index: int
     stats: SlotStats
 
-    @property
-    def up(self) -> bool: ...
-
 
 class StatsSource(Protocol):
     interface: str
@@ -54,6 +52,22 @@ class StatsSource(Protocol):
     def slots(self) -> Iterable[SlotView]: ...
 
     def refresh_kernel_stats(self) -> None: ...
+
+
+def stats_message(iface: str, slots: Iterable[SlotView]) -> dict:
+    """The body of the `stats` topic: the counters /metrics shows, named as there without
+    the fanoutd_ prefix, per worker."""
+    workers = []
+    for slot in slots:
+        snap = slot.stats.snapshot()
+        report: dict = {"worker": slot.index, "up": bool(snap["up"])}
+        for name, key, _ in SLOT_COUNTERS:
+            report[name.removeprefix("fanoutd_") + "_total"] = snap[key]
+        report["decode_errors_total"] = {r: snap[f"err:{r}"] for r in ERROR_REASONS}
+        report["ring_blocks_user"] = snap["blocks_user"]
+        workers.append(report)
+    return {"v": 1, "iface": iface, "ts_ns": time.time_ns(), "version": __version__,
+            "workers_up": sum(w["up"] for w in workers), "workers": workers}
 
 
 class SlotCollector:
@@ -86,7 +100,7 @@ class SlotCollector:
         up = GaugeMetricFamily("fanoutd_workers_up",
                                "Workers that have mapped their ring and are capturing.",
                                labels=("interface",))
-        up.add_metric((iface,), sum(1 for slot in slots if slot.up))
+        up.add_metric((iface,), sum(snap["up"] for _, snap in snaps))
         yield up
         info = GaugeMetricFamily("fanoutd_build_info", "fanoutd version.", labels=("version",))
         info.add_metric((__version__,), 1)

@@ -13,15 +13,18 @@ never holds back the others.
 
 import os
 import signal
+import time
 
 import msgpack
 import zmq
 
 from fanoutd.decode import FIELDS
+from fanoutd.metrics import stats_message
 from fanoutd.proctitle import set_process_name
 
 WIRE_VERSION = 1
 HELLO = b"fanoutd.hello"
+STATS_TOPIC = b"stats"
 EXIT_BOOT_FAILED = 3
 
 
@@ -100,15 +103,17 @@ class Proxy:
                     break
 
     def send(self, topic: bytes, body: bytes) -> None:
-        self.xpub.send_multipart((topic, body))
+        self.xpub.send_multipart((topic, body), flags=zmq.NOBLOCK)
 
     def close(self) -> None:
         self.xsub.close()
         self.xpub.close()
 
 
-def run_proxy(backend: str, frontend: str, sndhwm: int, ready_fd: int) -> int:
-    """The proxy process's main. Writes b"ok" or the bind error to ready_fd, then forwards."""
+def run_proxy(backend: str, frontend: str, sndhwm: int, ready_fd: int, iface: str,
+              slots: list, stats_interval_s: float) -> int:
+    """The proxy process's main. Writes b"ok" or the bind error to ready_fd, then forwards,
+    and publishes the slots' counters on the `stats` topic every stats_interval_s."""
     set_process_name("fanoutd-proxy")
     stopping = []
     signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
@@ -123,9 +128,14 @@ def run_proxy(backend: str, frontend: str, sndhwm: int, ready_fd: int) -> int:
         return EXIT_BOOT_FAILED
     os.write(ready_fd, b"ok")
     os.close(ready_fd)
+    next_stats = time.monotonic()
     try:
         while not stopping:
             proxy.run_once(200)
+            if time.monotonic() >= next_stats:
+                body = msgpack.packb(stats_message(iface, slots), use_bin_type=True)
+                proxy.send(STATS_TOPIC, body)
+                next_stats = time.monotonic() + stats_interval_s
         # The workers stop first and flush to us; pass on what they sent.
         for _ in range(10):
             proxy.run_once(20)

@@ -27,7 +27,8 @@ FIELDS = (
     "blocks",            # ring blocks walked
     "blocks_user",       # blocks held by user space at the last look: the backlog
     "link_errors",       # socket errors poll reported (ENETDOWN, ...)
-    "kernel_packets",    # the rest is written by the supervisor
+    "up",                # the rest is written by the supervisor: 1 while RUNNING
+    "kernel_packets",
     "kernel_drops",
     "kernel_freezes",
     "restarts",

@@ -25,6 +25,7 @@ from fanoutd import fanout, publish, ring, worker
 from fanoutd.config import Config, parse_host_port
 from fanoutd.metrics import MetricsServer
 from fanoutd.slotstats import SlotStats
+from fanoutd.systemd import Notifier, set_log_context
 
 log = logging.getLogger("fanoutd")
 
@@ -89,6 +90,9 @@ class Supervisor:
         self.exit_status = EXIT_OK
         self.announced_ready = False
         self.kernel_stats_at = 0.0
+        self.notifier = Notifier()
+        self.status_at = 0.0
+        self.status_packets = 0
 
     @property
     def slots(self) -> list[Slot]:
@@ -97,6 +101,7 @@ class Supervisor:
     # -- life cycle ---------------------------------------------------------------------
 
     def run(self) -> int:
+        set_log_context(interface=self.interface)
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
         os.set_blocking(wake_w, False)
@@ -162,8 +167,11 @@ class Supervisor:
         self._proxy_ready_w = -1
 
         def main() -> int:
+            for slot in self.slot_list:  # the proxy reads the counters, never the rings
+                slot.sock.close()
             return publish.run_proxy(self.backend, cfg.endpoint, cfg.sndhwm,
-                                     self._proxy_ready_w)
+                                     self._proxy_ready_w, self.interface, self.slot_list,
+                                     self.cfg.supervisor.status_interval_ms / 1000)
 
         self.proxy = Child("fanoutd-proxy", main)
         self._spawn_proxy()
@@ -307,16 +315,40 @@ class Supervisor:
                 slot.stats.add("restarts")
                 slot.stats["capturing"] = 0  # the dead worker's flag; the new one sets it
                 self._spawn(child)
+            slot.stats["up"] = int(child.state == "RUNNING")
         proxy = self.proxy
         if proxy is not None and proxy.state == "BACKOFF" and now >= proxy.restart_at:
             self._spawn_proxy()
+        if now - self.kernel_stats_at >= KERNEL_STATS_EVERY_S:
+            self.refresh_kernel_stats()
         if not self.announced_ready and all(s.up for s in self.slot_list):
             self.announced_ready = True
             log.info("capturing on %s: %d workers, fanout %s (group %d), publishing on %s",
                      self.interface, len(self.slot_list), self.cfg.fanout.mode,
                      self.group_id, self.cfg.publish.endpoint)
-        if now - self.kernel_stats_at >= KERNEL_STATS_EVERY_S:
-            self.refresh_kernel_stats()
+            self.notifier.ready(self._status_line(now))
+        elif self.announced_ready and (now - self.status_at
+                                       >= self.cfg.supervisor.status_interval_ms / 1000):
+            self.notifier.status(self._status_line(now))
+        self.notifier.watchdog(self._healthy())
+
+    def _status_line(self, now: float) -> str:
+        """One line for systemctl status: workers up, capture rate since the last line, drops."""
+        self.refresh_kernel_stats()
+        packets = sum(s.stats["kernel_packets"] for s in self.slot_list)
+        drops = sum(s.stats["kernel_drops"] for s in self.slot_list)
+        rate = (packets - self.status_packets) / (now - self.status_at) if self.status_at else 0
+        self.status_at, self.status_packets = now, packets
+        up = sum(s.up for s in self.slot_list)
+        return (f"{up}/{len(self.slot_list)} workers up on {self.interface}, "
+                f"{rate:.0f} packets/s, {drops} dropped")
+
+    def _healthy(self) -> bool:
+        """Every worker capturing and heartbeating, and the proxy running: feed the watchdog."""
+        if self.proxy is None or self.proxy.state != "RUNNING":
+            return False
+        stale_before = time.monotonic_ns() - self.cfg.supervisor.heartbeat_timeout_ms * 1_000_000
+        return all(s.up and s.stats["heartbeat_ns"] > stale_before for s in self.slot_list)
 
     def refresh_kernel_stats(self) -> None:
         """Fold PACKET_STATISTICS (reset by each read) into each slot's running totals."""
@@ -332,6 +364,7 @@ class Supervisor:
 
     def _shutdown(self) -> None:
         """Workers first (they flush their last batches to the proxy), then the proxy."""
+        self.notifier.stopping()
         workers = [s.child for s in self.slot_list if s.child is not None]
         self._stop_children(workers)
         if self.proxy is not None:

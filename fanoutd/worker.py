@@ -18,6 +18,7 @@ from fanoutd.decode import LEN, decode_block
 from fanoutd.proctitle import set_process_name
 from fanoutd.publish import BatchPublisher
 from fanoutd.ring import RingGeometry, RxRing
+from fanoutd.systemd import set_log_context
 
 log = logging.getLogger("fanoutd.worker")
 
@@ -36,6 +37,7 @@ def run_worker(index: int, iface: str, sock: socket.socket, stats: slotstats.Slo
                geometry: RingGeometry, backend: str, sndhwm: int) -> int:
     """The worker process's main; returns its exit status."""
     set_process_name(f"fanoutd-w{index}")
+    set_log_context(worker=index)
     stop = _Stop()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group: the supervisor decides
@@ -50,6 +52,7 @@ def run_worker(index: int, iface: str, sock: socket.socket, stats: slotstats.Slo
     try:
         stats["pid"] = os.getpid()
         stats["capturing"] = 1
+        log.info("worker %d capturing on %s from ring block %d", index, iface, rx.cursor)
         _capture(rx, pub, stats, stop, iface, index)
     finally:
         stats["capturing"] = 0

@@ -1,0 +1,96 @@
+"""What a person at a terminal sees: `fanoutd tail` lines and the `fanoutd stats` table."""
+
+import time
+
+from fanoutd.client import format_ip, format_mac, format_tcp_flags
+
+PROTO_NAMES = {1: "ICMP", 6: "TCP", 17: "UDP", 58: "ICMP6", 132: "SCTP", 33: "DCCP",
+               136: "UDPLite", 47: "GRE", 50: "ESP", 51: "AH"}
+ETHERTYPE_NAMES = {0x0800: "IPv4", 0x86DD: "IPv6", 0x0806: "ARP", 0x88CC: "LLDP",
+                   0x8847: "MPLS", 0x8863: "PPPoE-D", 0x8864: "PPPoE-S"}
+
+
+def packet_line(pkt: dict) -> str:
+    """One packet as a line: time, worker, protocol, source > destination, flags, length."""
+    ts = pkt["ts_ns"]
+    when = time.strftime("%H:%M:%S", time.localtime(ts // 1_000_000_000))
+    parts = [f"{when}.{ts % 1_000_000_000 // 1000:06d}", f"w{pkt['worker']}"]
+    if pkt.get("vlan"):
+        parts.append("vlan " + ".".join(str(v) for v in pkt["vlan"]))
+    proto, src, dst = pkt.get("proto"), format_ip(pkt.get("src")), format_ip(pkt.get("dst"))
+    ethertype = pkt.get("ethertype")
+    if proto is not None:
+        parts.append(PROTO_NAMES.get(proto, f"proto-{proto}"))
+        if pkt.get("sport") is not None:
+            sep = "." if ":" in (src or "") else ":"
+            src, dst = f"{src}{sep}{pkt['sport']}", f"{dst}{sep}{pkt['dport']}"
+        parts.append(f"{src} > {dst}")
+        if pkt.get("tcp_flags") is not None:
+            parts.append(f"[{format_tcp_flags(pkt['tcp_flags'])}]")
+        if pkt.get("icmp_type") is not None:
+            parts.append(f"type {pkt['icmp_type']} code {pkt['icmp_code']}")
+        if pkt.get("frag"):
+            parts.append("frag")
+    elif src is not None:
+        parts.append(f"{ETHERTYPE_NAMES.get(ethertype, 'IP')} {src} > {dst}")
+    else:
+        name = ETHERTYPE_NAMES.get(ethertype) if ethertype is not None else "802.3"
+        parts.append(name or f"ethertype 0x{ethertype:04x}")
+        parts.append(f"{format_mac(pkt.get('eth_src'))} > {format_mac(pkt.get('eth_dst'))}")
+    parts.append(f"len {pkt['len']}")
+    if pkt.get("err"):
+        parts.append(f"[{pkt['err']}]")
+    return " ".join(parts)
+
+
+# `fanoutd stats`: (column title, metric) per worker; packets/s is derived from two scrapes.
+STATS_COLUMNS = (
+    ("kernel pkts", "fanoutd_kernel_packets_total"),
+    ("drops", "fanoutd_kernel_drops_total"),
+    ("freezes", "fanoutd_kernel_freezes_total"),
+    ("decoded", "fanoutd_packets_decoded_total"),
+    ("decode errs", "fanoutd_decode_errors_total"),
+    ("publish drops", "fanoutd_publish_drops_total"),
+    ("restarts", "fanoutd_worker_restarts_total"),
+    ("backlog", "fanoutd_ring_blocks_user"),
+)
+
+
+def read_metrics(address: str, timeout: float = 3.0) -> dict[tuple[str, str], dict[str, float]]:
+    """Scrape http://ADDRESS/metrics: {(interface, worker): {sample name: value}}, with
+    decode errors summed over their reasons."""
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urlopen(f"http://{address}/metrics", timeout=timeout) as response:
+        text = response.read().decode()
+    table: dict[tuple[str, str], dict[str, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            worker = sample.labels.get("worker")
+            if worker is None or not sample.name.startswith("fanoutd_"):
+                continue
+            row = table.setdefault((sample.labels.get("interface", ""), worker), {})
+            row[sample.name] = row.get(sample.name, 0.0) + sample.value
+    return table
+
+
+def stats_table(before: dict, after: dict, seconds: float) -> str:
+    """Per-worker table: packets/s between the two scrapes, then running totals."""
+    titles = ["interface", "worker", "packets/s"] + [title for title, _ in STATS_COLUMNS]
+    rows, totals = [], [0.0] * (len(titles) - 2)
+    for key in sorted(after, key=lambda k: (k[0], int(k[1]) if k[1].isdigit() else k[1])):
+        now, then = after[key], before.get(key, {})
+        packets = "fanoutd_kernel_packets_total"
+        rate = max(0.0, now.get(packets, 0) - then.get(packets, 0)) / seconds
+        values = [rate] + [now.get(metric, 0.0) for _, metric in STATS_COLUMNS]
+        totals = [t + v for t, v in zip(totals, values, strict=True)]
+        rows.append([*key, *values])
+    rows.append(["total", "", *totals])
+    text = [[str(cell) if isinstance(cell, str) else f"{cell:,.0f}" for cell in row]
+            for row in [titles, *rows]]
+    widths = [max(len(row[i]) for row in text) for i in range(len(titles))]
+    return "\n".join("  ".join(cell.rjust(w) if i > 1 else cell.ljust(w)
+                               for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
+                     for row in text)
