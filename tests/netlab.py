@@ -27,7 +27,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -300,8 +300,14 @@ class Daemon:
 
     def __init__(self, ns: NetNS, workdir: str | Path, workers: int = 1, fanout: str = "hash",
                  fanout_flags: str | None = None, extra: Iterable[str] = (),
-                 interface: str = "cap0") -> None:
+                 interface: str = "cap0", env: Mapping[str, str] | None = None,
+                 journal_stream: bool = False) -> None:
+        """`env`: extra environment variables (NOTIFY_SOCKET, WATCHDOG_USEC...).
+        `journal_stream`: set JOURNAL_STREAM to the device:inode of the daemon's stderr
+        file, as systemd does for a service whose stderr is the journal."""
         self.ns = ns
+        self.env = dict(env or {})
+        self.journal_stream = journal_stream
         self.workdir = Path(workdir)
         self.workers = workers
         self.interface = interface
@@ -322,8 +328,11 @@ class Daemon:
     # -- lifecycle
 
     def start(self) -> Daemon:
-        env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+        env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **self.env}
         with open(self._out, "wb") as out, open(self._err, "wb") as err:
+            if self.journal_stream:
+                st = os.fstat(err.fileno())
+                env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
             # A session of its own: the final kill can take the whole process group.
             self.proc = subprocess.Popen(self.argv, cwd=REPO, env=env, stdout=out, stderr=err,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
@@ -398,6 +407,13 @@ class Daemon:
             f"exited {self.proc.returncode}" if self.proc else "not started")
         return (f"--- daemon ({status}): {' '.join(self.argv)}\n"
                 f"--- stdout:\n{read(self._out)}\n--- stderr:\n{read(self._err)}")
+
+    def stderr_text(self) -> str:
+        """Everything the daemon wrote on stderr so far (logs() keeps only the tail)."""
+        try:
+            return self._err.read_text(errors="replace")
+        except OSError:
+            return ""
 
     def check_running(self) -> None:
         assert self.proc is not None and self.proc.poll() is None, \
