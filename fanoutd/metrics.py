@@ -37,6 +37,9 @@ SLOT_COUNTERS = (
     ("fanoutd_publish_drops", "publish_drops",
      "Batches refused at the publish high-water mark (their seq is skipped)."),
     ("fanoutd_worker_restarts", "restarts", "Times this worker slot's process was replaced."),
+    ("fanoutd_blocks_skipped", "blocks_skipped",
+     "Ring blocks skipped because decoding them failed (a decoder bug; their packets are "
+     "lost, the worker carries on)."),
 )
 
 

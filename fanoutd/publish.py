@@ -1,19 +1,28 @@
 """ZeroMQ: the worker's batch publisher and the proxy that fronts the public endpoint.
 
-Workers publish to the proxy over ipc in the runtime directory; the proxy's XPUB binds the
-public endpoint, so subscribers connect to one address whatever the worker count. Every
-message is [topic, msgpack body] (docs/wire-format.md).
+Workers push their batches to the proxy over ipc in the runtime directory; the proxy's
+XPUB binds the public endpoint, so subscribers connect to one address whatever the worker
+count. Every message a subscriber sees is [topic, msgpack body] (docs/wire-format.md).
 
-Back-pressure: PUB sockets drop silently at the high-water mark. The worker sets
-ZMQ_XPUB_NODROP so a full queue refuses the send instead (EAGAIN, never blocking, since we
-send with NOBLOCK), which lets it count each dropped batch; `seq` shows subscribers the gap.
-The proxy's own public XPUB keeps the default per-subscriber drop, so one slow subscriber
-never holds back the others.
+Worker -> proxy is PUSH/PULL, not PUB/XSUB as first drawn in DESIGN.md: a PUB socket
+silently discards what it sends before the proxy's subscription reaches it (every new or
+replaced worker, every proxy restart), which would lose batches at the very moments a
+worker is replaced. PUSH queues them until the proxy is there. Sends are NOBLOCK, so a full
+queue (the high-water mark) refuses the batch instead of stalling capture, and the worker
+counts it; `seq` shows subscribers the gap. Each message carries an envelope frame
+(worker, block seq) that the proxy strips: it reports back through the shared slot page
+which blocks it has passed on, and only then does the worker hand the block back to the
+kernel (see worker.py).
+
+The proxy's public XPUB keeps ZeroMQ's per-subscriber drop at the high-water mark, so one
+slow subscriber never holds back the others.
 """
 
 import os
 import signal
+import struct
 import time
+from collections.abc import Callable
 
 import msgpack
 import zmq
@@ -21,9 +30,11 @@ import zmq
 from fanoutd.decode import FIELDS
 from fanoutd.metrics import stats_message
 from fanoutd.proctitle import set_process_name
+from fanoutd.slotstats import StatsTable
 
 WIRE_VERSION = 1
 HELLO = b"fanoutd.hello"
+ENVELOPE = struct.Struct("<HQ")  # worker index, kernel block seq: worker -> proxy only
 STATS_TOPIC = b"stats"
 EXIT_BOOT_FAILED = 3
 
@@ -38,24 +49,30 @@ def encode_batch(iface: str, worker: int, seq: int, rows: list) -> bytes:
 
 
 class BatchPublisher:
-    """A worker's PUB socket towards the proxy."""
+    """A worker's PUSH socket towards the proxy."""
 
     def __init__(self, ctx: zmq.Context, endpoint: str, iface: str, worker: int,
                  sndhwm: int) -> None:
         self.iface = iface
         self.worker = worker
         self.topic = batch_topic(iface, worker)
-        self.sock = ctx.socket(zmq.PUB)
+        self.sock = ctx.socket(zmq.PUSH)
         self.sock.setsockopt(zmq.SNDHWM, sndhwm)
-        self.sock.setsockopt(zmq.XPUB_NODROP, 1)
         self.sock.setsockopt(zmq.LINGER, 2000)  # flush queued batches on a clean stop
         self.sock.connect(endpoint)
 
-    def publish(self, seq: int, rows: list) -> bool:
-        """Send one batch; False when the high-water mark refused it."""
-        body = encode_batch(self.iface, self.worker, seq, rows)
+    def publish(self, block_seq: int, rows: list) -> bool:
+        """Send the batch of ring block block_seq; False when the high-water mark refused it.
+
+        Towards the proxy the message has an envelope frame first (worker, block_seq), so
+        the proxy can tell the worker which blocks it has passed on; subscribers never see
+        it.
+        """
+        body = encode_batch(self.iface, self.worker, block_seq - 1, rows)
+        envelope = ENVELOPE.pack(self.worker, block_seq)
         try:
-            self.sock.send_multipart((self.topic, body), flags=zmq.NOBLOCK, copy=False)
+            self.sock.send_multipart((envelope, self.topic, body), flags=zmq.NOBLOCK,
+                                     copy=False)
         except zmq.Again:
             return False
         return True
@@ -65,36 +82,36 @@ class BatchPublisher:
 
 
 class Proxy:
-    """XSUB (ipc, from the workers) -> XPUB (the public endpoint)."""
+    """PULL (ipc, from the workers) -> XPUB (the public endpoint)."""
 
     def __init__(self, ctx: zmq.Context, backend: str, frontend: str, sndhwm: int) -> None:
-        self.xsub = ctx.socket(zmq.XSUB)
-        self.xsub.setsockopt(zmq.RCVHWM, sndhwm)
-        self.xsub.setsockopt(zmq.LINGER, 0)
-        self.xsub.bind(backend)
-        # Take everything from the workers whatever the subscribers want: batches then
-        # never wait on subscription propagation, and the welcome message below is an
-        # exact signal that a subscriber is live.
-        self.xsub.send(b"\x01")
+        self.pull = ctx.socket(zmq.PULL)
+        self.pull.setsockopt(zmq.RCVHWM, sndhwm)
+        self.pull.setsockopt(zmq.LINGER, 0)
+        self.pull.bind(backend)
         self.xpub = ctx.socket(zmq.XPUB)
         self.xpub.setsockopt(zmq.SNDHWM, sndhwm)
         self.xpub.setsockopt(zmq.LINGER, 1000)
         self.xpub.setsockopt(zmq.XPUB_WELCOME_MSG, HELLO)
         self.xpub.bind(frontend)
         self.poller = zmq.Poller()
-        self.poller.register(self.xsub, zmq.POLLIN)
+        self.poller.register(self.pull, zmq.POLLIN)
         self.poller.register(self.xpub, zmq.POLLIN)
 
-    def run_once(self, timeout_ms: int) -> None:
-        """Forward what is waiting, without copying the frames."""
+    def run_once(self, timeout_ms: int, forwarded: Callable[[int, int], None]) -> None:
+        """Forward what is waiting, without copying the frames, and report each batch
+        passed on with forwarded(worker, block_seq)."""
         events = dict(self.poller.poll(timeout_ms))
-        if self.xsub in events:
+        if self.pull in events:
             for _ in range(1000):  # bounded, so the caller's loop keeps its pace
                 try:
-                    frames = self.xsub.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                    frames = self.pull.recv_multipart(flags=zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     break
-                self.xpub.send_multipart(frames, copy=False)
+                if len(frames) != 3 or len(frames[0]) != ENVELOPE.size:
+                    continue  # not from a worker of ours
+                self.xpub.send_multipart(frames[1:], copy=False)
+                forwarded(*ENVELOPE.unpack(frames[0].buffer))
         if self.xpub in events:
             while True:  # subscription messages: upstream already takes everything
                 try:
@@ -106,14 +123,18 @@ class Proxy:
         self.xpub.send_multipart((topic, body), flags=zmq.NOBLOCK)
 
     def close(self) -> None:
-        self.xsub.close()
+        self.pull.close()
         self.xpub.close()
 
 
 def run_proxy(backend: str, frontend: str, sndhwm: int, ready_fd: int, iface: str,
-              slots: list, stats_interval_s: float) -> int:
+              slots: list, table: StatsTable, stats_interval_s: float) -> int:
     """The proxy process's main. Writes b"ok" or the bind error to ready_fd, then forwards,
     and publishes the slots' counters on the `stats` topic every stats_interval_s."""
+
+    def forwarded(worker: int, block_seq: int) -> None:
+        table[worker]["forwarded_seq"] = block_seq
+
     set_process_name("fanoutd-proxy")
     stopping = []
     signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
@@ -131,14 +152,14 @@ def run_proxy(backend: str, frontend: str, sndhwm: int, ready_fd: int, iface: st
     next_stats = time.monotonic()
     try:
         while not stopping:
-            proxy.run_once(200)
+            proxy.run_once(200, forwarded)
             if time.monotonic() >= next_stats:
                 body = msgpack.packb(stats_message(iface, slots), use_bin_type=True)
                 proxy.send(STATS_TOPIC, body)
                 next_stats = time.monotonic() + stats_interval_s
         # The workers stop first and flush to us; pass on what they sent.
         for _ in range(10):
-            proxy.run_once(20)
+            proxy.run_once(20, forwarded)
     finally:
         proxy.close()
         ctx.term()

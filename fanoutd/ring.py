@@ -183,31 +183,33 @@ class RxRing:
         return sum(self.head(i)[0] & _linux.TP_STATUS_USER
                    for i in range(self.geometry.block_count))
 
-    def wait(self, timeout_ms: int) -> bool:
-        """Wait for the block at the cursor; True when it is ready to read.
+    def ready(self) -> bool:
+        """True when the block at the cursor is the user's to read."""
+        return bool(self.head(self.cursor)[0] & _linux.TP_STATUS_USER)
 
-        The kernel fills blocks in ring order, so normally the cursor's block is the next
-        one. If poll says data is ready but the cursor's block is not, the cursor is out of
-        step (a restart, or a block skipped): resynchronise on the oldest user block.
+    def poll(self, timeout_ms: int) -> None:
+        """Sleep until the kernel hands over a block (or timeout_ms passes).
+
+        Only call this while every block read so far has been released: the kernel reports
+        the socket readable as long as the block before its current one is user-owned, so
+        a held block would make poll return at once. The kernel fills blocks in ring order,
+        so normally the cursor's block is the next one; if poll says data is ready but the
+        cursor's block is not, the cursor is out of step: resynchronise on the oldest user
+        block.
         """
-        if self.head(self.cursor)[0] & _linux.TP_STATUS_USER:
-            return True
         events = self.poller.poll(timeout_ms)
         if not events:
-            return False
+            return
         if events[0][1] & select.POLLERR:
             # A pending socket error (ENETDOWN when the link goes down) keeps poll firing
             # until it is read; reading SO_ERROR clears it.
             err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
                 self.socket_errors.append(err)
-        if self.head(self.cursor)[0] & _linux.TP_STATUS_USER:
-            return True
-        oldest = self.oldest_user_block()
-        if oldest is None:
-            return False
-        self.cursor = oldest
-        return True
+        if not self.ready():
+            oldest = self.oldest_user_block()
+            if oldest is not None:
+                self.cursor = oldest
 
     def read(self) -> tuple[bytes, int, int, int]:
         """A copy of the cursor's block: (bytes, offset_to_first_pkt, num_pkts, seq_num).
@@ -220,8 +222,12 @@ class RxRing:
         length = min(blk_len or self.geometry.block_size, self.geometry.block_size)
         return self.map[start:start + length], first, num_pkts, seq_num
 
-    def release(self) -> None:
-        """Hand the cursor's block back to the kernel and move on."""
-        _linux.BLOCK_STATUS.pack_into(self.map, self.cursor * self.geometry.block_size
-                                      + _linux.BLOCK_STATUS_OFFSET, _linux.TP_STATUS_KERNEL)
+    def advance(self) -> None:
+        """Move the cursor to the next block; the current one stays the user's until
+        release()."""
         self.cursor = (self.cursor + 1) % self.geometry.block_count
+
+    def release(self, index: int) -> None:
+        """Hand a block back to the kernel."""
+        _linux.BLOCK_STATUS.pack_into(self.map, index * self.geometry.block_size
+                                      + _linux.BLOCK_STATUS_OFFSET, _linux.TP_STATUS_KERNEL)

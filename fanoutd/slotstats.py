@@ -25,7 +25,9 @@ FIELDS = (
     "batches",           # batches handed to ZeroMQ
     "publish_drops",     # batches refused at the high-water mark
     "blocks",            # ring blocks walked
+    "blocks_skipped",    # blocks whose decoding raised (a decoder bug): their packets are lost
     "blocks_user",       # blocks held by user space at the last look: the backlog
+    "forwarded_seq",     # written by the proxy: kernel seq of the last block it passed on
     "link_errors",       # socket errors poll reported (ENETDOWN, ...)
     "up",                # the rest is written by the supervisor: 1 while RUNNING
     "kernel_packets",
@@ -39,11 +41,10 @@ ERROR_INDEX = {reason: INDEX[f"err:{reason}"] for reason in ERROR_REASONS}
 
 
 class SlotStats:
-    """One slot's counters. Create it in the supervisor before fork; children inherit it."""
+    """One slot's counters: a page of a StatsTable."""
 
-    def __init__(self) -> None:
-        self._map = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
-        self.words = memoryview(self._map).cast("Q")
+    def __init__(self, page: memoryview) -> None:
+        self.words = page.cast("Q")
         assert len(FIELDS) <= len(self.words)
 
     def __getitem__(self, name: str) -> int:
@@ -64,3 +65,19 @@ class SlotStats:
     def snapshot(self) -> dict[str, int]:
         values = self.words.tolist()
         return {name: values[i] for i, name in enumerate(FIELDS)}
+
+
+class StatsTable:
+    """A page of counters for every slot an interface can ever have (a fanout group holds
+    at most 256 sockets), mapped once before the first fork: every child, including ones
+    forked before a slot was added, sees every slot. Untouched pages cost no memory."""
+
+    def __init__(self, slots: int) -> None:
+        self._map = mmap.mmap(-1, slots * mmap.PAGESIZE,
+                              flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        view = memoryview(self._map)
+        self._slots = [SlotStats(view[i * mmap.PAGESIZE:(i + 1) * mmap.PAGESIZE])
+                       for i in range(slots)]
+
+    def __getitem__(self, index: int) -> SlotStats:
+        return self._slots[index]

@@ -19,12 +19,12 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fanoutd import fanout, publish, ring, worker
-from fanoutd.config import Config, parse_host_port
+from fanoutd.config import MAX_WORKERS, Config, parse_host_port
 from fanoutd.metrics import MetricsServer
-from fanoutd.slotstats import SlotStats
+from fanoutd.slotstats import SlotStats, StatsTable
 from fanoutd.systemd import Notifier, set_log_context
 
 log = logging.getLogger("fanoutd")
@@ -43,6 +43,7 @@ BACKOFF_MAX_S = 10.0
 STABLE_AFTER_S = 10.0  # a child that ran this long resets its failure count
 FATAL_AFTER = 5  # consecutive failed starts before a child goes FATAL
 PROXY_READY_TIMEOUT_S = 10.0
+HUNG_KILL_AFTER_S = 2.0  # SIGTERM to a worker that stopped heartbeating, then SIGKILL
 PR_SET_PDEATHSIG = 1
 
 
@@ -61,13 +62,14 @@ class Child:
     started_at: float = 0.0
     failures: int = 0
     restart_at: float = 0.0
+    kill_at: float | None = None  # when a hung child that was sent SIGTERM gets SIGKILL
 
 
 @dataclass
 class Slot:
     index: int
     sock: socket.socket
-    stats: SlotStats = field(default_factory=SlotStats)
+    stats: SlotStats
     child: Child | None = None
 
     @property
@@ -80,6 +82,7 @@ class Supervisor:
         self.cfg = cfg
         self.interface = cfg.interface
         self.slot_list: list[Slot] = []
+        self.table = StatsTable(MAX_WORKERS)  # before any fork: every child sees every slot
         self.proxy: Child | None = None
         self.metrics: MetricsServer | None = None
         self.runtime_dir: str | None = None
@@ -134,7 +137,8 @@ class Supervisor:
         try:
             for index in range(cfg.workers or 1):
                 sock = ring.open_capture_socket(cfg.interface, cfg.ring.geometry, cfg.ring.rxhash)
-                self.slot_list.append(Slot(index, sock))
+                self.table[index]["forwarded_seq"] = 0  # a new ring numbers blocks from 1
+                self.slot_list.append(Slot(index, sock, self.table[index]))
             self.group_id = fanout.join_group([s.sock for s in self.slot_list], cfg.fanout.mode,
                                               cfg.fanout.flags, cfg.fanout.group_id)
         except ring.CaptureError as e:
@@ -171,13 +175,18 @@ class Supervisor:
                 slot.sock.close()
             return publish.run_proxy(self.backend, cfg.endpoint, cfg.sndhwm,
                                      self._proxy_ready_w, self.interface, self.slot_list,
-                                     self.cfg.supervisor.status_interval_ms / 1000)
+                                     self.table, self.cfg.supervisor.status_interval_ms / 1000)
 
         self.proxy = Child("fanoutd-proxy", main)
-        self._spawn_proxy()
+        self._spawn_proxy(startup=True)
 
-    def _spawn_proxy(self) -> None:
-        """Fork the proxy and wait until it has bound the public endpoint (or failed to)."""
+    def _spawn_proxy(self, startup: bool = False) -> None:
+        """Fork the proxy and wait until it has bound the public endpoint (or failed to).
+
+        At start-up a failure ends the daemon with the proxy's reason. Later (a restart)
+        it is logged, and the proxy's exit is reaped like any failed start: backoff, then
+        FATAL if it keeps failing.
+        """
         assert self.proxy is not None
         ready_r, self._proxy_ready_w = os.pipe()
         try:
@@ -189,9 +198,12 @@ class Supervisor:
             answer = os.read(ready_r, 4096).decode(errors="replace") if readable else ""
         finally:
             os.close(ready_r)
-        if answer != "ok":
+        if answer == "ok":
+            self.proxy.state = "RUNNING"
+        elif startup:
             raise StartupError(answer or "the proxy did not start", EXIT_UNAVAILABLE)
-        self.proxy.state = "RUNNING"
+        else:
+            log.error("fanoutd-proxy could not start: %s", answer or "no answer")
 
     def _worker_main(self, slot: Slot) -> Callable[[], int]:
         cfg = self.cfg
@@ -238,7 +250,7 @@ class Supervisor:
         waiting = [self._wake_r]
         if self.metrics is not None:
             waiting.append(self.metrics.socket)
-        readable, _, _ = select.select(waiting, [], [], TICK_S)
+        readable, _, _ = select.select(waiting, [], [], self._next_wakeup())
         if self._wake_r in readable:
             while True:
                 try:
@@ -253,6 +265,11 @@ class Supervisor:
         if self.metrics is not None and self.metrics.socket in readable:
             self.metrics.handle_request()
         self._tick()
+
+    def _next_wakeup(self) -> float:
+        """Seconds until the loop has something to do: a tick, or a restart falling due."""
+        due = [c.restart_at for c in self._children() if c.state == "BACKOFF"]
+        return max(0.0, min([TICK_S, *(at - time.monotonic() for at in due)]))
 
     def _handle_signal(self, signum: int) -> None:
         if signum in (signal.SIGTERM, signal.SIGINT):
@@ -282,6 +299,7 @@ class Supervisor:
 
     def _child_exited(self, child: Child, status: int) -> None:
         child.pid = None
+        child.kill_at = None
         if self.stopping or child.state == "STOPPING":
             child.state = "STOPPED"
             return
@@ -298,7 +316,10 @@ class Supervisor:
             self.exit_status = EXIT_SOFTWARE
             self.stopping = True
             return
-        delay = min(BACKOFF_FIRST_S * 2 ** (child.failures - 1), BACKOFF_MAX_S)
+        # The first replacement is immediate: the ring keeps filling while no worker reads
+        # it. Repeated failures back off: 0.1 s, 0.2 s, 0.4 s, ... up to BACKOFF_MAX_S.
+        delay = (0.0 if child.failures == 1
+                 else min(BACKOFF_FIRST_S * 2 ** (child.failures - 2), BACKOFF_MAX_S))
         child.state = "BACKOFF"
         child.restart_at = now + delay
         log.warning("%s %s; restarting in %.1f s", child.name, how, delay)
@@ -315,6 +336,8 @@ class Supervisor:
                 slot.stats.add("restarts")
                 slot.stats["capturing"] = 0  # the dead worker's flag; the new one sets it
                 self._spawn(child)
+            elif child.state == "RUNNING":
+                self._check_heartbeat(slot, child, now)
             slot.stats["up"] = int(child.state == "RUNNING")
         proxy = self.proxy
         if proxy is not None and proxy.state == "BACKOFF" and now >= proxy.restart_at:
@@ -331,6 +354,24 @@ class Supervisor:
                                        >= self.cfg.supervisor.status_interval_ms / 1000):
             self.notifier.status(self._status_line(now))
         self.notifier.watchdog(self._healthy())
+
+    def _check_heartbeat(self, slot: Slot, child: Child, now: float) -> None:
+        """A worker that stopped turning its loop gets SIGTERM, then SIGKILL; either way
+        it is then reaped and replaced like a worker that died."""
+        if child.pid is None:
+            return
+        if child.kill_at is not None:
+            if now >= child.kill_at:
+                log.warning("%s ignored SIGTERM; killing it", child.name)
+                _kill(child.pid, signal.SIGKILL)
+                child.kill_at = float("inf")
+            return
+        timeout_ms = self.cfg.supervisor.heartbeat_timeout_ms
+        if slot.stats["heartbeat_ns"] < time.monotonic_ns() - timeout_ms * 1_000_000:
+            log.warning("%s has not heartbeaten for %d ms; terminating it", child.name,
+                        timeout_ms)
+            _kill(child.pid, signal.SIGTERM)
+            child.kill_at = now + HUNG_KILL_AFTER_S
 
     def _status_line(self, now: float) -> str:
         """One line for systemctl status: workers up, capture rate since the last line, drops."""

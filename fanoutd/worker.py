@@ -10,6 +10,8 @@ import logging
 import os
 import signal
 import socket
+import time
+from collections import deque
 
 import zmq
 
@@ -23,6 +25,7 @@ from fanoutd.systemd import set_log_context
 log = logging.getLogger("fanoutd.worker")
 
 POLL_MS = 100  # the longest a worker goes without a heartbeat or checking for stop
+HOLD_WAIT_S = 0.0002  # how often a worker holding blocks looks for the proxy's word
 EXIT_BOOT_FAILED = 3  # the worker could not start; repeated, the slot goes FATAL
 
 
@@ -64,28 +67,67 @@ def run_worker(index: int, iface: str, sock: socket.socket, stats: slotstats.Slo
 
 def _capture(rx: RxRing, pub: BatchPublisher, stats: slotstats.SlotStats, stop: _Stop,
              iface: str, index: int) -> None:
+    """Walk the ring: read, decode, publish, and hand each block back once the proxy has it.
+
+    A block goes back to the kernel only after the proxy reports (forwarded_seq in the
+    shared slot page) that it passed the batch on. Until then the batch may sit in this
+    process's ZeroMQ queue, and a worker killed at that moment would lose it; held in the
+    ring, it is published again by the replacement worker, which starts at the oldest
+    user block and skips what the proxy already forwarded. Holding costs ring space for
+    the microseconds the proxy takes; if the proxy is gone, at most max_pending blocks
+    are held before the oldest is let go.
+    """
     words = stats.words
     i = slotstats.INDEX
     packets_i, bytes_i = i["packets"], i["bytes"]
     batches_i, drops_i, blocks_i, user_i = (i["batches"], i["publish_drops"], i["blocks"],
                                             i["blocks_user"])
+    forwarded_i, skipped_i = i["forwarded_seq"], i["blocks_skipped"]
     error_index = slotstats.ERROR_INDEX
     errors: dict[str, int] = {}
+    pending: deque[tuple[int, int]] = deque()  # (block index, kernel seq) awaiting the proxy
+    max_pending = max(1, rx.geometry.block_count // 4)
     while not stop.requested:
         stats.beat()
-        if not rx.wait(POLL_MS):
-            if rx.socket_errors:
-                _report_socket_errors(rx, stats, iface, index)
+        while pending and pending[0][1] <= words[forwarded_i]:
+            rx.release(pending.popleft()[0])
+        if not rx.ready():
+            if pending:
+                time.sleep(HOLD_WAIT_S)  # not poll: a held block makes it return at once
+            else:
+                rx.poll(POLL_MS)
+                if rx.socket_errors:
+                    _report_socket_errors(rx, stats, iface, index)
             continue
         block, first, num_pkts, block_seq = rx.read()
-        rows = decode_block(block, first, num_pkts, errors)
-        # The batch seq is the kernel's block sequence number (from 1 on a new ring), so it
-        # needs no bookkeeping: it continues across a worker replacement, a block published
-        # again carries the same seq, and a refused batch leaves a gap subscribers can see.
-        if pub.publish(block_seq - 1, rows):
+        if block_seq <= words[forwarded_i]:
+            # Left behind by a replaced worker after the proxy had passed it on.
+            rx.release(rx.cursor)
+            rx.advance()
+            continue
+        try:
+            rows = decode_block(block, first, num_pkts, errors)
+        except Exception:
+            # decode never raises on wire input (property-tested); if a bug makes it, skip
+            # the block rather than crash on it again in every replacement worker.
+            log.exception("worker %d: decoding ring block %d failed; skipping its %d "
+                          "packets", index, block_seq, num_pkts)
+            words[skipped_i] += 1
+            errors.clear()
+            rx.release(rx.cursor)
+            rx.advance()
+            continue
+        # The batch seq is the kernel's block sequence number - 1, so it needs no
+        # bookkeeping: it continues across a worker replacement, a block published again
+        # carries the same seq, and a refused batch leaves a gap subscribers can see.
+        if pub.publish(block_seq, rows):
             words[batches_i] += 1
+            pending.append((rx.cursor, block_seq))
+            if len(pending) > max_pending:
+                rx.release(pending.popleft()[0])
         else:
             words[drops_i] += 1
+            rx.release(rx.cursor)
         words[packets_i] += len(rows)
         words[bytes_i] += sum(row[LEN] for row in rows)
         if errors:
@@ -93,8 +135,8 @@ def _capture(rx: RxRing, pub: BatchPublisher, stats: slotstats.SlotStats, stop: 
                 words[error_index[reason]] += n
             errors.clear()
         words[user_i] = rx.user_blocks()
-        rx.release()
         words[blocks_i] += 1
+        rx.advance()
 
 
 def _report_socket_errors(rx: RxRing, stats: slotstats.SlotStats, iface: str,

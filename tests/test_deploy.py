@@ -74,10 +74,10 @@ def test_exported_names_are_what_the_collector_serves():
     from prometheus_client.registry import CollectorRegistry
 
     from fanoutd.metrics import SlotCollector
-    from fanoutd.slotstats import SlotStats
+    from fanoutd.slotstats import StatsTable
 
     class Slot:
-        index, stats, up = 0, SlotStats(), True
+        index, stats = 0, StatsTable(1)[0]
 
     class Source:
         interface, slots = "eth0", [Slot()]
