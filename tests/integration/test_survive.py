@@ -1,0 +1,144 @@
+"""Surviving faults: a worker killed or hung mid-traffic loses nothing; a child that keeps
+failing to start ends the daemon with a clear FATAL and exit status 70."""
+
+import contextlib
+import os
+import signal
+import socket
+import threading
+import time
+
+import frames as F
+import netlab
+import pytest
+
+pytestmark = pytest.mark.integration
+
+EXIT_SOFTWARE = 70
+
+
+def frame_id(i: int) -> tuple[bytes, int]:
+    """Frame i's identity as a row shows it: (source address, source port)."""
+    return F.ip_bytes(f"10.{i >> 16 & 0xFF}.{i >> 8 & 0xFF}.{i & 0xFF}"), 1000 + i % 60000
+
+
+def numbered_frame(i: int) -> bytes:
+    src, sport = frame_id(i)
+    return F.udp4_frame(src=".".join(str(b) for b in src), sport=sport)
+
+
+class Pump:
+    """Injects `total` numbered frames from a thread at a bounded pace (~20k frames/s),
+    setting `reached` once `mark` frames are out, so a fault can be timed mid-traffic."""
+
+    def __init__(self, injector: netlab.Injector, total: int, mark: int) -> None:
+        self.injector, self.total, self.mark = injector, total, mark
+        self.reached = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        for i in range(self.total):
+            self.injector.send(numbered_frame(i))
+            if i == self.mark:
+                self.reached.set()
+            if i % 50 == 49:
+                time.sleep(0.002)
+        self.reached.set()
+
+    def __enter__(self) -> "Pump":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.thread.join(timeout=60)
+
+
+def assert_every_frame_delivered(sub: netlab.Subscriber, daemon: netlab.Daemon,
+                                 total: int) -> netlab.Capture:
+    want = {frame_id(i) for i in range(total)}
+    cap = sub.collect(netlab.all_keys(want, lambda r: (r["src"], r["sport"])), timeout=30,
+                      detail=daemon.logs)
+    for worker in {b["worker"] for b in cap.batches}:
+        seqs = {b["seq"] for b in cap.batches if b["worker"] == worker}
+        missing = set(range(max(seqs) + 1)) - seqs
+        assert not missing, f"worker {worker}: batches never delivered: {sorted(missing)}"
+    return cap
+
+
+def wait_replaced(daemon: netlab.Daemon, comm: str, old: int) -> None:
+    netlab.wait_for(lambda: daemon.children_by_comm().get(comm) not in (None, old), 15,
+                    f"a new {comm}", detail=daemon.logs)
+
+
+def test_sigkill_worker_mid_traffic_loses_nothing(injector, start_daemon, subscribe):
+    """SIGKILL a worker while frames flow: it is replaced, the new worker maps the same
+    ring, and every frame still reaches the subscriber, with no gap in any worker's seq."""
+    daemon = start_daemon(workers=2, fanout="lb", extra=("--block-count", "64"))
+    sub = subscribe(daemon)
+    total = 12_000
+    with Pump(injector, total, mark=total // 3) as pump:
+        assert pump.reached.wait(30)
+        victim = daemon.children_by_comm()["fanoutd-w0"]
+        os.kill(victim, signal.SIGKILL)
+        wait_replaced(daemon, "fanoutd-w0", victim)
+    assert_every_frame_delivered(sub, daemon, total)
+    m = daemon.metrics()
+    assert netlab.metric_sum(m, "fanoutd_worker_restarts_total", worker="0") == 1
+    assert netlab.metric_sum(m, "fanoutd_worker_restarts_total", worker="1") == 0
+    assert netlab.metric_sum(m, "fanoutd_kernel_drops_total") == 0
+    assert "fanoutd-w0 was killed by SIGKILL" in daemon.logs()
+
+
+def test_hung_worker_is_terminated_replaced_and_loses_nothing(injector, start_daemon,
+                                                              subscribe):
+    """A worker that stops heartbeating (SIGSTOP) gets SIGTERM, then SIGKILL, and is
+    replaced; what arrived in its ring meanwhile is delivered by its successor."""
+    with netlab.workdir() as wd:
+        config = wd / "fanoutd.yaml"
+        config.write_text("supervisor:\n  heartbeat_timeout_ms: 500\n")
+        daemon = start_daemon(workers=2, fanout="lb", extra=("-c", str(config)))
+        sub = subscribe(daemon)
+        hung = daemon.children_by_comm()["fanoutd-w1"]
+        os.kill(hung, signal.SIGSTOP)
+        try:
+            total = 400
+            injector.send_all(numbered_frame(i) for i in range(total))
+            wait_replaced(daemon, "fanoutd-w1", hung)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(hung, signal.SIGCONT)
+        assert_every_frame_delivered(sub, daemon, total)
+        logs = daemon.logs()
+        assert "fanoutd-w1 has not heartbeaten for 500 ms; terminating it" in logs
+        assert "fanoutd-w1 ignored SIGTERM; killing it" in logs
+        m = daemon.metrics()
+        assert netlab.metric_sum(m, "fanoutd_worker_restarts_total", worker="1") == 1
+
+
+def test_proxy_that_cannot_restart_goes_fatal(ns, start_daemon):
+    """The proxy dies and its port is taken meanwhile: each restart fails, backs off, and
+    after five the daemon gives up, says why, and exits 70 with no child left."""
+    port = ns.free_port()
+    daemon = start_daemon(workers=1, extra=("--publish", f"tcp://127.0.0.1:{port}"))
+    proxy = netlab.proc_identity(daemon.children_by_comm()["fanoutd-proxy"])
+    os.kill(daemon.pid, signal.SIGSTOP)  # hold the supervisor so the port can be taken
+    try:
+        os.kill(proxy[0], signal.SIGKILL)
+        netlab.wait_for(lambda: not netlab.proc_alive(proxy), 10, "the proxy to die")
+        with netlab.in_netns(ns.name):
+            squatter = socket.socket()
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen()
+    finally:
+        os.kill(daemon.pid, signal.SIGCONT)
+    try:
+        status = netlab.wait_for(lambda: daemon.proc.poll(), 30, "the daemon to give up",
+                                 detail=daemon.logs)
+    finally:
+        squatter.close()
+    logs = daemon.logs()
+    assert status == EXIT_SOFTWARE, logs
+    assert "fanoutd-proxy could not start: publish.endpoint: cannot bind" in logs
+    assert "fanoutd-proxy failed to start 5 times in a row" in logs
+    assert "Traceback" not in logs
