@@ -82,11 +82,14 @@ def _config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frame-size", metavar="BYTES", help="ring frame size")
     p.add_argument("--block-timeout", metavar="MS", help="block retire timeout")
     p.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning or error")
+    p.add_argument("--runtime-dir", metavar="DIR",
+                   help="where the workers' ipc socket lives (or auto)")
 
 
 def _overrides(args: argparse.Namespace) -> dict:
     keys = ("interface", "workers", "fanout", "fanout_flags", "group_id", "publish", "hwm",
-            "metrics", "block_size", "block_count", "frame_size", "block_timeout", "log_level")
+            "metrics", "block_size", "block_count", "frame_size", "block_timeout", "log_level",
+            "runtime_dir")
     return {k: getattr(args, k) for k in keys}
 
 

@@ -89,6 +89,7 @@ FLAG_KEYS = {
     "frame_size": "ring.frame_size",
     "block_timeout": "ring.block_timeout_ms",
     "log_level": "log.level",
+    "runtime_dir": "runtime_dir",
 }
 AUTO_KEYS = {"workers", "runtime_dir", "fanout.group_id"}  # keys where "auto" means None
 

@@ -160,7 +160,9 @@ class Supervisor:
                 or ("/run/fanoutd" if os.geteuid() == 0 else tempfile.gettempdir()))
         try:
             os.makedirs(base, mode=0o755, exist_ok=True)
-            self.runtime_dir = tempfile.mkdtemp(prefix=f"{self.interface}-", dir=base)
+            _remove_stale_runtime_dirs(base)
+            self.runtime_dir = tempfile.mkdtemp(prefix=f"{os.getpid()}-{self.interface}-",
+                                                dir=base)
         except OSError as e:
             raise StartupError(f"runtime_dir: cannot create a directory in {base}: {e.strerror}",
                                EXIT_UNAVAILABLE) from None
@@ -435,6 +437,15 @@ class Supervisor:
                 deadline = float("inf")
             self._reap()
             time.sleep(0.01)
+
+
+def _remove_stale_runtime_dirs(base: str) -> None:
+    """Remove what daemons that were killed (no clean stop) left in base: directories
+    named PID-... whose PID no longer runs."""
+    for name in os.listdir(base):
+        pid, sep, _ = name.partition("-")
+        if sep and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            shutil.rmtree(os.path.join(base, name), ignore_errors=True)
 
 
 def _die_with_parent(parent: int) -> None:

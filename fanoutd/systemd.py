@@ -12,6 +12,8 @@ import time
 
 from systemd import daemon, journal
 
+log = logging.getLogger("fanoutd")
+
 # Structured journal fields added to every record of this process (INTERFACE, WORKER).
 _context: dict[str, str] = {}
 
@@ -25,8 +27,16 @@ class Notifier:
         self.next_watchdog = 0.0
 
     def _send(self, message: str) -> None:
-        if self.enabled:
+        """Fire and forget, as sd_notify is meant: a socket that is gone (an inherited
+        NOTIFY_SOCKET, a container without it) must not take the daemon down."""
+        if not self.enabled:
+            return
+        try:
             daemon.notify(message)
+        except OSError as e:
+            log.warning("cannot notify systemd at %s: %s; no more notifications",
+                        os.environ.get("NOTIFY_SOCKET"), e.strerror or e)
+            self.enabled = False
 
     def ready(self, status: str) -> None:
         self._send(f"READY=1\nSTATUS={status}")
@@ -70,11 +80,22 @@ def journal_wanted() -> bool:
     return (st.st_dev, st.st_ino) == (int(dev), int(ino))
 
 
-class _ContextFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        for key, value in _context.items():
-            setattr(record, key, value)
-        return True
+class JournalHandler(logging.Handler):
+    """Native journal records: the message, its priority and source, and our fields.
+
+    Not systemd-python's JournalHandler, which copies every LogRecord attribute into the
+    entry as a lower-case field that journald then throws away.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            journal.send(self.format(record),
+                         PRIORITY=str(journal.JournalHandler.map_priority(record.levelno)),
+                         SYSLOG_IDENTIFIER="fanoutd", LOGGER=record.name,
+                         CODE_FILE=record.pathname, CODE_LINE=record.lineno,
+                         CODE_FUNC=record.funcName, **_context)
+        except Exception:
+            self.handleError(record)
 
 
 def setup_logging(level: str) -> None:
@@ -83,13 +104,12 @@ def setup_logging(level: str) -> None:
     for handler in list(root.handlers):
         root.removeHandler(handler)
     if journal_wanted():
-        handler: logging.Handler = journal.JournalHandler(SYSLOG_IDENTIFIER="fanoutd")
+        handler: logging.Handler = JournalHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(
             "fanoutd[%(process)d]: %(levelname)s: %(message)s"))
-    handler.addFilter(_ContextFilter())
     root.addHandler(handler)
     root.setLevel(level.upper())
 

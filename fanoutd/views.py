@@ -59,11 +59,12 @@ STATS_COLUMNS = (
 def read_metrics(address: str, timeout: float = 3.0) -> dict[tuple[str, str], dict[str, float]]:
     """Scrape http://ADDRESS/metrics: {(interface, worker): {sample name: value}}, with
     decode errors summed over their reasons."""
-    from urllib.request import urlopen
+    from urllib.request import ProxyHandler, build_opener
 
     from prometheus_client.parser import text_string_to_metric_families
 
-    with urlopen(f"http://{address}/metrics", timeout=timeout) as response:
+    opener = build_opener(ProxyHandler({}))  # a metrics address is never reached via a proxy
+    with opener.open(f"http://{address}/metrics", timeout=timeout) as response:
         text = response.read().decode()
     table: dict[tuple[str, str], dict[str, float]] = {}
     for family in text_string_to_metric_families(text):

@@ -328,7 +328,7 @@ class Daemon:
     # -- lifecycle
 
     def start(self) -> Daemon:
-        env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **self.env}
+        env = {**base_env(), "PYTHONUNBUFFERED": "1", **self.env}
         with open(self._out, "wb") as out, open(self._err, "wb") as err:
             if self.journal_stream:
                 st = os.fstat(err.fileno())
@@ -460,12 +460,22 @@ def workdir() -> Iterator[Path]:
         yield Path(d)
 
 
-def run_cli(ns: NetNS | None, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess:
+def base_env() -> dict[str, str]:
+    """The test runner's environment for a fanoutd process, without the systemd variables
+    a runner started by systemd would pass on, plus PYTHONPATH to this checkout."""
+    systemd_vars = {"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM"}
+    env = {k: v for k, v in os.environ.items() if k not in systemd_vars}
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+def run_cli(ns: NetNS | None, *args: str, timeout: float = 30.0,
+            env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run `python -m fanoutd ARGS` (inside `ns` when given) to completion, bounded."""
     argv = [sys.executable, "-m", "fanoutd", *args]
     if ns is not None:
         argv = ["ip", "netns", "exec", ns.name, *argv]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = {**base_env(), **(env or {})}
     return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout, stdin=subprocess.DEVNULL, check=False)
 

@@ -348,8 +348,9 @@ def test_stats_command(ns, injector, start_daemon):
     n = injector.send_all(known_frames(40))
     settled_metrics(daemon, n)
 
+    # A proxy in the environment must not be used for the metrics address.
     proc = netlab.run_cli(ns, "stats", "--metrics", f"127.0.0.1:{daemon.metrics_port}",
-                          "--interval", "0.5")
+                          "--interval", "0.5", env={"http_proxy": "http://127.0.0.1:1"})
 
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stderr}"
     header, *rows = proc.stdout.strip().splitlines()
@@ -442,6 +443,22 @@ def test_sd_notify_ready_status_watchdog_stopping(start_daemon):
             if frozen is not None and netlab.proc_alive(frozen):
                 os.kill(frozen[0], signal.SIGCONT)
             daemon.kill()  # before the sink goes: the daemon must never see it missing
+
+
+def test_a_notify_socket_that_is_gone_does_not_stop_capture(injector, start_daemon,
+                                                            subscribe):
+    """sd_notify is fire and forget: a NOTIFY_SOCKET that does not exist (inherited, or a
+    container without it) is reported once, and the daemon captures and stops cleanly."""
+    with netlab.workdir() as wd:
+        daemon = start_daemon(workers=1, env={"NOTIFY_SOCKET": str(wd / "nothing.sock"),
+                                              "WATCHDOG_USEC": "200000"})
+        sub = subscribe(daemon)
+        n = injector.send_all(known_frames(10))
+        sub.collect(netlab.at_least(n), timeout=10, detail=daemon.logs)
+        assert daemon.stop(signal.SIGTERM) == 0, daemon.logs()
+        logs = daemon.logs()
+        assert logs.count("cannot notify systemd") == 1, logs
+        assert "Traceback" not in logs
 
 
 # --------------------------------------------------------------------------- journal

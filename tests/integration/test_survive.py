@@ -7,6 +7,7 @@ import signal
 import socket
 import threading
 import time
+from pathlib import Path
 
 import frames as F
 import netlab
@@ -142,3 +143,24 @@ def test_proxy_that_cannot_restart_goes_fatal(ns, start_daemon):
     assert "fanoutd-proxy could not start: publish.endpoint: cannot bind" in logs
     assert "fanoutd-proxy failed to start 5 times in a row" in logs
     assert "Traceback" not in logs
+
+
+def test_runtime_dirs_left_by_killed_daemons_are_removed(start_daemon):
+    """A daemon that was SIGKILLed leaves its runtime directory behind; the next one
+    removes directories whose PID no longer runs, and only those."""
+    with netlab.workdir() as wd:
+        base = wd / "run"
+        base.mkdir()
+        dead_pid = int(Path("/proc/sys/kernel/pid_max").read_text()) - 1
+        while os.path.exists(f"/proc/{dead_pid}"):
+            dead_pid -= 1
+        stale = base / f"{dead_pid}-cap0-stale"
+        alive = base / f"{os.getpid()}-cap0-alive"
+        for d in (stale, alive):
+            d.mkdir()
+            (d / "workers.ipc").touch()
+        daemon = start_daemon(workers=1, extra=("--runtime-dir", str(base)))
+        assert not stale.exists()
+        assert alive.exists()
+        own = [d for d in base.iterdir() if d.name.startswith(f"{daemon.pid}-cap0-")]
+        assert len(own) == 1, list(base.iterdir())
