@@ -84,12 +84,14 @@ def _config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning or error")
     p.add_argument("--runtime-dir", metavar="DIR",
                    help="where the workers' ipc socket lives (or auto)")
+    p.add_argument("--user", metavar="USER",
+                   help="user the workers and the proxy drop to (default nobody; none: stay)")
 
 
 def _overrides(args: argparse.Namespace) -> dict:
     keys = ("interface", "workers", "fanout", "fanout_flags", "group_id", "publish", "hwm",
             "metrics", "block_size", "block_count", "frame_size", "block_timeout", "log_level",
-            "runtime_dir")
+            "runtime_dir", "user")
     return {k: getattr(args, k) for k in keys}
 
 

@@ -6,6 +6,7 @@ together. config/fanoutd.yaml documents every key.
 """
 
 import os
+import pwd
 import socket
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any
@@ -65,6 +66,7 @@ class SupervisorConfig:
 class Config:
     interface: str = "auto"
     workers: int | None = None  # None: one per CPU
+    user: str | None = "nobody"  # workers and the proxy drop to it; None: stay as started
     runtime_dir: str | None = None  # None: $RUNTIME_DIRECTORY, /run/fanoutd or the temp dir
     fanout: FanoutConfig = field(default_factory=FanoutConfig)
     ring: RingConfig = field(default_factory=RingConfig)
@@ -90,8 +92,10 @@ FLAG_KEYS = {
     "block_timeout": "ring.block_timeout_ms",
     "log_level": "log.level",
     "runtime_dir": "runtime_dir",
+    "user": "user",
 }
 AUTO_KEYS = {"workers", "runtime_dir", "fanout.group_id"}  # keys where "auto" means None
+NONE_KEYS = {"user"}  # keys where "none" means None
 
 
 class ConfigError(Exception):
@@ -200,6 +204,8 @@ def _coerce(key: str, value: Any, typ: Any) -> tuple[bool, Any]:
     """(True, typed value) or (False, reason). Flags arrive as strings, YAML as typed values."""
     if key in AUTO_KEYS and value in ("auto", None):
         return True, None
+    if key in NONE_KEYS and value in ("none", None):
+        return True, None
     if typ in (int, int | None):
         if isinstance(value, str) and value.strip().isdigit():
             value = int(value)
@@ -268,6 +274,11 @@ def _check(cfg: Config, labels: dict[str, str]) -> list[tuple[str, str]]:
     if not 100 <= cfg.supervisor.status_interval_ms <= 3_600_000:
         bad("supervisor.status_interval_ms", f"must be between 100 and 3600000 ms, got "
                                              f"{cfg.supervisor.status_interval_ms}")
+    if cfg.user is not None:
+        try:
+            pwd.getpwnam(cfg.user)
+        except KeyError:
+            bad("user", f"no such user {cfg.user!r} (or none to keep the user fanoutd starts as)")
     if cfg.log.level not in LOG_LEVELS:
         bad("log.level", f"must be one of {', '.join(LOG_LEVELS)}, got {cfg.log.level!r}")
     return problems
@@ -346,8 +357,10 @@ def to_dict(cfg: Any) -> dict:
             out[f.name] = to_dict(value)
         elif isinstance(value, tuple):
             out[f.name] = list(value)
+        elif value is None:
+            out[f.name] = "none" if f.name in NONE_KEYS else "auto"
         else:
-            out[f.name] = "auto" if value is None else value
+            out[f.name] = value
     return out
 
 

@@ -23,10 +23,13 @@ import signal
 import struct
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import msgpack
 import zmq
+from zmq.utils import monitor as zmq_monitor
 
+from fanoutd import privileges
 from fanoutd.decode import FIELDS
 from fanoutd.metrics import stats_message
 from fanoutd.proctitle import set_process_name
@@ -59,7 +62,29 @@ class BatchPublisher:
         self.sock = ctx.socket(zmq.PUSH)
         self.sock.setsockopt(zmq.SNDHWM, sndhwm)
         self.sock.setsockopt(zmq.LINGER, 2000)  # flush queued batches on a clean stop
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_CONNECTED
+                                                    | zmq.EVENT_DISCONNECTED)
+        self.connected = False
         self.sock.connect(endpoint)
+
+    def _events(self, timeout_ms: int) -> None:
+        while self.monitor.poll(timeout_ms):
+            event = zmq_monitor.recv_monitor_message(self.monitor)["event"]
+            self.connected = event == zmq.EVENT_CONNECTED
+            timeout_ms = 0
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        """Wait until the connection to the proxy is up (a worker that drops privileges
+        must connect first: the ipc socket is only root's)."""
+        deadline = time.monotonic() + timeout_s
+        while not self.connected and (left := deadline - time.monotonic()) > 0:
+            self._events(int(left * 1000) + 1)
+        return self.connected
+
+    def lost_connection(self) -> bool:
+        """True once the connection to the proxy has dropped (the proxy was replaced)."""
+        self._events(0)
+        return not self.connected
 
     def publish(self, block_seq: int, rows: list) -> bool:
         """Send the batch of ring block block_seq; False when the high-water mark refused it.
@@ -78,7 +103,20 @@ class BatchPublisher:
         return True
 
     def close(self) -> None:
+        self.sock.disable_monitor()
+        self.monitor.close()
         self.sock.close()
+
+
+class BindError(Exception):
+    """An endpoint could not be bound; the message names its key and the reason."""
+
+
+def _bind(sock: zmq.Socket, endpoint: str, key: str) -> None:
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as e:
+        raise BindError(f"{key}: cannot bind {endpoint}: {e.strerror}") from None
 
 
 class Proxy:
@@ -88,12 +126,12 @@ class Proxy:
         self.pull = ctx.socket(zmq.PULL)
         self.pull.setsockopt(zmq.RCVHWM, sndhwm)
         self.pull.setsockopt(zmq.LINGER, 0)
-        self.pull.bind(backend)
+        _bind(self.pull, backend, "runtime_dir")
         self.xpub = ctx.socket(zmq.XPUB)
         self.xpub.setsockopt(zmq.SNDHWM, sndhwm)
         self.xpub.setsockopt(zmq.LINGER, 1000)
         self.xpub.setsockopt(zmq.XPUB_WELCOME_MSG, HELLO)
-        self.xpub.bind(frontend)
+        _bind(self.xpub, frontend, "publish.endpoint")
         self.poller = zmq.Poller()
         self.poller.register(self.pull, zmq.POLLIN)
         self.poller.register(self.xpub, zmq.POLLIN)
@@ -127,10 +165,20 @@ class Proxy:
         self.xpub.close()
 
 
-def run_proxy(backend: str, frontend: str, sndhwm: int, ready_fd: int, iface: str,
-              slots: list, table: StatsTable, stats_interval_s: float) -> int:
-    """The proxy process's main. Writes b"ok" or the bind error to ready_fd, then forwards,
-    and publishes the slots' counters on the `stats` topic every stats_interval_s."""
+@dataclass(frozen=True)
+class ProxyPlan:
+    backend: str  # ipc endpoint the workers push to
+    frontend: str  # the public endpoint
+    sndhwm: int
+    iface: str
+    stats_interval_s: float
+    user: str | None  # drop to this user once both endpoints are bound
+
+
+def run_proxy(plan: ProxyPlan, ready_fd: int, slots: list, table: StatsTable) -> int:
+    """The proxy process's main. Binds both endpoints and writes b"ok" (or the reason it
+    could not) to ready_fd, drops privileges, then forwards batches and publishes the
+    slots' counters on the `stats` topic every stats_interval_s."""
 
     def forwarded(worker: int, block_seq: int) -> None:
         table[worker]["forwarded_seq"] = block_seq
@@ -142,9 +190,11 @@ def run_proxy(backend: str, frontend: str, sndhwm: int, ready_fd: int, iface: st
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     ctx = zmq.Context(1)
     try:
-        proxy = Proxy(ctx, backend, frontend, sndhwm)
-    except zmq.ZMQError as e:
-        os.write(ready_fd, f"publish.endpoint: cannot bind {frontend}: {e.strerror}".encode())
+        proxy = Proxy(ctx, plan.backend, plan.frontend, plan.sndhwm)
+        if plan.user:
+            privileges.drop(plan.user)
+    except (BindError, privileges.PrivilegeError, OSError) as e:
+        os.write(ready_fd, str(e).encode())
         ctx.destroy(linger=0)
         return EXIT_BOOT_FAILED
     os.write(ready_fd, b"ok")
@@ -154,9 +204,9 @@ def run_proxy(backend: str, frontend: str, sndhwm: int, ready_fd: int, iface: st
         while not stopping:
             proxy.run_once(200, forwarded)
             if time.monotonic() >= next_stats:
-                body = msgpack.packb(stats_message(iface, slots), use_bin_type=True)
+                body = msgpack.packb(stats_message(plan.iface, slots), use_bin_type=True)
                 proxy.send(STATS_TOPIC, body)
-                next_stats = time.monotonic() + stats_interval_s
+                next_stats = time.monotonic() + plan.stats_interval_s
         # The workers stop first and flush to us; pass on what they sent.
         for _ in range(10):
             proxy.run_once(20, forwarded)

@@ -8,7 +8,6 @@ to start, so the daemon gives up and exits non-zero for systemd to see).
 """
 
 import contextlib
-import ctypes
 import logging
 import os
 import select
@@ -21,7 +20,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fanoutd import fanout, publish, ring, worker
+from fanoutd import fanout, privileges, publish, ring, worker
 from fanoutd.config import MAX_WORKERS, Config, parse_host_port
 from fanoutd.metrics import MetricsServer
 from fanoutd.slotstats import SlotStats, StatsTable
@@ -44,7 +43,6 @@ STABLE_AFTER_S = 10.0  # a child that ran this long resets its failure count
 FATAL_AFTER = 5  # consecutive failed starts before a child goes FATAL
 PROXY_READY_TIMEOUT_S = 10.0
 HUNG_KILL_AFTER_S = 2.0  # SIGTERM to a worker that stopped heartbeating, then SIGKILL
-PR_SET_PDEATHSIG = 1
 
 
 class StartupError(Exception):
@@ -175,9 +173,10 @@ class Supervisor:
         def main() -> int:
             for slot in self.slot_list:  # the proxy reads the counters, never the rings
                 slot.sock.close()
-            return publish.run_proxy(self.backend, cfg.endpoint, cfg.sndhwm,
-                                     self._proxy_ready_w, self.interface, self.slot_list,
-                                     self.table, self.cfg.supervisor.status_interval_ms / 1000)
+            plan = publish.ProxyPlan(self.backend, cfg.endpoint, cfg.sndhwm, self.interface,
+                                     self.cfg.supervisor.status_interval_ms / 1000,
+                                     self.cfg.user)
+            return publish.run_proxy(plan, self._proxy_ready_w, self.slot_list, self.table)
 
         self.proxy = Child("fanoutd-proxy", main)
         self._spawn_proxy(startup=True)
@@ -214,8 +213,9 @@ class Supervisor:
             for other in self.slot_list:  # a worker touches its own ring only
                 if other is not slot:
                     other.sock.close()
-            return worker.run_worker(slot.index, self.interface, slot.sock, slot.stats,
-                                     cfg.ring.geometry, self.backend, cfg.publish.sndhwm)
+            plan = worker.WorkerPlan(self.interface, cfg.ring.geometry, self.backend,
+                                     cfg.publish.sndhwm, cfg.user)
+            return worker.run_worker(slot.index, slot.sock, slot.stats, plan)
 
         return main
 
@@ -307,6 +307,11 @@ class Supervisor:
             return
         how = _describe_status(status)
         now = time.monotonic()
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == worker.EXIT_RECONNECT:
+            # An unprivileged worker leaving to reconnect to a new proxy: not a failure.
+            log.info("%s restarts to reconnect to the new proxy", child.name)
+            child.state, child.restart_at = "BACKOFF", now
+            return
         booted = child.state == "RUNNING"
         if now - child.started_at >= STABLE_AFTER_S:
             child.failures = 0
@@ -450,8 +455,7 @@ def _remove_stale_runtime_dirs(base: str) -> None:
 
 def _die_with_parent(parent: int) -> None:
     """Have the kernel send SIGTERM if the supervisor dies, so no child outlives it."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    privileges.die_with_parent()
     if os.getppid() != parent:  # it died before prctl took effect
         os.kill(os.getpid(), signal.SIGTERM)
 

@@ -12,10 +12,11 @@ import signal
 import socket
 import time
 from collections import deque
+from dataclasses import dataclass
 
 import zmq
 
-from fanoutd import slotstats
+from fanoutd import privileges, slotstats
 from fanoutd.decode import LEN, decode_block
 from fanoutd.proctitle import set_process_name
 from fanoutd.publish import BatchPublisher
@@ -27,6 +28,8 @@ log = logging.getLogger("fanoutd.worker")
 POLL_MS = 100  # the longest a worker goes without a heartbeat or checking for stop
 HOLD_WAIT_S = 0.0002  # how often a worker holding blocks looks for the proxy's word
 EXIT_BOOT_FAILED = 3  # the worker could not start; repeated, the slot goes FATAL
+EXIT_RECONNECT = 4  # the proxy was replaced: start a new worker (an expected restart)
+CONNECT_TIMEOUT_S = 10.0
 
 
 class _Stop:
@@ -36,8 +39,19 @@ class _Stop:
         self.requested = True
 
 
-def run_worker(index: int, iface: str, sock: socket.socket, stats: slotstats.SlotStats,
-               geometry: RingGeometry, backend: str, sndhwm: int) -> int:
+@dataclass(frozen=True)
+class WorkerPlan:
+    """What a worker needs besides its slot: where to publish and who to become."""
+
+    iface: str
+    geometry: RingGeometry
+    backend: str  # the proxy's ipc endpoint
+    sndhwm: int
+    user: str | None  # drop to this user once set up; None keeps the supervisor's
+
+
+def run_worker(index: int, sock: socket.socket, stats: slotstats.SlotStats,
+               plan: WorkerPlan) -> int:
     """The worker process's main; returns its exit status."""
     set_process_name(f"fanoutd-w{index}")
     set_log_context(worker=index)
@@ -46,27 +60,39 @@ def run_worker(index: int, iface: str, sock: socket.socket, stats: slotstats.Slo
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group: the supervisor decides
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
-        rx = RxRing(sock, geometry)
+        rx = RxRing(sock, plan.geometry)
     except OSError as e:
-        log.error("worker %d: cannot map the ring of %s: %s", index, iface, e.strerror)
+        log.error("worker %d: cannot map the ring of %s: %s", index, plan.iface, e.strerror)
         return EXIT_BOOT_FAILED
     ctx = zmq.Context(1)
-    pub = BatchPublisher(ctx, backend, iface, index, sndhwm)
+    pub = BatchPublisher(ctx, plan.backend, plan.iface, index, plan.sndhwm)
     try:
+        # Everything privileged happens before this point: the ring is mapped and the
+        # proxy's ipc socket (root's) connected. From here on the worker parses hostile
+        # input as an unprivileged user with no capabilities.
+        if not pub.wait_connected(CONNECT_TIMEOUT_S):
+            log.error("worker %d: no connection to the proxy within %.0f s", index,
+                      CONNECT_TIMEOUT_S)
+            return EXIT_BOOT_FAILED
+        if plan.user:
+            try:
+                privileges.drop(plan.user)
+            except (privileges.PrivilegeError, OSError) as e:
+                log.error("worker %d: cannot drop privileges to %s: %s", index, plan.user, e)
+                return EXIT_BOOT_FAILED
         stats["pid"] = os.getpid()
         stats["capturing"] = 1
-        log.info("worker %d capturing on %s from ring block %d", index, iface, rx.cursor)
-        _capture(rx, pub, stats, stop, iface, index)
+        log.info("worker %d capturing on %s from ring block %d", index, plan.iface, rx.cursor)
+        return _capture(rx, pub, stats, stop, plan, index)
     finally:
         stats["capturing"] = 0
         pub.close()
         ctx.term()
         rx.close()
-    return 0
 
 
 def _capture(rx: RxRing, pub: BatchPublisher, stats: slotstats.SlotStats, stop: _Stop,
-             iface: str, index: int) -> None:
+             plan: WorkerPlan, index: int) -> int:
     """Walk the ring: read, decode, publish, and hand each block back once the proxy has it.
 
     A block goes back to the kernel only after the proxy reports (forwarded_seq in the
@@ -76,6 +102,9 @@ def _capture(rx: RxRing, pub: BatchPublisher, stats: slotstats.SlotStats, stop: 
     user block and skips what the proxy already forwarded. Holding costs ring space for
     the microseconds the proxy takes; if the proxy is gone, at most max_pending blocks
     are held before the oldest is let go.
+
+    Returns the worker's exit status: 0 on stop, EXIT_RECONNECT when the proxy went away
+    and this worker, no longer privileged, cannot reconnect to its socket itself.
     """
     words = stats.words
     i = slotstats.INDEX
@@ -89,6 +118,11 @@ def _capture(rx: RxRing, pub: BatchPublisher, stats: slotstats.SlotStats, stop: 
     max_pending = max(1, rx.geometry.block_count // 4)
     while not stop.requested:
         stats.beat()
+        if plan.user and pub.lost_connection():
+            # Unprivileged now, this process cannot reconnect to root's ipc socket; a new
+            # worker can, and resumes at the blocks the proxy never confirmed.
+            log.info("worker %d: the proxy was replaced; restarting to reconnect", index)
+            return EXIT_RECONNECT
         while pending and pending[0][1] <= words[forwarded_i]:
             rx.release(pending.popleft()[0])
         if not rx.ready():
@@ -97,7 +131,7 @@ def _capture(rx: RxRing, pub: BatchPublisher, stats: slotstats.SlotStats, stop: 
             else:
                 rx.poll(POLL_MS)
                 if rx.socket_errors:
-                    _report_socket_errors(rx, stats, iface, index)
+                    _report_socket_errors(rx, stats, plan.iface, index)
             continue
         block, first, num_pkts, block_seq = rx.read()
         if block_seq <= words[forwarded_i]:
@@ -137,6 +171,7 @@ def _capture(rx: RxRing, pub: BatchPublisher, stats: slotstats.SlotStats, stop: 
         words[user_i] = rx.user_blocks()
         words[blocks_i] += 1
         rx.advance()
+    return 0
 
 
 def _report_socket_errors(rx: RxRing, stats: slotstats.SlotStats, iface: str,

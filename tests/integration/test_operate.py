@@ -483,6 +483,10 @@ def test_journal_logging_with_fields(start_daemon):
             sink = DatagramSink(JOURNAL_SOCKET)
         except OSError as e:  # bound meanwhile, e.g. by a concurrent run of this test
             pytest.skip(f"cannot bind {JOURNAL_SOCKET}: {e.strerror}")
+        # As journald's: workers log after dropping to an unprivileged user.
+        JOURNAL_SOCKET.chmod(0o666)
+        for directory in created:
+            directory.chmod(0o755)
         with sink:
             try:
                 daemon = start_daemon(workers=2, journal_stream=True)

@@ -3,6 +3,7 @@ failing to start ends the daemon with a clear FATAL and exit status 70."""
 
 import contextlib
 import os
+import pwd
 import signal
 import socket
 import threading
@@ -164,3 +165,52 @@ def test_runtime_dirs_left_by_killed_daemons_are_removed(start_daemon):
         assert alive.exists()
         own = [d for d in base.iterdir() if d.name.startswith(f"{daemon.pid}-cap0-")]
         assert len(own) == 1, list(base.iterdir())
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
+
+
+def test_workers_and_proxy_run_unprivileged(start_daemon):
+    """Once set up, every worker (it parses hostile frames) and the proxy run as nobody,
+    with no capability in any set and no_new_privs; the supervisor keeps root."""
+    daemon = start_daemon(workers=2)
+    nobody = pwd.getpwnam("nobody")
+    children = daemon.children_by_comm()
+    assert set(children) == {"fanoutd-w0", "fanoutd-w1", "fanoutd-proxy"}
+    for name, pid in children.items():
+        status = proc_status(pid)
+        assert status["Uid"].split() == [str(nobody.pw_uid)] * 4, (name, status["Uid"])
+        assert status["Gid"].split() == [str(nobody.pw_gid)] * 4, (name, status["Gid"])
+        assert status["Groups"].strip() == "", (name, status["Groups"])
+        for caps in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+            assert int(status[caps], 16) == 0, (name, caps, status[caps])
+        assert status["NoNewPrivs"] == "1", name
+    assert proc_status(daemon.pid)["Uid"].split()[0] == "0"
+
+
+def test_user_none_keeps_children_as_started(start_daemon):
+    daemon = start_daemon(workers=1, extra=("--user", "none"))
+    pid = daemon.children_by_comm()["fanoutd-w0"]
+    assert proc_status(pid)["Uid"].split()[0] == "0"
+
+
+def test_killed_proxy_is_replaced_and_workers_reconnect(injector, start_daemon, subscribe):
+    """SIGKILL the proxy: a new one binds the endpoint, the unprivileged workers (who
+    cannot reconnect to root's ipc socket themselves) are replaced, and the subscriber,
+    reconnected, receives every frame injected afterwards."""
+    daemon = start_daemon(workers=2, fanout="lb")
+    sub = subscribe(daemon)
+    old = daemon.children_by_comm()
+    os.kill(old["fanoutd-proxy"], signal.SIGKILL)
+    for name in ("fanoutd-proxy", "fanoutd-w0", "fanoutd-w1"):
+        wait_replaced(daemon, name, old[name])
+    daemon.wait_ready()
+    sub.wait_hello(timeout=10, detail=daemon.logs)  # the new proxy's welcome
+    total = 200
+    injector.send_all(numbered_frame(i) for i in range(total))
+    want = {frame_id(i) for i in range(total)}
+    sub.collect(netlab.all_keys(want, lambda r: (r["src"], r["sport"])), timeout=15,
+                detail=daemon.logs)
+    assert "fanoutd-w0 restarts to reconnect to the new proxy" in daemon.logs()
