@@ -19,6 +19,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from fanoutd import __version__
 from fanoutd.decode import ERROR_REASONS
+from fanoutd.link import LinkWatch
 from fanoutd.slotstats import SlotStats
 
 # (metric name without _total, slot counter, help)
@@ -50,6 +51,7 @@ class SlotView(Protocol):
 
 class StatsSource(Protocol):
     interface: str
+    link_watch: LinkWatch | None
 
     @property
     def slots(self) -> Iterable[SlotView]: ...
@@ -105,6 +107,20 @@ class SlotCollector:
                                labels=("interface",))
         up.add_metric((iface,), sum(snap["up"] for _, snap in snaps))
         yield up
+        watch = self.source.link_watch
+        if watch is not None:
+            events = CounterMetricFamily("fanoutd_link_events",
+                                         "Changes of the capture interface: down, up, gone "
+                                         "(deleted), returned (re-created, capture reopened).",
+                                         labels=("interface", "event"))
+            for event, count in watch.counts.items():
+                events.add_metric((iface, event), count)
+            yield events
+            link_up = GaugeMetricFamily("fanoutd_link_up",
+                                        "1 while the capture interface is up with carrier.",
+                                        labels=("interface",))
+            link_up.add_metric((iface,), int(watch.up))
+            yield link_up
         info = GaugeMetricFamily("fanoutd_build_info", "fanoutd version.", labels=("version",))
         info.add_metric((__version__,), 1)
         yield info

@@ -22,6 +22,10 @@ class CaptureError(Exception):
     """A capture socket could not be set up; the message says what and why."""
 
 
+class CapturePermissionError(CaptureError):
+    """The process lacks CAP_NET_RAW."""
+
+
 @dataclass(frozen=True)
 class RingGeometry:
     block_size: int
@@ -105,7 +109,7 @@ def open_capture_socket(ifname: str, geometry: RingGeometry, rxhash: bool) -> so
     try:
         sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
     except PermissionError:
-        raise CaptureError("permission denied opening an AF_PACKET socket: capture needs "
+        raise CapturePermissionError("permission denied opening an AF_PACKET socket: capture needs "
                            "CAP_NET_RAW (run as root or grant the capability)") from None
     try:
         sock.setsockopt(_linux.SOL_PACKET, _linux.PACKET_VERSION, _linux.TPACKET_V3)

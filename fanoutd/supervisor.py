@@ -20,7 +20,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fanoutd import fanout, privileges, publish, ring, worker
+from fanoutd import fanout, link, privileges, publish, ring, worker
 from fanoutd.config import MAX_WORKERS, Config, parse_host_port
 from fanoutd.metrics import MetricsServer
 from fanoutd.slotstats import SlotStats, StatsTable
@@ -80,6 +80,9 @@ class Supervisor:
         self.cfg = cfg
         self.interface = cfg.interface
         self.slot_list: list[Slot] = []
+        self._ioctl_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # interface ioctls
+        self.link_watch: link.LinkWatch | None = None
+        self.reopen_pending = False
         self.table = StatsTable(MAX_WORKERS)  # before any fork: every child sees every slot
         self.proxy: Child | None = None
         self.metrics: MetricsServer | None = None
@@ -131,19 +134,69 @@ class Supervisor:
         return self.exit_status
 
     def _open_slots(self) -> None:
-        cfg = self.cfg
         try:
-            for index in range(cfg.workers or 1):
-                sock = ring.open_capture_socket(cfg.interface, cfg.ring.geometry, cfg.ring.rxhash)
-                self.table[index]["forwarded_seq"] = 0  # a new ring numbers blocks from 1
-                self.slot_list.append(Slot(index, sock, self.table[index]))
-            self.group_id = fanout.join_group([s.sock for s in self.slot_list], cfg.fanout.mode,
-                                              cfg.fanout.flags, cfg.fanout.group_id)
-        except ring.CaptureError as e:
-            status = EXIT_NOPERM if "permission" in str(e) else EXIT_UNAVAILABLE
-            raise StartupError(str(e), status) from None
-        except fanout.FanoutError as e:
+            socks = self._open_sockets(self.cfg.workers or 1)
+        except ring.CapturePermissionError as e:
+            raise StartupError(str(e), EXIT_NOPERM) from None
+        except (ring.CaptureError, fanout.FanoutError) as e:
             raise StartupError(str(e), EXIT_UNAVAILABLE) from None
+        self.slot_list = [Slot(i, sock, self.table[i]) for i, sock in enumerate(socks)]
+        ifindex, up = link.probe(self.interface, self._ioctl_sock)
+        self.link_watch = link.LinkWatch(self.interface, ifindex or 0, up)
+
+    def _open_sockets(self, count: int) -> list[socket.socket]:
+        """count capture sockets on the interface, all in one new fanout group."""
+        cfg = self.cfg
+        socks: list[socket.socket] = []
+        try:
+            for _ in range(count):
+                socks.append(ring.open_capture_socket(cfg.interface, cfg.ring.geometry,
+                                                      cfg.ring.rxhash))
+            self.group_id = fanout.join_group(socks, cfg.fanout.mode, cfg.fanout.flags,
+                                              cfg.fanout.group_id)
+        except BaseException:
+            for sock in socks:
+                sock.close()
+            raise
+        for index in range(count):
+            self.table[index]["forwarded_seq"] = 0  # a new ring numbers its blocks from 1
+        return socks
+
+    def _watch_link(self) -> None:
+        """Log and count each change of the interface once; reopen after a re-creation."""
+        event = self.link_watch.check(self._ioctl_sock)
+        if event == "down":
+            log.warning("%s went down; capture resumes when it comes back up", self.interface)
+        elif event == "up":
+            log.info("%s is up again; capturing", self.interface)
+        elif event == "gone":
+            log.warning("%s was deleted; waiting for an interface of that name",
+                        self.interface)
+        elif event == "returned":
+            log.warning("%s exists again (ifindex %d): opening new capture sockets",
+                        self.interface, self.link_watch.ifindex)
+            self.reopen_pending = True
+        if self.reopen_pending and self.link_watch.ifindex is not None:
+            self._reopen_slots()
+
+    def _reopen_slots(self) -> None:
+        """New sockets, rings and fanout group for a re-created interface; the workers
+        are replaced to map the new rings. The slots (and their counters) stay."""
+        workers = [s.child for s in self.slot_list if s.child is not None]
+        self._stop_children(workers)
+        try:
+            socks = self._open_sockets(len(self.slot_list))
+        except (ring.CaptureError, fanout.FanoutError) as e:
+            log.warning("cannot capture on %s yet: %s; retrying", self.interface, e)
+            return
+        for slot, sock in zip(self.slot_list, socks, strict=True):
+            slot.sock.close()
+            slot.sock = sock
+            slot.stats["capturing"] = 0
+            assert slot.child is not None
+            self._spawn(slot.child)
+        self.reopen_pending = False
+        self.announced_ready = False  # logs (and tells systemd) when capture is back
 
     def _open_metrics(self) -> None:
         host, port = parse_host_port(self.cfg.metrics.listen)
@@ -351,6 +404,8 @@ class Supervisor:
             self._spawn_proxy()
         if now - self.kernel_stats_at >= KERNEL_STATS_EVERY_S:
             self.refresh_kernel_stats()
+        if self.link_watch is not None:
+            self._watch_link()
         if not self.announced_ready and all(s.up for s in self.slot_list):
             self.announced_ready = True
             log.info("capturing on %s: %d workers, fanout %s (group %d), publishing on %s",

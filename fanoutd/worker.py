@@ -5,7 +5,6 @@ ring, so a replacement worker picks up the same ring (and so the same flows) at 
 oldest block its predecessor had not handed back.
 """
 
-import errno
 import logging
 import os
 import signal
@@ -176,10 +175,8 @@ def _capture(rx: RxRing, pub: BatchPublisher, stats: slotstats.SlotStats, stop: 
 
 def _report_socket_errors(rx: RxRing, stats: slotstats.SlotStats, iface: str,
                           index: int) -> None:
+    """Count them; the supervisor watches the link and logs its changes once for all."""
     for err in rx.socket_errors:
         stats.add("link_errors")
-        if err == errno.ENETDOWN:
-            log.warning("worker %d: %s went down; waiting for it to come back", index, iface)
-        else:
-            log.warning("worker %d: socket error on %s: %s", index, iface, os.strerror(err))
+        log.debug("worker %d: socket error on %s: %s", index, iface, os.strerror(err))
     rx.socket_errors.clear()

@@ -64,7 +64,7 @@ def exported_metric_names() -> set[str]:
     from fanoutd.metrics import SLOT_COUNTERS
     return {f"{name}_total" for name, _key, _help in SLOT_COUNTERS} | {
         "fanoutd_decode_errors_total", "fanoutd_ring_blocks_user", "fanoutd_workers_up",
-        "fanoutd_build_info"}
+        "fanoutd_build_info", "fanoutd_link_events_total", "fanoutd_link_up"}
 
 
 def test_exported_names_are_what_the_collector_serves():
@@ -73,6 +73,7 @@ def test_exported_names_are_what_the_collector_serves():
     from prometheus_client.parser import text_string_to_metric_families
     from prometheus_client.registry import CollectorRegistry
 
+    from fanoutd.link import LinkWatch
     from fanoutd.metrics import SlotCollector
     from fanoutd.slotstats import StatsTable
 
@@ -81,6 +82,7 @@ def test_exported_names_are_what_the_collector_serves():
 
     class Source:
         interface, slots = "eth0", [Slot()]
+        link_watch = LinkWatch("eth0", 1, True)
 
         def refresh_kernel_stats(self) -> None:
             pass
@@ -248,10 +250,11 @@ def test_systemd_security_exposure(staged_units, target):
 
 REQUIRED_ALERTS = {"FanoutdDown", "FanoutdKernelDropsRising", "FanoutdKernelFreezesRising",
                    "FanoutdWorkerRestarting", "FanoutdWorkersDown", "FanoutdPublishDrops",
-                   "FanoutdDecodeErrorsHigh"}
+                   "FanoutdDecodeErrorsHigh", "FanoutdLinkDown"}
 ALERT_LABELS = {  # labels each alert's annotations must name
     "FanoutdDown": {"instance"},
     "FanoutdWorkersDown": {"interface", "instance"},
+    "FanoutdLinkDown": {"interface", "instance"},
 }
 # Prometheus itself adds `up` for every scrape target; FanoutdDown needs it.
 PROMETHEUS_METRICS = {"up"}
@@ -361,7 +364,7 @@ def test_dashboard_uses_fanoutd_metrics_only():
 
 
 def test_dashboard_legends_name_real_labels():
-    labels = {"instance", "job", "interface", "worker", "reason", "version"}
+    labels = {"instance", "job", "interface", "worker", "reason", "version", "event"}
     dash = dashboard()
     formats = [t.get("legendFormat", "") for p in all_panels(dash["panels"])
                for t in p.get("targets", [])]

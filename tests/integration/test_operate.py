@@ -238,7 +238,9 @@ def test_metrics_after_known_traffic(injector, start_daemon):
     for name in GAUGES:
         assert families[name].type == "gauge", f"{name}: {families[name].type}, want a gauge"
     special_labels = {"fanoutd_decode_errors_total": {"interface", "worker", "reason"},
-                      "fanoutd_workers_up": {"interface"}, "fanoutd_build_info": {"version"}}
+                      "fanoutd_workers_up": {"interface"}, "fanoutd_build_info": {"version"},
+                      "fanoutd_link_events_total": {"interface", "event"},
+                      "fanoutd_link_up": {"interface"}}
     for family in families.values():
         for s in family.samples:
             assert s.timestamp is None, f"{s.name}{s.labels} carries a timestamp"
@@ -247,6 +249,7 @@ def test_metrics_after_known_traffic(injector, start_daemon):
             assert set(s.labels) == want, f"{s.name}: labels {s.labels}, want {sorted(want)}"
 
     assert m[("fanoutd_workers_up", frozenset({("interface", "cap0")}))] == 2
+    assert m[("fanoutd_link_up", frozenset({("interface", "cap0")}))] == 1
     assert m[("fanoutd_build_info", frozenset({("version", fanoutd.__version__)}))] == 1
 
     def total(name: str, **labels: str) -> float:
