@@ -291,6 +291,24 @@ def proc_alive(ident: tuple[int, int]) -> bool:
     return int(rest[19]) == start and rest[0] not in ("Z", "X")
 
 
+def session_processes(sid: int) -> list[tuple[int, int]]:
+    """proc_identity() of every live (non-zombie) process in session `sid`: what a
+    process started with start_new_session=True (sid = its pid) and its descendants
+    leave running, even those re-parented to init after it exited."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        rest = stat.rsplit(")", 1)[1].split()
+        if int(rest[3]) == sid and rest[0] not in ("Z", "X"):
+            found.append((int(entry), int(rest[19])))
+    return found
+
+
 class Daemon:
     """Runs `python -m fanoutd run` on cap0 inside the namespace; always killed on exit.
 
@@ -494,10 +512,12 @@ class Capture:
     topics: list[str] = field(default_factory=list)
     rows: list[dict] = field(default_factory=list)
     other: list[list[bytes]] = field(default_factory=list)  # unexpected messages
+    arrived: list[float] = field(default_factory=list)  # time.monotonic() of each batch
 
     def add(self, topic: str, batch: dict) -> None:
         self.topics.append(topic)
         self.batches.append(batch)
+        self.arrived.append(time.monotonic())
         for values in batch["packets"]:
             row = dict(zip(batch["fields"], values, strict=True))
             row["worker"] = batch["worker"]
