@@ -7,7 +7,9 @@ together. config/fanoutd.yaml documents every key.
 
 import os
 import pwd
+import re
 import socket
+import ssl
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any
 
@@ -28,8 +30,8 @@ class FanoutConfig:
 
 @dataclass(frozen=True)
 class RingConfig:
-    block_size: int = 1 << 20
-    block_count: int = 32
+    block_size: int = 1 << 17
+    block_count: int = 256
     frame_size: int = 2048
     block_timeout_ms: int = 10
     rxhash: bool = True
@@ -41,14 +43,26 @@ class RingConfig:
 
 
 @dataclass(frozen=True)
+class CurveConfig:
+    secret_key_file: str | None = None  # this publisher's secret key: CURVE on
+    clients_dir: str | None = None  # authorised clients' public keys; None: any client
+
+
+@dataclass(frozen=True)
 class PublishConfig:
     endpoint: str = "tcp://127.0.0.1:7440"
     sndhwm: int = 256
+    curve: CurveConfig = field(default_factory=CurveConfig)
 
 
 @dataclass(frozen=True)
 class MetricsConfig:
     listen: str = "127.0.0.1:9740"
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    client_ca_file: str | None = None  # require client certificates it signed (mutual TLS)
+    basic_auth_user: str | None = None
+    basic_auth_password_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -95,7 +109,9 @@ FLAG_KEYS = {
     "user": "user",
 }
 AUTO_KEYS = {"workers", "runtime_dir", "fanout.group_id"}  # keys where "auto" means None
-NONE_KEYS = {"user"}  # keys where "none" means None
+NONE_KEYS = {"user", "publish.curve.secret_key_file", "publish.curve.clients_dir",
+             "metrics.tls_cert_file", "metrics.tls_key_file", "metrics.client_ca_file",
+             "metrics.basic_auth_user", "metrics.basic_auth_password_sha256"}  # "none": None
 
 
 class ConfigError(Exception):
@@ -206,6 +222,8 @@ def _coerce(key: str, value: Any, typ: Any) -> tuple[bool, Any]:
         return True, None
     if key in NONE_KEYS and value in ("none", None):
         return True, None
+    if typ == str | None:
+        typ = str
     if typ in (int, int | None):
         if isinstance(value, str) and value.strip().isdigit():
             value = int(value)
@@ -274,6 +292,7 @@ def _check(cfg: Config, labels: dict[str, str]) -> list[tuple[str, str]]:
     if not 100 <= cfg.supervisor.status_interval_ms <= 3_600_000:
         bad("supervisor.status_interval_ms", f"must be between 100 and 3600000 ms, got "
                                              f"{cfg.supervisor.status_interval_ms}")
+    problems.extend(_check_security(cfg, labels))
     if cfg.user is not None:
         try:
             pwd.getpwnam(cfg.user)
@@ -282,6 +301,62 @@ def _check(cfg: Config, labels: dict[str, str]) -> list[tuple[str, str]]:
     if cfg.log.level not in LOG_LEVELS:
         bad("log.level", f"must be one of {', '.join(LOG_LEVELS)}, got {cfg.log.level!r}")
     return problems
+
+
+def _check_security(cfg: Config, labels: dict[str, str]) -> list[tuple[str, str]]:
+    """CURVE keys for the publisher; TLS and basic auth for the metrics endpoint."""
+    problems = []
+    curve = cfg.publish.curve
+    if curve.secret_key_file is not None:
+        try:
+            import zmq.auth
+
+            _, secret = zmq.auth.load_certificate(curve.secret_key_file)
+            if secret is None:
+                problems.append(("publish.curve.secret_key_file",
+                                 f"{curve.secret_key_file} holds no secret key (use the "
+                                 f"*.key_secret file `fanoutd keygen` writes)"))
+        except (OSError, ValueError) as e:
+            problems.append(("publish.curve.secret_key_file",
+                             f"cannot load {curve.secret_key_file}: {e}"))
+        if curve.clients_dir is not None and not os.path.isdir(curve.clients_dir):
+            problems.append(("publish.curve.clients_dir",
+                             f"{curve.clients_dir} is not a directory"))
+    elif curve.clients_dir is not None:
+        problems.append(("publish.curve.clients_dir",
+                         "needs publish.curve.secret_key_file (CURVE is off without it)"))
+    m = cfg.metrics
+    if (m.tls_cert_file is None) != (m.tls_key_file is None):
+        problems.append(("metrics.tls_cert_file", "TLS needs both tls_cert_file and "
+                                                  "tls_key_file"))
+    elif m.tls_cert_file is not None:
+        try:
+            tls_context(m)
+        except (OSError, ValueError) as e:
+            problems.append(("metrics.tls_cert_file", f"cannot load the certificate, key or "
+                                                      f"client CA: {e}"))
+    elif m.client_ca_file is not None:
+        problems.append(("metrics.client_ca_file", "needs tls_cert_file and tls_key_file"))
+    if (m.basic_auth_user is None) != (m.basic_auth_password_sha256 is None):
+        problems.append(("metrics.basic_auth_user", "basic auth needs both basic_auth_user "
+                                                    "and basic_auth_password_sha256"))
+    elif m.basic_auth_password_sha256 is not None and not re.fullmatch(
+            r"[0-9a-f]{64}", m.basic_auth_password_sha256):
+        problems.append(("metrics.basic_auth_password_sha256",
+                         "must be 64 lower-case hex digits: printf %s PASSWORD | sha256sum"))
+    return problems
+
+
+def tls_context(m: MetricsConfig) -> ssl.SSLContext:
+    """The metrics server's TLS context (TLS 1.2 at least; client certificates verified
+    against client_ca_file when it is set)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(m.tls_cert_file, m.tls_key_file)
+    if m.client_ca_file is not None:
+        context.load_verify_locations(m.client_ca_file)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
 
 
 def endpoint_problem(endpoint: str) -> str | None:
@@ -348,17 +423,17 @@ def default_interface() -> str | None:
     return None
 
 
-def to_dict(cfg: Any) -> dict:
-    """The config as plain YAML-ready data, with None shown as auto."""
+def to_dict(cfg: Any, prefix: str = "") -> dict:
+    """The config as plain YAML-ready data, with None shown as auto or none."""
     out = {}
     for f in fields(cfg):
         value = getattr(cfg, f.name)
         if is_dataclass(value):
-            out[f.name] = to_dict(value)
+            out[f.name] = to_dict(value, f"{prefix}{f.name}.")
         elif isinstance(value, tuple):
             out[f.name] = list(value)
         elif value is None:
-            out[f.name] = "none" if f.name in NONE_KEYS else "auto"
+            out[f.name] = "none" if prefix + f.name in NONE_KEYS else "auto"
         else:
             out[f.name] = value
     return out

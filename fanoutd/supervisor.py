@@ -41,6 +41,7 @@ BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 10.0
 STABLE_AFTER_S = 10.0  # a child that ran this long resets its failure count
 FATAL_AFTER = 5  # consecutive failed starts before a child goes FATAL
+QUICK_RESTARTS = 3  # a running child that dies is replaced at once this many times in a row
 PROXY_READY_TIMEOUT_S = 10.0
 HUNG_KILL_AFTER_S = 2.0  # SIGTERM to a worker that stopped heartbeating, then SIGKILL
 
@@ -376,10 +377,12 @@ class Supervisor:
             self.exit_status = EXIT_SOFTWARE
             self.stopping = True
             return
-        # The first replacement is immediate: the ring keeps filling while no worker reads
-        # it. Repeated failures back off: 0.1 s, 0.2 s, 0.4 s, ... up to BACKOFF_MAX_S.
-        delay = (0.0 if child.failures == 1
-                 else min(BACKOFF_FIRST_S * 2 ** (child.failures - 2), BACKOFF_MAX_S))
+        # A child that was running is replaced at once, a few times in a row: the ring
+        # keeps filling while no worker reads it. Failing to start, or crashing again and
+        # again, backs off: 0.1 s, 0.2 s, 0.4 s, ... up to BACKOFF_MAX_S.
+        quick = QUICK_RESTARTS if booted else 1
+        delay = (0.0 if child.failures <= quick
+                 else min(BACKOFF_FIRST_S * 2 ** (child.failures - quick - 1), BACKOFF_MAX_S))
         child.state = "BACKOFF"
         child.restart_at = now + delay
         log.warning("%s %s; restarting in %.1f s", child.name, how, delay)
