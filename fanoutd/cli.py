@@ -54,7 +54,17 @@ def _parser() -> argparse.ArgumentParser:
     tail.add_argument("--count", type=int, default=0, help="stop after N packets")
     tail.add_argument("--timeout", type=float, default=None,
                       help="stop after this many seconds without packets")
+    tail.add_argument("--curve-server-key", metavar="FILE",
+                      help="the publisher's public key (NAME.key): connect with CURVE")
+    tail.add_argument("--curve-client-cert", metavar="FILE",
+                      help="this client's secret key (NAME.key_secret)")
     tail.set_defaults(handler=_cmd_tail)
+
+    keygen = sub.add_parser("keygen", help="create a CURVE key pair for the publisher or a "
+                                           "subscriber")
+    keygen.add_argument("directory", help="where to write NAME.key and NAME.key_secret")
+    keygen.add_argument("--name", default="fanoutd", help="file name stem (default %(default)s)")
+    keygen.set_defaults(handler=_cmd_keygen)
 
     stats = sub.add_parser("stats", help="per-worker counters of a running fanoutd")
     stats.add_argument("--metrics", default="127.0.0.1:9740", metavar="HOST:PORT",
@@ -140,7 +150,8 @@ def _cmd_tail(args: argparse.Namespace) -> int:
     from fanoutd.views import packet_line
 
     shown = 0
-    with Subscriber(args.endpoint) as sub:
+    with Subscriber(args.endpoint, curve_server_key=args.curve_server_key,
+                    curve_client_cert=args.curve_client_cert) as sub:
         for pkt in sub.packets(timeout=args.timeout):
             if args.json:
                 line = json.dumps(to_json_ready(pkt), separators=(",", ":"))
@@ -175,3 +186,22 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         print(f"fanoutd stats: cannot read http://{args.metrics}/metrics: {reason}",
               file=sys.stderr)
         return EXIT_UNAVAILABLE
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    """zmq.auth's key files: NAME.key (public, give it out) and NAME.key_secret (0600)."""
+    import zmq.auth
+
+    try:
+        os.makedirs(args.directory, exist_ok=True)
+        old_umask = os.umask(0o077)
+        try:
+            public, secret = zmq.auth.create_certificates(args.directory, args.name)
+        finally:
+            os.umask(old_umask)
+        os.chmod(public, 0o644)
+    except OSError as e:
+        print(f"fanoutd keygen: {args.directory}: {e.strerror}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    print(f"public key: {public}\nsecret key: {secret}")
+    return 0

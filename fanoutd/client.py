@@ -43,11 +43,17 @@ class Batch:
 class Subscriber:
     def __init__(self, endpoint: str | list[str] = DEFAULT_ENDPOINT,
                  topics: tuple[bytes, ...] = (b"pkt.",), rcvhwm: int = 10000,
-                 context: zmq.Context | None = None) -> None:
+                 context: zmq.Context | None = None, curve_server_key: str | None = None,
+                 curve_client_cert: str | None = None) -> None:
+        """curve_server_key: the publisher's public key file (`fanoutd keygen` writes
+        NAME.key); curve_client_cert: this client's secret key file (NAME.key_secret), which
+        the publisher must know (publish.curve.clients_dir) unless it admits any client."""
         self.ctx = context or zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.SUB)
         self.sock.setsockopt(zmq.RCVHWM, rcvhwm)
         self.sock.setsockopt(zmq.LINGER, 0)
+        if curve_server_key is not None:
+            self._use_curve(curve_server_key, curve_client_cert)
         for topic in (*topics, HELLO):
             self.sock.subscribe(topic)
         for ep in [endpoint] if isinstance(endpoint, str) else endpoint:
@@ -56,6 +62,20 @@ class Subscriber:
         self.last_seq: dict[tuple[str, int], int] = {}
         self.lost: dict[tuple[str, int], int] = {}
         self.duplicates = 0
+
+    def _use_curve(self, server_key: str, client_cert: str | None) -> None:
+        import zmq.auth
+
+        server_public, _ = zmq.auth.load_certificate(server_key)
+        if client_cert is None:  # an ephemeral identity: fine when any client is admitted
+            public, secret = zmq.curve_keypair()
+        else:
+            public, secret = zmq.auth.load_certificate(client_cert)
+            if secret is None:
+                raise ValueError(f"{client_cert} holds no secret key (use NAME.key_secret)")
+        self.sock.curve_serverkey = server_public
+        self.sock.curve_publickey = public
+        self.sock.curve_secretkey = secret
 
     def __enter__(self) -> "Subscriber":
         return self

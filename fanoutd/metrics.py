@@ -7,6 +7,9 @@ belong to the slot and survive a worker restart, and every counter exists for ev
 from the first scrape, at zero.
 """
 
+import base64
+import hashlib
+import hmac
 import socket
 import time
 from collections.abc import Iterable, Iterator
@@ -18,6 +21,7 @@ from prometheus_client.exposition import MetricsHandler
 from prometheus_client.registry import CollectorRegistry
 
 from fanoutd import __version__
+from fanoutd.config import MetricsConfig, parse_host_port, tls_context
 from fanoutd.decode import ERROR_REASONS
 from fanoutd.link import LinkWatch
 from fanoutd.slotstats import SlotStats
@@ -126,16 +130,65 @@ class SlotCollector:
         yield info
 
 
+REQUEST_TIMEOUT_S = 2.0  # a client that stalls cannot hold the supervisor's loop longer
+
+
+class _GuardedMetricsHandler(MetricsHandler):
+    """prometheus_client's handler, behind HTTP basic auth when it is configured."""
+
+    credentials: tuple[str, bytes] | None = None  # (user, sha256 of the password)
+
+    def do_GET(self) -> None:
+        if self.credentials is not None and not self._authorized():
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Basic realm="fanoutd"')
+            self.end_headers()
+            return
+        super().do_GET()
+
+    def _authorized(self) -> bool:
+        user, digest = self.credentials  # type: ignore[misc]
+        scheme, _, encoded = (self.headers.get("Authorization") or "").partition(" ")
+        if scheme.lower() != "basic":
+            return False
+        try:
+            given_user, _, password = base64.b64decode(encoded, validate=True).decode(
+                ).partition(":")
+        except (ValueError, UnicodeDecodeError):
+            return False
+        user_ok = hmac.compare_digest(given_user.encode(), user.encode())
+        password_ok = hmac.compare_digest(hashlib.sha256(password.encode()).digest(), digest)
+        return user_ok and password_ok
+
+
 class MetricsServer(HTTPServer):
-    """Answers one scrape whenever the supervisor's loop finds the listener readable."""
+    """Answers one scrape whenever the supervisor's loop finds the listener readable,
+    over TLS (and asking for client certificates) and behind basic auth when configured.
+
+    prometheus_client's own HTTP server would run in a thread, which the supervisor does
+    not have; its handler, collector registry and exposition are used as they are.
+    """
 
     timeout = 0  # handle_request() must never wait for a connection
 
-    def __init__(self, host: str, port: int, source: StatsSource) -> None:
+    def __init__(self, cfg: MetricsConfig, source: StatsSource) -> None:
+        host, port = parse_host_port(cfg.listen)
         registry = CollectorRegistry(auto_describe=False)
         registry.register(SlotCollector(source))
-        handler = MetricsHandler.factory(registry)
-        handler.timeout = 2  # a client that stalls mid-request cannot hold the loop longer
+        handler = type("FanoutdMetricsHandler", (_GuardedMetricsHandler,),
+                       {"registry": registry, "timeout": REQUEST_TIMEOUT_S})
+        if cfg.basic_auth_user is not None and cfg.basic_auth_password_sha256 is not None:
+            handler.credentials = (cfg.basic_auth_user,
+                                   bytes.fromhex(cfg.basic_auth_password_sha256))
+        self.tls = tls_context(cfg) if cfg.tls_cert_file is not None else None
         if ":" in host:
             self.address_family = socket.AF_INET6
         super().__init__((host if host != "*" else "", port), handler)
+
+    def get_request(self) -> tuple[socket.socket, object]:
+        """Accept, and do the TLS handshake under the same time limit as the request."""
+        conn, addr = self.socket.accept()
+        conn.settimeout(REQUEST_TIMEOUT_S)
+        if self.tls is not None:
+            conn = self.tls.wrap_socket(conn, server_side=True)
+        return conn, addr

@@ -1,6 +1,7 @@
-"""Dropping privileges in a child once it holds what it needs (a mapped ring, bound or
-connected sockets): it then parses hostile input, or talks to the network, as an
-unprivileged user with no capabilities and no way to gain any."""
+"""Dropping privileges in the supervisor's children. lock_down() right after the fork
+takes away every way to gain privilege; become() takes the rest once the child holds what
+it needs (a mapped ring, bound or connected sockets): from then on it parses hostile input,
+or talks to the network, as an unprivileged user with no capabilities."""
 
 import ctypes
 import errno
@@ -51,20 +52,28 @@ def resolve_user(name: str) -> tuple[int, int]:
     return entry.pw_uid, entry.pw_gid
 
 
-def drop(user: str | None) -> None:
-    """Become `user` (when running as root and a user is given), then give up every
-    capability, including the bounding set and the ambient set, and set no_new_privs.
-
-    From uid 0, setuid() to another uid already clears the permitted and effective sets;
-    the explicit capset covers a supervisor that runs as a non-root user with ambient
-    capabilities (e.g. AmbientCapabilities=CAP_NET_RAW).
-    """
-    last_cap = _last_cap()
-    for cap in range(last_cap + 1):  # needs CAP_SETPCAP: best effort, so before setuid
+def lock_down() -> None:
+    """First thing in a forked child, before it starts any thread (ZeroMQ's I/O threads):
+    no_new_privs, an empty capability bounding set, no ambient capabilities. These are
+    per-thread attributes that threads inherit, so setting them before any thread exists
+    covers the whole process. The effective capabilities stay until become()."""
+    if _prctl(PR_SET_NO_NEW_PRIVS, 1) != 0:
+        raise PrivilegeError(f"cannot set no_new_privs: {os.strerror(ctypes.get_errno())}")
+    for cap in range(_last_cap() + 1):  # needs CAP_SETPCAP; without it, best effort
         if _prctl(PR_CAPBSET_DROP, cap) != 0 and ctypes.get_errno() not in (errno.EPERM,
                                                                            errno.EINVAL):
             raise PrivilegeError(f"cannot drop capability {cap} from the bounding set")
     _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+
+
+def become(user: str | None) -> None:
+    """Once the child holds what it needs: become `user` (when running as root and a user
+    is given) and give up every capability.
+
+    glibc applies setuid() to every thread, and from uid 0 to another uid the kernel then
+    clears each thread's permitted and effective capabilities. The explicit capset covers
+    a supervisor started as a non-root user with ambient capabilities.
+    """
     if user and os.geteuid() == 0:
         uid, gid = resolve_user(user)
         os.setgroups([])
@@ -74,9 +83,7 @@ def drop(user: str | None) -> None:
     data = (_CapData * 2)()
     if _libc.capset(ctypes.byref(header), data) != 0:
         raise PrivilegeError(f"cannot clear capabilities: {os.strerror(ctypes.get_errno())}")
-    if _prctl(PR_SET_NO_NEW_PRIVS, 1) != 0:
-        raise PrivilegeError(f"cannot set no_new_privs: {os.strerror(ctypes.get_errno())}")
-    die_with_parent()
+    die_with_parent()  # the credential change cleared it
 
 
 def _last_cap() -> int:

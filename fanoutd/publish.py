@@ -27,9 +27,12 @@ from dataclasses import dataclass
 
 import msgpack
 import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import monitor as zmq_monitor
 
 from fanoutd import privileges
+from fanoutd.config import CurveConfig
 from fanoutd.decode import FIELDS
 from fanoutd.metrics import stats_message
 from fanoutd.proctitle import set_process_name
@@ -122,7 +125,9 @@ def _bind(sock: zmq.Socket, endpoint: str, key: str) -> None:
 class Proxy:
     """PULL (ipc, from the workers) -> XPUB (the public endpoint)."""
 
-    def __init__(self, ctx: zmq.Context, backend: str, frontend: str, sndhwm: int) -> None:
+    def __init__(self, ctx: zmq.Context, backend: str, frontend: str, sndhwm: int,
+                 curve: CurveConfig | None = None) -> None:
+        self.authenticator: ThreadAuthenticator | None = None
         self.pull = ctx.socket(zmq.PULL)
         self.pull.setsockopt(zmq.RCVHWM, sndhwm)
         self.pull.setsockopt(zmq.LINGER, 0)
@@ -131,10 +136,25 @@ class Proxy:
         self.xpub.setsockopt(zmq.SNDHWM, sndhwm)
         self.xpub.setsockopt(zmq.LINGER, 1000)
         self.xpub.setsockopt(zmq.XPUB_WELCOME_MSG, HELLO)
+        if curve is not None and curve.secret_key_file is not None:
+            self._serve_curve(ctx, curve)
         _bind(self.xpub, frontend, "publish.endpoint")
         self.poller = zmq.Poller()
         self.poller.register(self.pull, zmq.POLLIN)
         self.poller.register(self.xpub, zmq.POLLIN)
+
+    def _serve_curve(self, ctx: zmq.Context, curve: CurveConfig) -> None:
+        """Encrypt the public endpoint with CURVE; with clients_dir, admit only the
+        clients whose public keys are there (ZeroMQ's ZAP, run by pyzmq's authenticator
+        thread, which loads the keys now, before privileges are dropped)."""
+        public, secret = zmq.auth.load_certificate(curve.secret_key_file)
+        self.authenticator = ThreadAuthenticator(ctx)
+        self.authenticator.start()
+        self.authenticator.configure_curve(
+            domain="*", location=curve.clients_dir or zmq.auth.CURVE_ALLOW_ANY)
+        self.xpub.curve_secretkey = secret
+        self.xpub.curve_publickey = public
+        self.xpub.curve_server = True
 
     def run_once(self, timeout_ms: int, forwarded: Callable[[int, int], None]) -> None:
         """Forward what is waiting, without copying the frames, and report each batch
@@ -163,6 +183,8 @@ class Proxy:
     def close(self) -> None:
         self.pull.close()
         self.xpub.close()
+        if self.authenticator is not None:
+            self.authenticator.stop()
 
 
 @dataclass(frozen=True)
@@ -173,6 +195,7 @@ class ProxyPlan:
     iface: str
     stats_interval_s: float
     user: str | None  # drop to this user once both endpoints are bound
+    curve: CurveConfig
 
 
 def run_proxy(plan: ProxyPlan, ready_fd: int, slots: list, table: StatsTable) -> int:
@@ -190,9 +213,9 @@ def run_proxy(plan: ProxyPlan, ready_fd: int, slots: list, table: StatsTable) ->
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     ctx = zmq.Context(1)
     try:
-        proxy = Proxy(ctx, plan.backend, plan.frontend, plan.sndhwm)
+        proxy = Proxy(ctx, plan.backend, plan.frontend, plan.sndhwm, plan.curve)
         if plan.user:
-            privileges.drop(plan.user)
+            privileges.become(plan.user)
     except (BindError, privileges.PrivilegeError, OSError) as e:
         os.write(ready_fd, str(e).encode())
         ctx.destroy(linger=0)

@@ -8,6 +8,7 @@ to start, so the daemon gives up and exits non-zero for systemd to see).
 """
 
 import contextlib
+import ipaddress
 import logging
 import os
 import select
@@ -116,6 +117,7 @@ class Supervisor:
             signal.signal(signum, self._record_signal)
         try:
             self._open_slots()
+            self._warn_if_exposed()
             self._open_metrics()
             self._make_runtime_dir()
             self._start_proxy()
@@ -199,10 +201,23 @@ class Supervisor:
         self.reopen_pending = False
         self.announced_ready = False  # logs (and tells systemd) when capture is back
 
+    def _warn_if_exposed(self) -> None:
+        """Endpoints bind to loopback by default; say so when one is opened wider without
+        the protection configured for it."""
+        publish_cfg, metrics_cfg = self.cfg.publish, self.cfg.metrics
+        scheme, _, rest = publish_cfg.endpoint.partition("://")
+        if (scheme == "tcp" and not _is_loopback(parse_host_port(rest)[0])
+                and publish_cfg.curve.secret_key_file is None):
+            log.warning("publishing on %s without CURVE: anyone who can reach it reads the "
+                        "packet summaries (see publish.curve)", publish_cfg.endpoint)
+        if (not _is_loopback(parse_host_port(metrics_cfg.listen)[0])
+                and metrics_cfg.tls_cert_file is None):
+            log.warning("serving metrics on %s without TLS (see metrics.tls_cert_file)",
+                        metrics_cfg.listen)
+
     def _open_metrics(self) -> None:
-        host, port = parse_host_port(self.cfg.metrics.listen)
         try:
-            self.metrics = MetricsServer(host, port, self)
+            self.metrics = MetricsServer(self.cfg.metrics, self)
         except OSError as e:
             raise StartupError(f"metrics.listen: cannot listen on {self.cfg.metrics.listen}: "
                                f"{e.strerror}", EXIT_UNAVAILABLE) from None
@@ -229,7 +244,7 @@ class Supervisor:
                 slot.sock.close()
             plan = publish.ProxyPlan(self.backend, cfg.endpoint, cfg.sndhwm, self.interface,
                                      self.cfg.supervisor.status_interval_ms / 1000,
-                                     self.cfg.user)
+                                     self.cfg.user, cfg.curve)
             return publish.run_proxy(plan, self._proxy_ready_w, self.slot_list, self.table)
 
         self.proxy = Child("fanoutd-proxy", main)
@@ -280,6 +295,7 @@ class Supervisor:
             status = 1
             try:
                 _die_with_parent(parent)
+                privileges.lock_down()  # before any thread exists in the child
                 signal.set_wakeup_fd(-1)
                 for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
                     signal.signal(signum, signal.SIG_DFL)
@@ -500,6 +516,15 @@ class Supervisor:
                 deadline = float("inf")
             self._reap()
             time.sleep(0.01)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # "*", a name or an interface: assume reachable from elsewhere
 
 
 def _remove_stale_runtime_dirs(base: str) -> None:

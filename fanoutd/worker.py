@@ -75,7 +75,7 @@ def run_worker(index: int, sock: socket.socket, stats: slotstats.SlotStats,
             return EXIT_BOOT_FAILED
         if plan.user:
             try:
-                privileges.drop(plan.user)
+                privileges.become(plan.user)
             except (privileges.PrivilegeError, OSError) as e:
                 log.error("worker %d: cannot drop privileges to %s: %s", index, plan.user, e)
                 return EXIT_BOOT_FAILED

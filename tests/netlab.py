@@ -487,6 +487,11 @@ def base_env() -> dict[str, str]:
     return env
 
 
+def cli_argv() -> list[str]:
+    """The command that runs this checkout's fanoutd (with base_env())."""
+    return [sys.executable, "-m", "fanoutd"]
+
+
 def run_cli(ns: NetNS | None, *args: str, timeout: float = 30.0,
             env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run `python -m fanoutd ARGS` (inside `ns` when given) to completion, bounded."""

@@ -1,0 +1,153 @@
+"""Securing the endpoints: CURVE encryption and client authentication on the publisher,
+TLS (optionally mutual) and basic auth on the metrics endpoint."""
+
+import base64
+import hashlib
+import json
+import ssl
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import frames as F
+import netlab
+import pytest
+
+from fanoutd.client import Subscriber
+
+pytestmark = pytest.mark.integration
+
+
+def keygen(directory: Path, name: str) -> tuple[Path, Path]:
+    proc = netlab.run_cli(None, "keygen", str(directory), "--name", name)
+    assert proc.returncode == 0, proc.stderr
+    return directory / f"{name}.key", directory / f"{name}.key_secret"
+
+
+@pytest.fixture
+def curve_daemon(start_daemon):
+    """A daemon whose publisher only admits the client key in clients/."""
+    with netlab.workdir() as wd:
+        server_public, server_secret = keygen(wd / "server", "server")
+        client_public, client_secret = keygen(wd / "client", "client")
+        _, intruder_secret = keygen(wd / "intruder", "intruder")
+        clients = wd / "clients"
+        clients.mkdir()
+        (clients / "client.key").write_bytes(client_public.read_bytes())
+        config = wd / "fanoutd.yaml"
+        config.write_text(f"publish:\n  curve:\n    secret_key_file: {server_secret}\n"
+                          f"    clients_dir: {clients}\n")
+        daemon = start_daemon(workers=1, extra=("-c", str(config)))
+        yield daemon, server_public, client_secret, intruder_secret
+
+
+def test_curve_admits_the_authorised_client(curve_daemon, injector):
+    daemon, server_public, client_secret, _ = curve_daemon
+    with Subscriber(daemon.endpoint, curve_server_key=str(server_public),
+                    curve_client_cert=str(client_secret)) as sub:
+        assert sub.wait_ready(10), daemon.logs()
+        injector.send_all(F.udp4_frame(sport=4000 + i) for i in range(20))
+        seen: set[int] = set()
+        for pkt in sub.packets(timeout=5):
+            seen.add(pkt["sport"])
+            if len(seen) == 20:
+                break
+        assert seen == set(range(4000, 4020))
+
+
+@pytest.mark.parametrize("who", ["plain", "intruder"])
+def test_curve_refuses_others(curve_daemon, injector, who):
+    """A subscriber without CURVE, or with a key the publisher does not know, gets
+    nothing: not even the welcome message."""
+    daemon, server_public, _, intruder_secret = curve_daemon
+    keys = {} if who == "plain" else {"curve_server_key": str(server_public),
+                                      "curve_client_cert": str(intruder_secret)}
+    with Subscriber(daemon.endpoint, **keys) as sub:
+        assert not sub.wait_ready(2)
+        injector.send_all(F.udp4_frame(sport=5000 + i) for i in range(5))
+        assert list(sub.batches(timeout=1)) == []
+    daemon.check_running()
+
+
+def test_tail_with_curve_keys(curve_daemon, ns, injector):
+    daemon, server_public, client_secret, _ = curve_daemon
+    argv = [*netlab.cli_argv(), "tail", "--endpoint", daemon.endpoint, "--json", "--count", "1",
+            "--timeout", "10", "--curve-server-key", str(server_public),
+            "--curve-client-cert", str(client_secret)]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=netlab.base_env(),
+                          cwd=netlab.REPO) as tail:
+        # tail connects asynchronously; inject until its line arrives (bounded)
+        reader = netlab.LineReader(tail)
+        netlab.wait_for(lambda: injector.send(F.udp4_frame(sport=6001)) or reader.drain(), 10,
+                        "a line from tail", interval=0.2)
+        tail.wait(timeout=10)
+    assert json.loads(reader.drain()[0])["sport"] == 6001
+
+
+# --------------------------------------------------------------------------- metrics
+
+PASSWORD = "s3cret scrape"
+
+
+@pytest.fixture
+def tls_daemon(start_daemon):
+    """Metrics over mutual TLS with a self-signed certificate, behind basic auth."""
+    with netlab.workdir() as wd:
+        cert, key = wd / "cert.pem", wd / "key.pem"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+                        "-keyout", str(key), "-out", str(cert), "-days", "1",
+                        "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                       check=True, capture_output=True)
+        digest = hashlib.sha256(PASSWORD.encode()).hexdigest()
+        config = wd / "fanoutd.yaml"
+        config.write_text(f"metrics:\n  tls_cert_file: {cert}\n  tls_key_file: {key}\n"
+                          f"  client_ca_file: {cert}\n  basic_auth_user: prometheus\n"
+                          f"  basic_auth_password_sha256: {digest}\n")
+        daemon = start_daemon(workers=1, ready=False, extra=("-c", str(config)))
+        yield daemon, cert, key
+
+
+def fetch(daemon: netlab.Daemon, scheme: str, context: ssl.SSLContext | None = None,
+          password: str | None = None) -> tuple[int, str]:
+    request = urllib.request.Request(f"{scheme}://127.0.0.1:{daemon.metrics_port}/metrics")
+    if password is not None:
+        token = base64.b64encode(f"prometheus:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                         urllib.request.HTTPSHandler(context=context))
+    with netlab.in_netns(daemon.ns.name):
+        try:
+            with opener.open(request, timeout=5) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, ""
+
+
+def client_context(cert: Path, key: Path | None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(cert))
+    if key is not None:
+        context.load_cert_chain(str(cert), str(key))
+    return context
+
+
+def test_metrics_over_mutual_tls_with_basic_auth(tls_daemon):
+    daemon, cert, key = tls_daemon
+    good = client_context(cert, key)
+
+    def scraped() -> str | None:
+        daemon.check_running()
+        try:
+            status, body = fetch(daemon, "https", good, PASSWORD)
+        except OSError:
+            return None
+        return body if status == 200 and "fanoutd_workers_up" in body else None
+
+    netlab.wait_for(scraped, 20, "an authenticated TLS scrape", detail=daemon.logs)
+    assert fetch(daemon, "https", good)[0] == 401  # no credentials
+    assert fetch(daemon, "https", good, "wrong")[0] == 401
+    with pytest.raises(OSError):  # plain HTTP is not answered
+        fetch(daemon, "http")
+    with pytest.raises(OSError):  # no client certificate: the handshake fails
+        fetch(daemon, "https", client_context(cert, None), PASSWORD)
+    assert scraped(), "a refused client must not disturb the next scrape"
