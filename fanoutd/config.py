@@ -164,6 +164,9 @@ def _read_yaml(path: str) -> dict:
             data = yaml.safe_load(f)
     except OSError as e:
         raise ConfigError([(path, f"cannot read the config file: {e.strerror}")]) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError([(path, f"not UTF-8 text: byte 0x{e.object[e.start]:02x} at "
+                                  f"offset {e.start}")]) from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown place"
@@ -178,13 +181,16 @@ def _read_yaml(path: str) -> dict:
 
 
 def _set_path(raw: dict, key: str, value: Any) -> None:
+    """Set a flag's value in the raw file data. A section the file gives as something
+    other than a mapping is left alone, so validation still reports it."""
     *parents, leaf = key.split(".")
     node = raw
     for part in parents:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = node[part] = {}
-        node = child
+        if part not in node:
+            node[part] = {}
+        if not isinstance(node[part], dict):
+            return
+        node = node[part]
     node[leaf] = value
 
 
@@ -225,7 +231,7 @@ def _coerce(key: str, value: Any, typ: Any) -> tuple[bool, Any]:
     if typ == str | None:
         typ = str
     if typ in (int, int | None):
-        if isinstance(value, str) and value.strip().isdigit():
+        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             suffix = " or auto" if key in AUTO_KEYS else ""
@@ -261,7 +267,9 @@ def _check(cfg: Config, labels: dict[str, str]) -> list[tuple[str, str]]:
     def bad(key: str, reason: str) -> None:
         problems.append((labels.get(key, key), reason))
 
-    if not cfg.interface or len(cfg.interface) >= 16 or "/" in cfg.interface:
+    if (not cfg.interface or len(cfg.interface) >= 16
+            or any(c in cfg.interface for c in "/:\0") or cfg.interface.strip() != cfg.interface
+            or not cfg.interface.isprintable()):
         bad("interface", f"must be an interface name (1-15 characters) or auto, "
                          f"got {cfg.interface!r}")
     if cfg.workers is not None and not 1 <= cfg.workers <= MAX_WORKERS:
@@ -275,8 +283,16 @@ def _check(cfg: Config, labels: dict[str, str]) -> list[tuple[str, str]]:
     if cfg.fanout.group_id is not None and not 0 <= cfg.fanout.group_id <= fanout.MAX_GROUP_ID:
         bad("fanout.group_id", f"must be between 0 and {fanout.MAX_GROUP_ID} or auto, "
                                f"got {cfg.fanout.group_id}")
-    for name, reason in cfg.ring.geometry.problems(ring.page_size(), ring.max_page_order()):
+    geometry_problems = cfg.ring.geometry.problems(ring.page_size(), ring.max_page_order())
+    for name, reason in geometry_problems:
         bad(f"ring.{name}", reason)
+    memory = _memory_total()
+    workers = cfg.workers or os.cpu_count() or 1
+    total = workers * cfg.ring.geometry.size
+    if not geometry_problems and memory and total > memory // 2:
+        bad("ring.block_count", f"{workers} workers x {cfg.ring.block_count} blocks x "
+                                f"{cfg.ring.block_size} bytes is {total >> 20} MiB of kernel "
+                                f"memory, more than half of this machine's {memory >> 20} MiB")
     reason = endpoint_problem(cfg.publish.endpoint)
     if reason:
         bad("publish.endpoint", reason)
@@ -357,6 +373,18 @@ def tls_context(m: MetricsConfig) -> ssl.SSLContext:
         context.load_verify_locations(m.client_ca_file)
         context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+def _memory_total() -> int | None:
+    """MemTotal in bytes, from /proc/meminfo."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def endpoint_problem(endpoint: str) -> str | None:

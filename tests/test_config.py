@@ -1,6 +1,7 @@
 """Config: defaults, YAML and flag overrides, and one clear problem per broken rule."""
 
 import pytest
+import yaml
 
 from fanoutd.config import Config, ConfigError, InterfaceUnavailable, dump, load_config
 
@@ -106,3 +107,31 @@ def test_missing_file_and_missing_interface(tmp_path):
         load_config(None, {"interface": "nosuchif0"})
     assert info.value.problems == [("interface (--interface)",
                                     "interface 'nosuchif0' does not exist")]
+
+
+def test_a_flag_does_not_hide_a_broken_section(tmp_path):
+    found = problems(write(tmp_path, "ring: 5\n"), block_size="65536")
+    assert ("ring", "must be a mapping, got an integer") in found
+
+
+def test_negative_flag_values_get_the_real_rule():
+    assert problems(hwm="-1") == [("publish.sndhwm (--hwm)",
+                                   "must be 0 (no limit) or more, got -1")]
+
+
+@pytest.mark.parametrize("name", ["ca\0p0", "eth0:1", " eth0", "eth\t0"])
+def test_interface_names_the_kernel_cannot_have(tmp_path, name):
+    path = write(tmp_path, yaml.safe_dump({"interface": name}))
+    assert [k for k, _ in problems(path)] == ["interface"]
+
+
+def test_not_utf8_file(tmp_path):
+    path = tmp_path / "fanoutd.yaml"
+    path.write_bytes(b"interface: lo\n# caf\xe9\n")
+    assert problems(str(path)) == [(str(path), "not UTF-8 text: byte 0xe9 at offset 19")]
+
+
+def test_a_ring_larger_than_half_the_memory_is_refused():
+    found = problems(block_size="4194304", block_count="100000", workers="2")
+    assert found[0][0] == "ring.block_count (--block-count)"
+    assert "more than half of this machine's" in found[0][1]

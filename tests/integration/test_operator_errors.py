@@ -154,10 +154,8 @@ FILE_CASES = {
     "missing-file": FileCase(None, ("{cfg}", "cannot read", "No such file or directory")),
     "bad-fanout-mode": FileCase("fanout:\n  mode: bogus\n",
                                 ("fanout.mode", "must be one of", "'bogus'")),
-    "not-utf8": FileCase(b"interface: cap0\n# caf\xe9\n", ("{cfg}",), marks=(
-        pytest.mark.xfail(strict=True, reason="daemon bug: a file that is not UTF-8 raises "
-                          "UnicodeDecodeError from yaml.safe_load; config._read_yaml does "
-                          "not catch it (Traceback, exit 1)"),)),
+    "not-utf8": FileCase(b"interface: cap0\n# caf\xe9\n",
+                         ("{cfg}", "not UTF-8 text: byte 0xe9")),
 }
 
 
