@@ -126,7 +126,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from fanoutd.systemd import setup_logging
 
     setup_logging(cfg.log.level)
-    return Supervisor(cfg).run()
+    return Supervisor(cfg, lambda: load_config(args.config, _overrides(args))).run()
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:

@@ -24,7 +24,7 @@ from fanoutd import __version__
 from fanoutd.config import MetricsConfig, parse_host_port, tls_context
 from fanoutd.decode import ERROR_REASONS
 from fanoutd.link import LinkWatch
-from fanoutd.slotstats import SlotStats
+from fanoutd.slotstats import SlotStats, StatsTable
 
 # (metric name without _total, slot counter, help)
 SLOT_COUNTERS = (
@@ -63,13 +63,13 @@ class StatsSource(Protocol):
     def refresh_kernel_stats(self) -> None: ...
 
 
-def stats_message(iface: str, slots: Iterable[SlotView]) -> dict:
+def stats_message(iface: str, table: StatsTable) -> dict:
     """The body of the `stats` topic: the counters /metrics shows, named as there without
-    the fanoutd_ prefix, per worker."""
+    the fanoutd_ prefix, per worker (the slots the shared table marks active)."""
     workers = []
-    for slot in slots:
-        snap = slot.stats.snapshot()
-        report: dict = {"worker": slot.index, "up": bool(snap["up"])}
+    for index, stats in table.active():
+        snap = stats.snapshot()
+        report: dict = {"worker": index, "up": bool(snap["up"])}
         for name, key, _ in SLOT_COUNTERS:
             report[name.removeprefix("fanoutd_") + "_total"] = snap[key]
         report["decode_errors_total"] = {r: snap[f"err:{r}"] for r in ERROR_REASONS}
@@ -177,13 +177,18 @@ class MetricsServer(HTTPServer):
         registry.register(SlotCollector(source))
         handler = type("FanoutdMetricsHandler", (_GuardedMetricsHandler,),
                        {"registry": registry, "timeout": REQUEST_TIMEOUT_S})
-        if cfg.basic_auth_user is not None and cfg.basic_auth_password_sha256 is not None:
-            handler.credentials = (cfg.basic_auth_user,
-                                   bytes.fromhex(cfg.basic_auth_password_sha256))
-        self.tls = tls_context(cfg) if cfg.tls_cert_file is not None else None
         if ":" in host:
             self.address_family = socket.AF_INET6
         super().__init__((host if host != "*" else "", port), handler)
+        self.configure(cfg)
+
+    def configure(self, cfg: MetricsConfig) -> None:
+        """TLS and basic auth as cfg says (on a reload, for the same listening socket)."""
+        credentials = None
+        if cfg.basic_auth_user is not None and cfg.basic_auth_password_sha256 is not None:
+            credentials = (cfg.basic_auth_user, bytes.fromhex(cfg.basic_auth_password_sha256))
+        self.RequestHandlerClass.credentials = credentials  # type: ignore[attr-defined]
+        self.tls = tls_context(cfg) if cfg.tls_cert_file is not None else None
 
     def get_request(self) -> tuple[socket.socket, object]:
         """Accept, and do the TLS handshake under the same time limit as the request."""

@@ -36,11 +36,11 @@ from fanoutd.config import CurveConfig
 from fanoutd.decode import FIELDS
 from fanoutd.metrics import stats_message
 from fanoutd.proctitle import set_process_name
-from fanoutd.slotstats import StatsTable
+from fanoutd.slotstats import RingTable, StatsTable
 
 WIRE_VERSION = 1
 HELLO = b"fanoutd.hello"
-ENVELOPE = struct.Struct("<HQ")  # worker index, kernel block seq: worker -> proxy only
+ENVELOPE = struct.Struct("<HQ")  # ring id, kernel block seq: worker -> proxy only
 STATS_TOPIC = b"stats"
 EXIT_BOOT_FAILED = 3
 
@@ -57,10 +57,11 @@ def encode_batch(iface: str, worker: int, seq: int, rows: list) -> bytes:
 class BatchPublisher:
     """A worker's PUSH socket towards the proxy."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, iface: str, worker: int,
+    def __init__(self, ctx: zmq.Context, endpoint: str, iface: str, worker: int, ring_id: int,
                  sndhwm: int) -> None:
         self.iface = iface
         self.worker = worker
+        self.ring_id = ring_id
         self.topic = batch_topic(iface, worker)
         self.sock = ctx.socket(zmq.PUSH)
         self.sock.setsockopt(zmq.SNDHWM, sndhwm)
@@ -92,12 +93,12 @@ class BatchPublisher:
     def publish(self, block_seq: int, rows: list) -> bool:
         """Send the batch of ring block block_seq; False when the high-water mark refused it.
 
-        Towards the proxy the message has an envelope frame first (worker, block_seq), so
+        Towards the proxy the message has an envelope frame first (ring id, block_seq), so
         the proxy can tell the worker which blocks it has passed on; subscribers never see
         it.
         """
         body = encode_batch(self.iface, self.worker, block_seq - 1, rows)
-        envelope = ENVELOPE.pack(self.worker, block_seq)
+        envelope = ENVELOPE.pack(self.ring_id, block_seq)
         try:
             self.sock.send_multipart((envelope, self.topic, body), flags=zmq.NOBLOCK,
                                      copy=False)
@@ -158,7 +159,7 @@ class Proxy:
 
     def run_once(self, timeout_ms: int, forwarded: Callable[[int, int], None]) -> None:
         """Forward what is waiting, without copying the frames, and report each batch
-        passed on with forwarded(worker, block_seq)."""
+        passed on with forwarded(ring_id, block_seq)."""
         events = dict(self.poller.poll(timeout_ms))
         if self.pull in events:
             for _ in range(1000):  # bounded, so the caller's loop keeps its pace
@@ -198,13 +199,14 @@ class ProxyPlan:
     curve: CurveConfig
 
 
-def run_proxy(plan: ProxyPlan, ready_fd: int, slots: list, table: StatsTable) -> int:
+def run_proxy(plan: ProxyPlan, ready_fd: int, table: StatsTable, rings: RingTable) -> int:
     """The proxy process's main. Binds both endpoints and writes b"ok" (or the reason it
-    could not) to ready_fd, drops privileges, then forwards batches and publishes the
-    slots' counters on the `stats` topic every stats_interval_s."""
+    could not) to ready_fd, drops privileges, then forwards batches (telling each ring's
+    worker, through `rings`, what it passed on) and publishes the slots' counters on the
+    `stats` topic every stats_interval_s."""
 
-    def forwarded(worker: int, block_seq: int) -> None:
-        table[worker]["forwarded_seq"] = block_seq
+    def forwarded(ring_id: int, block_seq: int) -> None:
+        rings.forwarded[ring_id] = block_seq
 
     set_process_name("fanoutd-proxy")
     stopping = []
@@ -227,7 +229,7 @@ def run_proxy(plan: ProxyPlan, ready_fd: int, slots: list, table: StatsTable) ->
         while not stopping:
             proxy.run_once(200, forwarded)
             if time.monotonic() >= next_stats:
-                body = msgpack.packb(stats_message(plan.iface, slots), use_bin_type=True)
+                body = msgpack.packb(stats_message(plan.iface, table), use_bin_type=True)
                 proxy.send(STATS_TOPIC, body)
                 next_stats = time.monotonic() + plan.stats_interval_s
         # The workers stop first and flush to us; pass on what they sent.

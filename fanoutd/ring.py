@@ -13,7 +13,7 @@ import select
 import socket
 from dataclasses import dataclass
 
-from fanoutd import _linux
+from fanoutd import _linux, filter
 
 DEFAULT_MAX_ORDER = 10  # MAX_PAGE_ORDER on current kernels with 4 KiB pages
 
@@ -104,7 +104,10 @@ def open_capture_socket(ifname: str, geometry: RingGeometry, rxhash: bool) -> so
     """An AF_PACKET socket with a TPACKET_V3 RX ring, bound to ifname, not yet in a fanout group.
 
     The socket is created with protocol 0 so it receives nothing until bind() gives it
-    ETH_P_ALL: no packet reaches it before the ring is in place.
+    ETH_P_ALL, and bound with a drop-all filter: a bound socket that is not yet in its
+    fanout group would receive every packet of the interface, duplicating what the group
+    delivers. The caller opens the socket up (filter.detach or its own filter) once the
+    whole group is formed.
     """
     try:
         sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
@@ -128,6 +131,7 @@ def open_capture_socket(ifname: str, geometry: RingGeometry, rxhash: bool) -> so
             raise CaptureError(f"the kernel refused the RX ring ({geometry.block_count} blocks "
                                f"of {geometry.block_size} bytes): {e.strerror}") from None
         try:
+            filter.attach(sock, filter.DROP_ALL)
             sock.bind((ifname, _linux.ETH_P_ALL))
         except OSError as e:
             if e.errno in (errno.ENODEV, errno.ENXIO):

@@ -18,7 +18,7 @@ from fanoutd.decode import ERROR_REASONS
 
 FIELDS = (
     "heartbeat_ns",      # CLOCK_MONOTONIC of the worker's last loop turn
-    "capturing",         # 1 once the worker has mapped the ring and entered its loop
+    "capturing",         # pid of the worker that mapped the slot's ring and captures
     "pid",
     "packets",           # frames decoded
     "bytes",             # wire bytes of those frames
@@ -27,9 +27,9 @@ FIELDS = (
     "blocks",            # ring blocks walked
     "blocks_skipped",    # blocks whose decoding raised (a decoder bug): their packets are lost
     "blocks_user",       # blocks held by user space at the last look: the backlog
-    "forwarded_seq",     # written by the proxy: kernel seq of the last block it passed on
     "link_errors",       # socket errors poll reported (ENETDOWN, ...)
-    "up",                # the rest is written by the supervisor: 1 while RUNNING
+    "active",            # the rest is written by the supervisor: 1 while the slot exists
+    "up",                # 1 while its worker is RUNNING
     "kernel_packets",
     "kernel_drops",
     "kernel_freezes",
@@ -81,3 +81,18 @@ class StatsTable:
 
     def __getitem__(self, index: int) -> SlotStats:
         return self._slots[index]
+
+    def active(self) -> list[tuple[int, SlotStats]]:
+        """(index, stats) of the slots that exist now (the supervisor marks them)."""
+        return [(i, s) for i, s in enumerate(self._slots) if s["active"]]
+
+
+class RingTable:
+    """Per ring, the kernel seq of the last block the proxy passed on: the proxy writes it,
+    the ring's worker reads it to know which blocks it may hand back. Indexed by a ring id
+    the supervisor gives each capture socket, not by slot: on a reload a slot's old ring
+    drains while its new ring is read, and the two must not share this word."""
+
+    def __init__(self, rings: int) -> None:
+        self._map = mmap.mmap(-1, rings * 8, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        self.forwarded = memoryview(self._map).cast("Q")

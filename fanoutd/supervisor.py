@@ -19,12 +19,15 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from fanoutd import fanout, link, privileges, publish, ring, worker
-from fanoutd.config import MAX_WORKERS, Config, parse_host_port
+from fanoutd.config import MAX_WORKERS, Config, ConfigError, parse_host_port
+from fanoutd.filter import DROP_ALL
+from fanoutd.filter import attach as attach_filter
+from fanoutd.filter import detach as detach_filter
 from fanoutd.metrics import MetricsServer
-from fanoutd.slotstats import SlotStats, StatsTable
+from fanoutd.slotstats import RingTable, SlotStats, StatsTable
 from fanoutd.systemd import Notifier, set_log_context
 
 log = logging.getLogger("fanoutd")
@@ -42,6 +45,7 @@ BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 10.0
 STABLE_AFTER_S = 10.0  # a child that ran this long resets its failure count
 FATAL_AFTER = 5  # consecutive failed starts before a child goes FATAL
+RING_IDS = 2 * MAX_WORKERS  # every slot's ring, and its predecessor draining after a reload
 QUICK_RESTARTS = 3  # a running child that dies is replaced at once this many times in a row
 PROXY_READY_TIMEOUT_S = 10.0
 HUNG_KILL_AFTER_S = 2.0  # SIGTERM to a worker that stopped heartbeating, then SIGKILL
@@ -66,9 +70,21 @@ class Child:
 
 
 @dataclass
+class Retiring:
+    """A worker draining its old ring after a reload, and what to close once it exits."""
+
+    child: Child
+    sock: socket.socket
+    ring_id: int
+    stats: SlotStats
+    kill_at: float
+
+
+@dataclass
 class Slot:
     index: int
     sock: socket.socket
+    ring_id: int
     stats: SlotStats
     child: Child | None = None
 
@@ -78,14 +94,19 @@ class Slot:
 
 
 class Supervisor:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, load_config: Callable[[], Config] | None = None) -> None:
+        """load_config reads the configuration again, for SIGHUP (None: reload is off)."""
         self.cfg = cfg
+        self.load_config = load_config or (lambda: cfg)
         self.interface = cfg.interface
         self.slot_list: list[Slot] = []
         self._ioctl_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # interface ioctls
         self.link_watch: link.LinkWatch | None = None
         self.reopen_pending = False
         self.table = StatsTable(MAX_WORKERS)  # before any fork: every child sees every slot
+        self.rings = RingTable(RING_IDS)
+        self.free_ring_ids = list(range(RING_IDS))
+        self.retiring: list[Retiring] = []
         self.proxy: Child | None = None
         self.metrics: MetricsServer | None = None
         self.runtime_dir: str | None = None
@@ -121,9 +142,7 @@ class Supervisor:
             self._open_metrics()
             self._make_runtime_dir()
             self._start_proxy()
-            for slot in self.slot_list:
-                slot.child = Child(f"fanoutd-w{slot.index}", self._worker_main(slot))
-                self._spawn(slot.child)
+            self._start_workers()
             while not self.stopping:
                 self._loop_once()
         except StartupError as e:
@@ -138,18 +157,19 @@ class Supervisor:
 
     def _open_slots(self) -> None:
         try:
-            socks = self._open_sockets(self.cfg.workers or 1)
+            socks = self._open_sockets(self.cfg, self.cfg.workers or 1)
         except ring.CapturePermissionError as e:
             raise StartupError(str(e), EXIT_NOPERM) from None
         except (ring.CaptureError, fanout.FanoutError) as e:
             raise StartupError(str(e), EXIT_UNAVAILABLE) from None
-        self.slot_list = [Slot(i, sock, self.table[i]) for i, sock in enumerate(socks)]
+        for sock in socks:
+            detach_filter(sock)
+        self._set_slots(socks)
         ifindex, up = link.probe(self.interface, self._ioctl_sock)
         self.link_watch = link.LinkWatch(self.interface, ifindex or 0, up)
 
-    def _open_sockets(self, count: int) -> list[socket.socket]:
-        """count capture sockets on the interface, all in one new fanout group."""
-        cfg = self.cfg
+    def _open_sockets(self, cfg: Config, count: int) -> list[socket.socket]:
+        """count capture sockets on cfg's interface, all in one new fanout group."""
         socks: list[socket.socket] = []
         try:
             for _ in range(count):
@@ -161,9 +181,102 @@ class Supervisor:
             for sock in socks:
                 sock.close()
             raise
-        for index in range(count):
-            self.table[index]["forwarded_seq"] = 0  # a new ring numbers its blocks from 1
         return socks
+
+    def _set_slots(self, socks: list[socket.socket]) -> None:
+        """Slot i gets socks[i], with a fresh ring id; slots keep their counters, missing
+        ones are created, extra ones dropped. Nothing is started here."""
+        for index, sock in enumerate(socks):
+            ring_id = self.free_ring_ids.pop(0)
+            self.rings.forwarded[ring_id] = 0  # a new ring numbers its blocks from 1
+            if index < len(self.slot_list):
+                slot = self.slot_list[index]
+                slot.sock, slot.ring_id, slot.child = sock, ring_id, None
+            else:
+                self.slot_list.append(Slot(index, sock, ring_id, self.table[index]))
+            self.table[index]["active"] = 1
+        for slot in self.slot_list[len(socks):]:
+            slot.stats["active"] = slot.stats["up"] = 0
+        del self.slot_list[len(socks):]
+
+    def _close_ring(self, sock: socket.socket, ring_id: int, stats: SlotStats) -> None:
+        """Close a slot's capture socket, keeping its last kernel counts."""
+        with contextlib.suppress(OSError):
+            self._add_kernel_stats(sock, stats)
+        sock.close()
+        self.free_ring_ids.append(ring_id)
+
+    def _replace_rings(self, cfg: Config) -> bool:
+        """Move capture to new sockets, rings and fanout group for cfg, losing nothing.
+
+        The new sockets form their group behind a drop-all filter; then, in one quick
+        pass, their filters come off and the old sockets get one, so each packet lands in
+        at least one ring (in both during the instant in between). New workers start on
+        the new rings at once while the old ones drain theirs (SIGUSR1) and exit. With an
+        explicit fanout.group_id that stays the same, the old sockets must leave the
+        group before the new ones can join it, so capture pauses while they drain.
+        Returns False when the new sockets cannot be opened; capture then goes on as
+        before.
+        """
+        same_group = cfg.fanout.group_id is not None and cfg.fanout.group_id == self.group_id
+        count = cfg.workers or 1
+        socks = None
+        if not same_group:
+            try:
+                socks = self._open_sockets(cfg, count)
+            except (ring.CaptureError, fanout.FanoutError) as e:
+                log.error("cannot capture on %s with the new settings: %s", cfg.interface, e)
+                return False
+        deadline = time.monotonic() + cfg.ring.block_timeout_ms / 500 + STOP_GRACE_S
+        for sock in socks or ():  # the switch: new rings open, then the old ones close
+            detach_filter(sock)
+        for slot in self.slot_list:
+            with contextlib.suppress(OSError):
+                attach_filter(slot.sock, DROP_ALL)
+        for slot in self.slot_list:
+            if slot.child is not None and slot.child.pid is not None:
+                slot.child.state = "DRAINING"
+                _kill(slot.child.pid, signal.SIGUSR1)
+                self.retiring.append(Retiring(slot.child, slot.sock, slot.ring_id,
+                                              slot.stats, deadline))
+            else:
+                self._close_ring(slot.sock, slot.ring_id, slot.stats)
+        self.cfg, self.interface = cfg, cfg.interface
+        if socks is None:
+            self._wait_retired()
+            try:
+                socks = self._open_sockets(cfg, count)
+            except (ring.CaptureError, fanout.FanoutError) as e:
+                log.error("cannot capture on %s: %s; retrying", cfg.interface, e)
+                self.reopen_pending = True
+                return True
+            for sock in socks:
+                detach_filter(sock)
+        self._set_slots(socks)
+        self._start_workers()
+        self.announced_ready = False  # logs (and tells systemd) when capture is back
+        return True
+
+    def _check_retiring(self, now: float) -> None:
+        """SIGKILL an old worker that did not finish draining in time."""
+        for old in self.retiring:
+            if now >= old.kill_at and old.child.pid is not None:
+                log.warning("%s did not finish draining its old ring; killing it",
+                            old.child.name)
+                _kill(old.child.pid, signal.SIGKILL)
+                old.kill_at = float("inf")
+
+    def _wait_retired(self) -> None:
+        while self.retiring:
+            self._check_retiring(time.monotonic())
+            self._reap()
+            time.sleep(0.01)
+
+    def _start_workers(self) -> None:
+        for slot in self.slot_list:
+            if slot.child is None:
+                slot.child = Child(f"fanoutd-w{slot.index}", self._worker_main(slot))
+            self._spawn(slot.child)
 
     def _watch_link(self) -> None:
         """Log and count each change of the interface once; reopen after a re-creation."""
@@ -180,26 +293,61 @@ class Supervisor:
                         self.interface, self.link_watch.ifindex)
             self.reopen_pending = True
         if self.reopen_pending and self.link_watch.ifindex is not None:
-            self._reopen_slots()
+            self.reopen_pending = False
+            if not self._replace_rings(self.cfg):
+                self.reopen_pending = True
 
-    def _reopen_slots(self) -> None:
-        """New sockets, rings and fanout group for a re-created interface; the workers
-        are replaced to map the new rings. The slots (and their counters) stay."""
-        workers = [s.child for s in self.slot_list if s.child is not None]
-        self._stop_children(workers)
+    def _reload(self) -> None:
+        """SIGHUP: read the configuration again. Invalid: say why and keep running as
+        before. Valid: apply it without dropping capture."""
         try:
-            socks = self._open_sockets(len(self.slot_list))
-        except (ring.CaptureError, fanout.FanoutError) as e:
-            log.warning("cannot capture on %s yet: %s; retrying", self.interface, e)
+            cfg = self.load_config()
+        except ConfigError as e:
+            for key, reason in e.problems:
+                log.error("reload rejected, still running on the previous configuration: "
+                          "%s: %s", key, reason)
             return
-        for slot, sock in zip(self.slot_list, socks, strict=True):
-            slot.sock.close()
-            slot.sock = sock
-            slot.stats["capturing"] = 0
-            assert slot.child is not None
-            self._spawn(slot.child)
-        self.reopen_pending = False
-        self.announced_ready = False  # logs (and tells systemd) when capture is back
+        old = self.cfg
+        if cfg == old:
+            log.info("reload: the configuration is unchanged")
+            return
+        if cfg.metrics != old.metrics and not self._swap_metrics(cfg):
+            return
+        logging.getLogger().setLevel(cfg.log.level.upper())
+        rings = (cfg.interface, cfg.workers, cfg.ring, cfg.fanout, cfg.user) != (
+            old.interface, old.workers, old.ring, old.fanout, old.user)
+        proxy = (cfg.publish, cfg.user, cfg.interface, cfg.supervisor.status_interval_ms) != (
+            old.publish, old.user, old.interface, old.supervisor.status_interval_ms)
+        if rings and not self._replace_rings(cfg):
+            log.error("reload rejected, still running on the previous configuration")
+            return
+        self.cfg = cfg
+        if cfg.interface != old.interface:
+            set_log_context(interface=cfg.interface)
+            ifindex, up = link.probe(cfg.interface, self._ioctl_sock)
+            self.link_watch = link.LinkWatch(cfg.interface, ifindex or 0, up)
+        if proxy and self.proxy is not None:
+            self._stop_children([self.proxy])
+            self._spawn_proxy()  # workers that dropped privileges reconnect by restarting
+        changed = [f.name for f in fields(cfg) if getattr(cfg, f.name) != getattr(old, f.name)]
+        log.info("reloaded the configuration (changed: %s)", ", ".join(changed))
+
+    def _swap_metrics(self, cfg: Config) -> bool:
+        """Serve metrics with cfg's settings; False (reload rejected) if it cannot."""
+        assert self.metrics is not None
+        if cfg.metrics.listen == self.cfg.metrics.listen:
+            self.metrics.configure(cfg.metrics)  # same socket: new TLS and credentials
+            return True
+        try:
+            server = MetricsServer(cfg.metrics, self)
+        except OSError as e:
+            log.error("reload rejected, still running on the previous configuration: "
+                      "metrics.listen: cannot listen on %s: %s", cfg.metrics.listen,
+                      e.strerror)
+            return False
+        self.metrics.server_close()
+        self.metrics = server
+        return True
 
     def _warn_if_exposed(self) -> None:
         """Endpoints bind to loopback by default; say so when one is opened wider without
@@ -236,16 +384,15 @@ class Supervisor:
         self.backend = f"ipc://{self.runtime_dir}/workers.ipc"
 
     def _start_proxy(self) -> None:
-        cfg = self.cfg.publish
         self._proxy_ready_w = -1
 
-        def main() -> int:
-            for slot in self.slot_list:  # the proxy reads the counters, never the rings
-                slot.sock.close()
+        def main() -> int:  # in the child: the configuration current at the fork
+            self._close_rings_in_child(keep=None)  # the proxy reads counters, never rings
+            cfg = self.cfg.publish
             plan = publish.ProxyPlan(self.backend, cfg.endpoint, cfg.sndhwm, self.interface,
                                      self.cfg.supervisor.status_interval_ms / 1000,
                                      self.cfg.user, cfg.curve)
-            return publish.run_proxy(plan, self._proxy_ready_w, self.slot_list, self.table)
+            return publish.run_proxy(plan, self._proxy_ready_w, self.table, self.rings)
 
         self.proxy = Child("fanoutd-proxy", main)
         self._spawn_proxy(startup=True)
@@ -276,17 +423,21 @@ class Supervisor:
             log.error("fanoutd-proxy could not start: %s", answer or "no answer")
 
     def _worker_main(self, slot: Slot) -> Callable[[], int]:
-        cfg = self.cfg
-
-        def main() -> int:
-            for other in self.slot_list:  # a worker touches its own ring only
-                if other is not slot:
-                    other.sock.close()
-            plan = worker.WorkerPlan(self.interface, cfg.ring.geometry, self.backend,
-                                     cfg.publish.sndhwm, cfg.user)
-            return worker.run_worker(slot.index, slot.sock, slot.stats, plan)
+        def main() -> int:  # in the child: the configuration current at the fork
+            self._close_rings_in_child(keep=slot.sock)  # a worker touches its own ring only
+            cfg = self.cfg
+            plan = worker.WorkerPlan(self.interface, slot.ring_id, cfg.ring.geometry,
+                                     self.backend, cfg.publish.sndhwm, cfg.user)
+            return worker.run_worker(slot.index, slot.sock, slot.stats, self.rings, plan)
 
         return main
+
+    def _close_rings_in_child(self, keep: socket.socket | None) -> None:
+        """In a new child: close every inherited capture socket but `keep`, so a ring's
+        memory goes as soon as the supervisor closes it."""
+        for sock in [s.sock for s in self.slot_list] + [old.sock for old in self.retiring]:
+            if sock is not keep:
+                sock.close()
 
     def _spawn(self, child: Child) -> None:
         parent = os.getpid()
@@ -350,10 +501,12 @@ class Supervisor:
         elif signum == signal.SIGCHLD:
             self._reap()
         elif signum == signal.SIGHUP:
-            log.warning("SIGHUP received: configuration reload is not supported yet; ignored")
+            log.info("SIGHUP received: reloading the configuration")
+            self._reload()
 
     def _children(self) -> list[Child]:
         found = [s.child for s in self.slot_list if s.child is not None]
+        found += [old.child for old in self.retiring]
         return [*found, self.proxy] if self.proxy is not None else found
 
     def _reap(self) -> None:
@@ -370,6 +523,12 @@ class Supervisor:
                     break
 
     def _child_exited(self, child: Child, status: int) -> None:
+        for old in self.retiring:
+            if old.child is child:  # an old worker done draining: close its ring
+                self.retiring.remove(old)
+                self._close_ring(old.sock, old.ring_id, old.stats)
+                child.pid, child.state = None, "STOPPED"
+                return
         child.pid = None
         child.kill_at = None
         if self.stopping or child.state == "STOPPING":
@@ -409,7 +568,7 @@ class Supervisor:
             child = slot.child
             if child is None:
                 continue
-            if child.state == "STARTING" and slot.stats["capturing"]:
+            if child.state == "STARTING" and slot.stats["capturing"] == child.pid:
                 child.state = "RUNNING"
             elif child.state == "BACKOFF" and now >= child.restart_at:
                 slot.stats.add("restarts")
@@ -418,6 +577,7 @@ class Supervisor:
             elif child.state == "RUNNING":
                 self._check_heartbeat(slot, child, now)
             slot.stats["up"] = int(child.state == "RUNNING")
+        self._check_retiring(now)
         proxy = self.proxy
         if proxy is not None and proxy.state == "BACKOFF" and now >= proxy.restart_at:
             self._spawn_proxy()
@@ -473,14 +633,20 @@ class Supervisor:
         return all(s.up and s.stats["heartbeat_ns"] > stale_before for s in self.slot_list)
 
     def refresh_kernel_stats(self) -> None:
-        """Fold PACKET_STATISTICS (reset by each read) into each slot's running totals."""
+        """Fold PACKET_STATISTICS (reset by each read) into each slot's running totals,
+        old rings still draining included."""
         self.kernel_stats_at = time.monotonic()
         for slot in self.slot_list:
-            packets, drops, freezes = ring.read_kernel_stats(slot.sock)
-            words = slot.stats
-            words.add("kernel_packets", packets)
-            words.add("kernel_drops", drops)
-            words.add("kernel_freezes", freezes)
+            self._add_kernel_stats(slot.sock, slot.stats)
+        for old in self.retiring:
+            self._add_kernel_stats(old.sock, old.stats)
+
+    @staticmethod
+    def _add_kernel_stats(sock: socket.socket, stats: SlotStats) -> None:
+        packets, drops, freezes = ring.read_kernel_stats(sock)
+        stats.add("kernel_packets", packets)
+        stats.add("kernel_drops", drops)
+        stats.add("kernel_freezes", freezes)
 
     # -- stopping -----------------------------------------------------------------------
 
@@ -488,7 +654,7 @@ class Supervisor:
         """Workers first (they flush their last batches to the proxy), then the proxy."""
         self.notifier.stopping()
         workers = [s.child for s in self.slot_list if s.child is not None]
-        self._stop_children(workers)
+        self._stop_children(workers + [old.child for old in self.retiring])
         if self.proxy is not None:
             self._stop_children([self.proxy])
         if self.slot_list:
@@ -500,18 +666,21 @@ class Supervisor:
         if self.runtime_dir:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
-    def _stop_children(self, children: list[Child]) -> None:
+    def _stop_children(self, children: list[Child], signum: int = signal.SIGTERM,
+                       grace_s: float = STOP_GRACE_S) -> None:
+        """Signal the children (SIGTERM: stop; SIGUSR1: a worker drains its ring first),
+        reap them, and SIGKILL any still there after grace_s."""
         for child in children:
             if child.pid is not None:
                 child.state = "STOPPING"
-                _kill(child.pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE_S
+                _kill(child.pid, signum)
+        deadline = time.monotonic() + grace_s
         while any(c.pid is not None for c in children):
             if time.monotonic() >= deadline:
                 for child in children:
                     if child.pid is not None:
                         log.warning("%s did not stop in %.0f s; killing it", child.name,
-                                    STOP_GRACE_S)
+                                    grace_s)
                         _kill(child.pid, signal.SIGKILL)
                 deadline = float("inf")
             self._reap()

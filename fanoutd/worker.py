@@ -32,10 +32,21 @@ CONNECT_TIMEOUT_S = 10.0
 
 
 class _Stop:
+    """SIGTERM: stop after the current block. SIGUSR1: drain, i.e. stop once every block
+    the ring holds is published and the kernel has handed over no more for a while (the
+    supervisor first cut the socket off with a drop-all filter: a reload)."""
+
     requested = False
+    drain_since: float | None = None
+    name = ""
 
     def __call__(self, signum: int, frame: object) -> None:
-        self.requested = True
+        if signum == signal.SIGUSR1:
+            if self.drain_since is None:
+                self.drain_since = time.monotonic()
+                set_process_name(f"{self.name}-old")  # its successor is fanoutd-wN now
+        else:
+            self.requested = True
 
 
 @dataclass(frozen=True)
@@ -43,6 +54,7 @@ class WorkerPlan:
     """What a worker needs besides its slot: where to publish and who to become."""
 
     iface: str
+    ring_id: int  # this ring's word in the RingTable (see publish.py)
     geometry: RingGeometry
     backend: str  # the proxy's ipc endpoint
     sndhwm: int
@@ -50,12 +62,14 @@ class WorkerPlan:
 
 
 def run_worker(index: int, sock: socket.socket, stats: slotstats.SlotStats,
-               plan: WorkerPlan) -> int:
+               rings: slotstats.RingTable, plan: WorkerPlan) -> int:
     """The worker process's main; returns its exit status."""
     set_process_name(f"fanoutd-w{index}")
     set_log_context(worker=index)
     stop = _Stop()
+    stop.name = f"fanoutd-w{index}"
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGUSR1, stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group: the supervisor decides
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
@@ -64,7 +78,7 @@ def run_worker(index: int, sock: socket.socket, stats: slotstats.SlotStats,
         log.error("worker %d: cannot map the ring of %s: %s", index, plan.iface, e.strerror)
         return EXIT_BOOT_FAILED
     ctx = zmq.Context(1)
-    pub = BatchPublisher(ctx, plan.backend, plan.iface, index, plan.sndhwm)
+    pub = BatchPublisher(ctx, plan.backend, plan.iface, index, plan.ring_id, plan.sndhwm)
     try:
         # Everything privileged happens before this point: the ring is mapped and the
         # proxy's ipc socket (root's) connected. From here on the worker parses hostile
@@ -80,22 +94,23 @@ def run_worker(index: int, sock: socket.socket, stats: slotstats.SlotStats,
                 log.error("worker %d: cannot drop privileges to %s: %s", index, plan.user, e)
                 return EXIT_BOOT_FAILED
         stats["pid"] = os.getpid()
-        stats["capturing"] = 1
+        stats["capturing"] = os.getpid()
         log.info("worker %d capturing on %s from ring block %d", index, plan.iface, rx.cursor)
-        return _capture(rx, pub, stats, stop, plan, index)
+        return _capture(rx, pub, stats, rings, stop, plan, index)
     finally:
-        stats["capturing"] = 0
+        if stats["capturing"] == os.getpid():  # not a successor's (a reload overlaps them)
+            stats["capturing"] = 0
         pub.close()
         ctx.term()
         rx.close()
 
 
-def _capture(rx: RxRing, pub: BatchPublisher, stats: slotstats.SlotStats, stop: _Stop,
-             plan: WorkerPlan, index: int) -> int:
+def _capture(rx: RxRing, pub: BatchPublisher, stats: slotstats.SlotStats,
+             rings: slotstats.RingTable, stop: _Stop, plan: WorkerPlan, index: int) -> int:
     """Walk the ring: read, decode, publish, and hand each block back once the proxy has it.
 
-    A block goes back to the kernel only after the proxy reports (forwarded_seq in the
-    shared slot page) that it passed the batch on. Until then the batch may sit in this
+    A block goes back to the kernel only after the proxy reports (this ring's word in the
+    shared RingTable) that it passed the batch on. Until then the batch may sit in this
     process's ZeroMQ queue, and a worker killed at that moment would lose it; held in the
     ring, it is published again by the replacement worker, which starts at the oldest
     user block and skips what the proxy already forwarded. Holding costs ring space for
@@ -110,11 +125,14 @@ def _capture(rx: RxRing, pub: BatchPublisher, stats: slotstats.SlotStats, stop: 
     packets_i, bytes_i = i["packets"], i["bytes"]
     batches_i, drops_i, blocks_i, user_i = (i["batches"], i["publish_drops"], i["blocks"],
                                             i["blocks_user"])
-    forwarded_i, skipped_i = i["forwarded_seq"], i["blocks_skipped"]
+    skipped_i = i["blocks_skipped"]
+    forwarded, ring_id = rings.forwarded, plan.ring_id
     error_index = slotstats.ERROR_INDEX
     errors: dict[str, int] = {}
     pending: deque[tuple[int, int]] = deque()  # (block index, kernel seq) awaiting the proxy
     max_pending = max(1, rx.geometry.block_count // 4)
+    # Once drained: the kernel hands over a partly filled block after block_timeout_ms.
+    drain_quiet_s = 2 * rx.geometry.block_timeout_ms / 1000 + 0.02
     while not stop.requested:
         stats.beat()
         if plan.user and pub.lost_connection():
@@ -122,18 +140,22 @@ def _capture(rx: RxRing, pub: BatchPublisher, stats: slotstats.SlotStats, stop: 
             # worker can, and resumes at the blocks the proxy never confirmed.
             log.info("worker %d: the proxy was replaced; restarting to reconnect", index)
             return EXIT_RECONNECT
-        while pending and pending[0][1] <= words[forwarded_i]:
+        while pending and pending[0][1] <= forwarded[ring_id]:
             rx.release(pending.popleft()[0])
         if not rx.ready():
             if pending:
                 time.sleep(HOLD_WAIT_S)  # not poll: a held block makes it return at once
+            elif stop.drain_since is not None:
+                if time.monotonic() - stop.drain_since >= drain_quiet_s:
+                    return 0  # drained: everything this ring got is published
+                rx.poll(int(drain_quiet_s * 1000) + 1)
             else:
                 rx.poll(POLL_MS)
                 if rx.socket_errors:
                     _report_socket_errors(rx, stats, plan.iface, index)
             continue
         block, first, num_pkts, block_seq = rx.read()
-        if block_seq <= words[forwarded_i]:
+        if block_seq <= forwarded[ring_id]:
             # Left behind by a replaced worker after the proxy had passed it on.
             rx.release(rx.cursor)
             rx.advance()

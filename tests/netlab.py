@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import frames
 import msgpack
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
@@ -319,10 +320,12 @@ class Daemon:
     def __init__(self, ns: NetNS, workdir: str | Path, workers: int = 1, fanout: str = "hash",
                  fanout_flags: str | None = None, extra: Iterable[str] = (),
                  interface: str = "cap0", env: Mapping[str, str] | None = None,
-                 journal_stream: bool = False) -> None:
+                 journal_stream: bool = False, config: Path | None = None) -> None:
         """`env`: extra environment variables (NOTIFY_SOCKET, WATCHDOG_USEC...).
         `journal_stream`: set JOURNAL_STREAM to the device:inode of the daemon's stderr
-        file, as systemd does for a service whose stderr is the journal."""
+        file, as systemd does for a service whose stderr is the journal.
+        `config`: run with -c config and leave workers, fanout and ring to the file (flags
+        would override it, also on a reload); `workers` must then match the file."""
         self.ns = ns
         self.env = dict(env or {})
         self.journal_stream = journal_stream
@@ -331,12 +334,14 @@ class Daemon:
         self.interface = interface
         self.endpoint = f"ipc://{self.workdir / 'pub.ipc'}"
         self.metrics_port = ns.free_port()
+        shape = ["-c", str(config)] if config is not None else [
+            "--workers", str(workers), "--fanout", fanout,
+            *(["--fanout-flags", fanout_flags] if fanout_flags else []),
+            "--block-size", "65536", "--block-count", "8", "--block-timeout", "5"]
         self.argv = [
             "ip", "netns", "exec", ns.name, sys.executable, "-m", "fanoutd", "run",
-            "--interface", interface, "--workers", str(workers), "--fanout", fanout,
-            *(["--fanout-flags", fanout_flags] if fanout_flags else []),
+            "--interface", interface, *shape,
             "--publish", self.endpoint, "--metrics", f"127.0.0.1:{self.metrics_port}",
-            "--block-size", "65536", "--block-count", "8", "--block-timeout", "5",
             *extra,
         ]
         self.proc: subprocess.Popen | None = None
@@ -652,3 +657,42 @@ class LineReader:
             if line.strip():
                 out.append(json.loads(line))
         return out
+
+
+# --------------------------------------------------------------------------- traffic
+
+
+def frame_id(i: int) -> tuple[bytes, int]:
+    """Frame i's identity as a row shows it: (source address, source port)."""
+    return frames.ip_bytes(f"10.{i >> 16 & 0xFF}.{i >> 8 & 0xFF}.{i & 0xFF}"), 1000 + i % 60000
+
+
+def numbered_frame(i: int) -> bytes:
+    src, sport = frame_id(i)
+    return frames.udp4_frame(src=".".join(str(b) for b in src), sport=sport)
+
+
+class Pump:
+    """Injects `total` numbered frames from a thread at a bounded pace (~20k frames/s),
+    setting `reached` once `mark` frames are out, so a fault can be timed mid-traffic."""
+
+    def __init__(self, injector: Injector, total: int, mark: int) -> None:
+        self.injector, self.total, self.mark = injector, total, mark
+        self.reached = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        for i in range(self.total):
+            self.injector.send(numbered_frame(i))
+            if i == self.mark:
+                self.reached.set()
+            if i % 50 == 49:
+                time.sleep(0.002)
+        self.reached.set()
+
+    def __enter__(self) -> Pump:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.thread.join(timeout=60)

@@ -6,11 +6,8 @@ import os
 import pwd
 import signal
 import socket
-import threading
-import time
 from pathlib import Path
 
-import frames as F
 import netlab
 import pytest
 
@@ -19,45 +16,9 @@ pytestmark = pytest.mark.integration
 EXIT_SOFTWARE = 70
 
 
-def frame_id(i: int) -> tuple[bytes, int]:
-    """Frame i's identity as a row shows it: (source address, source port)."""
-    return F.ip_bytes(f"10.{i >> 16 & 0xFF}.{i >> 8 & 0xFF}.{i & 0xFF}"), 1000 + i % 60000
-
-
-def numbered_frame(i: int) -> bytes:
-    src, sport = frame_id(i)
-    return F.udp4_frame(src=".".join(str(b) for b in src), sport=sport)
-
-
-class Pump:
-    """Injects `total` numbered frames from a thread at a bounded pace (~20k frames/s),
-    setting `reached` once `mark` frames are out, so a fault can be timed mid-traffic."""
-
-    def __init__(self, injector: netlab.Injector, total: int, mark: int) -> None:
-        self.injector, self.total, self.mark = injector, total, mark
-        self.reached = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        for i in range(self.total):
-            self.injector.send(numbered_frame(i))
-            if i == self.mark:
-                self.reached.set()
-            if i % 50 == 49:
-                time.sleep(0.002)
-        self.reached.set()
-
-    def __enter__(self) -> "Pump":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.thread.join(timeout=60)
-
-
 def assert_every_frame_delivered(sub: netlab.Subscriber, daemon: netlab.Daemon,
                                  total: int) -> netlab.Capture:
-    want = {frame_id(i) for i in range(total)}
+    want = {netlab.frame_id(i) for i in range(total)}
     cap = sub.collect(netlab.all_keys(want, lambda r: (r["src"], r["sport"])), timeout=30,
                       detail=daemon.logs)
     for worker in {b["worker"] for b in cap.batches}:
@@ -78,7 +39,7 @@ def test_sigkill_worker_mid_traffic_loses_nothing(injector, start_daemon, subscr
     daemon = start_daemon(workers=2, fanout="lb", extra=("--block-count", "64"))
     sub = subscribe(daemon)
     total = 12_000
-    with Pump(injector, total, mark=total // 3) as pump:
+    with netlab.Pump(injector, total, mark=total // 3) as pump:
         assert pump.reached.wait(30)
         victim = daemon.children_by_comm()["fanoutd-w0"]
         os.kill(victim, signal.SIGKILL)
@@ -104,7 +65,7 @@ def test_hung_worker_is_terminated_replaced_and_loses_nothing(injector, start_da
         os.kill(hung, signal.SIGSTOP)
         try:
             total = 400
-            injector.send_all(numbered_frame(i) for i in range(total))
+            injector.send_all(netlab.numbered_frame(i) for i in range(total))
             wait_replaced(daemon, "fanoutd-w1", hung)
         finally:
             with contextlib.suppress(ProcessLookupError):
@@ -223,8 +184,8 @@ def test_killed_proxy_is_replaced_and_workers_reconnect(injector, start_daemon, 
     daemon.wait_ready()
     sub.wait_hello(timeout=10, detail=daemon.logs)  # the new proxy's welcome
     total = 200
-    injector.send_all(numbered_frame(i) for i in range(total))
-    want = {frame_id(i) for i in range(total)}
+    injector.send_all(netlab.numbered_frame(i) for i in range(total))
+    want = {netlab.frame_id(i) for i in range(total)}
     sub.collect(netlab.all_keys(want, lambda r: (r["src"], r["sport"])), timeout=15,
                 detail=daemon.logs)
     assert "fanoutd-w0 restarts to reconnect to the new proxy" in daemon.logs()
