@@ -40,6 +40,7 @@ from fanoutd.slotstats import RingTable, StatsTable
 
 WIRE_VERSION = 1
 HELLO = b"fanoutd.hello"
+SUBSCRIBE_HELLO = b"\x01" + HELLO
 ENVELOPE = struct.Struct("<HQ")  # ring id, kernel block seq: worker -> proxy only
 STATS_TOPIC = b"stats"
 EXIT_BOOT_FAILED = 3
@@ -136,7 +137,9 @@ class Proxy:
         self.xpub = ctx.socket(zmq.XPUB)
         self.xpub.setsockopt(zmq.SNDHWM, sndhwm)
         self.xpub.setsockopt(zmq.LINGER, 1000)
-        self.xpub.setsockopt(zmq.XPUB_WELCOME_MSG, HELLO)
+        # Every subscription reaches run_once (verbose), so a subscription to HELLO can be
+        # answered with a HELLO once it is in effect (see run_once).
+        self.xpub.setsockopt(zmq.XPUB_VERBOSE, 1)
         if curve is not None and curve.secret_key_file is not None:
             self._serve_curve(ctx, curve)
         _bind(self.xpub, frontend, "publish.endpoint")
@@ -172,11 +175,17 @@ class Proxy:
                 self.xpub.send_multipart(frames[1:], copy=False)
                 forwarded(*ENVELOPE.unpack(frames[0].buffer))
         if self.xpub in events:
-            while True:  # subscription messages: upstream already takes everything
+            while True:
                 try:
-                    self.xpub.recv(flags=zmq.NOBLOCK)
+                    message = self.xpub.recv(flags=zmq.NOBLOCK)
                 except zmq.Again:
                     break
+                # XPUB hands a subscription up only once it is in its subscription tree:
+                # a subscriber that subscribed to HELLO last (as fanoutd.client does) and
+                # receives it knows that all its subscriptions are in effect. Others that
+                # subscribed to HELLO get one more; they ignore it.
+                if message == SUBSCRIBE_HELLO:
+                    self.xpub.send(HELLO, flags=zmq.NOBLOCK)
 
     def send(self, topic: bytes, body: bytes) -> None:
         self.xpub.send_multipart((topic, body), flags=zmq.NOBLOCK)
