@@ -1,7 +1,6 @@
 """Command line: run, check-config, print-config, tail."""
 
 import argparse
-import json
 import os
 import signal
 import sys
@@ -47,18 +46,67 @@ def _parser() -> argparse.ArgumentParser:
     _config_flags(show)
     show.set_defaults(handler=_cmd_print_config)
 
-    tail = sub.add_parser("tail", help="print packets from a running fanoutd")
-    tail.add_argument("--endpoint", default="tcp://127.0.0.1:7440",
-                      help="publish endpoint to connect to (default %(default)s)")
+    tail = sub.add_parser(
+        "tail", help="print packets from running fanoutd daemons",
+        description="Print the packets a running fanoutd publishes, from one or several "
+                    "sensors. --proto, --host, --port, --vlan and --worker are display "
+                    "filters, applied here, on the subscriber's side: the daemon still "
+                    "captures and publishes every packet (the capture filter is the "
+                    "daemon's own --filter). Each option may be repeated or given a comma "
+                    "list; a packet is shown when it matches one value of every option given.")
+    tail.add_argument("--endpoint", action="append", metavar="ENDPOINT",
+                      help="publish endpoint to connect to; repeat for several sensors "
+                           "(default tcp://127.0.0.1:7440)")
     tail.add_argument("--json", action="store_true", help="one JSON object per line")
-    tail.add_argument("--count", type=int, default=0, help="stop after N packets")
-    tail.add_argument("--timeout", type=float, default=None,
-                      help="stop after this many seconds without packets")
+    tail.add_argument("--count", type=int, default=0, metavar="N",
+                      help="stop after N packets shown")
+    tail.add_argument("--timeout", type=float, default=None, metavar="S",
+                      help="stop after S seconds without packets")
+    tail.add_argument("--proto", action="extend", default=[], metavar="PROTO",
+                      type=_listed(_views_parser("parse_proto")),
+                      help="tcp, udp, icmp, icmp6, sctp, arp, ... or an IP protocol number")
+    tail.add_argument("--host", action="extend", default=[], metavar="ADDR",
+                      type=_listed(_views_parser("parse_host")),
+                      help="source or destination address, or a network (10.0.0.0/8)")
+    tail.add_argument("--port", action="extend", default=[], metavar="N",
+                      type=_listed(lambda v: _number(v, 0, 65535, "a port")),
+                      help="source or destination port (TCP, UDP, SCTP, DCCP)")
+    tail.add_argument("--vlan", action="extend", default=[], metavar="ID",
+                      type=_listed(lambda v: _number(v, 0, 4095, "a VLAN ID")),
+                      help="a VLAN ID the packet carries (any of its tags)")
+    tail.add_argument("--worker", action="extend", default=[], metavar="N",
+                      type=_listed(lambda v: _number(v, 0, 65535, "a worker")),
+                      help="worker slot index")
+    tail.add_argument("--stats", action="store_true",
+                      help="on exit, print per-stream lost batches, duplicates and ring "
+                           "restarts on stderr")
     tail.add_argument("--curve-server-key", metavar="FILE",
                       help="the publisher's public key (NAME.key): connect with CURVE")
     tail.add_argument("--curve-client-cert", metavar="FILE",
                       help="this client's secret key (NAME.key_secret)")
     tail.set_defaults(handler=_cmd_tail)
+
+    doctor = sub.add_parser(
+        "doctor", help="report what affects capture on an interface, and what to change",
+        description="Report what affects capture on an interface: page size and ring "
+                    "geometry, MTU versus what a block holds, VLAN offload, GRO/LRO, flow "
+                    "symmetry of the fanout mode, and which fanout modes and flags the "
+                    "kernel accepts. The ring and fanout settings are the configuration's "
+                    "(-c FILE, then the flags, else the defaults). Sends no traffic. Exit "
+                    "status: 0 nothing to change, 1 something to change, 69 no such "
+                    "interface, 78 invalid configuration.")
+    doctor.add_argument("-c", "--config", metavar="FILE", help="YAML configuration file")
+    doctor.add_argument("--interface", metavar="IF",
+                        help="interface to examine (default: the configuration's)")
+    doctor.add_argument("--workers", metavar="N", help="worker processes (or auto)")
+    doctor.add_argument("--fanout", metavar="MODE", help="hash, lb, cpu, rnd, qm or rollover")
+    doctor.add_argument("--fanout-flags", metavar="FLAGS",
+                        help="comma-separated: defrag, rollover, ignore-outgoing")
+    doctor.add_argument("--block-size", metavar="BYTES", help="ring block size")
+    doctor.add_argument("--block-count", metavar="N", help="ring blocks per worker")
+    doctor.add_argument("--frame-size", metavar="BYTES", help="ring frame size")
+    doctor.add_argument("--block-timeout", metavar="MS", help="block retire timeout")
+    doctor.set_defaults(handler=_cmd_doctor)
 
     keygen = sub.add_parser("keygen", help="create a CURVE key pair for the publisher or a "
                                            "subscriber")
@@ -145,26 +193,97 @@ def _cmd_print_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_tail(args: argparse.Namespace) -> int:
-    from fanoutd.client import Subscriber, to_json_ready
-    from fanoutd.views import packet_line
+def _views_parser(name: str):
+    """A parser from fanoutd.views, imported when a value is parsed (not at start-up)."""
+    def parse(text: str):
+        from fanoutd import views
 
+        return getattr(views, name)(text)
+    return parse
+
+
+def _number(text: str, low: int, high: int, what: str) -> int:
+    from fanoutd.views import parse_number
+
+    return parse_number(text, low, high, what)
+
+
+def _listed(parse):
+    """argparse type for "a,b,c": a list of parse(item), usage errors in plain words."""
+    def parse_list(text: str) -> list:
+        try:
+            return [parse(item) for item in text.split(",") if item.strip()]
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return parse_list
+
+
+def _cmd_tail(args: argparse.Namespace) -> int:
+    from fanoutd.client import Subscriber
+    from fanoutd.views import DisplayFilter, packet_line
+
+    endpoints = args.endpoint or ["tcp://127.0.0.1:7440"]
+    show = DisplayFilter.from_options(args.proto, args.host, args.port, args.vlan, args.worker)
+    several = len(endpoints) > 1
     shown = 0
-    with Subscriber(args.endpoint, curve_server_key=args.curve_server_key,
+    with Subscriber(endpoints, curve_server_key=args.curve_server_key,
                     curve_client_cert=args.curve_client_cert) as sub:
-        for pkt in sub.packets(timeout=args.timeout):
-            if args.json:
-                line = json.dumps(to_json_ready(pkt), separators=(",", ":"))
-            else:
-                line = packet_line(pkt)
-            print(line, flush=True)
-            shown += 1
-            if args.count and shown >= args.count:
-                break
-        if sub.lost:
-            lost = sum(sub.lost.values())
-            print(f"fanoutd tail: {lost} batches lost (seq gaps)", file=sys.stderr)
+        # Say when every subscription is in effect, as tcpdump says "listening on": from
+        # then on nothing published is missed. Packets that arrive meanwhile are kept.
+        if sub.wait_ready(min(5.0, args.timeout or 5.0)):
+            print(f"fanoutd tail: listening on {', '.join(endpoints)}", file=sys.stderr,
+                  flush=True)
+        else:
+            silent = ", ".join(e for e in endpoints if e not in sub.ready)
+            print(f"fanoutd tail: no answer yet from {silent}; still trying", file=sys.stderr,
+                  flush=True)
+        try:
+            for rec in sub.records(timeout=args.timeout):
+                if show and not show.matches(rec):
+                    continue
+                if args.json:
+                    line = rec.to_json()
+                else:
+                    line = packet_line(rec.as_dict(raw=True), show_sensor=several)
+                print(line, flush=True)
+                shown += 1
+                if args.count and shown >= args.count:
+                    break
+        except KeyboardInterrupt:
+            _tail_summary(sub, args.stats)
+            return 130
+        _tail_summary(sub, args.stats)
     return 0
+
+
+def _tail_summary(sub, stats: bool) -> None:
+    """On stderr: lost batches (always, when any), and with --stats every stream's
+    counts."""
+    if stats:
+        streams = sorted(set(sub.last_seq) | set(sub.lost))
+        for key in streams:
+            print(f"fanoutd tail: {key.sensor} {key.iface} worker {key.worker}: "
+                  f"last seq {sub.last_seq.get(key)}, {sub.lost.get(key, 0)} batches lost, "
+                  f"{sub.restarts.get(key, 0)} restarts", file=sys.stderr)
+        print(f"fanoutd tail: {sum(sub.lost.values())} batches lost, {sub.duplicates} "
+              f"duplicates, {len(streams)} streams", file=sys.stderr)
+    elif sub.lost:
+        lost = sum(sub.lost.values())
+        print(f"fanoutd tail: {lost} batches lost (seq gaps)", file=sys.stderr)
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from fanoutd.doctor import run_doctor
+
+    keys = ("interface", "workers", "fanout", "fanout_flags", "block_size", "block_count",
+            "frame_size", "block_timeout")
+    try:
+        cfg = load_config(args.config, {k: getattr(args, k) for k in keys})
+    except ConfigError as e:
+        for key, reason in e.problems:
+            print(f"fanoutd doctor: {key}: {reason}", file=sys.stderr)
+        return EXIT_UNAVAILABLE if isinstance(e, InterfaceUnavailable) else EXIT_CONFIG
+    return run_doctor(cfg, sys.stdout)
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:

@@ -1,8 +1,12 @@
-"""What a person at a terminal sees: `fanoutd tail` lines and the `fanoutd stats` table."""
+"""What a person at a terminal sees: `fanoutd tail` lines and its display filter, and the
+`fanoutd stats` table."""
 
+import ipaddress
 import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
-from fanoutd.client import format_ip, format_mac, format_tcp_flags
+from fanoutd.client import Record, format_ip, format_mac, format_tcp_flags
 
 PROTO_NAMES = {1: "ICMP", 6: "TCP", 17: "UDP", 58: "ICMP6", 132: "SCTP", 33: "DCCP",
                136: "UDPLite", 47: "GRE", 50: "ESP", 51: "AH"}
@@ -10,11 +14,14 @@ ETHERTYPE_NAMES = {0x0800: "IPv4", 0x86DD: "IPv6", 0x0806: "ARP", 0x88CC: "LLDP"
                    0x8847: "MPLS", 0x8863: "PPPoE-D", 0x8864: "PPPoE-S"}
 
 
-def packet_line(pkt: dict) -> str:
-    """One packet as a line: time, worker, protocol, source > destination, flags, length."""
+def packet_line(pkt: dict, show_sensor: bool = False) -> str:
+    """One packet as a line: time, worker, protocol, source > destination, flags, length;
+    with show_sensor, the endpoint it came from first (for several sensors)."""
     ts = pkt["ts_ns"]
     when = time.strftime("%H:%M:%S", time.localtime(ts // 1_000_000_000))
     parts = [f"{when}.{ts % 1_000_000_000 // 1000:06d}", f"w{pkt['worker']}"]
+    if show_sensor and pkt.get("sensor"):
+        parts.insert(0, pkt["sensor"])
     if pkt.get("vlan"):
         parts.append("vlan " + ".".join(str(v) for v in pkt["vlan"]))
     proto, src, dst = pkt.get("proto"), format_ip(pkt.get("src")), format_ip(pkt.get("dst"))
@@ -41,6 +48,82 @@ def packet_line(pkt: dict) -> str:
     if pkt.get("err"):
         parts.append(f"[{pkt['err']}]")
     return " ".join(parts)
+
+
+# `fanoutd tail`'s display filter: applied by the subscriber to what it receives. The daemon
+# still captures and publishes every packet; that is the capture filter's job.
+
+# --proto names: IP protocol numbers, and arp, which is an ethertype.
+PROTO_BY_NAME = {"icmp": 1, "tcp": 6, "udp": 17, "icmp6": 58, "icmpv6": 58, "sctp": 132,
+                 "dccp": 33, "udplite": 136, "gre": 47, "esp": 50, "ah": 51}
+ETHERTYPE_ARP = 0x0806
+
+
+def parse_proto(text: str) -> int | str:
+    """A --proto value: an IP protocol number (a name or 0-255), or "arp"."""
+    name = text.strip().lower()
+    if name == "arp":
+        return "arp"
+    if name in PROTO_BY_NAME:
+        return PROTO_BY_NAME[name]
+    if name.isdigit() and 0 <= int(name) <= 255:
+        return int(name)
+    raise ValueError(f"unknown protocol {text!r} (a number 0-255, arp, or one of "
+                     f"{', '.join(PROTO_BY_NAME)})")
+
+
+def parse_host(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """A --host value: an address, or a network in CIDR notation (10.0.0.0/8)."""
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        raise ValueError(f"not an IP address or network: {text!r}") from None
+
+
+def parse_number(text: str, low: int, high: int, what: str) -> int:
+    value = text.strip()
+    if not value.isdigit() or not low <= int(value) <= high:
+        raise ValueError(f"{what} must be a number between {low} and {high}, got {text!r}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class DisplayFilter:
+    """Which records to show. Each option given must match (AND); within one option any
+    value may (OR). An empty filter shows everything."""
+
+    protos: frozenset[int | str] = field(default_factory=frozenset)  # numbers, or "arp"
+    hosts: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # src or dst in one
+    ports: frozenset[int] = field(default_factory=frozenset)  # sport or dport
+    vlans: frozenset[int] = field(default_factory=frozenset)  # any of the packet's VLAN IDs
+    workers: frozenset[int] = field(default_factory=frozenset)
+
+    def __bool__(self) -> bool:
+        return bool(self.protos or self.hosts or self.ports or self.vlans or self.workers)
+
+    def matches(self, rec: Record) -> bool:
+        if self.workers and rec.worker not in self.workers:
+            return False
+        if self.protos and not (rec.proto in self.protos or (
+                "arp" in self.protos and rec.ethertype == ETHERTYPE_ARP)):
+            return False
+        if self.ports and rec.sport not in self.ports and rec.dport not in self.ports:
+            return False
+        if self.vlans and not self.vlans.intersection(rec.vlan or ()):
+            return False
+        if self.hosts:
+            addresses = [ip for ip in (rec.src_ip, rec.dst_ip) if ip is not None]
+            if not any(ip in net for ip in addresses for net in self.hosts
+                       if ip.version == net.version):
+                return False
+        return True
+
+    @classmethod
+    def from_options(cls, protos: Iterable[int | str] = (), hosts: Iterable = (),
+                     ports: Iterable[int] = (), vlans: Iterable[int] = (),
+                     workers: Iterable[int] = ()) -> "DisplayFilter":
+        return cls(frozenset(protos), tuple(hosts), frozenset(ports), frozenset(vlans),
+                   frozenset(workers))
 
 
 # `fanoutd stats`: (column title, metric) per worker; packets/s is derived from two scrapes.

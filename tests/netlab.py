@@ -30,6 +30,7 @@ import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import frames
 import msgpack
@@ -657,6 +658,24 @@ class LineReader:
             if line.strip():
                 out.append(json.loads(line))
         return out
+
+
+class StreamReader(LineReader):
+    """A LineReader for any text stream, such as a process's stderr."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.lines = queue.Queue()
+        self.seen = []
+        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self._thread.start()
+
+
+def wait_line(reader: LineReader, predicate: Callable[[str], bool], timeout: float, what: str,
+              detail: Callable[[], str] | None = None) -> str:
+    """Wait (bounded) until one of reader's lines satisfies predicate, and return it."""
+    def found() -> str | None:
+        return next((line for line in reader.drain() if predicate(line)), None)
+    return wait_for(found, timeout, what, detail=detail)
 
 
 # --------------------------------------------------------------------------- traffic

@@ -1,0 +1,165 @@
+#!/usr/bin/env python3
+"""Top talkers: the sources (or flows) that sent the most over the last few seconds.
+
+An example subscriber built on fanoutd.client. It reads one or several sensors, counts
+bytes and packets per source address (or per flow) in a sliding window, and prints the
+top N every few seconds:
+
+    python examples/top_talkers.py --endpoint tcp://sensor-a:7440 \\
+        --endpoint tcp://sensor-b:7440 --window 10 --top 10 --refresh 2
+
+    top 10 sources by bytes over the last 10 s, 2 sensors, 12:00:02
+           bytes   packets  source
+       1,234,560       860  192.0.2.7
+         456,000       300  2001:db8::1
+    ...
+
+With CURVE: --curve-server-key server.key --curve-client-cert alice.key_secret (see the
+README). `--once SECONDS` prints one table after that many seconds and exits;
+`--iterations N` stops after N tables; `--json` prints each table as one JSON object.
+"""
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter, deque
+from datetime import datetime
+
+from fanoutd.client import DEFAULT_ENDPOINT, Record, Subscriber
+
+
+class SlidingWindow:
+    """Bytes and packets per key over the last `window` seconds.
+
+    Counts go into buckets `resolution` seconds long; a bucket leaves the totals once all
+    of it is older than the window, so memory follows the number of keys, not the rate.
+    """
+
+    def __init__(self, window: float, resolution: float) -> None:
+        self.window = window
+        self.resolution = resolution
+        self.buckets: deque[tuple[float, Counter, Counter]] = deque()  # start, bytes, pkts
+        self.bytes: Counter = Counter()
+        self.packets: Counter = Counter()
+
+    def add(self, key: str, nbytes: int, now: float) -> None:
+        if not self.buckets or now >= self.buckets[-1][0] + self.resolution:
+            self.buckets.append((now, Counter(), Counter()))
+        _, bucket_bytes, bucket_packets = self.buckets[-1]
+        bucket_bytes[key] += nbytes
+        bucket_packets[key] += 1
+        self.bytes[key] += nbytes
+        self.packets[key] += 1
+
+    def expire(self, now: float) -> None:
+        while self.buckets and self.buckets[0][0] + self.resolution <= now - self.window:
+            _, bucket_bytes, bucket_packets = self.buckets.popleft()
+            self.bytes.subtract(bucket_bytes)
+            self.packets.subtract(bucket_packets)
+            for key in bucket_packets:
+                if self.packets[key] <= 0:
+                    del self.packets[key], self.bytes[key]
+
+    def top(self, n: int) -> list[tuple[str, int, int]]:
+        """[(key, bytes, packets)], most bytes first (then most packets)."""
+        ranked = sorted(self.bytes, key=lambda k: (-self.bytes[k], -self.packets[k], k))
+        return [(k, self.bytes[k], self.packets[k]) for k in ranked[:n]]
+
+
+def source_key(rec: Record) -> str:
+    """The source address; the source MAC for frames without one (ARP aside)."""
+    src = rec.src_ip
+    return str(src) if src is not None else f"{rec.eth_src_mac} (non-IP)"
+
+
+def flow_key(rec: Record) -> str:
+    """protocol source[:port] > destination[:port]"""
+    src, dst = rec.src_ip, rec.dst_ip
+    if src is None:
+        return f"{rec.eth_src_mac} > {rec.eth_dst_mac} (non-IP)"
+    proto = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmp6", 132: "sctp"}.get(rec.proto,
+                                                                           str(rec.proto))
+    if rec.sport is None:
+        return f"{proto} {src} > {dst}"
+    return f"{proto} {src}:{rec.sport} > {dst}:{rec.dport}"
+
+
+def show(window: SlidingWindow, args: argparse.Namespace, sub: Subscriber) -> None:
+    top = window.top(args.top)
+    lost = sum(sub.lost.values())
+    if args.json:
+        print(json.dumps({"time": datetime.now().astimezone().isoformat(),
+                          "window_s": args.window, "by": args.by, "lost_batches": lost,
+                          "top": [{"key": k, "bytes": b, "packets": p} for k, b, p in top]}),
+              flush=True)
+        return
+    what = "sources" if args.by == "src" else "flows"
+    sensors = f"{len(sub.endpoints)} sensor{'s' * (len(sub.endpoints) > 1)}"
+    print(f"top {args.top} {what} by bytes over the last {args.window:g} s, {sensors}, "
+          f"{time.strftime('%H:%M:%S')}" + (f", {lost} batches lost" if lost else ""))
+    print(f"{'bytes':>14}  {'packets':>8}  {'source' if args.by == 'src' else 'flow'}")
+    for key, nbytes, packets in top:
+        print(f"{nbytes:>14,}  {packets:>8,}  {key}")
+    print(flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--endpoint", action="append", metavar="ENDPOINT",
+                   help=f"a sensor's publish endpoint; repeat for several "
+                        f"(default {DEFAULT_ENDPOINT})")
+    p.add_argument("--window", type=float, default=10.0, metavar="SECONDS",
+                   help="count over the last SECONDS (default %(default)s)")
+    p.add_argument("--top", type=int, default=10, metavar="N", help="rows (default %(default)s)")
+    p.add_argument("--refresh", type=float, default=2.0, metavar="SECONDS",
+                   help="print every SECONDS (default %(default)s)")
+    p.add_argument("--by", choices=("src", "flow"), default="src",
+                   help="count per source address or per flow (default %(default)s)")
+    p.add_argument("--json", action="store_true", help="each table as one JSON object")
+    p.add_argument("--once", type=float, metavar="SECONDS",
+                   help="print one table SECONDS after subscribing, then exit")
+    p.add_argument("--iterations", type=int, default=0, metavar="N",
+                   help="exit after N tables (default: run until interrupted)")
+    p.add_argument("--curve-server-key", metavar="FILE", help="the publisher's NAME.key")
+    p.add_argument("--curve-client-cert", metavar="FILE", help="this client's NAME.key_secret")
+    args = p.parse_args(argv)
+
+    endpoints = args.endpoint or [DEFAULT_ENDPOINT]
+    key_of = source_key if args.by == "src" else flow_key
+    window = SlidingWindow(args.window, resolution=min(1.0, args.window / 10))
+    with Subscriber(endpoints, curve_server_key=args.curve_server_key,
+                    curve_client_cert=args.curve_client_cert) as sub:
+        if sub.wait_ready(5):
+            print(f"top_talkers: listening on {', '.join(endpoints)}", file=sys.stderr,
+                  flush=True)
+        else:
+            print("top_talkers: no answer yet from "
+                  f"{', '.join(e for e in endpoints if e not in sub.ready)}; still trying",
+                  file=sys.stderr, flush=True)
+        next_print = time.monotonic() + (args.once if args.once is not None else args.refresh)
+        printed = 0
+        while True:
+            # A whole batch at a time (they share an arrival time), then look at the clock.
+            for batch in sub.batches(timeout=0.1):
+                now = time.monotonic()
+                for rec in batch.records():
+                    window.add(key_of(rec), rec.len, now)
+                if now >= next_print:
+                    break
+            now = time.monotonic()
+            if now < next_print:
+                continue
+            window.expire(now)
+            show(window, args, sub)
+            printed += 1
+            if args.once is not None or (args.iterations and printed >= args.iterations):
+                return 0
+            next_print += args.refresh
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,516 @@
+"""`fanoutd doctor`: what affects capture on an interface, and what to change.
+
+One section per topic, each with a status: ok, note (worth knowing, nothing required),
+change (capture loses or alters packets as things are: the advice says what to do) or
+unknown (could not be checked, and why). `run_doctor` returns 1 when any section says
+change, else 0.
+
+Nothing here sends a packet. The kernel's fanout support is probed with AF_PACKET sockets
+that carry a drop-all filter before they are bound, join groups of their own (the kernel
+picks unused ids), and are closed at once: they receive nothing and touch no other group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import json
+import os
+import re
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TextIO
+
+from fanoutd import _linux, fanout, filter, ring
+from fanoutd.config import Config
+
+OK, NOTE, CHANGE, UNKNOWN = "ok", "note", "change", "unknown"
+
+# ioctls on a socket: they answer for the caller's network namespace.
+SIOCGIFFLAGS = 0x8913
+SIOCGIFMTU = 0x8921
+SIOCETHTOOL = 0x8946
+IFF_UP = 0x1
+IFF_RUNNING = 0x40
+IFNAMSIZ = 16
+IFREQ_SIZE = 40  # struct ifreq on 64-bit Linux
+# Legacy ethtool commands (struct ethtool_value), used when the ethtool tool is missing.
+ETHTOOL_GFLAGS = 0x25
+ETHTOOL_GGRO = 0x2B
+ETH_FLAG_RXVLAN = 1 << 8
+ETH_FLAG_LRO = 1 << 15
+
+# The kernel's layout of a TPACKET_V3 block: a 48-byte block header, then each packet at
+# tp_mac = TPACKET_ALIGN(TPACKET3_HDRLEN + 16) - 14 = 82 bytes into its frame (for an
+# Ethernet header, no PACKET_RESERVE). A packet longer than block_size - 48 - 82 is cut.
+BLOCK_HEADER = 48
+FRAME_MAC_OFFSET = 82
+GRO_MAX_DEFAULT = 65536
+ETHERNET_HEADER = 14
+VLAN_TAG = 4
+
+# How each fanout mode places the two directions of a flow.
+SYMMETRY = {
+    "hash": (True, "the kernel's symmetric flow hash (addresses and ports in a canonical "
+                   "order) picks the worker, so both directions of a flow reach the same one"),
+    "lb": (False, "round robin, packet by packet: a flow is spread over every worker"),
+    "cpu": (False, "the CPU that received the packet: both directions meet only if the NIC's "
+                   "RSS (or RPS) steers them to one CPU, which needs a symmetric RSS key "
+                   "(not the default on most NICs)"),
+    "rnd": (False, "a random worker per packet"),
+    "qm": (False, "the NIC's receive queue: both directions meet only if its RSS hash is "
+                  "symmetric (not the default on most NICs)"),
+    "rollover": (False, "fills one worker until its ring is full, then the next: flows "
+                        "move between workers with the load"),
+}
+
+
+@dataclass
+class Section:
+    """One topic of the report."""
+
+    title: str
+    status: str = OK
+    found: list[str] = field(default_factory=list)
+    advice: list[str] = field(default_factory=list)
+
+    def worse(self, status: str) -> None:
+        """Raise the status to `status` if that is more serious."""
+        order = (OK, UNKNOWN, NOTE, CHANGE)
+        if order.index(status) > order.index(self.status):
+            self.status = status
+
+
+@dataclass
+class Offloads:
+    """Receive offload settings: {ethtool feature name: (on, fixed)}, and where from."""
+
+    features: dict[str, tuple[bool, bool]]
+    source: str  # "ethtool", "ioctl" or "" (nothing could be read)
+    note: str = ""
+
+
+# --------------------------------------------------------------------------- probes
+
+
+def _ifreq(ifname: str, request: int, payload: bytes = b"") -> bytes:
+    buf = ifname.encode()[:IFNAMSIZ - 1].ljust(IFNAMSIZ, b"\0") + payload
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        return fcntl.ioctl(s, request, buf.ljust(IFREQ_SIZE, b"\0"))
+
+
+def interface_mtu(ifname: str) -> int:
+    """The interface's MTU (SIOCGIFMTU)."""
+    return struct.unpack_from("i", _ifreq(ifname, SIOCGIFMTU), IFNAMSIZ)[0]
+
+
+def interface_flags(ifname: str) -> int:
+    """The interface's IFF_* flags (SIOCGIFFLAGS)."""
+    return struct.unpack_from("H", _ifreq(ifname, SIOCGIFFLAGS), IFNAMSIZ)[0]
+
+
+def find_ethtool() -> str | None:
+    """The ethtool program on PATH (Debian: /usr/sbin/ethtool, package ethtool)."""
+    return shutil.which("ethtool")
+
+
+def read_offloads(ifname: str) -> Offloads:
+    """Receive offloads from `ethtool -k`, or from the legacy ethtool ioctls without it."""
+    tool = find_ethtool()
+    missing = ("ethtool is not installed (apt-get install ethtool): read with the legacy "
+               "ethtool ioctls instead, which cover VLAN offload, GRO and LRO only")
+    if tool is not None:
+        try:
+            proc = subprocess.run([tool, "-k", ifname], capture_output=True, text=True,
+                                  timeout=10, check=False)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            missing = f"ethtool -k {ifname} failed ({e}): read with the legacy ioctls"
+        else:
+            if proc.returncode == 0:
+                return Offloads(parse_ethtool_features(proc.stdout), "ethtool")
+            missing = (f"ethtool -k {ifname} failed: {proc.stderr.strip() or proc.returncode}"
+                       f"; read with the legacy ioctls")
+    return Offloads(read_offloads_ioctl(ifname), "ioctl", missing)
+
+
+def parse_ethtool_features(text: str) -> dict[str, tuple[bool, bool]]:
+    """`ethtool -k` output -> {feature: (on, fixed)}."""
+    out = {}
+    for line in text.splitlines():
+        m = re.match(r"\s*([\w-]+): (on|off)(?: \[(.*)\])?\s*$", line)
+        if m:
+            out[m.group(1)] = (m.group(2) == "on", m.group(3) == "fixed")
+    return out
+
+
+def _ethtool_value(ifname: str, cmd: int) -> int | None:
+    """One legacy SIOCETHTOOL command (struct ethtool_value {u32 cmd; u32 data})."""
+    value = ctypes.create_string_buffer(struct.pack("II", cmd, 0), 8)
+    try:
+        _ifreq(ifname, SIOCETHTOOL, struct.pack("P", ctypes.addressof(value)))
+    except OSError:
+        return None
+    return struct.unpack("II", value.raw)[1]
+
+
+def read_offloads_ioctl(ifname: str) -> dict[str, tuple[bool, bool]]:
+    """VLAN offload, LRO and GRO from the legacy ioctls; `fixed` is not known here."""
+    out = {}
+    flags = _ethtool_value(ifname, ETHTOOL_GFLAGS)
+    if flags is not None:
+        out["rx-vlan-offload"] = (bool(flags & ETH_FLAG_RXVLAN), False)
+        out["large-receive-offload"] = (bool(flags & ETH_FLAG_LRO), False)
+    gro = _ethtool_value(ifname, ETHTOOL_GGRO)
+    if gro is not None:
+        out["generic-receive-offload"] = (bool(gro), False)
+    return out
+
+
+def gro_max_size(ifname: str) -> int:
+    """The largest packet GRO builds on the interface (gro_max_size, BIG TCP raises it)."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError, ValueError, IndexError,
+                             KeyError, TypeError):
+        proc = subprocess.run(["ip", "-d", "-j", "link", "show", "dev", ifname],
+                              capture_output=True, text=True, timeout=10, check=True)
+        return int(json.loads(proc.stdout)[0]["gro_max_size"])
+    return GRO_MAX_DEFAULT
+
+
+def link_speed_mbps(ifname: str) -> int | None:
+    """Link speed from sysfs (right under `ip netns exec`, which remounts /sys)."""
+    try:
+        with open(f"/sys/class/net/{ifname}/speed") as f:
+            speed = int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+    return speed if speed > 0 else None
+
+
+@contextlib.contextmanager
+def _silent_socket(ifname: str) -> Iterator[socket.socket]:
+    """An AF_PACKET socket bound to ifname that receives nothing: the drop-all filter is
+    attached before bind() starts delivery. PACKET_FANOUT needs a bound, running socket."""
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+    try:
+        filter.attach(sock, filter.DROP_ALL)
+        sock.bind((ifname, _linux.ETH_P_ALL))
+        yield sock
+    finally:
+        sock.close()
+
+
+def try_fanout(ifname: str, word: int) -> str | None:
+    """Join a new fanout group of type `word` (mode | flags) with a silent socket: None
+    when the kernel accepts it, else its reason. The kernel picks an unused group id
+    (PACKET_FANOUT_FLAG_UNIQUEID), so no existing group is ever joined."""
+    try:
+        with _silent_socket(ifname) as sock:
+            arg = (word | _linux.PACKET_FANOUT_FLAG_UNIQUEID) << 16
+            sock.setsockopt(_linux.SOL_PACKET, _linux.PACKET_FANOUT, struct.pack("=I", arg))
+    except PermissionError:
+        raise
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            text = f"{n:.0f}" if n == int(n) else f"{n:.1f}"
+            return f"{text} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _mem_total() -> int | None:
+    with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def ring_section(cfg: Config, speed: int | None) -> Section:
+    """Page size, the largest block, the configured ring: valid, memory, time covered."""
+    s = Section("Ring and page size")
+    page, order = ring.page_size(), ring.max_page_order()
+    largest = page << order
+    geo = cfg.ring.geometry
+    workers = cfg.workers or 1
+    s.found.append(f"page size {page} bytes, MAX_ORDER {order}: a block must be a power of "
+                   f"two from {_size(page)} to {_size(largest)} (one physically contiguous "
+                   f"allocation)")
+    s.found.append(f"ring: {geo.block_count} blocks of {_size(geo.block_size)}, frame_size "
+                   f"{geo.frame_size}, block_timeout {geo.block_timeout_ms} ms")
+    problems = geo.problems(page, order)
+    for name, rule in problems:
+        s.worse(CHANGE)
+        s.found.append(f"ring.{name}: {rule}")
+    if not problems:
+        s.found.append("it follows every rule of this kernel (RingGeometry.problems)")
+    memory = _mem_total()
+    share = f" ({100 * geo.size * workers / memory:.1f}% of {_size(memory)} of RAM)" \
+        if memory else ""
+    s.found.append(f"memory: {_size(geo.size)} per worker, {_size(geo.size * workers)} for "
+                   f"{workers} workers{share}, locked in the kernel")
+    if memory and geo.size * workers > memory // 4:
+        s.worse(NOTE)
+        s.advice.append("the rings take over a quarter of RAM: lower ring.block_count or "
+                        "workers unless this machine does nothing else")
+    if not problems:
+        try:
+            sock = ring.open_capture_socket(cfg.interface, geo, cfg.ring.rxhash)
+        except ring.CapturePermissionError:
+            s.worse(UNKNOWN)
+            s.found.append("could not test-allocate the ring: opening an AF_PACKET socket "
+                           "needs CAP_NET_RAW (run doctor as root)")
+        except ring.CaptureError as e:
+            s.worse(CHANGE)
+            s.found.append(f"the kernel refused a ring of this geometry: {e}")
+            s.advice.append("lower ring.block_size or ring.block_count")
+        else:
+            sock.close()
+            s.found.append(f"the kernel allocated one such ring on {cfg.interface} (and it "
+                           f"was freed at once)")
+    low = geo.block_count * geo.block_timeout_ms / 1000
+    s.found.append(f"at low rates the ring covers {low:g} s: the kernel retires a block "
+                   f"after {geo.block_timeout_ms} ms however little it holds, so "
+                   f"{geo.block_count} blocks x {geo.block_timeout_ms} ms is how long a "
+                   f"worker may stall before packets are dropped")
+    if low < 1:
+        s.worse(NOTE)
+        s.advice.append(f"a worker that stalls {low:g} s loses packets even at a trickle: "
+                        f"raise ring.block_count or ring.block_timeout_ms")
+    if speed:
+        seconds = geo.size * workers / (speed * 1e6 / 8)
+        s.found.append(f"at the link's {speed} Mb/s the {workers} rings hold about "
+                       f"{seconds * 1000:.0f} ms of traffic")
+    return s
+
+
+def packet_size_section(cfg: Config, mtu: int, offloads: Offloads, gro_max: int) -> Section:
+    """MTU (and GRO/LRO merged packets) versus what one block can hold."""
+    s = Section("MTU and packet size")
+    geo = cfg.ring.geometry
+    holds = geo.block_size - BLOCK_HEADER - FRAME_MAC_OFFSET
+    wire = mtu + ETHERNET_HEADER + 2 * VLAN_TAG
+    s.found.append(f"MTU {mtu}: frames up to {wire} bytes on the wire (with two VLAN tags)")
+    s.found.append(f"a block holds one packet of up to {holds} bytes (block_size "
+                   f"{geo.block_size} minus the {BLOCK_HEADER}-byte block header and the "
+                   f"{FRAME_MAC_OFFSET}-byte frame header); longer packets are truncated")
+    s.found.append(f"frame_size ({geo.frame_size}) does not limit packets: with TPACKET_V3 "
+                   f"packets are packed into the block one after another, and frame_size "
+                   f"only sets how the kernel counts frames")
+    merging = [name for name in ("generic-receive-offload", "large-receive-offload",
+                                 "rx-gro-hw") if offloads.features.get(name, (False,))[0]]
+    largest = wire
+    if merging:
+        largest = max(wire, gro_max + ETHERNET_HEADER)
+        s.found.append(f"with {', '.join(merging)} on, merged packets reach "
+                       f"{largest} bytes (gro_max_size {gro_max})")
+    if largest > holds:
+        s.worse(CHANGE)
+        need = _next_power_of_two(largest + BLOCK_HEADER + FRAME_MAC_OFFSET)
+        s.advice.append(f"packets up to {largest} bytes do not fit a block: raise "
+                        f"ring.block_size to {need} (--block-size {need})"
+                        + (", or turn GRO/LRO off (see below)" if merging else ""))
+    else:
+        s.found.append(f"the largest packet expected ({largest} bytes) fits")
+    return s
+
+
+def vlan_section(ifname: str, offloads: Offloads) -> Section:
+    s = Section("VLAN offload")
+    state = offloads.features.get("rx-vlan-offload")
+    if state is None:
+        s.worse(UNKNOWN)
+        s.found.append("rx-vlan-offload (VLAN tag stripping): could not be read")
+        return s
+    s.found.append(f"rx-vlan-offload (VLAN tag stripping): {_onoff(state)}")
+    stag = offloads.features.get("rx-vlan-stag-hw-parse")
+    if stag is not None:
+        s.found.append(f"rx-vlan-stag-hw-parse (802.1ad outer tags): {_onoff(stag)}")
+    if state[0]:
+        s.found.append("the driver strips the outer VLAN tag into the packet's metadata; "
+                       "the kernel passes it in the ring header and fanoutd reports it in "
+                       "`vlan` (outermost first) and counts its 4 bytes back into `len`, as "
+                       "tcpdump does: nothing to change")
+        s.found.append("a classic BPF capture filter sees the frame without the stripped "
+                       "tag (match it with the vlan ancillary fields, not by offset)")
+    else:
+        s.found.append("tags stay in the frame and fanoutd parses them into `vlan`: "
+                       "nothing to change")
+    return s
+
+
+def gro_section(ifname: str, offloads: Offloads) -> Section:
+    s = Section("GRO and LRO")
+    names = {"generic-receive-offload": "GRO", "large-receive-offload": "LRO",
+             "rx-gro-hw": "hardware GRO", "rx-gro-list": "GRO fraglist"}
+    to_turn_off, fixed_on = [], []
+    for name, label in names.items():
+        state = offloads.features.get(name)
+        if state is None:
+            continue
+        s.found.append(f"{name} ({label}): {_onoff(state)}")
+        if state[0] and name != "rx-gro-list":
+            (fixed_on if state[1] else to_turn_off).append(name)
+    if not s.found:
+        s.worse(UNKNOWN)
+        s.found.append("GRO and LRO: could not be read")
+        return s
+    if to_turn_off or fixed_on:
+        s.found.append("merging is on: the capture sees fewer, larger packets than the wire "
+                       "carried (counts, sizes, timing and TCP flags per segment are lost)")
+    if to_turn_off:
+        s.worse(CHANGE)
+        short = {"generic-receive-offload": "gro", "large-receive-offload": "lro",
+                 "rx-gro-hw": "rx-gro-hw"}
+        words = " ".join(f"{short[n]} off" for n in to_turn_off)
+        s.advice.append(f"for a sensor, turn merging off: ethtool -K {ifname} {words}")
+    if fixed_on:
+        s.worse(NOTE)
+        s.found.append(f"{', '.join(fixed_on)} is fixed on by the driver and cannot be "
+                       f"turned off")
+    if not (to_turn_off or fixed_on):
+        s.found.append("no merging: the capture sees the packets the wire carried")
+    return s
+
+
+def symmetry_section(cfg: Config) -> Section:
+    s = Section("Flow symmetry")
+    mode, flags = cfg.fanout.mode, cfg.fanout.flags
+    symmetric, how = SYMMETRY[mode]
+    s.found.append(f"configured: fanout {mode}, flags {','.join(flags) or 'none'}")
+    s.found.append(f"{mode}: {how}")
+    if not symmetric:
+        s.worse(NOTE)
+        s.advice.append("if each worker (or a consumer per worker) must see whole flows, "
+                        "use fanout.mode hash (--fanout hash)")
+    if "rollover" in flags:
+        s.worse(NOTE)
+        s.found.append("the rollover flag moves packets to another worker while the chosen "
+                       "worker's ring is full: a flow may then be split")
+    if mode == "hash" and "defrag" not in flags:
+        s.found.append("IP fragments carry no ports, so they hash on addresses alone and may "
+                       "reach another worker than the rest of their flow; the defrag flag "
+                       "reassembles them first (fanout.flags: [defrag])")
+    for other, (sym, _) in SYMMETRY.items():
+        if other != mode:
+            s.found.append(f"{other}: {'both directions together' if sym else 'not guaranteed'}")
+    return s
+
+
+def fanout_section(cfg: Config, up: bool) -> Section:
+    s = Section("Kernel fanout support")
+    ifname = cfg.interface
+    s.found.append(f"kernel {os.uname().release}")
+    try:
+        modes = {m: try_fanout(ifname, word) for m, word in fanout.MODES.items()}
+        flags = {f: try_fanout(ifname, fanout.MODES["hash"] | word)
+                 for f, word in fanout.FLAGS.items()}
+        configured = try_fanout(ifname, fanout.type_word(cfg.fanout.mode, cfg.fanout.flags))
+    except PermissionError:
+        s.worse(UNKNOWN)
+        s.found.append("could not probe: AF_PACKET sockets need CAP_NET_RAW (run doctor as "
+                       "root)")
+        return s
+    for m, reason in modes.items():
+        s.found.append(f"mode {m}: {'supported' if reason is None else 'refused: ' + reason}")
+    # Every probe asks for a kernel-chosen id: if the base probe worked, uniqueid did.
+    s.found.append(f"flag uniqueid: {'supported' if modes['hash'] is None else 'unknown'}")
+    for f, reason in flags.items():
+        s.found.append(f"flag {f}: {'supported' if reason is None else 'refused: ' + reason}")
+    combo = f"{cfg.fanout.mode}" + "".join(f"+{f}" for f in cfg.fanout.flags)
+    if configured is None:
+        s.found.append(f"the configured {combo}: accepted")
+    else:
+        s.worse(CHANGE)
+        s.found.append(f"the configured {combo}: refused: {configured}")
+        s.advice.append("choose a fanout mode and flags this kernel accepts (above)")
+    refused = [r for r in (*modes.values(), *flags.values(), configured) if r is not None]
+    if refused and configured is None:
+        s.worse(NOTE)
+    if refused and not up:
+        s.found.append(f"{ifname} is down: some kernels refuse to start a fanout group on "
+                       f"a socket whose interface is down")
+        s.advice.append(f"bring it up (ip link set {ifname} up) and run doctor again")
+    return s
+
+
+def _onoff(state: tuple[bool, bool]) -> str:
+    return ("on" if state[0] else "off") + (" [fixed]" if state[1] else "")
+
+
+# --------------------------------------------------------------------------- report
+
+
+def examine(cfg: Config) -> tuple[str, list[Section]]:
+    """Every section for cfg.interface, and a one-line headline."""
+    ifname = cfg.interface
+    index = socket.if_nametoindex(ifname)
+    flags = interface_flags(ifname)
+    mtu = interface_mtu(ifname)
+    up = bool(flags & IFF_UP)
+    state = ("up" if up else "down") + ("" if flags & IFF_RUNNING or not up else ", no carrier")
+    offloads = read_offloads(ifname)
+    speed = link_speed_mbps(ifname)
+    headline = (f"fanoutd doctor: {ifname} (index {index}, {state}, MTU {mtu}"
+                f"{f', {speed} Mb/s' if speed else ''}); {cfg.workers} workers, fanout "
+                f"{cfg.fanout.mode}")
+    sections = [
+        ring_section(cfg, speed),
+        packet_size_section(cfg, mtu, offloads, gro_max_size(ifname)),
+        vlan_section(ifname, offloads),
+        gro_section(ifname, offloads),
+        symmetry_section(cfg),
+        fanout_section(cfg, up),
+    ]
+    if offloads.note:
+        for s in sections[2:4]:
+            s.found.insert(0, offloads.note)
+    return headline, sections
+
+
+def render(headline: str, sections: list[Section]) -> str:
+    """The report as text: the headline, then each section and its advice."""
+    lines = [headline]
+    for s in sections:
+        lines += ["", f"[{s.status}] {s.title}"]
+        lines += [f"    {text}" for text in s.found]
+        lines += [f"    -> {text}" for text in s.advice]
+    to_change = [s.title for s in sections if s.status == CHANGE]
+    lines.append("")
+    lines.append(f"to change: {', '.join(to_change)}" if to_change else "nothing to change")
+    return "\n".join(lines) + "\n"
+
+
+def run_doctor(cfg: Config, out: TextIO) -> int:
+    """Write the report for cfg.interface (which must exist) on `out`; return the exit
+    status: 1 when a section says change, else 0."""
+    try:
+        headline, sections = examine(cfg)
+    except OSError as e:
+        if e.errno in (errno.ENODEV, errno.ENXIO):
+            print(f"fanoutd doctor: interface {cfg.interface!r} does not exist",
+                  file=sys.stderr)
+            return 69
+        raise
+    out.write(render(headline, sections))
+    out.flush()
+    return 1 if any(s.status == CHANGE for s in sections) else 0

@@ -1,0 +1,158 @@
+"""`fanoutd doctor` on the namespace's veth: each section with the interface's real values,
+the advice when something should change, and the exit statuses."""
+
+import mmap
+import re
+
+import netlab
+import pytest
+
+from fanoutd import ring
+
+pytestmark = pytest.mark.integration
+
+TITLES = ("Ring and page size", "MTU and packet size", "VLAN offload", "GRO and LRO",
+          "Flow symmetry", "Kernel fanout support")
+MODES = ("hash", "lb", "cpu", "rnd", "qm", "rollover")
+
+
+def sections(report: str) -> dict[str, tuple[str, str]]:
+    """{title: (status, body)} from the report's "[status] title" blocks."""
+    found = {}
+    for m in re.finditer(r"^\[(\w+)\] (.+)\n((?:    .*\n)*)", report, re.M):
+        found[m.group(2)] = (m.group(1), m.group(3))
+    return found
+
+
+def ethtool_features(ns: netlab.NetNS, ifname: str = "cap0") -> dict[str, str]:
+    """{feature: "on" | "off" | "off [fixed]" ...} as ethtool -k reports them."""
+    out = ns.exec("ethtool", "-k", ifname)
+    return dict(re.findall(r"^\s*([\w-]+): ((?:on|off)(?: \[fixed\])?)", out, re.M))
+
+
+def doctor(ns: netlab.NetNS, *args: str, env: dict | None = None):
+    return netlab.run_cli(ns, "doctor", "--interface", "cap0", "--workers", "2", *args,
+                          env=env)
+
+
+def test_doctor_reports_the_veth_as_it_is(ns):
+    proc = doctor(ns)
+    report = proc.stdout
+    assert proc.returncode == 0, report + proc.stderr
+    found = sections(report)
+    assert tuple(found) == TITLES, report
+    assert report.rstrip().endswith("nothing to change")
+    assert "cap0 (index" in report.splitlines()[0] and "MTU 1500" in report.splitlines()[0]
+
+    status, body = found["Ring and page size"]
+    assert status == "ok", report
+    assert f"page size {mmap.PAGESIZE} bytes, MAX_ORDER {ring.max_page_order()}" in body
+    assert "256 blocks of 128 KiB" in body  # the defaults of config.py
+    assert "32 MiB per worker, 64 MiB for 2 workers" in body
+    assert "the kernel allocated one such ring on cap0" in body
+    assert "the ring covers 2.56 s" in body  # 256 blocks x 10 ms
+
+    status, body = found["MTU and packet size"]
+    assert status == "ok" and "MTU 1500: frames up to 1522 bytes" in body, report
+    assert "up to 130942 bytes" in body  # 131072 - 48 - 82
+
+    feats = ethtool_features(ns)
+    status, body = found["VLAN offload"]
+    assert feats["rx-vlan-offload"] == "on"  # a veth strips tags: a fact this test relies on
+    assert f"rx-vlan-offload (VLAN tag stripping): {feats['rx-vlan-offload']}" in body
+    assert "reports it in `vlan`" in body and status == "ok"
+
+    status, body = found["GRO and LRO"]
+    for name in ("generic-receive-offload", "large-receive-offload"):
+        assert f"{name} " in body and f": {feats[name]}\n" in body.split(f"{name} ", 1)[1], body
+    assert status == ("change" if feats["generic-receive-offload"] == "on" else "ok")
+
+    status, body = found["Flow symmetry"]
+    assert status == "ok" and "configured: fanout hash" in body
+    assert "both directions of a flow reach the same one" in body
+
+    status, body = found["Kernel fanout support"]
+    assert status == "ok", report
+    for mode in MODES:
+        assert f"mode {mode}: supported" in body, body
+    for flag in ("uniqueid", "defrag", "rollover", "ignore-outgoing"):
+        assert f"flag {flag}: supported" in body, body
+    assert "the configured hash: accepted" in body
+
+
+def test_doctor_says_what_to_change(ns):
+    """GRO on, a jumbo MTU and small blocks: doctor says what to change and exits 1."""
+    ns.exec("ethtool", "-K", "cap0", "gro", "on")
+    ns.exec("ip", "link", "set", "cap0", "mtu", "9000")
+    proc = doctor(ns, "--block-size", "8192", "--block-count", "64", "--block-timeout", "5",
+                  "--fanout", "lb", "--fanout-flags", "defrag")
+    report = proc.stdout
+    assert proc.returncode == 1, report + proc.stderr
+    found = sections(report)
+
+    status, body = found["GRO and LRO"]
+    assert status == "change" and "generic-receive-offload (GRO): on" in body, report
+    assert "-> for a sensor, turn merging off: ethtool -K cap0 gro off" in body
+
+    status, body = found["MTU and packet size"]
+    assert status == "change" and "MTU 9000: frames up to 9022 bytes" in body, report
+    assert "up to 8062 bytes" in body  # 8192 - 130
+    assert "raise ring.block_size to 131072" in body  # a 64 KiB GRO packet needs it
+
+    status, body = found["Ring and page size"]
+    assert status == "note" and "the ring covers 0.32 s" in body, report  # 64 x 5 ms
+
+    status, body = found["Flow symmetry"]
+    assert status == "note" and "lb: round robin" in body and "--fanout hash" in body
+
+    assert found["Kernel fanout support"][0] == "ok"
+    assert "the configured lb+defrag: accepted" in found["Kernel fanout support"][1]
+    assert report.rstrip().endswith("to change: MTU and packet size, GRO and LRO")
+
+
+def test_doctor_without_ethtool_reads_the_ioctls(ns):
+    """Without ethtool on PATH, doctor says so and still reports VLAN offload and GRO."""
+    env = {"PATH": "/usr/bin:/bin"}  # `ip` is in /usr/bin on Debian, ethtool in /usr/sbin
+    proc = netlab.run_cli(ns, "doctor", "--interface", "cap0", "--workers", "2", env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    found = sections(proc.stdout)
+    feats = ethtool_features(ns)
+    _, body = found["VLAN offload"]
+    assert "ethtool is not installed" in body
+    assert f"rx-vlan-offload (VLAN tag stripping): {feats['rx-vlan-offload']}" in body
+    gro = feats["generic-receive-offload"].split()[0]
+    assert f"generic-receive-offload (GRO): {gro}\n" in found["GRO and LRO"][1]
+
+
+def test_doctor_missing_interface(ns):
+    proc = netlab.run_cli(ns, "doctor", "--interface", "nosuch0")
+    assert proc.returncode == 69, proc.stdout + proc.stderr
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "nosuch0" in lines[0] and "does not exist" in lines[0], lines
+
+
+def test_doctor_invalid_ring(ns):
+    proc = doctor(ns, "--block-size", "1000")
+    assert proc.returncode == 78, proc.stdout + proc.stderr
+    assert "ring.block_size (--block-size): must be a positive multiple of the page size" \
+        in proc.stderr
+
+
+def test_doctor_probes_leave_no_socket_open(ns):
+    """Run in this process (in the namespace): every probe socket is closed again."""
+    from fanoutd import doctor as doctor_module
+    from fanoutd.config import load_config
+
+    def packet_sockets() -> int:
+        with open("/proc/thread-self/net/packet") as f:
+            return len(f.read().strip().splitlines()) - 1  # minus the header line
+
+    with netlab.in_netns(ns.name):
+        cfg = load_config(None, {"interface": "cap0", "workers": "2"})
+        before = packet_sockets()
+        _, found = doctor_module.examine(cfg)
+        after = packet_sockets()
+    assert [s.title for s in found] == list(TITLES)
+    assert found[-1].status == "ok", found[-1]
+    assert before == after == 0
