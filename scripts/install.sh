@@ -12,7 +12,7 @@ fi
 # libsystemd-dev + pkg-config + gcc: systemd-python builds against libsystemd.
 # tcpdump, netsniff-ng (trafgen), prometheus (promtool): used by tests and benchmarks.
 packages=(python3-venv python3-dev gcc pkg-config libsystemd-dev iproute2 procps
-          tcpdump netsniff-ng prometheus)
+          tcpdump netsniff-ng prometheus ethtool)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -25,5 +25,5 @@ fi
 python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[test]'
+.venv/bin/python -m pip install -q -e '.[test,bench]'
 echo "fanoutd installed: $(pwd)/.venv/bin/fanoutd"
