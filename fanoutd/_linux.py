@@ -106,3 +106,16 @@ def packet_mreq(ifindex: int, mr_type: int) -> bytes:
     """struct packet_mreq { int mr_ifindex; u16 mr_type; u16 mr_alen; u8 mr_address[8]; }"""
     return struct.pack("@iHH8s", ifindex, mr_type, 0, b"")
 
+
+
+# Timestamping (PACKET_TIMESTAMP takes SO_TIMESTAMPING flags) and the driver's abilities.
+SOF_TIMESTAMPING_RX_HARDWARE = 1 << 2
+SOF_TIMESTAMPING_RX_SOFTWARE = 1 << 3
+SOF_TIMESTAMPING_SOFTWARE = 1 << 4
+SOF_TIMESTAMPING_RAW_HARDWARE = 1 << 6
+SO_TIMESTAMPING = 37
+SIOCETHTOOL = 0x8946
+ETHTOOL_GET_TS_INFO = 0x41
+# struct ethtool_ts_info: cmd, so_timestamping, phc_index, tx_types, tx_reserved[3],
+#   rx_filters, rx_reserved[3]
+ETHTOOL_TS_INFO = struct.Struct("=IIiI12xI12x")

@@ -126,7 +126,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def _config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", metavar="FILE", help="YAML configuration file")
-    p.add_argument("--interface", metavar="IF", help="interface to capture on (or auto)")
+    p.add_argument("--interface", metavar="IF", action="append",
+                   help="interface to capture on (or auto); repeat for several")
+    p.add_argument("--filter", metavar="EXPR",
+                   help="capture filter in tcpdump syntax (compiled by libpcap)")
+    p.add_argument("--no-promisc", dest="promisc", action="store_const", const="false",
+                   help="do not put the interface in promiscuous mode")
+    p.add_argument("--payload-bytes", metavar="N",
+                   help="add a `payload` field with the first N bytes after the headers")
+    p.add_argument("--timestamp", metavar="SOURCE", help="software (default) or hardware")
     p.add_argument("--workers", metavar="N", help="worker processes (or auto: one per CPU)")
     p.add_argument("--fanout", metavar="MODE", help="hash, lb, cpu, rnd, qm or rollover")
     p.add_argument("--fanout-flags", metavar="FLAGS",
@@ -149,7 +157,7 @@ def _config_flags(p: argparse.ArgumentParser) -> None:
 def _overrides(args: argparse.Namespace) -> dict:
     keys = ("interface", "workers", "fanout", "fanout_flags", "group_id", "publish", "hwm",
             "metrics", "block_size", "block_count", "frame_size", "block_timeout", "log_level",
-            "runtime_dir", "user")
+            "runtime_dir", "user", "filter", "promisc", "payload_bytes", "timestamp")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -181,7 +189,8 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if isinstance(cfg, int):
         return cfg
-    print(f"configuration is valid: capture on {cfg.interface} with {cfg.workers} workers")
+    captures = ", ".join(f"{c.interface} ({c.workers} workers)" for c in cfg.interfaces)
+    print(f"configuration is valid: capture on {captures}")
     return 0
 
 

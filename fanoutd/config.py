@@ -10,15 +10,17 @@ import pwd
 import re
 import socket
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any
 
 import yaml
 
 from fanoutd import fanout, ring
+from fanoutd.filter import FilterError, compile_expression
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
-MAX_WORKERS = 256  # PACKET_FANOUT_MAX: members of one fanout group
+MAX_WORKERS = fanout.MAX_MEMBERS  # the workers of one interface share a fanout group
 
 
 @dataclass(frozen=True)
@@ -76,10 +78,39 @@ class SupervisorConfig:
     status_interval_ms: int = 5_000
 
 
+TIMESTAMP_SOURCES = ("software", "hardware")
+MAX_PAYLOAD_BYTES = 65535
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    """One interface's capture: the top-level keys of the same names are the defaults that
+    each `interfaces` entry may override."""
+
+    interface: str = "auto"
+    workers: int | None = None  # None: one per CPU
+    filter: str = ""  # tcpdump syntax; "" captures everything
+    promisc: bool = True
+    payload_bytes: int = 0
+    timestamp: str = "software"
+    fanout: FanoutConfig = field(default_factory=FanoutConfig)
+    ring: RingConfig = field(default_factory=RingConfig)
+
+
+CAPTURE_KEYS = tuple(f.name for f in fields(CaptureConfig))
+
+
 @dataclass(frozen=True)
 class Config:
     interface: str = "auto"
     workers: int | None = None  # None: one per CPU
+    filter: str = ""
+    promisc: bool = True
+    payload_bytes: int = 0
+    timestamp: str = "software"
+    # The captures, complete; in a file, entries only name what differs from the keys
+    # above. Without it, one capture made of the keys above.
+    interfaces: tuple[CaptureConfig, ...] = ()
     user: str | None = "nobody"  # workers and the proxy drop to it; None: stay as started
     runtime_dir: str | None = None  # None: $RUNTIME_DIRECTORY, /run/fanoutd or the temp dir
     fanout: FanoutConfig = field(default_factory=FanoutConfig)
@@ -93,6 +124,10 @@ class Config:
 # Command-line flags that override a key; used to name the flag in error messages too.
 FLAG_KEYS = {
     "interface": "interface",
+    "filter": "filter",
+    "promisc": "promisc",
+    "payload_bytes": "payload_bytes",
+    "timestamp": "timestamp",
     "workers": "workers",
     "fanout": "fanout.mode",
     "fanout_flags": "fanout.flags",
@@ -141,21 +176,92 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
     raw = _read_yaml(path) if path else {}
     labels: dict[str, str] = {}
     for dest, value in (overrides or {}).items():
-        if value is None:
-            continue
-        key = FLAG_KEYS[dest]
-        labels[key] = f"{key} (--{dest.replace('_', '-')})"
-        _set_path(raw, key, value)
+        if value is not None:
+            _apply_flag(raw, dest, value, labels)
     cfg = _build(Config, raw, "", labels, problems)
+    captures = _build_captures(raw, labels, problems)
+    cfg = replace(cfg, interfaces=tuple(c for _, c in captures))
     if not problems:
-        problems.extend(_check(cfg, labels))
+        problems.extend(_check(cfg, captures, labels))
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(list(dict.fromkeys(problems)))
     if resolve:
-        cfg = _resolve(cfg, labels, problems)
-        if problems:
-            raise InterfaceUnavailable(problems)
+        cfg = _resolve(cfg, captures, labels)
     return cfg
+
+
+def _apply_flag(raw: dict, dest: str, value: Any, labels: dict[str, str]) -> None:
+    """Put a flag's value into the raw file data: flags win over the file."""
+    key = FLAG_KEYS[dest]
+    flag = f"--{dest.replace('_', '-')}"
+    entries = raw.get("interfaces")
+    if dest == "interface":  # --interface IF, repeatable: capture on these, in this order
+        names = value if isinstance(value, list) else [value]
+        labels["interface"] = f"interface ({flag})"
+        raw["interface"] = names[0]
+        if len(names) > 1 or isinstance(entries, list):
+            kept = {e.get("interface"): e for e in entries or [] if isinstance(e, dict)}
+            raw["interfaces"] = [{**kept.get(name, {}), "interface": name} for name in names]
+            for i in range(len(names)):
+                labels[f"interfaces[{i}].interface"] = f"interfaces[{i}].interface ({flag})"
+        return
+    labels[key] = f"{key} ({flag})"
+    _set_path(raw, key, value)
+    if key.split(".")[0] in CAPTURE_KEYS and isinstance(entries, list):
+        for i, entry in enumerate(entries):  # a flag also wins over each entry
+            if isinstance(entry, dict):
+                _set_path(entry, key, value)
+                labels[f"interfaces[{i}].{key}"] = f"interfaces[{i}].{key} ({flag})"
+
+
+def _build_captures(raw: dict, labels: dict[str, str],
+                    problems: list[tuple[str, str]]) -> list[tuple[str, CaptureConfig]]:
+    """(key prefix, CaptureConfig) for each capture: one from the top-level keys, or one
+    per `interfaces` entry, each entry merged onto the top-level keys. A problem in an
+    inherited value is reported once, at the top level."""
+    defaults = {k: raw[k] for k in CAPTURE_KEYS if k in raw}
+    entries = raw.get("interfaces")
+    if entries is None:
+        found: list[tuple[str, str]] = []
+        capture = _build(CaptureConfig, defaults, "", labels, found)
+        return [("", capture)]
+    if not isinstance(entries, list) or not entries:
+        problems.append(("interfaces", "must be a list of mappings, each with at least "
+                                       "`interface`"))
+        return []
+    captures = []
+    for i, entry in enumerate(entries):
+        prefix = f"interfaces[{i}]."
+        if not isinstance(entry, dict) or "interface" not in entry:
+            problems.append((prefix.rstrip("."), "must be a mapping with at least "
+                                                 "`interface`"))
+            continue
+        found = []
+        capture = _build(CaptureConfig, _merge(defaults, entry), prefix, labels, found)
+        problems.extend(p for p in found if _set_in(entry, p[0].split(" ")[0][len(prefix):]))
+        captures.append((prefix, capture))
+    return captures
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """over on top of base, section by section (a `ring` entry changes only its keys)."""
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _set_in(raw: dict, key: str) -> bool:
+    """Whether the dotted key (or a section of it) is set in raw."""
+    node: Any = raw
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def _read_yaml(path: str) -> dict:
@@ -207,7 +313,7 @@ def _build(cls: type, raw: Any, prefix: str, labels: dict[str, str],
             problems.append((f"{prefix}{key}", f"unknown key (known: {', '.join(known)})"))
     values = {}
     for name, f in known.items():
-        if name not in raw:
+        if name not in raw or name == "interfaces":  # interfaces: see _build_captures
             continue
         key = prefix + name
         default = getattr(cls(), name)
@@ -260,39 +366,28 @@ def _kind(value: Any) -> str:
                                                                          type(value).__name__)
 
 
-def _check(cfg: Config, labels: dict[str, str]) -> list[tuple[str, str]]:
+def _check(cfg: Config, captures: list[tuple[str, CaptureConfig]],
+           labels: dict[str, str]) -> list[tuple[str, str]]:
     """Rules between and within values, once every value has its type."""
     problems = []
 
     def bad(key: str, reason: str) -> None:
         problems.append((labels.get(key, key), reason))
 
-    if (not cfg.interface or len(cfg.interface) >= 16
-            or any(c in cfg.interface for c in "/:\0") or cfg.interface.strip() != cfg.interface
-            or not cfg.interface.isprintable()):
-        bad("interface", f"must be an interface name (1-15 characters) or auto, "
-                         f"got {cfg.interface!r}")
-    if cfg.workers is not None and not 1 <= cfg.workers <= MAX_WORKERS:
-        bad("workers", f"must be between 1 and {MAX_WORKERS} (members of one fanout group) "
-                       f"or auto, got {cfg.workers}")
-    if cfg.fanout.mode not in fanout.MODES:
-        bad("fanout.mode", f"must be one of {', '.join(fanout.MODES)}, got {cfg.fanout.mode!r}")
-    for flag in cfg.fanout.flags:
-        if flag not in fanout.FLAGS:
-            bad("fanout.flags", f"unknown flag {flag!r} (known: {', '.join(fanout.FLAGS)})")
-    if cfg.fanout.group_id is not None and not 0 <= cfg.fanout.group_id <= fanout.MAX_GROUP_ID:
-        bad("fanout.group_id", f"must be between 0 and {fanout.MAX_GROUP_ID} or auto, "
-                               f"got {cfg.fanout.group_id}")
-    geometry_problems = cfg.ring.geometry.problems(ring.page_size(), ring.max_page_order())
-    for name, reason in geometry_problems:
-        bad(f"ring.{name}", reason)
+    total_memory, workers_total = 0, 0
+    names: dict[str, str] = {}
+    for prefix, capture in captures:
+        total_memory += _check_capture(capture, prefix, bad)
+        if capture.interface != "auto" and capture.interface in names:
+            bad(f"{prefix}interface", f"{capture.interface} is captured already by "
+                                      f"{names[capture.interface]}")
+        names.setdefault(capture.interface, prefix + "interface")
+        workers_total += capture.workers or os.cpu_count() or 1
     memory = _memory_total()
-    workers = cfg.workers or os.cpu_count() or 1
-    total = workers * cfg.ring.geometry.size
-    if not geometry_problems and memory and total > memory // 2:
-        bad("ring.block_count", f"{workers} workers x {cfg.ring.block_count} blocks x "
-                                f"{cfg.ring.block_size} bytes is {total >> 20} MiB of kernel "
-                                f"memory, more than half of this machine's {memory >> 20} MiB")
+    if memory and total_memory > memory // 2:
+        bad(f"{captures[-1][0]}ring.block_count",
+            f"{workers_total} workers' rings take {total_memory >> 20} MiB of kernel memory, "
+            f"more than half of this machine's {memory >> 20} MiB")
     reason = endpoint_problem(cfg.publish.endpoint)
     if reason:
         bad("publish.endpoint", reason)
@@ -317,6 +412,45 @@ def _check(cfg: Config, labels: dict[str, str]) -> list[tuple[str, str]]:
     if cfg.log.level not in LOG_LEVELS:
         bad("log.level", f"must be one of {', '.join(LOG_LEVELS)}, got {cfg.log.level!r}")
     return problems
+
+
+def _check_capture(c: CaptureConfig, prefix: str, bad: Callable[[str, str], None]) -> int:
+    """One capture's rules, keys under prefix; returns the kernel memory its rings take."""
+    if (not c.interface or len(c.interface) >= 16
+            or any(ch in c.interface for ch in "/:\0") or c.interface.strip() != c.interface
+            or not c.interface.isprintable()):
+        bad(f"{prefix}interface", f"must be an interface name (1-15 characters) or auto, "
+                                  f"got {c.interface!r}")
+    if c.workers is not None and not 1 <= c.workers <= MAX_WORKERS:
+        bad(f"{prefix}workers", f"must be between 1 and {MAX_WORKERS} (members of one fanout "
+                                f"group) or auto, got {c.workers}")
+    if c.fanout.mode not in fanout.MODES:
+        bad(f"{prefix}fanout.mode", f"must be one of {', '.join(fanout.MODES)}, "
+                                    f"got {c.fanout.mode!r}")
+    for flag in c.fanout.flags:
+        if flag not in fanout.FLAGS:
+            bad(f"{prefix}fanout.flags", f"unknown flag {flag!r} (known: "
+                                         f"{', '.join(fanout.FLAGS)})")
+    if c.fanout.group_id is not None and not 0 <= c.fanout.group_id <= fanout.MAX_GROUP_ID:
+        bad(f"{prefix}fanout.group_id", f"must be between 0 and {fanout.MAX_GROUP_ID} or "
+                                        f"auto, got {c.fanout.group_id}")
+    geometry_problems = c.ring.geometry.problems(ring.page_size(), ring.max_page_order())
+    for name, reason in geometry_problems:
+        bad(f"{prefix}ring.{name}", reason)
+    if c.filter:
+        try:
+            compile_expression(c.filter)
+        except FilterError as e:
+            bad(f"{prefix}filter", f"{c.filter!r} does not compile: {e}")
+    if not 0 <= c.payload_bytes <= MAX_PAYLOAD_BYTES:
+        bad(f"{prefix}payload_bytes", f"must be between 0 (off) and {MAX_PAYLOAD_BYTES}, "
+                                      f"got {c.payload_bytes}")
+    if c.timestamp not in TIMESTAMP_SOURCES:
+        bad(f"{prefix}timestamp", f"must be one of {', '.join(TIMESTAMP_SOURCES)}, "
+                                  f"got {c.timestamp!r}")
+    if geometry_problems:
+        return 0
+    return (c.workers or os.cpu_count() or 1) * c.ring.geometry.size
 
 
 def _check_security(cfg: Config, labels: dict[str, str]) -> list[tuple[str, str]]:
@@ -412,23 +546,49 @@ def parse_host_port(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _resolve(cfg: Config, labels: dict[str, str],
-             problems: list[tuple[str, str]]) -> Config:
-    interface = cfg.interface
-    if interface == "auto":
-        interface = default_interface()
-        if interface is None:
-            problems.append(("interface", "auto found no default route and no other interface "
-                                          "that is up; set interface"))
-            return cfg
-    else:
-        try:
-            socket.if_nametoindex(interface)
-        except OSError:
-            problems.append((labels.get("interface", "interface"),
-                             f"interface {interface!r} does not exist"))
-            return cfg
-    return replace(cfg, interface=interface, workers=cfg.workers or os.cpu_count() or 1)
+def _resolve(cfg: Config, captures: list[tuple[str, CaptureConfig]],
+             labels: dict[str, str]) -> Config:
+    """Replace what depends on this machine (auto interface and workers) by what it
+    resolves to. A missing interface raises InterfaceUnavailable; hardware timestamps
+    that the interface cannot give, ConfigError."""
+    missing: list[tuple[str, str]] = []
+    unsupported: list[tuple[str, str]] = []
+    resolved = []
+    for prefix, capture in captures:
+        key = f"{prefix}interface"
+        interface = capture.interface
+        if interface == "auto":
+            interface = default_interface()
+            if interface is None:
+                missing.append((key, "auto found no default route and no other interface "
+                                     "that is up; set interface"))
+                continue
+        else:
+            try:
+                socket.if_nametoindex(interface)
+            except OSError:
+                missing.append((labels.get(key, key), f"interface {interface!r} does not "
+                                                      f"exist"))
+                continue
+        if capture.timestamp == "hardware" and not ring.hardware_rx_timestamps(interface):
+            tkey = f"{prefix}timestamp"
+            unsupported.append((labels.get(tkey, tkey), f"hardware: {interface} cannot "
+                                f"timestamp received packets in hardware (see ethtool -T "
+                                f"{interface}); use software"))
+        resolved.append(replace(capture, interface=interface,
+                                workers=capture.workers or os.cpu_count() or 1))
+    if missing:
+        raise InterfaceUnavailable(missing)
+    if unsupported:
+        raise ConfigError(unsupported)
+    names = [c.interface for c in resolved]
+    if len(set(names)) < len(names):
+        raise ConfigError([("interfaces", f"an interface is listed twice once auto is "
+                                          f"resolved: {', '.join(names)}")])
+    first = resolved[0]
+    return replace(cfg, interfaces=tuple(resolved),
+                   interface=first.interface if len(resolved) == 1 else cfg.interface,
+                   workers=first.workers if len(resolved) == 1 else cfg.workers)
 
 
 def default_interface() -> str | None:
@@ -459,7 +619,7 @@ def to_dict(cfg: Any, prefix: str = "") -> dict:
         if is_dataclass(value):
             out[f.name] = to_dict(value, f"{prefix}{f.name}.")
         elif isinstance(value, tuple):
-            out[f.name] = list(value)
+            out[f.name] = [to_dict(v) if is_dataclass(v) else v for v in value]
         elif value is None:
             out[f.name] = "none" if prefix + f.name in NONE_KEYS else "auto"
         else:

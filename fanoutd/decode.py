@@ -15,6 +15,7 @@ from fanoutd import _linux
 
 FIELDS = (
     "ts_ns",
+    "ts_src",
     "len",
     "caplen",
     "ifindex",
@@ -38,6 +39,7 @@ FIELDS = (
 )
 (
     TS_NS,
+    TS_SRC,
     LEN,
     CAPLEN,
     IFINDEX,
@@ -79,6 +81,11 @@ ERROR_REASONS = (
     "truncated-icmp",
     "truncated-icmpv6",
 )
+
+PAYLOAD_FIELD = "payload"  # appended to FIELDS when payload bytes are asked for
+# Who stamped the packet (tp_status): the NIC, the kernel on receive, or the packet socket
+# itself when nothing earlier did.
+TS_HARDWARE, TS_SOFTWARE, TS_FALLBACK = "hardware", "software", "fallback"
 
 ETH_P_IP = 0x0800
 ETH_P_ARP = 0x0806
@@ -136,8 +143,11 @@ def decode_frame(
     rxhash: int = 0,
     pkttype: int = 0,
     vlan_tci: int | None = None,
+    ts_src: str = TS_FALLBACK,
+    payload_bytes: int = 0,
 ) -> list:
-    """Summarise the frame buf[off:off+caplen] into a row in FIELDS order.
+    """Summarise the frame buf[off:off+caplen] into a row in FIELDS order, plus a
+    `payload` column (up to payload_bytes bytes) when payload_bytes > 0.
 
     vlan_tci is the tag the kernel stripped into the ring header (TP_STATUS_VLAN_VALID),
     or None. Like libpcap, which puts such a tag back, `len` and `caplen` then count it.
@@ -148,61 +158,70 @@ def decode_frame(
         vlan.append(vlan_tci & 0x0FFF)
         caplen += VLAN_TAG_LEN
         wire_len += VLAN_TAG_LEN
-    row = [ts_ns, wire_len, caplen, ifindex, rxhash, pkttype, None, None, None, vlan,
+    row = [ts_ns, ts_src, wire_len, caplen, ifindex, rxhash, pkttype, None, None, None, vlan,
            None, None, None, None, None, None, None, None, None, False, None]
+    payload = _frame(buf, off, end, row)
+    if payload_bytes:
+        row.append(None if payload is None
+                   else buf[payload[0]:min(payload[0] + payload_bytes, payload[1])])
+    return row
 
+
+def _frame(buf: bytes, off: int, end: int, row: list) -> tuple[int, int] | None:
+    """Fill the row from the Ethernet header on; return where the payload lies (start,
+    end) or None when decoding stopped before it."""
     if end - off < 14:
         if end - off >= 6:
             row[ETH_DST] = buf[off:off + 6]
         if end - off >= 12:
             row[ETH_SRC] = buf[off + 6:off + 12]
         row[ERR] = "truncated-ethernet"
-        return row
+        return None
     row[ETH_DST], row[ETH_SRC], ethertype = _MACS_TYPE.unpack_from(buf, off)
     pos = off + 14
 
     while ethertype in VLAN_TPIDS:
         if end - pos < VLAN_TAG_LEN:
             row[ERR] = "truncated-vlan"
-            return row
+            return None
         tci, ethertype = _PORTS.unpack_from(buf, pos)
-        vlan.append(tci & 0x0FFF)
+        row[VLAN].append(tci & 0x0FFF)
         pos += VLAN_TAG_LEN
 
     if ethertype <= ETH_MAX_LENGTH_FIELD:
         # 802.3 with an LLC header; only SNAP with the zero OUI carries an ethertype.
         if end - pos < 3:
             row[ERR] = "truncated-llc"
-            return row
+            return None
         if buf[pos] != 0xAA or buf[pos + 1] != 0xAA:
-            return row
+            return pos + 3, end
         if end - pos < 8:
             row[ERR] = "truncated-llc"
-            return row
+            return None
         _, _, _, oui, ethertype = _LLC_SNAP.unpack_from(buf, pos)
         if oui not in SNAP_ETHERTYPE_OUIS:
-            return row
+            return pos + 8, end
         pos += 8
 
     row[ETHERTYPE] = ethertype
     if ethertype == ETH_P_IP:
-        _ipv4(buf, pos, end, row)
-    elif ethertype == ETH_P_IPV6:
-        _ipv6(buf, pos, end, row)
-    elif ethertype == ETH_P_ARP:
-        _arp(buf, pos, end, row)
-    return row
+        return _ipv4(buf, pos, end, row)
+    if ethertype == ETH_P_IPV6:
+        return _ipv6(buf, pos, end, row)
+    if ethertype == ETH_P_ARP:
+        return _arp(buf, pos, end, row)
+    return pos, end
 
 
-def _ipv4(buf: bytes, pos: int, end: int, row: list) -> None:
+def _ipv4(buf: bytes, pos: int, end: int, row: list) -> tuple[int, int] | None:
     if end - pos < 20:
         row[ERR] = "truncated-ipv4"
-        return
+        return None
     ver_ihl, total, frag, ttl, proto, src, dst = _IPV4.unpack_from(buf, pos)
     ihl = (ver_ihl & 0x0F) * 4
     if ver_ihl >> 4 != 4 or ihl < 20:
         row[ERR] = "bad-ipv4-header"
-        return
+        return None
     row[SRC] = src
     row[DST] = dst
     row[PROTO] = proto
@@ -213,23 +232,24 @@ def _ipv4(buf: bytes, pos: int, end: int, row: list) -> None:
     if total:  # 0 on GSO/BIG TCP packets captured before segmentation: length unknown
         if total < ihl:
             row[ERR] = "bad-ipv4-length"
-            return
+            return None
         end = min(end, pos + total)  # what follows is Ethernet padding, not payload
     if end - pos < ihl:
         row[ERR] = "truncated-ipv4"
-        return
-    if frag_offset == 0:  # only the first fragment carries the transport header
-        _transport(buf, pos + ihl, end, proto, row)
+        return None
+    if frag_offset:  # only the first fragment carries the transport header
+        return pos + ihl, end
+    return _transport(buf, pos + ihl, end, proto, row)
 
 
-def _ipv6(buf: bytes, pos: int, end: int, row: list) -> None:
+def _ipv6(buf: bytes, pos: int, end: int, row: list) -> tuple[int, int] | None:
     if end - pos < 40:
         row[ERR] = "truncated-ipv6"
-        return
+        return None
     vtf, payload_len, nxt, hlim, src, dst = _IPV6.unpack_from(buf, pos)
     if vtf >> 28 != 6:
         row[ERR] = "bad-ipv6-header"
-        return
+        return None
     row[SRC] = src
     row[DST] = dst
     row[TTL] = hlim
@@ -240,18 +260,18 @@ def _ipv6(buf: bytes, pos: int, end: int, row: list) -> None:
         if nxt in IPV6_EXT_8 or nxt == IPPROTO_AH:
             if end - pos < 2:
                 row[ERR] = "truncated-ipv6-ext"
-                return
+                return None
             following, hlen = _IPV6_EXT.unpack_from(buf, pos)
             hlen = (hlen + 2) * 4 if nxt == IPPROTO_AH else (hlen + 1) * 8
             if end - pos < hlen:
                 row[ERR] = "truncated-ipv6-ext"
-                return
+                return None
             nxt = following
             pos += hlen
         elif nxt == IPPROTO_FRAGMENT:
             if end - pos < 8:
                 row[ERR] = "truncated-ipv6-ext"
-                return
+                return None
             following, offset_flags = _IPV6_FRAG.unpack_from(buf, pos)
             if offset_flags & 0xFFF9:  # fragment offset (bits 15..3) or more-fragments
                 row[FRAG] = True
@@ -259,47 +279,71 @@ def _ipv6(buf: bytes, pos: int, end: int, row: list) -> None:
             pos += 8
             if offset_flags >> 3:  # a later fragment: its payload starts mid-datagram
                 row[PROTO] = nxt
-                return
+                return pos, end
         else:
             break
     row[PROTO] = nxt
-    _transport(buf, pos, end, nxt, row)
+    return _transport(buf, pos, end, nxt, row)
 
 
-def _transport(buf: bytes, pos: int, end: int, proto: int, row: list) -> None:
+def _transport(buf: bytes, pos: int, end: int, proto: int,
+               row: list) -> tuple[int, int] | None:
+    """Ports, flags or ICMP type; returns the payload after the transport header (after
+    the network header for a protocol without one we parse)."""
     avail = end - pos
     if proto in _PORT_PROTOS:
         need, reason = _PORT_PROTOS[proto]
         if avail >= 4:
             row[SPORT], row[DPORT] = _PORTS.unpack_from(buf, pos)
+        header = need
         if proto == IPPROTO_TCP and avail >= 14:
             _, _, doff, flags = _TCP.unpack_from(buf, pos)
             row[TCP_FLAGS] = ((doff & 0x01) << 8) | flags  # NS, then CWR..FIN
             if doff >> 4 < 5:
                 row[ERR] = "bad-tcp-header"
-                return
+                return None
+            header = (doff >> 4) * 4
+        elif proto == IPPROTO_DCCP and avail >= 5:
+            header = max(need, buf[pos + 4] * 4)  # data offset, in 32-bit words
         if avail < need:
             row[ERR] = reason
-    elif proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
+            return None
+        return (pos + header, end) if avail >= header else None
+    if proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
         if avail >= 2:
             row[ICMP_TYPE], row[ICMP_CODE] = _ICMP.unpack_from(buf, pos)
         if avail < 4:
             row[ERR] = "truncated-icmp" if proto == IPPROTO_ICMP else "truncated-icmpv6"
+            return None
+        return (pos + 8, end) if avail >= 8 else None  # type, code, checksum, 4 more
+    return pos, end
 
 
-def _arp(buf: bytes, pos: int, end: int, row: list) -> None:
+def _arp(buf: bytes, pos: int, end: int, row: list) -> tuple[int, int] | None:
     if end - pos < 8:
         row[ERR] = "truncated-arp"
-        return
+        return None
     htype, ptype, hlen, plen, _op = _ARP.unpack_from(buf, pos)
-    if end - pos < 8 + 2 * (hlen + plen):
+    size = 8 + 2 * (hlen + plen)
+    if end - pos < size:
         row[ERR] = "truncated-arp"
-        return
+        return None
     if htype == 1 and ptype == ETH_P_IP and hlen == 6 and plen == 4:
         row[SRC], row[DST] = _ARP_IPV4.unpack_from(buf, pos + 8)
+    return pos + size, end
 
 
-def decode_block(block: bytes, first_offset: int, num_pkts: int, errors: dict) -> list:
+def ts_source(status: int) -> str:
+    """Who stamped a packet, from its tp_status."""
+    if status & _linux.TP_STATUS_TS_RAW_HARDWARE:
+        return TS_HARDWARE
+    if status & _linux.TP_STATUS_TS_SOFTWARE:
+        return TS_SOFTWARE
+    return TS_FALLBACK
+
+
+def decode_block(block: bytes, first_offset: int, num_pkts: int, errors: dict,
+                 payload_bytes: int = 0) -> list:
     """Decode every frame of one TPACKET_V3 block (a copy of its bytes) into rows.
 
     Frames are found by following tp_next_offset from first_offset. errors maps a
@@ -318,7 +362,8 @@ def decode_block(block: bytes, first_offset: int, num_pkts: int, errors: dict) -
         mac_off = pos + mac
         snaplen = min(snaplen, max(0, limit - mac_off))
         row = decode_frame(block, mac_off, snaplen, wire_len, sec * 1_000_000_000 + nsec,
-                           ifindex, rxhash, pkttype, tci if status & vlan_valid else None)
+                           ifindex, rxhash, pkttype, tci if status & vlan_valid else None,
+                           ts_source(status), payload_bytes)
         err = row[ERR]
         if err is not None:
             errors[err] = errors.get(err, 0) + 1

@@ -28,6 +28,7 @@ FLAGS = {
     "ignore-outgoing": _linux.PACKET_FANOUT_FLAG_IGNORE_OUTGOING,
 }
 MAX_GROUP_ID = 0xFFFF
+MAX_MEMBERS = 256  # PACKET_FANOUT_MAX: sockets in one group
 
 
 class FanoutError(Exception):

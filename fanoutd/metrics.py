@@ -12,7 +12,7 @@ import hashlib
 import hmac
 import socket
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from http.server import HTTPServer
 from typing import Protocol
 
@@ -53,12 +53,16 @@ class SlotView(Protocol):
     stats: SlotStats
 
 
-class StatsSource(Protocol):
+class CaptureView(Protocol):
+    """One interface's capture as the collector sees it (capture.Capture)."""
+
     interface: str
+    slots: list
     link_watch: LinkWatch | None
 
-    @property
-    def slots(self) -> Iterable[SlotView]: ...
+
+class StatsSource(Protocol):
+    captures: list
 
     def refresh_kernel_stats(self) -> None: ...
 
@@ -85,46 +89,47 @@ class SlotCollector:
 
     def collect(self) -> Iterator[Metric]:
         self.source.refresh_kernel_stats()
-        iface = self.source.interface
-        slots = list(self.source.slots)
-        snaps = [(str(slot.index), slot.stats.snapshot()) for slot in slots]
+        captures: list[CaptureView] = list(self.source.captures)
+        snaps = [(c.interface, str(slot.index), slot.stats.snapshot())
+                 for c in captures for slot in c.slots]
         for name, key, doc in SLOT_COUNTERS:
             family = CounterMetricFamily(name, doc, labels=("interface", "worker"))
-            for worker, snap in snaps:
+            for iface, worker, snap in snaps:
                 family.add_metric((iface, worker), snap[key])
             yield family
         errors = CounterMetricFamily("fanoutd_decode_errors",
                                      "Frames whose decoding stopped early, by reason.",
                                      labels=("interface", "worker", "reason"))
-        for worker, snap in snaps:
+        for iface, worker, snap in snaps:
             for reason in ERROR_REASONS:
                 errors.add_metric((iface, worker, reason), snap[f"err:{reason}"])
         yield errors
         backlog = GaugeMetricFamily("fanoutd_ring_blocks_user",
                                     "Ring blocks held by user space: the worker's backlog.",
                                     labels=("interface", "worker"))
-        for worker, snap in snaps:
+        for iface, worker, snap in snaps:
             backlog.add_metric((iface, worker), snap["blocks_user"])
         yield backlog
         up = GaugeMetricFamily("fanoutd_workers_up",
                                "Workers that have mapped their ring and are capturing.",
                                labels=("interface",))
-        up.add_metric((iface,), sum(snap["up"] for _, snap in snaps))
+        for c in captures:
+            up.add_metric((c.interface,), sum(slot.stats["up"] for slot in c.slots))
         yield up
-        watch = self.source.link_watch
-        if watch is not None:
-            events = CounterMetricFamily("fanoutd_link_events",
-                                         "Changes of the capture interface: down, up, gone "
-                                         "(deleted), returned (re-created, capture reopened).",
-                                         labels=("interface", "event"))
-            for event, count in watch.counts.items():
-                events.add_metric((iface, event), count)
-            yield events
-            link_up = GaugeMetricFamily("fanoutd_link_up",
-                                        "1 while the capture interface is up with carrier.",
-                                        labels=("interface",))
-            link_up.add_metric((iface,), int(watch.up))
-            yield link_up
+        events = CounterMetricFamily("fanoutd_link_events",
+                                     "Changes of the capture interface: down, up, gone "
+                                     "(deleted), returned (re-created, capture reopened).",
+                                     labels=("interface", "event"))
+        link_up = GaugeMetricFamily("fanoutd_link_up",
+                                    "1 while the capture interface is up with carrier.",
+                                    labels=("interface",))
+        for c in captures:
+            if c.link_watch is not None:
+                for event, count in c.link_watch.counts.items():
+                    events.add_metric((c.interface, event), count)
+                link_up.add_metric((c.interface,), int(c.link_watch.up))
+        yield events
+        yield link_up
         info = GaugeMetricFamily("fanoutd_build_info", "fanoutd version.", labels=("version",))
         info.add_metric((__version__,), 1)
         yield info

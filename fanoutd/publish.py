@@ -50,17 +50,19 @@ def batch_topic(iface: str, worker: int) -> bytes:
     return f"pkt.{iface}.{worker}".encode()
 
 
-def encode_batch(iface: str, worker: int, seq: int, rows: list) -> bytes:
+def encode_batch(iface: str, worker: int, seq: int, rows: list,
+                 fields: tuple[str, ...] = FIELDS) -> bytes:
     return msgpack.packb({"v": WIRE_VERSION, "iface": iface, "worker": worker, "seq": seq,
-                          "fields": FIELDS, "packets": rows}, use_bin_type=True)
+                          "fields": fields, "packets": rows}, use_bin_type=True)
 
 
 class BatchPublisher:
     """A worker's PUSH socket towards the proxy."""
 
     def __init__(self, ctx: zmq.Context, endpoint: str, iface: str, worker: int, ring_id: int,
-                 sndhwm: int) -> None:
+                 sndhwm: int, fields: tuple[str, ...] = FIELDS) -> None:
         self.iface = iface
+        self.fields = fields
         self.worker = worker
         self.ring_id = ring_id
         self.topic = batch_topic(iface, worker)
@@ -98,7 +100,7 @@ class BatchPublisher:
         the proxy can tell the worker which blocks it has passed on; subscribers never see
         it.
         """
-        body = encode_batch(self.iface, self.worker, block_seq - 1, rows)
+        body = encode_batch(self.iface, self.worker, block_seq - 1, rows, self.fields)
         envelope = ENVELOPE.pack(self.ring_id, block_seq)
         try:
             self.sock.send_multipart((envelope, self.topic, body), flags=zmq.NOBLOCK,
@@ -202,13 +204,13 @@ class ProxyPlan:
     backend: str  # ipc endpoint the workers push to
     frontend: str  # the public endpoint
     sndhwm: int
-    iface: str
     stats_interval_s: float
     user: str | None  # drop to this user once both endpoints are bound
     curve: CurveConfig
 
 
-def run_proxy(plan: ProxyPlan, ready_fd: int, table: StatsTable, rings: RingTable) -> int:
+def run_proxy(plan: ProxyPlan, ready_fd: int, tables: list[tuple[str, StatsTable]],
+              rings: RingTable) -> int:
     """The proxy process's main. Binds both endpoints and writes b"ok" (or the reason it
     could not) to ready_fd, drops privileges, then forwards batches (telling each ring's
     worker, through `rings`, what it passed on) and publishes the slots' counters on the
@@ -238,8 +240,9 @@ def run_proxy(plan: ProxyPlan, ready_fd: int, table: StatsTable, rings: RingTabl
         while not stopping:
             proxy.run_once(200, forwarded)
             if time.monotonic() >= next_stats:
-                body = msgpack.packb(stats_message(plan.iface, table), use_bin_type=True)
-                proxy.send(STATS_TOPIC, body)
+                for iface, table in tables:  # one message per interface
+                    body = msgpack.packb(stats_message(iface, table), use_bin_type=True)
+                    proxy.send(STATS_TOPIC, body)
                 next_stats = time.monotonic() + plan.stats_interval_s
         # The workers stop first and flush to us; pass on what they sent.
         for _ in range(10):

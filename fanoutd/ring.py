@@ -7,10 +7,13 @@ document), checked up front by `RingGeometry.problems` so a bad value is reporte
 name instead of as EINVAL from setsockopt.
 """
 
+import ctypes
 import errno
+import fcntl
 import mmap
 import select
 import socket
+import struct
 from dataclasses import dataclass
 
 from fanoutd import _linux, filter
@@ -239,3 +242,19 @@ class RxRing:
         """Hand a block back to the kernel."""
         _linux.BLOCK_STATUS.pack_into(self.map, index * self.geometry.block_size
                                       + _linux.BLOCK_STATUS_OFFSET, _linux.TP_STATUS_KERNEL)
+
+
+def hardware_rx_timestamps(ifname: str) -> bool:
+    """Whether the interface's driver can timestamp received packets in hardware
+    (ETHTOOL_GET_TS_INFO: SOF_TIMESTAMPING_RAW_HARDWARE and an rx filter)."""
+    info = bytearray(_linux.ETHTOOL_TS_INFO.size)
+    _linux.ETHTOOL_TS_INFO.pack_into(info, 0, _linux.ETHTOOL_GET_TS_INFO, 0, -1, 0, 0)
+    buf = ctypes.create_string_buffer(bytes(info))
+    ifreq = struct.pack("16sP", ifname.encode(), ctypes.addressof(buf))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            fcntl.ioctl(sock.fileno(), _linux.SIOCETHTOOL, ifreq)
+        except OSError:
+            return False
+    _, so_timestamping, _, _, rx_filters = _linux.ETHTOOL_TS_INFO.unpack_from(buf.raw)
+    return bool(so_timestamping & _linux.SOF_TIMESTAMPING_RAW_HARDWARE and rx_filters)

@@ -1,4 +1,5 @@
-"""The supervisor: owns the slot sockets, forks the proxy and the workers, keeps them alive.
+"""The supervisor: owns the capture sockets, forks the proxy and the workers, keeps them
+alive.
 
 Shaped after gunicorn's arbiter: signal handlers only record the signal (and wake the loop
 through the wakeup fd); one loop does all the work; children are reaped with
@@ -19,15 +20,21 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import fields
 
-from fanoutd import fanout, link, privileges, publish, ring, worker
-from fanoutd.config import MAX_WORKERS, Config, ConfigError, parse_host_port
-from fanoutd.filter import DROP_ALL
-from fanoutd.filter import attach as attach_filter
-from fanoutd.filter import detach as detach_filter
+from fanoutd import fanout, privileges, publish, ring, worker
+from fanoutd.capture import Capture, Child, Retiring, Slot
+from fanoutd.config import (
+    CAPTURE_KEYS,
+    MAX_WORKERS,
+    CaptureConfig,
+    Config,
+    ConfigError,
+    parse_host_port,
+)
+from fanoutd.filter import FilterError
 from fanoutd.metrics import MetricsServer
-from fanoutd.slotstats import RingTable, SlotStats, StatsTable
+from fanoutd.slotstats import RingTable
 from fanoutd.systemd import Notifier, set_log_context
 
 log = logging.getLogger("fanoutd")
@@ -45,7 +52,8 @@ BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 10.0
 STABLE_AFTER_S = 10.0  # a child that ran this long resets its failure count
 FATAL_AFTER = 5  # consecutive failed starts before a child goes FATAL
-RING_IDS = 2 * MAX_WORKERS  # every slot's ring, and its predecessor draining after a reload
+# Every slot's ring, and its predecessor draining after a reload, on up to 16 interfaces.
+RING_IDS = 2 * MAX_WORKERS * 16
 QUICK_RESTARTS = 3  # a running child that dies is replaced at once this many times in a row
 PROXY_READY_TIMEOUT_S = 10.0
 HUNG_KILL_AFTER_S = 2.0  # SIGTERM to a worker that stopped heartbeating, then SIGKILL
@@ -57,61 +65,20 @@ class StartupError(Exception):
         self.status = status
 
 
-@dataclass
-class Child:
-    name: str
-    main: Callable[[], int]
-    state: str = "STOPPED"
-    pid: int | None = None
-    started_at: float = 0.0
-    failures: int = 0
-    restart_at: float = 0.0
-    kill_at: float | None = None  # when a hung child that was sent SIGTERM gets SIGKILL
-
-
-@dataclass
-class Retiring:
-    """A worker draining its old ring after a reload, and what to close once it exits."""
-
-    child: Child
-    sock: socket.socket
-    ring_id: int
-    stats: SlotStats
-    kill_at: float
-
-
-@dataclass
-class Slot:
-    index: int
-    sock: socket.socket
-    ring_id: int
-    stats: SlotStats
-    child: Child | None = None
-
-    @property
-    def up(self) -> bool:
-        return self.child is not None and self.child.state == "RUNNING"
-
-
 class Supervisor:
     def __init__(self, cfg: Config, load_config: Callable[[], Config] | None = None) -> None:
         """load_config reads the configuration again, for SIGHUP (None: reload is off)."""
         self.cfg = cfg
         self.load_config = load_config or (lambda: cfg)
-        self.interface = cfg.interface
-        self.slot_list: list[Slot] = []
         self._ioctl_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # interface ioctls
-        self.link_watch: link.LinkWatch | None = None
-        self.reopen_pending = False
-        self.table = StatsTable(MAX_WORKERS)  # before any fork: every child sees every slot
+        # Shared memory, mapped before any fork so every child sees all of it.
         self.rings = RingTable(RING_IDS)
         self.free_ring_ids = list(range(RING_IDS))
-        self.retiring: list[Retiring] = []
+        self.captures: list[Capture] = []
         self.proxy: Child | None = None
         self.metrics: MetricsServer | None = None
         self.runtime_dir: str | None = None
         self.backend = ""
-        self.group_id: int | None = None
         self.signals: list[int] = []
         self.stopping = False
         self.exit_status = EXIT_OK
@@ -121,14 +88,11 @@ class Supervisor:
         self.status_at = 0.0
         self.status_packets = 0
 
-    @property
-    def slots(self) -> list[Slot]:
-        return self.slot_list
-
     # -- life cycle ---------------------------------------------------------------------
 
     def run(self) -> int:
-        set_log_context(interface=self.interface)
+        if len(self.cfg.interfaces) == 1:  # its records carry the field; with several, the text
+            set_log_context(interface=self.cfg.interfaces[0].interface)
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
         os.set_blocking(wake_w, False)
@@ -137,12 +101,14 @@ class Supervisor:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
             signal.signal(signum, self._record_signal)
         try:
-            self._open_slots()
+            for capture_cfg in self.cfg.interfaces:
+                self._open_capture(capture_cfg)
             self._warn_if_exposed()
             self._open_metrics()
             self._make_runtime_dir()
             self._start_proxy()
-            self._start_workers()
+            for capture in self.captures:
+                self._start_workers(capture)
             while not self.stopping:
                 self._loop_once()
         except StartupError as e:
@@ -155,59 +121,27 @@ class Supervisor:
             os.close(wake_w)
         return self.exit_status
 
-    def _open_slots(self) -> None:
+    def _new_capture(self, cfg: CaptureConfig) -> Capture:
+        several = len(self.cfg.interfaces) > 1
+        return Capture(cfg, self.rings, self.free_ring_ids, several)
+
+    def _open_capture(self, cfg: CaptureConfig) -> Capture:
+        """Open an interface's sockets into their fanout group and let traffic in."""
+        capture = self._new_capture(cfg)
         try:
-            socks = self._open_sockets(self.cfg, self.cfg.workers or 1)
+            socks = capture.open_sockets(cfg)
+            capture.open_up(socks, capture.program())
         except ring.CapturePermissionError as e:
             raise StartupError(str(e), EXIT_NOPERM) from None
-        except (ring.CaptureError, fanout.FanoutError) as e:
-            raise StartupError(str(e), EXIT_UNAVAILABLE) from None
-        for sock in socks:
-            detach_filter(sock)
-        self._set_slots(socks)
-        ifindex, up = link.probe(self.interface, self._ioctl_sock)
-        self.link_watch = link.LinkWatch(self.interface, ifindex or 0, up)
+        except (ring.CaptureError, fanout.FanoutError, FilterError, OSError) as e:
+            raise StartupError(f"{cfg.interface}: {e}", EXIT_UNAVAILABLE) from None
+        capture.set_slots(socks)
+        capture.watch_link(self._ioctl_sock)
+        self.captures.append(capture)
+        return capture
 
-    def _open_sockets(self, cfg: Config, count: int) -> list[socket.socket]:
-        """count capture sockets on cfg's interface, all in one new fanout group."""
-        socks: list[socket.socket] = []
-        try:
-            for _ in range(count):
-                socks.append(ring.open_capture_socket(cfg.interface, cfg.ring.geometry,
-                                                      cfg.ring.rxhash))
-            self.group_id = fanout.join_group(socks, cfg.fanout.mode, cfg.fanout.flags,
-                                              cfg.fanout.group_id)
-        except BaseException:
-            for sock in socks:
-                sock.close()
-            raise
-        return socks
-
-    def _set_slots(self, socks: list[socket.socket]) -> None:
-        """Slot i gets socks[i], with a fresh ring id; slots keep their counters, missing
-        ones are created, extra ones dropped. Nothing is started here."""
-        for index, sock in enumerate(socks):
-            ring_id = self.free_ring_ids.pop(0)
-            self.rings.forwarded[ring_id] = 0  # a new ring numbers its blocks from 1
-            if index < len(self.slot_list):
-                slot = self.slot_list[index]
-                slot.sock, slot.ring_id, slot.child = sock, ring_id, None
-            else:
-                self.slot_list.append(Slot(index, sock, ring_id, self.table[index]))
-            self.table[index]["active"] = 1
-        for slot in self.slot_list[len(socks):]:
-            slot.stats["active"] = slot.stats["up"] = 0
-        del self.slot_list[len(socks):]
-
-    def _close_ring(self, sock: socket.socket, ring_id: int, stats: SlotStats) -> None:
-        """Close a slot's capture socket, keeping its last kernel counts."""
-        with contextlib.suppress(OSError):
-            self._add_kernel_stats(sock, stats)
-        sock.close()
-        self.free_ring_ids.append(ring_id)
-
-    def _replace_rings(self, cfg: Config) -> bool:
-        """Move capture to new sockets, rings and fanout group for cfg, losing nothing.
+    def _replace_rings(self, capture: Capture, cfg: CaptureConfig) -> bool:
+        """Move a capture to new sockets, rings and fanout group for cfg, losing nothing.
 
         The new sockets form their group behind a drop-all filter; then, in one quick
         pass, their filters come off and the old sockets get one, so each packet lands in
@@ -218,84 +152,93 @@ class Supervisor:
         Returns False when the new sockets cannot be opened; capture then goes on as
         before.
         """
-        same_group = cfg.fanout.group_id is not None and cfg.fanout.group_id == self.group_id
-        count = cfg.workers or 1
+        same_group = (cfg.fanout.group_id is not None
+                      and cfg.fanout.group_id == capture.group_id)
         socks = None
-        if not same_group:
-            try:
-                socks = self._open_sockets(cfg, count)
-            except (ring.CaptureError, fanout.FanoutError) as e:
-                log.error("cannot capture on %s with the new settings: %s", cfg.interface, e)
-                return False
+        try:
+            program = capture.program(cfg)
+            if not same_group:
+                socks = capture.open_sockets(cfg)
+        except (ring.CaptureError, fanout.FanoutError, FilterError, OSError) as e:
+            log.error("cannot capture on %s with the new settings: %s", cfg.interface, e)
+            return False
         deadline = time.monotonic() + cfg.ring.block_timeout_ms / 500 + STOP_GRACE_S
-        for sock in socks or ():  # the switch: new rings open, then the old ones close
-            detach_filter(sock)
-        for slot in self.slot_list:
-            with contextlib.suppress(OSError):
-                attach_filter(slot.sock, DROP_ALL)
-        for slot in self.slot_list:
+        if socks is not None:  # the switch: the new rings open, then the old ones close
+            capture.open_up(socks, program)
+        capture.close_off()
+        for slot in capture.slots:
             if slot.child is not None and slot.child.pid is not None:
                 slot.child.state = "DRAINING"
                 _kill(slot.child.pid, signal.SIGUSR1)
-                self.retiring.append(Retiring(slot.child, slot.sock, slot.ring_id,
-                                              slot.stats, deadline))
+                capture.retiring.append(Retiring(slot.child, slot.sock, slot.ring_id,
+                                                 slot.stats, deadline))
             else:
-                self._close_ring(slot.sock, slot.ring_id, slot.stats)
-        self.cfg, self.interface = cfg, cfg.interface
+                capture.close_ring(slot.sock, slot.ring_id, slot.stats)
+        capture.cfg = cfg
         if socks is None:
-            self._wait_retired()
+            self._wait_retired(capture)
             try:
-                socks = self._open_sockets(cfg, count)
-            except (ring.CaptureError, fanout.FanoutError) as e:
+                socks = capture.open_sockets(cfg)
+                capture.open_up(socks, program)
+            except (ring.CaptureError, fanout.FanoutError, OSError) as e:
                 log.error("cannot capture on %s: %s; retrying", cfg.interface, e)
-                self.reopen_pending = True
+                capture.set_slots([])
+                capture.reopen_pending = True
                 return True
-            for sock in socks:
-                detach_filter(sock)
-        self._set_slots(socks)
-        self._start_workers()
+        capture.set_slots(socks)
+        self._start_workers(capture)
         self.announced_ready = False  # logs (and tells systemd) when capture is back
         return True
 
     def _check_retiring(self, now: float) -> None:
         """SIGKILL an old worker that did not finish draining in time."""
-        for old in self.retiring:
-            if now >= old.kill_at and old.child.pid is not None:
-                log.warning("%s did not finish draining its old ring; killing it",
-                            old.child.name)
-                _kill(old.child.pid, signal.SIGKILL)
-                old.kill_at = float("inf")
+        for capture in self.captures:
+            for old in capture.retiring:
+                if now >= old.kill_at and old.child.pid is not None:
+                    log.warning("%s did not finish draining its old ring; killing it",
+                                old.child.name)
+                    _kill(old.child.pid, signal.SIGKILL)
+                    old.kill_at = float("inf")
 
-    def _wait_retired(self) -> None:
-        while self.retiring:
+    def _wait_retired(self, capture: Capture) -> None:
+        while capture.retiring:
             self._check_retiring(time.monotonic())
             self._reap()
             time.sleep(0.01)
 
-    def _start_workers(self) -> None:
-        for slot in self.slot_list:
+    def _start_workers(self, capture: Capture) -> None:
+        for slot in capture.slots:
             if slot.child is None:
-                slot.child = Child(f"fanoutd-w{slot.index}", self._worker_main(slot))
+                slot.child = Child(capture.process_name(slot.index),
+                                   self._worker_main(capture, slot))
             self._spawn(slot.child)
 
-    def _watch_link(self) -> None:
-        """Log and count each change of the interface once; reopen after a re-creation."""
-        event = self.link_watch.check(self._ioctl_sock)
-        if event == "down":
-            log.warning("%s went down; capture resumes when it comes back up", self.interface)
-        elif event == "up":
-            log.info("%s is up again; capturing", self.interface)
-        elif event == "gone":
-            log.warning("%s was deleted; waiting for an interface of that name",
-                        self.interface)
-        elif event == "returned":
-            log.warning("%s exists again (ifindex %d): opening new capture sockets",
-                        self.interface, self.link_watch.ifindex)
-            self.reopen_pending = True
-        if self.reopen_pending and self.link_watch.ifindex is not None:
-            self.reopen_pending = False
-            if not self._replace_rings(self.cfg):
-                self.reopen_pending = True
+    def _retire_capture(self, capture: Capture) -> None:
+        """Stop capturing on an interface taken out of the configuration: its workers
+        drain their rings, then its sockets close."""
+        deadline = time.monotonic() + capture.cfg.ring.block_timeout_ms / 500 + STOP_GRACE_S
+        capture.close_off()
+        for slot in capture.slots:
+            if slot.child is not None and slot.child.pid is not None:
+                slot.child.state = "DRAINING"
+                _kill(slot.child.pid, signal.SIGUSR1)
+                capture.retiring.append(Retiring(slot.child, slot.sock, slot.ring_id,
+                                                 slot.stats, deadline))
+            else:
+                capture.close_ring(slot.sock, slot.ring_id, slot.stats)
+        capture.slots = []
+        self._wait_retired(capture)
+        self.captures.remove(capture)
+
+    def _watch_links(self) -> None:
+        """Log and count each interface change once; reopen after a re-creation."""
+        for capture in self.captures:
+            capture.watch_link(self._ioctl_sock)
+            watch = capture.link_watch
+            if capture.reopen_pending and watch is not None and watch.ifindex is not None:
+                capture.reopen_pending = False
+                if not self._replace_rings(capture, capture.cfg):
+                    capture.reopen_pending = True
 
     def _reload(self) -> None:
         """SIGHUP: read the configuration again. Invalid: say why and keep running as
@@ -314,23 +257,39 @@ class Supervisor:
         if cfg.metrics != old.metrics and not self._swap_metrics(cfg):
             return
         logging.getLogger().setLevel(cfg.log.level.upper())
-        rings = (cfg.interface, cfg.workers, cfg.ring, cfg.fanout, cfg.user) != (
-            old.interface, old.workers, old.ring, old.fanout, old.user)
-        proxy = (cfg.publish, cfg.user, cfg.interface, cfg.supervisor.status_interval_ms) != (
-            old.publish, old.user, old.interface, old.supervisor.status_interval_ms)
-        if rings and not self._replace_rings(cfg):
-            log.error("reload rejected, still running on the previous configuration")
-            return
         self.cfg = cfg
-        if cfg.interface != old.interface:
-            set_log_context(interface=cfg.interface)
-            ifindex, up = link.probe(cfg.interface, self._ioctl_sock)
-            self.link_watch = link.LinkWatch(cfg.interface, ifindex or 0, up)
+        by_name = {c.interface: c for c in self.captures}
+        wanted = {c.interface for c in cfg.interfaces}
+        for capture in [c for c in self.captures if c.interface not in wanted]:
+            log.info("no longer capturing on %s", capture.interface)
+            self._retire_capture(capture)
+        for capture_cfg in cfg.interfaces:
+            capture = by_name.get(capture_cfg.interface)
+            if capture is None:
+                self._reload_new_capture(capture_cfg)
+            elif capture_cfg != capture.cfg or cfg.user != old.user:
+                self._replace_rings(capture, capture_cfg)
+        for capture in self.captures:
+            capture.several = len(self.captures) > 1
+        proxy = (cfg.publish, cfg.user, cfg.supervisor.status_interval_ms) != (
+            old.publish, old.user, old.supervisor.status_interval_ms) or (
+            [c.interface for c in cfg.interfaces] != [c.interface for c in old.interfaces])
         if proxy and self.proxy is not None:
             self._stop_children([self.proxy])
             self._spawn_proxy()  # workers that dropped privileges reconnect by restarting
         changed = [f.name for f in fields(cfg) if getattr(cfg, f.name) != getattr(old, f.name)]
+        if any(name in CAPTURE_KEYS for name in changed):
+            changed.remove("interfaces")  # derived from the keys named already
         log.info("reloaded the configuration (changed: %s)", ", ".join(changed))
+
+    def _reload_new_capture(self, cfg: CaptureConfig) -> None:
+        try:
+            capture = self._open_capture(cfg)
+        except StartupError as e:
+            log.error("cannot capture on %s: %s", cfg.interface, e)
+            return
+        self._start_workers(capture)
+        self.announced_ready = False
 
     def _swap_metrics(self, cfg: Config) -> bool:
         """Serve metrics with cfg's settings; False (reload rejected) if it cannot."""
@@ -373,11 +332,11 @@ class Supervisor:
     def _make_runtime_dir(self) -> None:
         base = (self.cfg.runtime_dir or os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
                 or ("/run/fanoutd" if os.geteuid() == 0 else tempfile.gettempdir()))
+        first = self.cfg.interfaces[0].interface
         try:
             os.makedirs(base, mode=0o755, exist_ok=True)
             _remove_stale_runtime_dirs(base)
-            self.runtime_dir = tempfile.mkdtemp(prefix=f"{os.getpid()}-{self.interface}-",
-                                                dir=base)
+            self.runtime_dir = tempfile.mkdtemp(prefix=f"{os.getpid()}-{first}-", dir=base)
         except OSError as e:
             raise StartupError(f"runtime_dir: cannot create a directory in {base}: {e.strerror}",
                                EXIT_UNAVAILABLE) from None
@@ -389,10 +348,11 @@ class Supervisor:
         def main() -> int:  # in the child: the configuration current at the fork
             self._close_rings_in_child(keep=None)  # the proxy reads counters, never rings
             cfg = self.cfg.publish
-            plan = publish.ProxyPlan(self.backend, cfg.endpoint, cfg.sndhwm, self.interface,
+            plan = publish.ProxyPlan(self.backend, cfg.endpoint, cfg.sndhwm,
                                      self.cfg.supervisor.status_interval_ms / 1000,
                                      self.cfg.user, cfg.curve)
-            return publish.run_proxy(plan, self._proxy_ready_w, self.table, self.rings)
+            tables = [(c.interface, c.table) for c in self.captures]
+            return publish.run_proxy(plan, self._proxy_ready_w, tables, self.rings)
 
         self.proxy = Child("fanoutd-proxy", main)
         self._spawn_proxy(startup=True)
@@ -422,12 +382,13 @@ class Supervisor:
         else:
             log.error("fanoutd-proxy could not start: %s", answer or "no answer")
 
-    def _worker_main(self, slot: Slot) -> Callable[[], int]:
+    def _worker_main(self, capture: Capture, slot: Slot) -> Callable[[], int]:
         def main() -> int:  # in the child: the configuration current at the fork
             self._close_rings_in_child(keep=slot.sock)  # a worker touches its own ring only
-            cfg = self.cfg
-            plan = worker.WorkerPlan(self.interface, slot.ring_id, cfg.ring.geometry,
-                                     self.backend, cfg.publish.sndhwm, cfg.user)
+            cfg = capture.cfg
+            plan = worker.WorkerPlan(capture.interface, slot.ring_id, cfg.ring.geometry,
+                                     self.backend, self.cfg.publish.sndhwm, self.cfg.user,
+                                     cfg.payload_bytes, capture.process_name(slot.index))
             return worker.run_worker(slot.index, slot.sock, slot.stats, self.rings, plan)
 
         return main
@@ -435,9 +396,10 @@ class Supervisor:
     def _close_rings_in_child(self, keep: socket.socket | None) -> None:
         """In a new child: close every inherited capture socket but `keep`, so a ring's
         memory goes as soon as the supervisor closes it."""
-        for sock in [s.sock for s in self.slot_list] + [old.sock for old in self.retiring]:
-            if sock is not keep:
-                sock.close()
+        for capture in self.captures:
+            for sock in capture.sockets():
+                if sock is not keep:
+                    sock.close()
 
     def _spawn(self, child: Child) -> None:
         parent = os.getpid()
@@ -505,8 +467,7 @@ class Supervisor:
             self._reload()
 
     def _children(self) -> list[Child]:
-        found = [s.child for s in self.slot_list if s.child is not None]
-        found += [old.child for old in self.retiring]
+        found = [child for capture in self.captures for child in capture.children()]
         return [*found, self.proxy] if self.proxy is not None else found
 
     def _reap(self) -> None:
@@ -523,12 +484,13 @@ class Supervisor:
                     break
 
     def _child_exited(self, child: Child, status: int) -> None:
-        for old in self.retiring:
-            if old.child is child:  # an old worker done draining: close its ring
-                self.retiring.remove(old)
-                self._close_ring(old.sock, old.ring_id, old.stats)
-                child.pid, child.state = None, "STOPPED"
-                return
+        for capture in self.captures:
+            for old in capture.retiring:
+                if old.child is child:  # an old worker done draining: close its ring
+                    capture.retiring.remove(old)
+                    capture.close_ring(old.sock, old.ring_id, old.stats)
+                    child.pid, child.state = None, "STOPPED"
+                    return
         child.pid = None
         child.kill_at = None
         if self.stopping or child.state == "STOPPING":
@@ -564,7 +526,7 @@ class Supervisor:
 
     def _tick(self) -> None:
         now = time.monotonic()
-        for slot in self.slot_list:
+        for slot in self._slots():
             child = slot.child
             if child is None:
                 continue
@@ -583,18 +545,21 @@ class Supervisor:
             self._spawn_proxy()
         if now - self.kernel_stats_at >= KERNEL_STATS_EVERY_S:
             self.refresh_kernel_stats()
-        if self.link_watch is not None:
-            self._watch_link()
-        if not self.announced_ready and all(s.up for s in self.slot_list):
+        self._watch_links()
+        if not self.announced_ready and all(s.up for s in self._slots()):
             self.announced_ready = True
-            log.info("capturing on %s: %d workers, fanout %s (group %d), publishing on %s",
-                     self.interface, len(self.slot_list), self.cfg.fanout.mode,
-                     self.group_id, self.cfg.publish.endpoint)
+            for capture in self.captures:
+                log.info("capturing on %s: %d workers, fanout %s (group %d), publishing on "
+                         "%s", capture.interface, len(capture.slots), capture.cfg.fanout.mode,
+                         capture.group_id, self.cfg.publish.endpoint)
             self.notifier.ready(self._status_line(now))
         elif self.announced_ready and (now - self.status_at
                                        >= self.cfg.supervisor.status_interval_ms / 1000):
             self.notifier.status(self._status_line(now))
         self.notifier.watchdog(self._healthy())
+
+    def _slots(self) -> list[Slot]:
+        return [slot for capture in self.captures for slot in capture.slots]
 
     def _check_heartbeat(self, slot: Slot, child: Child, now: float) -> None:
         """A worker that stopped turning its loop gets SIGTERM, then SIGKILL; either way
@@ -617,50 +582,40 @@ class Supervisor:
     def _status_line(self, now: float) -> str:
         """One line for systemctl status: workers up, capture rate since the last line, drops."""
         self.refresh_kernel_stats()
-        packets = sum(s.stats["kernel_packets"] for s in self.slot_list)
-        drops = sum(s.stats["kernel_drops"] for s in self.slot_list)
+        slots = self._slots()
+        packets = sum(s.stats["kernel_packets"] for s in slots)
+        drops = sum(s.stats["kernel_drops"] for s in slots)
         rate = (packets - self.status_packets) / (now - self.status_at) if self.status_at else 0
         self.status_at, self.status_packets = now, packets
-        up = sum(s.up for s in self.slot_list)
-        return (f"{up}/{len(self.slot_list)} workers up on {self.interface}, "
-                f"{rate:.0f} packets/s, {drops} dropped")
+        up = sum(s.up for s in slots)
+        where = ", ".join(c.interface for c in self.captures)
+        return f"{up}/{len(slots)} workers up on {where}, {rate:.0f} packets/s, {drops} dropped"
 
     def _healthy(self) -> bool:
         """Every worker capturing and heartbeating, and the proxy running: feed the watchdog."""
         if self.proxy is None or self.proxy.state != "RUNNING":
             return False
         stale_before = time.monotonic_ns() - self.cfg.supervisor.heartbeat_timeout_ms * 1_000_000
-        return all(s.up and s.stats["heartbeat_ns"] > stale_before for s in self.slot_list)
+        return all(s.up and s.stats["heartbeat_ns"] > stale_before for s in self._slots())
 
     def refresh_kernel_stats(self) -> None:
-        """Fold PACKET_STATISTICS (reset by each read) into each slot's running totals,
-        old rings still draining included."""
+        """Fold every socket's PACKET_STATISTICS into its slot's running totals."""
         self.kernel_stats_at = time.monotonic()
-        for slot in self.slot_list:
-            self._add_kernel_stats(slot.sock, slot.stats)
-        for old in self.retiring:
-            self._add_kernel_stats(old.sock, old.stats)
-
-    @staticmethod
-    def _add_kernel_stats(sock: socket.socket, stats: SlotStats) -> None:
-        packets, drops, freezes = ring.read_kernel_stats(sock)
-        stats.add("kernel_packets", packets)
-        stats.add("kernel_drops", drops)
-        stats.add("kernel_freezes", freezes)
+        for capture in self.captures:
+            capture.refresh_kernel_stats()
 
     # -- stopping -----------------------------------------------------------------------
 
     def _shutdown(self) -> None:
         """Workers first (they flush their last batches to the proxy), then the proxy."""
         self.notifier.stopping()
-        workers = [s.child for s in self.slot_list if s.child is not None]
-        self._stop_children(workers + [old.child for old in self.retiring])
+        self._stop_children([c for capture in self.captures for c in capture.children()])
         if self.proxy is not None:
             self._stop_children([self.proxy])
-        if self.slot_list:
-            self.refresh_kernel_stats()
-        for slot in self.slot_list:
-            slot.sock.close()
+        self.refresh_kernel_stats()
+        for capture in self.captures:
+            for sock in capture.sockets():
+                sock.close()
         if self.metrics is not None:
             self.metrics.server_close()
         if self.runtime_dir:

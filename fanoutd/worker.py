@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import zmq
 
 from fanoutd import privileges, slotstats
-from fanoutd.decode import LEN, decode_block
+from fanoutd.decode import FIELDS, LEN, PAYLOAD_FIELD, decode_block
 from fanoutd.proctitle import set_process_name
 from fanoutd.publish import BatchPublisher
 from fanoutd.ring import RingGeometry, RxRing
@@ -59,15 +59,17 @@ class WorkerPlan:
     backend: str  # the proxy's ipc endpoint
     sndhwm: int
     user: str | None  # drop to this user once set up; None keeps the supervisor's
+    payload_bytes: int  # > 0: rows get a payload column
+    name: str  # process name: fanoutd-w0, or fd-eth1-w0 with several interfaces
 
 
 def run_worker(index: int, sock: socket.socket, stats: slotstats.SlotStats,
                rings: slotstats.RingTable, plan: WorkerPlan) -> int:
     """The worker process's main; returns its exit status."""
-    set_process_name(f"fanoutd-w{index}")
-    set_log_context(worker=index)
+    set_process_name(plan.name)
+    set_log_context(interface=plan.iface, worker=index)
     stop = _Stop()
-    stop.name = f"fanoutd-w{index}"
+    stop.name = plan.name
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGUSR1, stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group: the supervisor decides
@@ -78,7 +80,9 @@ def run_worker(index: int, sock: socket.socket, stats: slotstats.SlotStats,
         log.error("worker %d: cannot map the ring of %s: %s", index, plan.iface, e.strerror)
         return EXIT_BOOT_FAILED
     ctx = zmq.Context(1)
-    pub = BatchPublisher(ctx, plan.backend, plan.iface, index, plan.ring_id, plan.sndhwm)
+    fields = (*FIELDS, PAYLOAD_FIELD) if plan.payload_bytes else FIELDS
+    pub = BatchPublisher(ctx, plan.backend, plan.iface, index, plan.ring_id, plan.sndhwm,
+                         fields)
     try:
         # Everything privileged happens before this point: the ring is mapped and the
         # proxy's ipc socket (root's) connected. From here on the worker parses hostile
@@ -161,7 +165,7 @@ def _capture(rx: RxRing, pub: BatchPublisher, stats: slotstats.SlotStats,
             rx.advance()
             continue
         try:
-            rows = decode_block(block, first, num_pkts, errors)
+            rows = decode_block(block, first, num_pkts, errors, plan.payload_bytes)
         except Exception:
             # decode never raises on wire input (property-tested); if a bug makes it, skip
             # the block rather than crash on it again in every replacement worker.

@@ -159,7 +159,7 @@ class RingFrame:
     def __init__(self, data: bytes, sec: int = 0, nsec: int = 0, wire_len: int | None = None,
                  ifindex: int = 1, rxhash: int = 0, pkttype: int = 0,
                  vlan_tci: int | None = None, vlan_tpid: int = 0x8100,
-                 reserve: int = 0) -> None:
+                 reserve: int = 0, status: int = 0) -> None:
         self.data = data
         self.sec = sec
         self.nsec = nsec
@@ -170,6 +170,7 @@ class RingFrame:
         self.vlan_tci = vlan_tci
         self.vlan_tpid = vlan_tpid
         self.reserve = reserve  # PACKET_RESERVE headroom: moves tp_mac and tp_net
+        self.status = status  # more tp_status bits, e.g. the timestamp source
 
 
 TP_STATUS_USER = 1
@@ -192,7 +193,7 @@ def tpacket3_block(frames: list[RingFrame], seq: int = 1, fill: int = 0xEE,
         tp_mac = tp_net - 14
         size = tp_mac + len(f.data)
         next_offset = tpacket_align(size) if i < len(frames) - 1 else 0
-        status = TP_STATUS_USER
+        status = TP_STATUS_USER | f.status
         tci = tpid = 0
         if f.vlan_tci is not None:
             status |= TP_STATUS_VLAN_VALID | TP_STATUS_VLAN_TPID_VALID

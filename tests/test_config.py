@@ -3,7 +3,13 @@
 import pytest
 import yaml
 
-from fanoutd.config import Config, ConfigError, InterfaceUnavailable, dump, load_config
+from fanoutd.config import (
+    CaptureConfig,
+    ConfigError,
+    InterfaceUnavailable,
+    dump,
+    load_config,
+)
 
 
 def problems(path=None, **overrides):
@@ -19,7 +25,9 @@ def write(tmp_path, text):
 
 
 def test_shipped_config_is_valid_and_equals_the_defaults():
-    assert load_config("config/fanoutd.yaml", resolve=False) == Config()
+    shipped = load_config("config/fanoutd.yaml", resolve=False)
+    assert shipped == load_config(None, resolve=False)
+    assert shipped.interfaces == (CaptureConfig(),)
 
 
 def test_yaml_values_and_flag_overrides(tmp_path):

@@ -37,7 +37,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fanoutd import _linux
-from fanoutd.decode import ERROR_REASONS, FIELDS, as_dict, decode_block, decode_frame
+from fanoutd.decode import (
+    ERROR_REASONS,
+    FIELDS,
+    PAYLOAD_FIELD,
+    as_dict,
+    decode_block,
+    decode_frame,
+)
 
 SPEC = Path(__file__).resolve().parent.parent / "docs" / "wire-format.md"
 
@@ -124,7 +131,7 @@ def _spec_table(heading: str) -> list[str]:
 
 
 def test_fields_are_the_spec_row_fields():
-    assert _spec_table("### Row fields") == list(FIELDS)
+    assert _spec_table("### Row fields") == [*FIELDS, PAYLOAD_FIELD]
 
 
 def test_error_reasons_are_the_spec_reasons():
@@ -138,7 +145,8 @@ def test_ethernet_ii_udp_full_row():
     row = as_dict(decode_frame(frame, 0, len(frame), len(frame), ts_ns=1_700_000_000_123456789,
                                ifindex=7, rxhash=0xDEADBEEF, pkttype=3))
     assert row == {
-        "ts_ns": 1_700_000_000_123456789, "len": len(frame), "caplen": len(frame),
+        "ts_ns": 1_700_000_000_123456789, "ts_src": "fallback",
+        "len": len(frame), "caplen": len(frame),
         "ifindex": 7, "rxhash": 0xDEADBEEF, "pkttype": 3,
         "eth_dst": MAC_B, "eth_src": MAC_A, "ethertype": ETH_IP, "vlan": [],
         "src": A4, "dst": B4, "proto": UDP, "ttl": 64, "sport": 1000, "dport": 53,
@@ -842,3 +850,64 @@ def test_ipv6_payload_length_bounds_the_transport_header():
 def test_zero_ip_length_means_unknown_as_in_gso_and_big_tcp(frame):
     expected = {"sport": 1000, "dport": 80, "tcp_flags": SYN | ACK, "err": None}
     assert pick(decoded(frame), expected) == expected
+
+
+# --- timestamp source and payload bytes (issue 7) -------------------------------------------
+
+@pytest.mark.parametrize(("status", "source"), [
+    (0, "fallback"),
+    (_linux.TP_STATUS_TS_SOFTWARE, "software"),
+    (_linux.TP_STATUS_TS_RAW_HARDWARE, "hardware"),
+    (_linux.TP_STATUS_TS_RAW_HARDWARE | _linux.TP_STATUS_TS_SOFTWARE, "hardware"),
+])
+def test_ts_src_from_the_ring_status(status, source):
+    block, first, num = tpacket3_block([RingFrame(UDP4, status=status)])
+    (row,) = decode_block(block, first, num, {})
+    assert as_dict(row)["ts_src"] == source
+
+
+def payload_of(frame: bytes, n: int = 8, cut: int | None = None) -> bytes | None:
+    cut = len(frame) if cut is None else cut
+    row = decode_frame(frame, 0, cut, len(frame), payload_bytes=n)
+    assert len(row) == len(FIELDS) + 1
+    return row[-1]
+
+
+@pytest.mark.parametrize(("frame", "payload"), [
+    pytest.param(udp4_frame(SRC4, DST4, 1, 2, b"0123456789"), b"01234567", id="udp"),
+    pytest.param(tcp4_frame(SRC4, DST4, 1, 2, SYN, b"GET / HTTP/1.1"), b"GET / HT", id="tcp"),
+    pytest.param(eth4(TCP, tcp(1, 2, ACK, b"data", options=bytes(12))), b"data", id="tcp-options"),
+    pytest.param(eth4(SCTP, sctp(1, 2) + b"chunkdata"), b"chunkdat", id="sctp"),
+    pytest.param(eth4(ICMP, icmp(8, 0, b"\x00\x01\x00\x02ping!")), b"ping!", id="icmp-echo"),
+    pytest.param(eth4(47, b"\x00\x00\x08\x00greinner"), b"\x00\x00\x08\x00grei",
+                 id="gre-after-ip-header"),
+    pytest.param(eth6(UDP, udp(1, 2, b"v6payload")), b"v6payloa", id="ipv6-udp"),
+    pytest.param(eth6_chain((HOPOPTS, DSTOPTS), UDP, udp(1, 2, b"behind ext")), b"behind e",
+                 id="ipv6-ext-udp"),
+    pytest.param(eth4(UDP, b"fragment-data", flags_frag=4), b"fragment", id="later-fragment"),
+    pytest.param(eth(BROADCAST, MAC_A, 0x88CC, b"lldp-tlvs"), b"lldp-tlv", id="other-ethertype"),
+    pytest.param(eth(BROADCAST, MAC_A, ETH_ARP,
+                     arp(1, MAC_A, SRC4, bytes(6), DST4) + b"pad"), b"pad", id="arp-trailer"),
+    pytest.param(udp4_frame(SRC4, DST4, 1, 2, b"abc") + bytes(18), b"abc",
+                 id="ip-length-excludes-ethernet-padding"),
+    pytest.param(udp4_frame(SRC4, DST4, 1, 2, b""), b"", id="empty"),
+])
+def test_payload_bytes(frame, payload):
+    assert payload_of(frame) == payload
+
+
+def test_payload_is_cut_at_the_captured_length():
+    frame = udp4_frame(SRC4, DST4, 1, 2, b"0123456789")
+    assert payload_of(frame, n=100, cut=len(frame) - 4) == b"012345"
+
+
+def test_no_payload_when_decoding_stopped_before_it():
+    frame = tcp4_frame(SRC4, DST4, 1, 2, SYN, b"data")
+    assert payload_of(frame, cut=14 + 20 + 10) is None  # truncated-tcp
+
+
+def test_payload_column_only_when_asked():
+    assert len(decode_frame(UDP4, 0, len(UDP4), len(UDP4))) == len(FIELDS)
+    block, first, num = tpacket3_block([RingFrame(udp4_frame(payload=b"xyz"))])
+    (row,) = decode_block(block, first, num, {}, payload_bytes=2)
+    assert row[-1] == b"xy"

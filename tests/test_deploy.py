@@ -80,9 +80,12 @@ def test_exported_names_are_what_the_collector_serves():
     class Slot:
         index, stats = 0, StatsTable(1)[0]
 
-    class Source:
+    class Capture:
         interface, slots = "eth0", [Slot()]
         link_watch = LinkWatch("eth0", 1, True)
+
+    class Source:
+        captures = [Capture()]
 
         def refresh_kernel_stats(self) -> None:
             pass

@@ -1,0 +1,204 @@
+"""One interface's capture: its slots (sockets, rings, counters), fanout group, link watch.
+
+The supervisor owns one Capture per configured interface and does the process work
+(forking, reaping, restarting); a Capture does what concerns its sockets: opening them
+into a fanout group, opening them up to traffic, closing them while keeping their kernel
+counters, and telling which processes are its workers.
+"""
+
+import contextlib
+import logging
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from fanoutd import _linux, fanout, link, ring
+from fanoutd.config import CaptureConfig
+from fanoutd.filter import DROP_ALL, Instruction, attach, compile_expression, detach
+from fanoutd.slotstats import RingTable, SlotStats, StatsTable
+
+log = logging.getLogger("fanoutd")
+
+
+@dataclass
+class Child:
+    """A forked process the supervisor keeps alive (a worker or the proxy)."""
+
+    name: str
+    main: Callable[[], int]  # runs in the forked child; returns its exit status
+    state: str = "STOPPED"  # STARTING, RUNNING, BACKOFF, STOPPING, DRAINING, FATAL, STOPPED
+    pid: int | None = None
+    started_at: float = 0.0
+    failures: int = 0
+    restart_at: float = 0.0
+    kill_at: float | None = None  # when a hung child that was sent SIGTERM gets SIGKILL
+
+
+@dataclass
+class Slot:
+    """Worker slot `index` of a capture: its socket and ring, counters and process."""
+
+    index: int
+    sock: socket.socket
+    ring_id: int
+    stats: SlotStats
+    child: Child | None = None
+
+    @property
+    def up(self) -> bool:
+        return self.child is not None and self.child.state == "RUNNING"
+
+
+@dataclass
+class Retiring:
+    """A worker draining its old ring after a reload, and what to close once it exits."""
+
+    child: Child
+    sock: socket.socket
+    ring_id: int
+    stats: SlotStats
+    kill_at: float
+
+
+@dataclass
+class Capture:
+    cfg: CaptureConfig
+    rings: RingTable  # shared by every capture: ring ids are daemon-wide
+    free_ring_ids: list[int]
+    several: bool  # more than one capture: process names carry the interface
+    table: StatsTable = field(default_factory=lambda: StatsTable(fanout.MAX_MEMBERS))
+    slots: list[Slot] = field(default_factory=list)
+    retiring: list[Retiring] = field(default_factory=list)
+    link_watch: link.LinkWatch | None = None
+    group_id: int | None = None
+    reopen_pending: bool = False
+    announced_ready: bool = False
+
+    @property
+    def interface(self) -> str:
+        return self.cfg.interface
+
+    def process_name(self, index: int) -> str:
+        """What `ps` and /proc/PID/comm show for worker `index` (15 characters at most)."""
+        if self.several:
+            return f"fd-{self.interface}-w{index}"[:15]
+        return f"fanoutd-w{index}"
+
+    def program(self, cfg: CaptureConfig | None = None) -> list[Instruction] | None:
+        """The compiled capture filter, or None to take everything."""
+        expression = (cfg or self.cfg).filter
+        return compile_expression(expression) if expression else None
+
+    def open_sockets(self, cfg: CaptureConfig) -> list[socket.socket]:
+        """cfg.workers capture sockets on cfg's interface, all in one new fanout group,
+        still closed to traffic (drop-all filter) until open_up()."""
+        socks: list[socket.socket] = []
+        try:
+            for _ in range(cfg.workers or 1):
+                sock = ring.open_capture_socket(cfg.interface, cfg.ring.geometry,
+                                                cfg.ring.rxhash)
+                socks.append(sock)
+                _set_timestamping(sock, cfg.timestamp)
+                if cfg.promisc:  # per socket: the kernel counts, and undoes it on close
+                    sock.setsockopt(_linux.SOL_PACKET, _linux.PACKET_ADD_MEMBERSHIP,
+                                    _linux.packet_mreq(socket.if_nametoindex(cfg.interface),
+                                                       _linux.PACKET_MR_PROMISC))
+            self.group_id = fanout.join_group(socks, cfg.fanout.mode, cfg.fanout.flags,
+                                              cfg.fanout.group_id)
+        except BaseException:
+            for sock in socks:
+                sock.close()
+            raise
+        return socks
+
+    @staticmethod
+    def open_up(socks: list[socket.socket], program: list[Instruction] | None) -> None:
+        """Let traffic in: the capture filter in place of the drop-all one, or none."""
+        for sock in socks:
+            if program is None:
+                detach(sock)
+            else:
+                attach(sock, program)
+
+    def set_slots(self, socks: list[socket.socket]) -> None:
+        """Slot i gets socks[i], with a fresh ring id; slots keep their counters, missing
+        ones are created, extra ones dropped. Nothing is started here."""
+        for index, sock in enumerate(socks):
+            ring_id = self.free_ring_ids.pop(0)
+            self.rings.forwarded[ring_id] = 0  # a new ring numbers its blocks from 1
+            if index < len(self.slots):
+                slot = self.slots[index]
+                slot.sock, slot.ring_id, slot.child = sock, ring_id, None
+            else:
+                self.slots.append(Slot(index, sock, ring_id, self.table[index]))
+            self.table[index]["active"] = 1
+        for slot in self.slots[len(socks):]:
+            slot.stats["active"] = slot.stats["up"] = 0
+        del self.slots[len(socks):]
+
+    def close_off(self) -> None:
+        """Cut every current socket off from traffic (before its worker drains it)."""
+        for slot in self.slots:
+            with contextlib.suppress(OSError):
+                attach(slot.sock, DROP_ALL)
+
+    def close_ring(self, sock: socket.socket, ring_id: int, stats: SlotStats) -> None:
+        """Close a slot's capture socket, keeping its last kernel counts."""
+        with contextlib.suppress(OSError):
+            add_kernel_stats(sock, stats)
+        sock.close()
+        self.free_ring_ids.append(ring_id)
+
+    def refresh_kernel_stats(self) -> None:
+        """Fold PACKET_STATISTICS (reset by each read) into each slot's running totals,
+        old rings still draining included."""
+        for slot in self.slots:
+            add_kernel_stats(slot.sock, slot.stats)
+        for old in self.retiring:
+            add_kernel_stats(old.sock, old.stats)
+
+    def sockets(self) -> list[socket.socket]:
+        return [s.sock for s in self.slots] + [old.sock for old in self.retiring]
+
+    def children(self) -> list[Child]:
+        found = [s.child for s in self.slots if s.child is not None]
+        return found + [old.child for old in self.retiring]
+
+    def watch_link(self, ioctl_sock: socket.socket) -> str | None:
+        """Probe the interface; log a change once; return the event."""
+        if self.link_watch is None:
+            ifindex, up = link.probe(self.interface, ioctl_sock)
+            self.link_watch = link.LinkWatch(self.interface, ifindex or 0, up)
+            return None
+        event = self.link_watch.check(ioctl_sock)
+        if event == "down":
+            log.warning("%s went down; capture resumes when it comes back up", self.interface)
+        elif event == "up":
+            log.info("%s is up again; capturing", self.interface)
+        elif event == "gone":
+            log.warning("%s was deleted; waiting for an interface of that name",
+                        self.interface)
+        elif event == "returned":
+            log.warning("%s exists again (ifindex %d): opening new capture sockets",
+                        self.interface, self.link_watch.ifindex)
+            self.reopen_pending = True
+        return event
+
+
+def add_kernel_stats(sock: socket.socket, stats: SlotStats) -> None:
+    packets, drops, freezes = ring.read_kernel_stats(sock)
+    stats.add("kernel_packets", packets)
+    stats.add("kernel_drops", drops)
+    stats.add("kernel_freezes", freezes)
+
+
+def _set_timestamping(sock: socket.socket, source: str) -> None:
+    """Ask for receive timestamps from the kernel's receive path (software) or the NIC
+    (hardware), and have the ring header carry them (PACKET_TIMESTAMP). Without this the
+    packet socket stamps packets itself when it delivers them."""
+    if source == "hardware":
+        flags = _linux.SOF_TIMESTAMPING_RX_HARDWARE | _linux.SOF_TIMESTAMPING_RAW_HARDWARE
+    else:
+        flags = _linux.SOF_TIMESTAMPING_RX_SOFTWARE | _linux.SOF_TIMESTAMPING_SOFTWARE
+    sock.setsockopt(socket.SOL_SOCKET, _linux.SO_TIMESTAMPING, flags)
+    sock.setsockopt(_linux.SOL_PACKET, _linux.PACKET_TIMESTAMP, flags)
