@@ -33,7 +33,7 @@ from zmq.utils import monitor as zmq_monitor
 
 from fanoutd import privileges
 from fanoutd.config import CurveConfig
-from fanoutd.decode import FIELDS
+from fanoutd.decode import FIELDS, LEN, decode_block
 from fanoutd.metrics import stats_message
 from fanoutd.proctitle import set_process_name
 from fanoutd.slotstats import RingTable, StatsTable
@@ -50,10 +50,43 @@ def batch_topic(iface: str, worker: int) -> bytes:
     return f"pkt.{iface}.{worker}".encode()
 
 
+def encode_rows_py(block: bytes, first_offset: int, num_pkts: int, payload_bytes: int,
+                   errors: dict) -> tuple[bytes, int, int]:
+    """A ring block -> (msgpack array of its rows, rows, wire bytes): decode.py, then
+    msgpack. The reference for _fastpath.encode_block, which returns the same bytes."""
+    rows = decode_block(block, first_offset, num_pkts, errors, payload_bytes)
+    return msgpack.packb(rows, use_bin_type=True), len(rows), sum(row[LEN] for row in rows)
+
+
+try:
+    from fanoutd._fastpath import encode_block as encode_rows_c
+except ImportError:  # not built (no compiler at install time): the Python reference
+    encode_rows_c = None
+encode_rows = encode_rows_c or encode_rows_py
+IMPLEMENTATION = "C" if encode_rows_c else "Python"
+
+
+def batch_prefix(iface: str, worker: int, fields: tuple[str, ...]) -> bytes:
+    """The msgpack map of a batch up to its two changing keys, seq and packets."""
+    head = b"".join(msgpack.packb(x, use_bin_type=True) for x in (
+        "v", WIRE_VERSION, "iface", iface, "worker", worker, "fields", list(fields)))
+    return b"\x86" + head  # a map of six entries
+
+
+def batch_body(prefix: bytes, seq: int, packets: bytes) -> bytes:
+    """A whole batch from its prefix, its seq and its packets (already msgpack)."""
+    return b"".join((prefix, _SEQ_KEY, msgpack.packb(seq), _PACKETS_KEY, packets))
+
+
+_SEQ_KEY = msgpack.packb("seq")
+_PACKETS_KEY = msgpack.packb("packets")
+
+
 def encode_batch(iface: str, worker: int, seq: int, rows: list,
                  fields: tuple[str, ...] = FIELDS) -> bytes:
-    return msgpack.packb({"v": WIRE_VERSION, "iface": iface, "worker": worker, "seq": seq,
-                          "fields": fields, "packets": rows}, use_bin_type=True)
+    """A batch from rows (for tests and tools; workers use encode_rows and batch_body)."""
+    return batch_body(batch_prefix(iface, worker, fields), seq,
+                      msgpack.packb(rows, use_bin_type=True))
 
 
 class BatchPublisher:
@@ -62,7 +95,7 @@ class BatchPublisher:
     def __init__(self, ctx: zmq.Context, endpoint: str, iface: str, worker: int, ring_id: int,
                  sndhwm: int, fields: tuple[str, ...] = FIELDS) -> None:
         self.iface = iface
-        self.fields = fields
+        self.prefix = batch_prefix(iface, worker, fields)
         self.worker = worker
         self.ring_id = ring_id
         self.topic = batch_topic(iface, worker)
@@ -93,14 +126,15 @@ class BatchPublisher:
         self._events(0)
         return not self.connected
 
-    def publish(self, block_seq: int, rows: list) -> bool:
-        """Send the batch of ring block block_seq; False when the high-water mark refused it.
+    def publish(self, block_seq: int, packets: bytes) -> bool:
+        """Send the batch of ring block block_seq, its rows already a msgpack array; False
+        when the high-water mark refused it.
 
         Towards the proxy the message has an envelope frame first (ring id, block_seq), so
         the proxy can tell the worker which blocks it has passed on; subscribers never see
         it.
         """
-        body = encode_batch(self.iface, self.worker, block_seq - 1, rows, self.fields)
+        body = batch_body(self.prefix, block_seq - 1, packets)
         envelope = ENVELOPE.pack(self.ring_id, block_seq)
         try:
             self.sock.send_multipart((envelope, self.topic, body), flags=zmq.NOBLOCK,

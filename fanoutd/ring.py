@@ -164,6 +164,7 @@ class RxRing:
         self.geometry = geometry
         self.map = mmap.mmap(sock.fileno(), geometry.size, mmap.MAP_SHARED,
                              mmap.PROT_READ | mmap.PROT_WRITE)
+        self.view = memoryview(self.map)
         self.poller = select.poll()
         self.poller.register(sock.fileno(), select.POLLIN | select.POLLERR)
         self._head = _linux.BLOCK_HEAD.unpack_from
@@ -173,6 +174,7 @@ class RxRing:
         self.cursor = 0 if oldest is None else oldest
 
     def close(self) -> None:
+        self.view.release()
         self.map.close()
 
     def head(self, index: int) -> tuple[int, int, int, int, int]:
@@ -222,16 +224,19 @@ class RxRing:
             if oldest is not None:
                 self.cursor = oldest
 
-    def read(self) -> tuple[bytes, int, int, int]:
-        """A copy of the cursor's block: (bytes, offset_to_first_pkt, num_pkts, seq_num).
+    def read(self, copy: bool = True) -> tuple[bytes | memoryview, int, int, int]:
+        """The cursor's block: (its bytes, offset_to_first_pkt, num_pkts, seq_num).
 
-        Copying once (a memcpy) lets the decoder slice addresses out as bytes directly.
-        seq_num is the kernel's count of blocks opened on this ring, from 1.
+        A copy (one memcpy) lets the Python decoder slice addresses out as bytes; the C
+        one reads the ring in place (copy=False: a view, valid until the block is handed
+        back). seq_num is the kernel's count of blocks opened on this ring, from 1.
         """
         _, num_pkts, first, blk_len, seq_num = self.head(self.cursor)
         start = self.cursor * self.geometry.block_size
         length = min(blk_len or self.geometry.block_size, self.geometry.block_size)
-        return self.map[start:start + length], first, num_pkts, seq_num
+        if copy:
+            return self.map[start:start + length], first, num_pkts, seq_num
+        return self.view[start:start + length], first, num_pkts, seq_num
 
     def advance(self) -> None:
         """Move the cursor to the next block; the current one stays the user's until

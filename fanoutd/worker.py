@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import zmq
 
 from fanoutd import privileges, slotstats
-from fanoutd.decode import FIELDS, LEN, PAYLOAD_FIELD, decode_block
+from fanoutd.decode import FIELDS, PAYLOAD_FIELD
 from fanoutd.proctitle import set_process_name
-from fanoutd.publish import BatchPublisher
+from fanoutd.publish import BatchPublisher, encode_rows, encode_rows_c
 from fanoutd.ring import RingGeometry, RxRing
 from fanoutd.systemd import set_log_context
 
@@ -158,14 +158,15 @@ def _capture(rx: RxRing, pub: BatchPublisher, stats: slotstats.SlotStats,
                 if rx.socket_errors:
                     _report_socket_errors(rx, stats, plan.iface, index)
             continue
-        block, first, num_pkts, block_seq = rx.read()
+        block, first, num_pkts, block_seq = rx.read(copy=encode_rows is not encode_rows_c)
         if block_seq <= forwarded[ring_id]:
             # Left behind by a replaced worker after the proxy had passed it on.
             rx.release(rx.cursor)
             rx.advance()
             continue
         try:
-            rows = decode_block(block, first, num_pkts, errors, plan.payload_bytes)
+            packets, rows, wire_bytes = encode_rows(block, first, num_pkts,
+                                                    plan.payload_bytes, errors)
         except Exception:
             # decode never raises on wire input (property-tested); if a bug makes it, skip
             # the block rather than crash on it again in every replacement worker.
@@ -179,7 +180,8 @@ def _capture(rx: RxRing, pub: BatchPublisher, stats: slotstats.SlotStats,
         # The batch seq is the kernel's block sequence number - 1, so it needs no
         # bookkeeping: it continues across a worker replacement, a block published again
         # carries the same seq, and a refused batch leaves a gap subscribers can see.
-        if pub.publish(block_seq, rows):
+        del block  # a view of the ring: the block may go back to the kernel from here on
+        if pub.publish(block_seq, packets):
             words[batches_i] += 1
             pending.append((rx.cursor, block_seq))
             if len(pending) > max_pending:
@@ -187,8 +189,8 @@ def _capture(rx: RxRing, pub: BatchPublisher, stats: slotstats.SlotStats,
         else:
             words[drops_i] += 1
             rx.release(rx.cursor)
-        words[packets_i] += len(rows)
-        words[bytes_i] += sum(row[LEN] for row in rows)
+        words[packets_i] += rows
+        words[bytes_i] += wire_bytes
         if errors:
             for reason, n in errors.items():
                 words[error_index[reason]] += n
