@@ -114,7 +114,13 @@ SOF_TIMESTAMPING_RX_SOFTWARE = 1 << 3
 SOF_TIMESTAMPING_SOFTWARE = 1 << 4
 SOF_TIMESTAMPING_RAW_HARDWARE = 1 << 6
 SO_TIMESTAMPING = 37
+
+# Interface ioctls (struct ifreq) and flags.
+SIOCGIFFLAGS = 0x8913
+SIOCGIFMTU = 0x8921
 SIOCETHTOOL = 0x8946
+IFF_UP = 0x1
+IFF_RUNNING = 0x40  # the driver reports carrier
 ETHTOOL_GET_TS_INFO = 0x41
 # struct ethtool_ts_info: cmd, so_timestamping, phc_index, tx_types, tx_reserved[3],
 #   rx_filters, rx_reserved[3]

@@ -29,16 +29,13 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 from fanoutd import _linux, fanout, filter, ring
+from fanoutd._linux import IFF_RUNNING, IFF_UP, SIOCETHTOOL, SIOCGIFFLAGS, SIOCGIFMTU
 from fanoutd.config import Config
 
 OK, NOTE, CHANGE, UNKNOWN = "ok", "note", "change", "unknown"
 
-# ioctls on a socket: they answer for the caller's network namespace.
-SIOCGIFFLAGS = 0x8913
-SIOCGIFMTU = 0x8921
-SIOCETHTOOL = 0x8946
-IFF_UP = 0x1
-IFF_RUNNING = 0x40
+# ioctls on a socket (the constants are in _linux): they answer for the caller's network
+# namespace.
 IFNAMSIZ = 16
 IFREQ_SIZE = 40  # struct ifreq on 64-bit Linux
 # Legacy ethtool commands (struct ethtool_value), used when the ethtool tool is missing.

@@ -11,9 +11,8 @@ import fcntl
 import socket
 import struct
 
-SIOCGIFFLAGS = 0x8913
-IFF_UP = 0x1
-IFF_RUNNING = 0x40  # the driver reports carrier
+from fanoutd._linux import IFF_RUNNING, IFF_UP, SIOCGIFFLAGS
+
 EVENTS = ("down", "up", "gone", "returned")
 
 

@@ -162,18 +162,9 @@ class Supervisor:
         except (ring.CaptureError, fanout.FanoutError, FilterError, OSError) as e:
             log.error("cannot capture on %s with the new settings: %s", cfg.interface, e)
             return False
-        deadline = time.monotonic() + cfg.ring.block_timeout_ms / 500 + STOP_GRACE_S
         if socks is not None:  # the switch: the new rings open, then the old ones close
             capture.open_up(socks, program)
-        capture.close_off()
-        for slot in capture.slots:
-            if slot.child is not None and slot.child.pid is not None:
-                slot.child.state = "DRAINING"
-                _kill(slot.child.pid, signal.SIGUSR1)
-                capture.retiring.append(Retiring(slot.child, slot.sock, slot.ring_id,
-                                                 slot.stats, deadline))
-            else:
-                capture.close_ring(slot.sock, slot.ring_id, slot.stats)
+        self._retire_slots(capture)
         capture.cfg = cfg
         if socks is None:
             self._wait_retired(capture)
@@ -213,9 +204,9 @@ class Supervisor:
                                    self._worker_main(capture, slot))
             self._spawn(slot.child)
 
-    def _retire_capture(self, capture: Capture) -> None:
-        """Stop capturing on an interface taken out of the configuration: its workers
-        drain their rings, then its sockets close."""
+    def _retire_slots(self, capture: Capture) -> None:
+        """Cut the capture's current sockets off from traffic and have their workers drain
+        them (SIGUSR1); each socket closes when its worker exits (_child_exited)."""
         deadline = time.monotonic() + capture.cfg.ring.block_timeout_ms / 500 + STOP_GRACE_S
         capture.close_off()
         for slot in capture.slots:
@@ -226,6 +217,11 @@ class Supervisor:
                                                  slot.stats, deadline))
             else:
                 capture.close_ring(slot.sock, slot.ring_id, slot.stats)
+
+    def _retire_capture(self, capture: Capture) -> None:
+        """Stop capturing on an interface taken out of the configuration: its workers
+        drain their rings, then its sockets close."""
+        self._retire_slots(capture)
         capture.slots = []
         self._wait_retired(capture)
         self.captures.remove(capture)

@@ -18,7 +18,7 @@ import zmq
 from fanoutd import privileges, slotstats
 from fanoutd.decode import FIELDS, PAYLOAD_FIELD
 from fanoutd.proctitle import set_process_name
-from fanoutd.publish import BatchPublisher, encode_rows, encode_rows_c
+from fanoutd.publish import IMPLEMENTATION, BatchPublisher, encode_rows, encode_rows_c
 from fanoutd.ring import RingGeometry, RxRing
 from fanoutd.systemd import set_log_context
 
@@ -99,7 +99,8 @@ def run_worker(index: int, sock: socket.socket, stats: slotstats.SlotStats,
                 return EXIT_BOOT_FAILED
         stats["pid"] = os.getpid()
         stats["capturing"] = os.getpid()
-        log.info("worker %d capturing on %s from ring block %d", index, plan.iface, rx.cursor)
+        log.info("worker %d capturing on %s from ring block %d (%s decoder)", index,
+                 plan.iface, rx.cursor, IMPLEMENTATION)
         return _capture(rx, pub, stats, rings, stop, plan, index)
     finally:
         if stats["capturing"] == os.getpid():  # not a successor's (a reload overlaps them)
