@@ -9,10 +9,12 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 77
 fi
 
-# libsystemd-dev + pkg-config + gcc: systemd-python builds against libsystemd.
-# tcpdump, netsniff-ng (trafgen), prometheus (promtool): used by tests and benchmarks.
-packages=(python3-venv python3-dev gcc pkg-config libsystemd-dev iproute2 procps
-          tcpdump netsniff-ng prometheus ethtool)
+# libsystemd-dev + pkg-config + gcc: systemd-python builds against libsystemd; gcc and
+# python3-dev also build fanoutd's C block decoder. libpcap0.8 compiles capture filters.
+# tcpdump, netsniff-ng (trafgen), prometheus (promtool): used by tests and benchmarks;
+# ethtool by `fanoutd doctor`.
+packages=(python3-venv python3-dev gcc pkg-config libsystemd-dev libpcap0.8 iproute2
+          procps tcpdump netsniff-ng prometheus ethtool)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
