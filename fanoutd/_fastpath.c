@@ -1,7 +1,8 @@
 /*
- * fanoutd._fastpath: one TPACKET_V3 ring block -> the msgpack array of its summary rows.
+ * fanoutd._fastpath: one TPACKET_V3 ring block -> its msgpack batch.
  *
- * A compiled copy of fanoutd/decode.py's decode_block followed by msgpack.packb(rows):
+ * A compiled copy of fanoutd/decode.py's decode_block followed by the batch encoding of
+ * publish.py (encode_batch_py):
  * same fields, same error reasons, same bytes (tests/test_fastpath.py compares the two on
  * every decoder test frame and on random and mutated ones). decode.py stays the reference
  * and the fallback; this exists because the profile showed the per-packet Python work
@@ -244,6 +245,7 @@ typedef struct { uint8_t *buf; size_t len, cap; } Out;
 
 static int out_reserve(Out *o, size_t more) {
     if (o->len + more <= o->cap) return 0;
+    /* grows by doubling; kept across calls (see scratch) */
     size_t cap = o->cap ? o->cap : 4096;
     while (cap < o->len + more) cap *= 2;
     uint8_t *grown = PyMem_Realloc(o->buf, cap);
@@ -344,26 +346,40 @@ static int put_row(Out *o, const Row *r, const uint8_t *buf, Py_ssize_t payload_
 
 #define ARRAY_HEADER_MAX 5
 
-static PyObject *encode_block(PyObject *self, PyObject *args) {
-    Py_buffer view;
+/* One output buffer for the life of the process, grown to the largest batch and reused:
+ * a fresh allocation per block would mean fresh pages (faults, zeroing) each time.
+ * Workers are single-threaded, and the GIL is held throughout. */
+static Out scratch;
+
+static PyObject *encode_batch(PyObject *self, PyObject *args) {
+    Py_buffer view, prefix;
     Py_ssize_t first, num_pkts, payload_bytes;
+    unsigned long long seq;
     PyObject *errors;
-    if (!PyArg_ParseTuple(args, "y*nnnO!", &view, &first, &num_pkts, &payload_bytes,
-                          &PyDict_Type, &errors))
+    if (!PyArg_ParseTuple(args, "y*nnnO!y*K", &view, &first, &num_pkts, &payload_bytes,
+                          &PyDict_Type, &errors, &prefix, &seq))
         return NULL;
     const uint8_t *block = view.buf;
     const Py_ssize_t limit = view.len;
-    Out out = {NULL, 0, 0};
+    Out *out = &scratch;
     Py_ssize_t rows = 0;
     uint64_t wire_bytes = 0;
     Py_ssize_t counts[E_COUNT] = {0};
     PyObject *result = NULL;
 
-    /* a summary row takes ~90 bytes: one allocation for most blocks */
-    if (out_reserve(&out, ARRAY_HEADER_MAX + (size_t)(num_pkts > 0 ? num_pkts : 0) * 112)
-        < 0)
+    /* the map up to its last value: prefix, "seq": seq, "packets": then the rows' array,
+     * whose header (1 to 5 bytes) is only known at the end: leave room for the largest */
+    out->len = 0;
+    if (out_reserve(out, (size_t)prefix.len + 32 + ARRAY_HEADER_MAX
+                    + (size_t)(num_pkts > 0 ? num_pkts : 0) * 112) < 0)
         goto done;
-    out.len = ARRAY_HEADER_MAX;  /* the array header goes in front at the end */
+    memcpy(out->buf, prefix.buf, (size_t)prefix.len);
+    out->len = (size_t)prefix.len;
+    put_str(out, "seq");
+    put_uint(out, seq);
+    put_str(out, "packets");
+    const size_t head_len = out->len;
+    out->len += ARRAY_HEADER_MAX;
     Py_ssize_t pos = first;
     for (Py_ssize_t i = 0; i < num_pkts; i++) {
         if (pos < 0 || pos + HDR_SIZE > limit) break;  /* a corrupt chain */
@@ -393,17 +409,18 @@ static PyObject *encode_block(PyObject *self, PyObject *args) {
         frame(block, mac_off, mac_off + (Py_ssize_t)snaplen, &r);
         if (r.err >= 0) counts[r.err]++;
         wire_bytes += r.len;
-        if (put_row(&out, &r, block, payload_bytes) < 0) goto done;
+        if (put_row(out, &r, block, payload_bytes) < 0) goto done;
         rows++;
         if (!next_offset) break;
         pos += next_offset;
     }
-    /* the header, right-aligned against the first row */
+    /* the array header right against the first row, the head moved up against it */
     uint8_t header[ARRAY_HEADER_MAX];
-    Out h = {header, 0, sizeof header};
-    put_array(&h, (size_t)rows);
-    Py_ssize_t start = ARRAY_HEADER_MAX - (Py_ssize_t)h.len;
-    memcpy(out.buf + start, header, h.len);
+    Out hdr = {header, 0, sizeof header};
+    put_array(&hdr, (size_t)rows);
+    const size_t gap = ARRAY_HEADER_MAX - hdr.len;
+    memcpy(out->buf + head_len + gap, header, hdr.len);
+    memmove(out->buf + gap, out->buf, head_len);
 
     for (int e = 0; e < E_COUNT; e++) {
         if (!counts[e]) continue;
@@ -418,20 +435,21 @@ static PyObject *encode_block(PyObject *self, PyObject *args) {
         }
         Py_DECREF(total);
     }
-    result = Py_BuildValue("(y#nK)", (const char *)out.buf + start,
-                           (Py_ssize_t)out.len - start, rows, (unsigned long long)wire_bytes);
+    result = Py_BuildValue("(y#nK)", (const char *)out->buf + gap, (Py_ssize_t)(out->len - gap),
+                           rows, (unsigned long long)wire_bytes);
 done:
-    PyMem_Free(out.buf);
+    PyBuffer_Release(&prefix);
     PyBuffer_Release(&view);
     return result;
 }
 
 static PyMethodDef methods[] = {
-    {"encode_block", encode_block, METH_VARARGS,
-     "encode_block(block, first_offset, num_pkts, payload_bytes, errors) -> "
-     "(msgpack array of rows, rows, wire bytes)\n\n"
-     "decode.decode_block then msgpack.packb, in one pass: errors (reason -> count) is "
-     "incremented as decode_block does."},
+    {"encode_batch", encode_batch, METH_VARARGS,
+     "encode_batch(block, first_offset, num_pkts, payload_bytes, errors, prefix, seq) -> "
+     "(batch, rows, wire bytes)\n\n"
+     "The batch publish.encode_batch_py makes of a ring block (decode.decode_block, then "
+     "msgpack), in one pass: prefix (publish.batch_prefix), seq, then the rows. errors "
+     "(reason -> count) is incremented as decode_block does."},
     {NULL, NULL, 0, NULL},
 };
 

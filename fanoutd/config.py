@@ -32,8 +32,8 @@ class FanoutConfig:
 
 @dataclass(frozen=True)
 class RingConfig:
-    block_size: int = 1 << 17
-    block_count: int = 256
+    block_size: int = 1 << 19
+    block_count: int = 128
     frame_size: int = 2048
     block_timeout_ms: int = 10
     rxhash: bool = True

@@ -50,20 +50,21 @@ def batch_topic(iface: str, worker: int) -> bytes:
     return f"pkt.{iface}.{worker}".encode()
 
 
-def encode_rows_py(block: bytes, first_offset: int, num_pkts: int, payload_bytes: int,
-                   errors: dict) -> tuple[bytes, int, int]:
-    """A ring block -> (msgpack array of its rows, rows, wire bytes): decode.py, then
-    msgpack. The reference for _fastpath.encode_block, which returns the same bytes."""
+def encode_batch_py(block: bytes, first_offset: int, num_pkts: int, payload_bytes: int,
+                    errors: dict, prefix: bytes, seq: int) -> tuple[bytes, int, int]:
+    """A ring block -> (its batch, rows, wire bytes): decode.py, then msgpack. The
+    reference for _fastpath.encode_batch, which returns the same bytes."""
     rows = decode_block(block, first_offset, num_pkts, errors, payload_bytes)
-    return msgpack.packb(rows, use_bin_type=True), len(rows), sum(row[LEN] for row in rows)
+    body = batch_body(prefix, seq, msgpack.packb(rows, use_bin_type=True))
+    return body, len(rows), sum(row[LEN] for row in rows)
 
 
 try:
-    from fanoutd._fastpath import encode_block as encode_rows_c
+    from fanoutd._fastpath import encode_batch as encode_batch_c
 except ImportError:  # not built (no compiler at install time): the Python reference
-    encode_rows_c = None
-encode_rows = encode_rows_c or encode_rows_py
-IMPLEMENTATION = "C" if encode_rows_c else "Python"
+    encode_batch_c = None
+encode_block = encode_batch_c or encode_batch_py
+IMPLEMENTATION = "C" if encode_batch_c else "Python"
 
 
 def batch_prefix(iface: str, worker: int, fields: tuple[str, ...]) -> bytes:
@@ -84,7 +85,7 @@ _PACKETS_KEY = msgpack.packb("packets")
 
 def encode_batch(iface: str, worker: int, seq: int, rows: list,
                  fields: tuple[str, ...] = FIELDS) -> bytes:
-    """A batch from rows (for tests and tools; workers use encode_rows and batch_body)."""
+    """A batch from rows (for tests and tools; workers use encode_block)."""
     return batch_body(batch_prefix(iface, worker, fields), seq,
                       msgpack.packb(rows, use_bin_type=True))
 
@@ -126,19 +127,18 @@ class BatchPublisher:
         self._events(0)
         return not self.connected
 
-    def publish(self, block_seq: int, packets: bytes) -> bool:
-        """Send the batch of ring block block_seq, its rows already a msgpack array; False
-        when the high-water mark refused it.
+    def publish(self, block_seq: int, body: bytes) -> bool:
+        """Send the batch of ring block block_seq (made by encode_block with self.prefix);
+        False when the high-water mark refused it.
 
         Towards the proxy the message has an envelope frame first (ring id, block_seq), so
         the proxy can tell the worker which blocks it has passed on; subscribers never see
-        it.
+        it. Sent as a copy: ZeroMQ's zero-copy send frees the object through pyzmq's
+        garbage-collector thread, a thread wake-up per batch that costs more than the copy.
         """
-        body = batch_body(self.prefix, block_seq - 1, packets)
         envelope = ENVELOPE.pack(self.ring_id, block_seq)
         try:
-            self.sock.send_multipart((envelope, self.topic, body), flags=zmq.NOBLOCK,
-                                     copy=False)
+            self.sock.send_multipart((envelope, self.topic, body), flags=zmq.NOBLOCK)
         except zmq.Again:
             return False
         return True

@@ -192,9 +192,14 @@ class RxRing:
         return None if best is None else best[1]
 
     def user_blocks(self) -> int:
-        """How many blocks user space holds right now: the worker's backlog."""
-        return sum(self.head(i)[0] & _linux.TP_STATUS_USER
-                   for i in range(self.geometry.block_count))
+        """How many blocks user space holds from the cursor on: the worker's backlog. The
+        kernel fills blocks in ring order, so counting stops at the first one it owns,
+        which keeps this cheap when the worker keeps up."""
+        for count in range(self.geometry.block_count):
+            index = (self.cursor + count) % self.geometry.block_count
+            if not self.head(index)[0] & _linux.TP_STATUS_USER:
+                return count
+        return self.geometry.block_count
 
     def ready(self) -> bool:
         """True when the block at the cursor is the user's to read."""

@@ -18,7 +18,7 @@ import zmq
 from fanoutd import privileges, slotstats
 from fanoutd.decode import FIELDS, PAYLOAD_FIELD
 from fanoutd.proctitle import set_process_name
-from fanoutd.publish import IMPLEMENTATION, BatchPublisher, encode_rows, encode_rows_c
+from fanoutd.publish import IMPLEMENTATION, BatchPublisher, encode_batch_c, encode_block
 from fanoutd.ring import RingGeometry, RxRing
 from fanoutd.systemd import set_log_context
 
@@ -159,15 +159,18 @@ def _capture(rx: RxRing, pub: BatchPublisher, stats: slotstats.SlotStats,
                 if rx.socket_errors:
                     _report_socket_errors(rx, stats, plan.iface, index)
             continue
-        block, first, num_pkts, block_seq = rx.read(copy=encode_rows is not encode_rows_c)
+        block, first, num_pkts, block_seq = rx.read(copy=encode_batch_c is None)
         if block_seq <= forwarded[ring_id]:
             # Left behind by a replaced worker after the proxy had passed it on.
             rx.release(rx.cursor)
             rx.advance()
             continue
         try:
-            packets, rows, wire_bytes = encode_rows(block, first, num_pkts,
-                                                    plan.payload_bytes, errors)
+            # seq: the kernel's block sequence number - 1, which needs no bookkeeping: it
+            # continues across a worker replacement, a block published again carries the
+            # same seq, and a refused batch leaves a gap subscribers can see.
+            body, rows, wire_bytes = encode_block(block, first, num_pkts, plan.payload_bytes,
+                                                  errors, pub.prefix, block_seq - 1)
         except Exception:
             # decode never raises on wire input (property-tested); if a bug makes it, skip
             # the block rather than crash on it again in every replacement worker.
@@ -178,11 +181,8 @@ def _capture(rx: RxRing, pub: BatchPublisher, stats: slotstats.SlotStats,
             rx.release(rx.cursor)
             rx.advance()
             continue
-        # The batch seq is the kernel's block sequence number - 1, so it needs no
-        # bookkeeping: it continues across a worker replacement, a block published again
-        # carries the same seq, and a refused batch leaves a gap subscribers can see.
         del block  # a view of the ring: the block may go back to the kernel from here on
-        if pub.publish(block_seq, packets):
+        if pub.publish(block_seq, body):
             words[batches_i] += 1
             pending.append((rx.cursor, block_seq))
             if len(pending) > max_pending:

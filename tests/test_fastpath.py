@@ -1,4 +1,4 @@
-"""The C block encoder returns exactly what decode.py + msgpack return: the same bytes,
+"""The C batch encoder returns exactly what decode.py + msgpack return: the same bytes,
 row count, wire bytes and error counts, on every kind of frame and on random ones."""
 
 import pytest
@@ -28,9 +28,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fanoutd import _linux
-from fanoutd.publish import encode_rows_c, encode_rows_py
+from fanoutd.publish import batch_prefix, encode_batch_c, encode_batch_py
 
-pytestmark = pytest.mark.skipif(encode_rows_c is None, reason="fanoutd._fastpath is not built")
+pytestmark = pytest.mark.skipif(encode_batch_c is None,
+                                reason="fanoutd._fastpath is not built")
+PREFIX = batch_prefix("eth0", 3, ("any", "fields"))
+
+
+def encode_rows_c(block, first, num, payload_bytes, errors, seq=2**40 + 7):
+    return encode_batch_c(block, first, num, payload_bytes, errors, PREFIX, seq)
+
+
+def encode_rows_py(block, first, num, payload_bytes, errors, seq=2**40 + 7):
+    return encode_batch_py(block, first, num, payload_bytes, errors, PREFIX, seq)
 
 SAMPLES = [
     udp4_frame(payload=b"hello"),
@@ -133,3 +143,17 @@ def test_mutated_frames(frame, flips, cut):
         if data:
             data[where % len(data)] = value
     same([RingFrame(bytes(data[:cut]), wire_len=len(data))], 24)
+
+
+@pytest.mark.parametrize("rows", [0, 1, 15, 16, 300])
+@pytest.mark.parametrize("seq", [0, 127, 128, 65536, 2**32])
+def test_the_batch_around_the_rows_decodes_as_a_batch(rows, seq):
+    """Each array-header size (fixarray, array16) and seq size: a subscriber reads it."""
+    import msgpack
+
+    block, first, num = tpacket3_block([RingFrame(udp4_frame(sport=i)) for i in range(rows)])
+    body, n, _ = encode_batch_c(block, first, num, 0, {}, PREFIX, seq)
+    assert body == encode_batch_py(block, first, num, 0, {}, PREFIX, seq)[0]
+    batch = msgpack.unpackb(body)
+    assert (batch["v"], batch["iface"], batch["worker"], batch["seq"]) == (1, "eth0", 3, seq)
+    assert [row[15] for row in batch["packets"]] == list(range(rows)) and n == rows

@@ -47,14 +47,14 @@ def test_doctor_reports_the_veth_as_it_is(ns):
     status, body = found["Ring and page size"]
     assert status == "ok", report
     assert f"page size {mmap.PAGESIZE} bytes, MAX_ORDER {ring.max_page_order()}" in body
-    assert "256 blocks of 128 KiB" in body  # the defaults of config.py
-    assert "32 MiB per worker, 64 MiB for 2 workers" in body
+    assert "128 blocks of 512 KiB" in body  # the defaults of config.py
+    assert "64 MiB per worker, 128 MiB for 2 workers" in body
     assert "the kernel allocated one such ring on cap0" in body
-    assert "the ring covers 2.56 s" in body  # 256 blocks x 10 ms
+    assert "the ring covers 1.28 s" in body  # 128 blocks x 10 ms
 
     status, body = found["MTU and packet size"]
     assert status == "ok" and "MTU 1500: frames up to 1522 bytes" in body, report
-    assert "up to 130942 bytes" in body  # 131072 - 48 - 82
+    assert "up to 524158 bytes" in body  # 524288 - 48 - 82
 
     feats = ethtool_features(ns)
     status, body = found["VLAN offload"]
