@@ -34,6 +34,7 @@ from zmq.utils import monitor as zmq_monitor
 from fanoutd import privileges
 from fanoutd.config import CurveConfig
 from fanoutd.decode import FIELDS, LEN, decode_block
+from fanoutd.memory import keep_large_allocations
 from fanoutd.metrics import stats_message
 from fanoutd.proctitle import set_process_name
 from fanoutd.slotstats import RingTable, StatsTable
@@ -254,6 +255,7 @@ def run_proxy(plan: ProxyPlan, ready_fd: int, tables: list[tuple[str, StatsTable
         rings.forwarded[ring_id] = block_seq
 
     set_process_name("fanoutd-proxy")
+    keep_large_allocations()  # batches pass through here too
     stopping = []
     signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
     signal.signal(signal.SIGINT, signal.SIG_IGN)

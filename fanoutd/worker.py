@@ -17,6 +17,7 @@ import zmq
 
 from fanoutd import privileges, slotstats
 from fanoutd.decode import FIELDS, PAYLOAD_FIELD
+from fanoutd.memory import keep_large_allocations
 from fanoutd.proctitle import set_process_name
 from fanoutd.publish import IMPLEMENTATION, BatchPublisher, encode_batch_c, encode_block
 from fanoutd.ring import RingGeometry, RxRing
@@ -66,6 +67,7 @@ class WorkerPlan:
 def run_worker(index: int, sock: socket.socket, stats: slotstats.SlotStats,
                rings: slotstats.RingTable, plan: WorkerPlan) -> int:
     """The worker process's main; returns its exit status."""
+    keep_large_allocations()
     set_process_name(plan.name)
     set_log_context(interface=plan.iface, worker=index)
     stop = _Stop()
