@@ -57,6 +57,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 import netlab  # noqa: E402  (tests/netlab.py: namespace, daemon, metrics, /proc helpers)
 
 from fanoutd.client import Subscriber  # noqa: E402
+from fanoutd.config import RingConfig  # noqa: E402
 
 GEN_CPU = 0  # trafgen (it pins its one sending process to CPU 0 itself) and the subscriber
 CAP_CPU = 1  # every capture tool
@@ -66,7 +67,8 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 NS_PER_TICK = 1_000_000_000 // CLK_TCK
 QUIET_S = 0.5  # drained: the tool used at most QUIET_TICKS of CPU and delivered nothing new
 QUIET_TICKS = 1  # ... in this long
-TCPDUMP_BUFFER_KIB = 32768  # the same 32 MiB as each fanoutd worker's default ring
+RING_MIB = RingConfig().geometry.size >> 20  # each fanoutd worker's default ring
+TCPDUMP_BUFFER_KIB = RING_MIB * 1024  # tcpdump -B: the same ring size
 FANOUTD_BLOCK_TIMEOUT_MS = 10  # fanoutd's default ring.block_timeout_ms (not passed)
 DOCS_BEGIN = "<!-- capture_bench:begin -->"
 DOCS_END = "<!-- capture_bench:end -->"
@@ -503,7 +505,7 @@ class Tool:
 
 
 class FanoutdTool(Tool):
-    """`fanoutd run` on cap0 with N workers, its default ring and fanout (32 MiB per
+    """`fanoutd run` on cap0 with N workers, its default ring and fanout (RING_MIB per
     worker, 10 ms block timeout, hash), plus a subscriber process draining the stream."""
 
     def __init__(self, ns: netlab.NetNS, workdir: Path, args: argparse.Namespace,
@@ -584,7 +586,7 @@ class FanoutdTool(Tool):
 
 
 class TcpdumpTool(Tool):
-    """tcpdump -i cap0 -w /dev/null -n -B 32768 (a 32 MiB TPACKET_V3 ring, like one
+    """tcpdump -i cap0 -w /dev/null -n -B TCPDUMP_BUFFER_KIB (a TPACKET_V3 ring of the size of one
     fanoutd worker's); its counters are the lines it prints on SIGINT."""
 
     name = "tcpdump"
@@ -991,7 +993,7 @@ def markdown(rows: list[Row], lat: Latency | None, args: argparse.Namespace,
     mem = memory_lines(rows)
     if mem:
         out += ["**Worker memory** (VmRSS minus the ring's resident pages; each worker also "
-                "maps its 32 MiB ring):", "", *[f"- {line}" for line in mem], ""]
+                f"maps its {RING_MIB} MiB ring):", "", *[f"- {line}" for line in mem], ""]
     out.append(DOCS_END)
     return "\n".join(out) + "\n"
 
