@@ -110,7 +110,6 @@ IPPROTO_FRAGMENT = 44
 IPPROTO_AH = 51
 
 _MACS_TYPE = struct.Struct("!6s6sH")
-_U16 = struct.Struct("!H")
 _LLC_SNAP = struct.Struct("!BBB3sH")
 _ARP = struct.Struct("!HHBBH")
 _ARP_IPV4 = struct.Struct("!6x4s6x4s")

@@ -24,7 +24,7 @@ from fanoutd import __version__
 from fanoutd.config import MetricsConfig, parse_host_port, tls_context
 from fanoutd.decode import ERROR_REASONS
 from fanoutd.link import LinkWatch
-from fanoutd.slotstats import SlotStats, StatsTable
+from fanoutd.slotstats import StatsTable
 
 # (metric name without _total, slot counter, help)
 SLOT_COUNTERS = (
@@ -46,11 +46,6 @@ SLOT_COUNTERS = (
      "Ring blocks skipped because decoding them failed (a decoder bug; their packets are "
      "lost, the worker carries on)."),
 )
-
-
-class SlotView(Protocol):
-    index: int
-    stats: SlotStats
 
 
 class CaptureView(Protocol):

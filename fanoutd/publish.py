@@ -84,13 +84,6 @@ _SEQ_KEY = msgpack.packb("seq")
 _PACKETS_KEY = msgpack.packb("packets")
 
 
-def encode_batch(iface: str, worker: int, seq: int, rows: list,
-                 fields: tuple[str, ...] = FIELDS) -> bytes:
-    """A batch from rows (for tests and tools; workers use encode_block)."""
-    return batch_body(batch_prefix(iface, worker, fields), seq,
-                      msgpack.packb(rows, use_bin_type=True))
-
-
 class BatchPublisher:
     """A worker's PUSH socket towards the proxy."""
 

@@ -27,7 +27,6 @@ FIELDS = (
     "blocks",            # ring blocks walked
     "blocks_skipped",    # blocks whose decoding raised (a decoder bug): their packets are lost
     "blocks_user",       # blocks held by user space at the last look: the backlog
-    "link_errors",       # socket errors poll reported (ENETDOWN, ...)
     "active",            # the rest is written by the supervisor: 1 while the slot exists
     "up",                # 1 while its worker is RUNNING
     "kernel_packets",

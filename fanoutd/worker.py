@@ -159,7 +159,7 @@ def _capture(rx: RxRing, pub: BatchPublisher, stats: slotstats.SlotStats,
             else:
                 rx.poll(POLL_MS)
                 if rx.socket_errors:
-                    _report_socket_errors(rx, stats, plan.iface, index)
+                    _report_socket_errors(rx, plan.iface, index)
             continue
         block, first, num_pkts, block_seq = rx.read(copy=encode_batch_c is None)
         if block_seq <= forwarded[ring_id]:
@@ -204,10 +204,9 @@ def _capture(rx: RxRing, pub: BatchPublisher, stats: slotstats.SlotStats,
     return 0
 
 
-def _report_socket_errors(rx: RxRing, stats: slotstats.SlotStats, iface: str,
-                          index: int) -> None:
-    """Count them; the supervisor watches the link and logs its changes once for all."""
+def _report_socket_errors(rx: RxRing, iface: str, index: int) -> None:
+    """Debug only: the supervisor watches the link, and logs and counts its changes once
+    for all workers (fanoutd_link_events_total)."""
     for err in rx.socket_errors:
-        stats.add("link_errors")
         log.debug("worker %d: socket error on %s: %s", index, iface, os.strerror(err))
     rx.socket_errors.clear()
