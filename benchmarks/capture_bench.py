@@ -430,17 +430,6 @@ def subscriber_main(endpoint: str, ctl: Connection, progress, ready, latency: bo
                   "latency_ns": lat})
 
 
-def stop_subscriber(proc: mp.process.BaseProcess) -> None:
-    """End the subscriber process (bounded): it normally exited already."""
-    proc.join(timeout=1)
-    if proc.is_alive():
-        proc.terminate()
-        proc.join(timeout=5)
-    if proc.is_alive():
-        proc.kill()
-        proc.join(timeout=5)
-
-
 # --------------------------------------------------------------------------- tools
 
 
@@ -538,7 +527,7 @@ class FanoutdTool(Tool):
         self.sub = ctx.Process(target=subscriber_main, name="bench-subscriber",
                                args=(d.endpoint, child_ctl, self.rows, ready, self.latency))
         self.sub.start()
-        self.stack.callback(stop_subscriber, self.sub)
+        self.stack.callback(netlab.stop_child_process, self.sub)
         if not ready.wait(15):
             raise BenchError("the subscriber got no welcome message\n" + d.logs())
 

@@ -427,7 +427,7 @@ def run(args: argparse.Namespace) -> int:
             sub_proc = ctx.Process(target=subscriber_main, name="soak-subscriber",
                                    args=(daemon.endpoint, child_ctl, progress, ready))
             sub_proc.start()
-            stack.callback(stop_process, sub_proc)
+            stack.callback(netlab.stop_child_process, sub_proc)
             if not ready.wait(15):
                 print("the subscriber got no welcome message\n" + daemon.logs())
                 return EXIT_RUN_FAILED
@@ -455,17 +455,6 @@ def run(args: argparse.Namespace) -> int:
         finally:  # clean-up (the stack unwinding) must not be cut short by another signal
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def stop_process(proc: mp.process.BaseProcess) -> None:
-    """End the subscriber process (bounded): it normally exited already."""
-    proc.join(timeout=1)
-    if proc.is_alive():
-        proc.terminate()
-        proc.join(timeout=5)
-    if proc.is_alive():
-        proc.kill()
-        proc.join(timeout=5)
 
 
 def main(argv: list[str] | None = None) -> int:

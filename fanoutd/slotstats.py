@@ -58,9 +58,6 @@ class SlotStats:
     def beat(self) -> None:
         self.words[INDEX["heartbeat_ns"]] = time.monotonic_ns()
 
-    def errors(self) -> dict[str, int]:
-        return {reason: self.words[i] for reason, i in ERROR_INDEX.items()}
-
     def snapshot(self) -> dict[str, int]:
         values = self.words.tolist()
         return {name: values[i] for i, name in enumerate(FIELDS)}

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import multiprocessing.process
 import os
 import queue
 import secrets
@@ -244,6 +245,17 @@ def metric_sum(metrics: dict[MetricKey, float], name: str, **labels: str) -> flo
 
 
 # --------------------------------------------------------------------------- processes
+
+
+def stop_child_process(proc: multiprocessing.process.BaseProcess) -> None:
+    """End a multiprocessing child (bounded): join, then SIGTERM, then SIGKILL."""
+    proc.join(timeout=1)
+    if proc.is_alive():
+        proc.terminate()
+        proc.join(timeout=5)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(timeout=5)
 
 
 def proc_comm(pid: int) -> str | None:
