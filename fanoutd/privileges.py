@@ -15,6 +15,7 @@ PR_SET_NO_NEW_PRIVS = 38
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
+CAP_KILL = 5
 
 
 class PrivilegeError(Exception):
@@ -84,6 +85,36 @@ def become(user: str | None) -> None:
     if _libc.capset(ctypes.byref(header), data) != 0:
         raise PrivilegeError(f"cannot clear capabilities: {os.strerror(ctypes.get_errno())}")
     die_with_parent()  # the credential change cleared it
+
+
+def signalling_problem(user: str | None) -> str | None:
+    """Why the supervisor could not signal children that run as `user`, or None.
+
+    Children drop from root to `user`; the kernel then lets root signal them only with
+    CAP_KILL (a sandbox's bounding set may lack it). Without it the supervisor could
+    neither stop nor replace its workers, nor would their death signal reach them.
+    """
+    if not user or os.geteuid() != 0:
+        return None  # the children keep the supervisor's uid
+    try:
+        if resolve_user(user)[0] == 0:
+            return None
+    except PrivilegeError:
+        return None  # the configuration check reports an unknown user
+    if has_capability(CAP_KILL):
+        return None
+    return (f"user: the workers and the proxy would run as {user!r}, but fanoutd lacks "
+            f"CAP_KILL, so it could not stop or replace them; grant CAP_KILL (the units "
+            f"in deploy/systemd do) or set user: none")
+
+
+def has_capability(cap: int) -> bool:
+    """Whether this process has capability `cap` in its effective set."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> cap & 1)
+    return False
 
 
 def _last_cap() -> int:

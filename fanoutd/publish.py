@@ -265,8 +265,9 @@ def run_proxy(plan: ProxyPlan, ready_fd: int, tables: list[tuple[str, StatsTable
     os.write(ready_fd, b"ok")
     os.close(ready_fd)
     next_stats = time.monotonic()
+    supervisor = os.getppid()
     try:
-        while not stopping:
+        while not stopping and os.getppid() == supervisor:  # no orphan outlives it
             proxy.run_once(200, forwarded)
             if time.monotonic() >= next_stats:
                 for iface, table in tables:  # one message per interface

@@ -8,7 +8,6 @@ RUNNING, BACKOFF (waiting for a growing restart delay), STOPPING, FATAL (it kept
 to start, so the daemon gives up and exits non-zero for systemd to see).
 """
 
-import contextlib
 import ipaddress
 import logging
 import os
@@ -57,6 +56,7 @@ RING_IDS = 2 * MAX_WORKERS * 16
 QUICK_RESTARTS = 3  # a running child that dies is replaced at once this many times in a row
 PROXY_READY_TIMEOUT_S = 10.0
 HUNG_KILL_AFTER_S = 2.0  # SIGTERM to a worker that stopped heartbeating, then SIGKILL
+KILL_WAIT_S = 2.0  # how long stopping waits for a SIGKILLed child to be reaped
 
 
 class StartupError(Exception):
@@ -101,6 +101,9 @@ class Supervisor:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
             signal.signal(signum, self._record_signal)
         try:
+            problem = privileges.signalling_problem(self.cfg.user)
+            if problem:
+                raise StartupError(problem, EXIT_NOPERM)
             for capture_cfg in self.cfg.interfaces:
                 self._open_capture(capture_cfg)
             self._warn_if_exposed()
@@ -188,7 +191,7 @@ class Supervisor:
                 if now >= old.kill_at and old.child.pid is not None:
                     log.warning("%s did not finish draining its old ring; killing it",
                                 old.child.name)
-                    _kill(old.child.pid, signal.SIGKILL)
+                    _kill(old.child, signal.SIGKILL)
                     old.kill_at = float("inf")
 
     def _wait_retired(self, capture: Capture) -> None:
@@ -212,7 +215,7 @@ class Supervisor:
         for slot in capture.slots:
             if slot.child is not None and slot.child.pid is not None:
                 slot.child.state = "DRAINING"
-                _kill(slot.child.pid, signal.SIGUSR1)
+                _kill(slot.child, signal.SIGUSR1)
                 capture.retiring.append(Retiring(slot.child, slot.sock, slot.ring_id,
                                                  slot.stats, deadline))
             else:
@@ -249,6 +252,11 @@ class Supervisor:
         old = self.cfg
         if cfg == old:
             log.info("reload: the configuration is unchanged")
+            return
+        problem = privileges.signalling_problem(cfg.user)
+        if problem:
+            log.error("reload rejected, still running on the previous configuration: %s",
+                      problem)
             return
         if cfg.metrics != old.metrics and not self._swap_metrics(cfg):
             return
@@ -565,14 +573,14 @@ class Supervisor:
         if child.kill_at is not None:
             if now >= child.kill_at:
                 log.warning("%s ignored SIGTERM; killing it", child.name)
-                _kill(child.pid, signal.SIGKILL)
+                _kill(child, signal.SIGKILL)
                 child.kill_at = float("inf")
             return
         timeout_ms = self.cfg.supervisor.heartbeat_timeout_ms
         if slot.stats["heartbeat_ns"] < time.monotonic_ns() - timeout_ms * 1_000_000:
             log.warning("%s has not heartbeaten for %d ms; terminating it", child.name,
                         timeout_ms)
-            _kill(child.pid, signal.SIGTERM)
+            _kill(child, signal.SIGTERM)
             child.kill_at = now + HUNG_KILL_AFTER_S
 
     def _status_line(self, now: float) -> str:
@@ -620,20 +628,29 @@ class Supervisor:
     def _stop_children(self, children: list[Child], signum: int = signal.SIGTERM,
                        grace_s: float = STOP_GRACE_S) -> None:
         """Signal the children (SIGTERM: stop; SIGUSR1: a worker drains its ring first),
-        reap them, and SIGKILL any still there after grace_s."""
+        reap them, and SIGKILL any still there after grace_s. One that outlives even
+        SIGKILL (a signal refused, a process stuck in the kernel) is given up on after
+        KILL_WAIT_S, so stopping always ends: it exits on its own once the supervisor is
+        gone (it watches its parent)."""
         for child in children:
             if child.pid is not None:
                 child.state = "STOPPING"
-                _kill(child.pid, signum)
+                _kill(child, signum)
         deadline = time.monotonic() + grace_s
+        killed = False
         while any(c.pid is not None for c in children):
             if time.monotonic() >= deadline:
-                for child in children:
-                    if child.pid is not None:
-                        log.warning("%s did not stop in %.0f s; killing it", child.name,
-                                    grace_s)
-                        _kill(child.pid, signal.SIGKILL)
-                deadline = float("inf")
+                left = [c for c in children if c.pid is not None]
+                if killed:
+                    for child in left:
+                        log.error("%s (pid %d) is still there %.0f s after SIGKILL; leaving "
+                                  "it", child.name, child.pid, KILL_WAIT_S)
+                        child.pid = None
+                    return
+                for child in left:
+                    log.warning("%s did not stop in %.0f s; killing it", child.name, grace_s)
+                    _kill(child, signal.SIGKILL)
+                killed, deadline = True, time.monotonic() + KILL_WAIT_S
             self._reap()
             time.sleep(0.01)
 
@@ -663,9 +680,21 @@ def _die_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _kill(pid: int, signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError):  # it may have exited already
-        os.kill(pid, signum)
+def _kill(child: Child, signum: int) -> bool:
+    """Send signum to the child; False when it could not be sent. A refused signal is
+    logged, never raised: the supervisor must go on (and stop cleanly) whatever happens."""
+    if child.pid is None:
+        return False
+    try:
+        os.kill(child.pid, signum)
+    except ProcessLookupError:  # it exited already; reaping will tell
+        return False
+    except PermissionError:
+        log.error("cannot send %s to %s (pid %d): permission denied; signalling a child "
+                  "that runs as another user needs CAP_KILL", signal.Signals(signum).name,
+                  child.name, child.pid)
+        return False
+    return True
 
 
 def _describe_status(status: int) -> str:

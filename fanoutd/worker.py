@@ -140,8 +140,14 @@ def _capture(rx: RxRing, pub: BatchPublisher, stats: slotstats.SlotStats,
     max_pending = max(1, rx.geometry.block_count // 4)
     # Once drained: the kernel hands over a partly filled block after block_timeout_ms.
     drain_quiet_s = 2 * rx.geometry.block_timeout_ms / 1000 + 0.02
+    supervisor = os.getppid()
     while not stop.requested:
         stats.beat()
+        if os.getppid() != supervisor:
+            # The supervisor died without stopping us (its death signal can be refused
+            # once we run as another user): nobody reaps, counts or replaces us any more.
+            log.warning("worker %d: the supervisor is gone; stopping", index)
+            return 0
         if plan.user and pub.lost_connection():
             # Unprivileged now, this process cannot reconnect to root's ipc socket; a new
             # worker can, and resumes at the blocks the proxy never confirmed.

@@ -333,12 +333,15 @@ class Daemon:
     def __init__(self, ns: NetNS, workdir: str | Path, workers: int = 1, fanout: str = "hash",
                  fanout_flags: str | None = None, extra: Iterable[str] = (),
                  interface: str = "cap0", env: Mapping[str, str] | None = None,
-                 journal_stream: bool = False, config: Path | None = None) -> None:
+                 journal_stream: bool = False, config: Path | None = None,
+                 wrap: Iterable[str] = ()) -> None:
         """`env`: extra environment variables (NOTIFY_SOCKET, WATCHDOG_USEC...).
         `journal_stream`: set JOURNAL_STREAM to the device:inode of the daemon's stderr
         file, as systemd does for a service whose stderr is the journal.
         `config`: run with -c config and leave workers, fanout and ring to the file (flags
-        would override it, also on a reload); `workers` must then match the file."""
+        would override it, also on a reload); `workers` must then match the file.
+        `wrap`: a command that runs the daemon inside the namespace, such as setpriv
+        with a unit's capabilities (it must exec the daemon, keeping its pid)."""
         self.ns = ns
         self.env = dict(env or {})
         self.journal_stream = journal_stream
@@ -352,7 +355,7 @@ class Daemon:
             *(["--fanout-flags", fanout_flags] if fanout_flags else []),
             "--block-size", "65536", "--block-count", "8", "--block-timeout", "5"]
         self.argv = [
-            "ip", "netns", "exec", ns.name, sys.executable, "-m", "fanoutd", "run",
+            "ip", "netns", "exec", ns.name, *wrap, sys.executable, "-m", "fanoutd", "run",
             "--interface", interface, *shape,
             "--publish", self.endpoint, "--metrics", f"127.0.0.1:{self.metrics_port}",
             *extra,

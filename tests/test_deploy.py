@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from unitfile import UNIT_DIR, section, single
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
-UNIT_DIR = DEPLOY / "systemd"
 RULES = DEPLOY / "prometheus" / "fanoutd.rules.yml"
 RULE_TESTS = DEPLOY / "prometheus" / "fanoutd.rules.test.yml"
 DASHBOARD = DEPLOY / "grafana" / "fanoutd-dashboard.json"
@@ -131,36 +131,8 @@ def test_promql_metric_names(expr, names):
 # --------------------------------------------------------------------------- systemd units
 
 
-def unit_settings(path: Path) -> dict[str, list[tuple[str, str]]]:
-    """{section: [(key, value), ...]} in file order; repeated keys stay repeated."""
-    sections: dict[str, list[tuple[str, str]]] = {}
-    current = None
-    for raw in path.read_text().splitlines():
-        line = raw.strip()
-        if not line or line[0] in "#;":
-            continue
-        if line.startswith("[") and line.endswith("]"):
-            current = sections.setdefault(line[1:-1], [])
-            continue
-        assert current is not None, f"{path.name}: setting outside a section: {raw!r}"
-        assert not line.endswith("\\"), f"{path.name}: keep settings on one line: {raw!r}"
-        key, sep, value = line.partition("=")
-        assert sep, f"{path.name}: not a key=value line: {raw!r}"
-        current.append((key.strip(), value.strip()))
-    return sections
-
-
 def service(unit: str) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for key, value in unit_settings(UNIT_DIR / unit)["Service"]:
-        out.setdefault(key, []).append(value)
-    return out
-
-
-def single(settings: dict[str, list[str]], key: str) -> str:
-    values = settings.get(key, [])
-    assert len(values) == 1, f"{key}= should be set exactly once, got {values}"
-    return values[0]
+    return section(unit, "Service")
 
 
 @pytest.mark.parametrize("unit", UNITS)
@@ -181,7 +153,10 @@ def test_unit_settings(unit):
     assert s["ExecReload"][-1] == "/bin/kill -HUP $MAINPID"
     assert "78" in single(s, "RestartPreventExitStatus").split()
     bounding = set(single(s, "CapabilityBoundingSet").split())
-    assert bounding == {"CAP_NET_RAW", "CAP_SETUID", "CAP_SETGID"}
+    # CAP_KILL: the supervisor signals children running as another user; CAP_SETPCAP:
+    # they empty their bounding set (tests/integration/test_unit_privileges.py runs the
+    # daemon with exactly this set).
+    assert bounding == {"CAP_NET_RAW", "CAP_SETUID", "CAP_SETGID", "CAP_KILL", "CAP_SETPCAP"}
     assert set(single(s, "AmbientCapabilities").split()) <= bounding
     assert set(single(s, "RestrictAddressFamilies").split()) == {
         "AF_PACKET", "AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK"}
@@ -189,6 +164,19 @@ def test_unit_settings(unit):
     assert "ProcSubset" not in s
     runtime = single(s, "RuntimeDirectory")
     assert runtime == ("fanoutd" if unit == "fanoutd.service" else "fanoutd-%i")
+
+
+@pytest.mark.parametrize("unit", UNITS)
+def test_unit_gives_up_restarting(unit):
+    """A daemon that cannot start (fanoutd@nosuch0: exit 69) must not restart forever:
+    more starts than StartLimitBurst= within StartLimitIntervalSec= fail the unit."""
+    s = section(unit, "Unit")
+    burst = int(single(s, "StartLimitBurst"))
+    interval = float(single(s, "StartLimitIntervalSec").removesuffix("s"))
+    restart_sec = float(single(service(unit), "RestartSec").removesuffix("s"))
+    assert 1 <= burst <= 10
+    # Restarts RestartSec= apart must reach the burst inside the interval.
+    assert burst * restart_sec < interval
 
 
 def test_units_share_one_sandbox():
