@@ -1,31 +1,79 @@
 #!/usr/bin/env bash
-# Install fanoutd on Debian 12: system packages, then a virtual environment at .venv in
-# this checkout with fanoutd (editable) and its test tools. Run as root. Safe to repeat.
+# Install fanoutd on Debian 12 into a virtual environment at .venv in this checkout.
+#
+#   ./scripts/install.sh          what a sensor needs to run the daemon, and nothing more
+#   ./scripts/install.sh --test   that, plus what the tests and benchmarks need
+#
+# Run as root (it installs Debian packages). Safe to repeat. It starts no service.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+usage() {
+    sed -n '2,7s/^# \{0,1\}//p' "$0" >&2
+    exit "$1"
+}
+with_tests=no
+case "${1-}" in
+    "") ;;
+    --test) with_tests=yes ;;
+    -h | --help) usage 0 ;;
+    *) echo "install.sh: unknown option ${1}" >&2; usage 2 ;;
+esac
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "install.sh: run as root (it installs Debian packages)" >&2
     exit 77
 fi
 
-# libsystemd-dev + pkg-config + gcc: systemd-python builds against libsystemd; gcc and
-# python3-dev also build fanoutd's C block decoder. libpcap0.8 compiles capture filters.
-# tcpdump, netsniff-ng (trafgen), prometheus (promtool): used by tests and benchmarks;
-# ethtool by `fanoutd doctor`.
-packages=(python3-venv python3-dev gcc pkg-config libsystemd-dev libpcap0.8 iproute2
-          procps tcpdump netsniff-ng prometheus ethtool)
+# The sensor: gcc, python3-dev, pkg-config and libsystemd-dev build systemd-python and
+# fanoutd's C block decoder; libpcap0.8 compiles capture filters; ethtool serves
+# `fanoutd doctor`.
+packages=(python3-venv python3-dev gcc pkg-config libsystemd-dev libpcap0.8 ethtool)
+# The tests and benchmarks: network namespaces and veth pairs (iproute2), the peers the
+# benchmarks compare with and the traffic generator (tcpdump, netsniff-ng's trafgen),
+# process tools (procps), setpriv (util-linux).
+if [ "$with_tests" = yes ]; then
+    packages+=(iproute2 procps util-linux tcpdump netsniff-ng)
+fi
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
-if [ "${#missing[@]}" -gt 0 ]; then
+need_promtool=no
+if [ "$with_tests" = yes ] && ! command -v promtool >/dev/null && [ ! -x .venv/bin/promtool ]; then
+    need_promtool=yes
+fi
+if [ "${#missing[@]}" -gt 0 ] || [ "$need_promtool" = yes ]; then
     apt-get update -qq
+fi
+if [ "${#missing[@]}" -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
-python=${PYTHON:-python3}
+# Debian's Python, explicitly: a venv made from another one (pyenv's under /root, say)
+# would point the service at an interpreter that ProtectHome=yes hides from it.
+python=/usr/bin/python3
+if [ -e .venv/bin/python ] && [ "$(readlink -f .venv/bin/python)" != "$(readlink -f "$python")" ]; then
+    echo "install.sh: .venv was made from $(readlink -f .venv/bin/python); making it again from $python"
+    rm -rf .venv
+fi
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[test,bench]'
+if [ "$with_tests" = yes ]; then
+    .venv/bin/python -m pip install -q -e '.[test,bench]'
+else
+    .venv/bin/python -m pip install -q -e .
+fi
+
+# promtool checks the alert rules and the dashboard's queries. It comes with Debian's
+# `prometheus` package, whose installation would also enable and start a Prometheus
+# server: take the one binary out of the package instead.
+if [ "$need_promtool" = yes ]; then
+    tmp=$(mktemp -d)
+    trap 'rm -rf "$tmp"' EXIT
+    (cd "$tmp" && apt-get download -qq -o APT::Sandbox::User=root prometheus)
+    dpkg-deb --fsys-tarfile "$tmp"/prometheus_*.deb | tar -x -C "$tmp" ./usr/bin/promtool
+    install -m 0755 "$tmp/usr/bin/promtool" .venv/bin/promtool
+fi
+
 echo "fanoutd installed: $(pwd)/.venv/bin/fanoutd"

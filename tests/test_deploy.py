@@ -4,8 +4,9 @@ The units are checked by systemd itself (`systemd-analyze verify` must be silent
 `systemd-analyze security --offline=yes` must score 3.0 or better), the rules by promtool
 (`check rules`, and the unit tests in fanoutd.rules.test.yml), and every PromQL expression
 in the rules and the dashboard may only name metrics fanoutd exports (fanoutd/metrics.py).
-Tests needing systemd-analyze (Debian package systemd) or promtool (package prometheus)
-skip, naming the missing tool, only where it is not installed.
+Tests needing systemd-analyze (Debian package systemd) or promtool (which
+`scripts/install.sh --test` installs) skip, naming the missing tool, only where it is not
+installed.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import programs
 import pytest
 import yaml
 from unitfile import UNIT_DIR, section, single
@@ -38,12 +40,12 @@ VERIFY_TARGETS = ("fanoutd.service", "fanoutd@.service", "fanoutd@eth0.service",
 SECURITY_TARGETS = ("fanoutd.service", "fanoutd@eth0.service")
 
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
-PROMTOOL = shutil.which("promtool")
+PROMTOOL = programs.promtool()
 needs_systemd_analyze = pytest.mark.skipif(
     SYSTEMD_ANALYZE is None,
     reason="systemd-analyze is not installed (Debian package systemd)")
 needs_promtool = pytest.mark.skipif(
-    PROMTOOL is None, reason="promtool is not installed (Debian package prometheus)")
+    PROMTOOL is None, reason="promtool is not installed (scripts/install.sh --test)")
 
 
 def run(*argv: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import signal
 import socket
 import struct
@@ -25,6 +24,7 @@ from pathlib import Path
 import frames as F
 import msgpack
 import netlab
+import programs
 import pytest
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
@@ -279,7 +279,8 @@ def test_metrics_after_known_traffic(injector, start_daemon):
     assert "capturing on cap0" in stderr and "worker 0 capturing on cap0" in stderr, stderr
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
+@pytest.mark.skipif(programs.promtool() is None,
+                    reason="promtool is not installed (scripts/install.sh --test)")
 def test_promtool_accepts_a_real_scrape(injector, start_daemon):
     """`promtool check metrics` finds no lint problem in a scrape of a daemon that has
     counted traffic (exit 0, nothing printed)."""
@@ -287,8 +288,8 @@ def test_promtool_accepts_a_real_scrape(injector, start_daemon):
     n = injector.send_all(known_frames(10))
     text, _ = settled_metrics(daemon, n)
 
-    proc = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
-                          text=True, timeout=30, check=False)
+    proc = subprocess.run([programs.promtool(), "check", "metrics"], input=text,
+                          capture_output=True, text=True, timeout=30, check=False)
 
     problems = (proc.stdout + proc.stderr).strip().splitlines()
     assert proc.returncode == 0 and not problems, \
