@@ -15,7 +15,9 @@ import time
 from collections.abc import Iterator
 from http.server import HTTPServer
 from typing import Protocol
+from urllib.parse import urlsplit
 
+from prometheus_client import ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import MetricsHandler
 from prometheus_client.registry import CollectorRegistry
@@ -131,6 +133,7 @@ class SlotCollector:
 
 
 REQUEST_TIMEOUT_S = 2.0  # a client that stalls cannot hold the supervisor's loop longer
+METRICS_PATH = "/metrics"
 
 
 class _GuardedMetricsHandler(MetricsHandler):
@@ -143,6 +146,14 @@ class _GuardedMetricsHandler(MetricsHandler):
             self.send_response(401)
             self.send_header("WWW-Authenticate", 'Basic realm="fanoutd"')
             self.end_headers()
+            return
+        if urlsplit(self.path).path != METRICS_PATH:  # the one thing served, on its path
+            body = f"fanoutd serves its metrics at {METRICS_PATH}\n".encode()
+            self.send_response(404)
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
             return
         super().do_GET()
 
@@ -175,6 +186,7 @@ class MetricsServer(HTTPServer):
         host, port = parse_host_port(cfg.listen)
         registry = CollectorRegistry(auto_describe=False)
         registry.register(SlotCollector(source))
+        ProcessCollector(registry=registry)  # process_*: the supervisor's CPU, memory, fds
         handler = type("FanoutdMetricsHandler", (_GuardedMetricsHandler,),
                        {"registry": registry, "timeout": REQUEST_TIMEOUT_S})
         if ":" in host:

@@ -87,6 +87,7 @@ class Supervisor:
         self.notifier = Notifier()
         self.status_at = 0.0
         self.status_packets = 0
+        self.capturing = False  # the loop ran: on exit, say what was captured
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -112,6 +113,7 @@ class Supervisor:
             self._start_proxy()
             for capture in self.captures:
                 self._start_workers(capture)
+            self.capturing = True
             while not self.stopping:
                 self._loop_once()
         except StartupError as e:
@@ -553,9 +555,10 @@ class Supervisor:
         if not self.announced_ready and all(s.up for s in self._slots()):
             self.announced_ready = True
             for capture in self.captures:
-                log.info("capturing on %s: %d workers, fanout %s (group %d), publishing on "
-                         "%s", capture.interface, len(capture.slots), capture.cfg.fanout.mode,
-                         capture.group_id, self.cfg.publish.endpoint)
+                log.info("capturing on %s: %s, fanout %s (group %d), publishing on %s, "
+                         "metrics on %s", capture.interface,
+                         _count(len(capture.slots), "worker"), capture.cfg.fanout.mode,
+                         capture.group_id, self.cfg.publish.endpoint, self._metrics_url())
             self.notifier.ready(self._status_line(now))
         elif self.announced_ready and (now - self.status_at
                                        >= self.cfg.supervisor.status_interval_ms / 1000):
@@ -617,6 +620,8 @@ class Supervisor:
         if self.proxy is not None:
             self._stop_children([self.proxy])
         self.refresh_kernel_stats()
+        if self.capturing:
+            self._log_summary()
         for capture in self.captures:
             for sock in capture.sockets():
                 sock.close()
@@ -624,6 +629,24 @@ class Supervisor:
             self.metrics.server_close()
         if self.runtime_dir:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+    def _log_summary(self) -> None:
+        """On exit, as tcpdump does: what the kernel passed on and dropped, and what was
+        published, per interface (the current worker slots' counters)."""
+        for capture in self.captures:
+            total = {key: sum(slot.stats[key] for slot in capture.slots)
+                     for key in ("kernel_packets", "kernel_drops", "packets", "batches",
+                                 "publish_drops")}
+            log.info("%s: %s received by the kernel, %s dropped by the kernel, %s decoded, "
+                     "%s published, %s dropped at the publish high-water mark",
+                     capture.interface, _count(total["kernel_packets"], "packet"),
+                     _count(total["kernel_drops"], "packet"), _count(total["packets"], "packet"),
+                     _count(total["batches"], "batch", "batches"),
+                     _count(total["publish_drops"], "batch", "batches"))
+
+    def _metrics_url(self) -> str:
+        scheme = "https" if self.cfg.metrics.tls_cert_file else "http"
+        return f"{scheme}://{self.cfg.metrics.listen}/metrics"
 
     def _stop_children(self, children: list[Child], signum: int = signal.SIGTERM,
                        grace_s: float = STOP_GRACE_S) -> None:
@@ -695,6 +718,11 @@ def _kill(child: Child, signum: int) -> bool:
                   child.name, child.pid)
         return False
     return True
+
+
+def _count(n: int, singular: str, plural: str | None = None) -> str:
+    """'1 worker', '2 workers'."""
+    return f"{n:,} {singular if n == 1 else plural or singular + 's'}"
 
 
 def _describe_status(status: int) -> str:

@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 import time
+from datetime import datetime
 
 from systemd import daemon, journal
 
@@ -108,10 +109,19 @@ def setup_logging(level: str) -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(
-            "fanoutd[%(process)d]: %(levelname)s: %(message)s"))
+        handler.setFormatter(_StderrFormatter(
+            "%(asctime)s fanoutd[%(process)d]: %(levelname)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(level.upper())
+
+
+class _StderrFormatter(logging.Formatter):
+    """Records on a terminal or in a file carry their time (the journal keeps its own):
+    ISO 8601, local time with its offset, to the millisecond."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        moment = datetime.fromtimestamp(record.created).astimezone()
+        return moment.isoformat(timespec="milliseconds")
 
 
 def set_log_context(**fields: object) -> None:

@@ -1,6 +1,7 @@
 """Process model: named children, clean exit on SIGTERM/SIGINT, a killed worker is replaced."""
 
 import os
+import re
 import signal
 from collections import Counter
 
@@ -81,3 +82,27 @@ def test_killed_worker_is_replaced_and_delivery_continues(injector, start_daemon
     for worker in (0, 1):
         seqs = sorted(s for w, s in unique if w == worker)
         assert seqs == list(range(len(seqs))), f"worker {worker} seq gaps: {seqs}"
+
+
+def test_start_line_timestamps_and_exit_summary(injector, start_daemon, subscribe):
+    """What a tcpdump user expects on a terminal: each line timed, the start-up line names
+    the endpoints and says "1 worker", and the exit says what was captured and dropped."""
+    daemon = start_daemon(workers=1)
+    sub = subscribe(daemon)
+    injector.send_all(F.udp4_frame(sport=40000 + i) for i in range(25))
+    sub.collect(netlab.at_least(25), timeout=10, detail=daemon.logs)
+    netlab.wait_for(lambda: netlab.metric_sum(daemon.metrics(),
+                                              "fanoutd_kernel_packets_total") >= 25,
+                    10, "the kernel's count", detail=daemon.logs)
+    assert daemon.stop(signal.SIGTERM) == 0, daemon.logs()
+    lines = daemon.stderr_text().splitlines()
+    stamp = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d fanoutd\[\d+\]: ")
+    assert lines and all(stamp.match(line) for line in lines), lines
+    start = next(line for line in lines if "capturing on cap0:" in line)
+    assert ": 1 worker, fanout hash" in start, start
+    assert f"publishing on {daemon.endpoint}" in start, start
+    assert f"metrics on http://127.0.0.1:{daemon.metrics_port}/metrics" in start, start
+    # How many blocks the 25 frames filled depends on timing; the packets do not.
+    assert re.search(r"cap0: 25 packets received by the kernel, 0 packets dropped by the "
+                     r"kernel, 25 packets decoded, [1-9]\d* batch(es)? published, 0 batches "
+                     r"dropped at the publish high-water mark$", lines[-1]), lines[-1]
