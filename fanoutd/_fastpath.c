@@ -1,8 +1,9 @@
 /*
- * fanoutd._fastpath: one TPACKET_V3 ring block -> its msgpack batch.
+ * fanoutd._fastpath: one TPACKET_V3 ring block -> its msgpack batch, version 1 (rows) or
+ * version 2 (columns laid out as Apache Arrow lays them out).
  *
  * A compiled copy of fanoutd/decode.py's decode_block followed by the batch encoding of
- * publish.py (encode_batch_py):
+ * fanoutd/wire.py (encoder.encode_rows_py, encoder.encode_columns_py):
  * same fields, same error reasons, same bytes (tests/test_fastpath.py compares the two on
  * every decoder test frame and on random and mutated ones). decode.py stays the reference
  * and the fallback; this exists because the profile showed the per-packet Python work
@@ -14,10 +15,14 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include <netinet/in.h>
+#include <linux/if_ether.h>
+#include <linux/if_packet.h>
 
-/* --- the reference's constants (decode.py, _linux.py) ------------------------------- */
+/* --- the reference's constants (decode.py, wire.py, _linux.py) ---------------------- */
 
 enum {
     E_TRUNC_ETH, E_TRUNC_VLAN, E_TRUNC_LLC, E_TRUNC_ARP, E_TRUNC_IPV4, E_BAD_IPV4_HDR,
@@ -25,7 +30,7 @@ enum {
     E_BAD_TCP_HDR, E_TRUNC_UDP, E_TRUNC_SCTP, E_TRUNC_DCCP, E_TRUNC_ICMP, E_TRUNC_ICMPV6,
     E_COUNT
 };
-static const char *const REASONS[E_COUNT] = {
+static const char *const REASONS[E_COUNT] = {  /* wire.ERROR_REASONS, in its order */
     "truncated-ethernet", "truncated-vlan", "truncated-llc", "truncated-arp",
     "truncated-ipv4", "bad-ipv4-header", "bad-ipv4-length", "truncated-ipv6",
     "bad-ipv6-header", "truncated-ipv6-ext", "truncated-tcp", "bad-tcp-header",
@@ -34,12 +39,43 @@ static const char *const REASONS[E_COUNT] = {
 };
 static PyObject *reason_names[E_COUNT];
 
-#define HDR_SIZE 59               /* struct TPACKET3_HDR in _linux.py */
-#define TP_STATUS_VLAN_VALID (1u << 4)
-#define TP_STATUS_TS_SOFTWARE (1u << 29)
-#define TP_STATUS_TS_RAW_HARDWARE (1u << 31)
-#define ROW_FIELDS 22             /* len(decode.FIELDS) */
+enum { TS_HARDWARE, TS_SOFTWARE, TS_FALLBACK, TS_COUNT };
+static const char *const TS_SOURCES[TS_COUNT] = {"hardware", "software", "fallback"};
+
+/* The ring: a struct tpacket3_hdr, then (at TPACKET_ALIGN of its size) the sockaddr_ll
+ * the kernel fills in. Offsets from <linux/if_packet.h>, pinned to the ones _linux.py's
+ * TPACKET3_HDR uses, so the two readers cannot drift apart. */
+#define HDR_OFF(field) offsetof(struct tpacket3_hdr, field)
+#define HV1_OFF(field) (HDR_OFF(hv1) + offsetof(struct tpacket_hdr_variant1, field))
+#define SLL_OFF TPACKET_ALIGN(sizeof(struct tpacket3_hdr))
+#define SLL_FIELD_OFF(field) (SLL_OFF + offsetof(struct sockaddr_ll, field))
+_Static_assert(HDR_OFF(tp_next_offset) == 0, "tp_next_offset");
+_Static_assert(HDR_OFF(tp_sec) == 4, "tp_sec");
+_Static_assert(HDR_OFF(tp_nsec) == 8, "tp_nsec");
+_Static_assert(HDR_OFF(tp_snaplen) == 12, "tp_snaplen");
+_Static_assert(HDR_OFF(tp_len) == 16, "tp_len");
+_Static_assert(HDR_OFF(tp_status) == 20, "tp_status");
+_Static_assert(HDR_OFF(tp_mac) == 24, "tp_mac");
+_Static_assert(HV1_OFF(tp_rxhash) == 28, "tp_rxhash");
+_Static_assert(HV1_OFF(tp_vlan_tci) == 32, "tp_vlan_tci");
+_Static_assert(SLL_OFF == 48, "sockaddr_ll");
+_Static_assert(SLL_FIELD_OFF(sll_ifindex) == 52, "sll_ifindex");
+_Static_assert(SLL_FIELD_OFF(sll_pkttype) == 58, "sll_pkttype");
+#define HDR_SIZE (SLL_FIELD_OFF(sll_pkttype) + 1)  /* what is read of each packet header */
+
+/* Link and network numbers decode.py names too. */
+#define ETH_HEADER_LEN 14
+#define ETH_MAX_LENGTH_FIELD 1500       /* type/length up to this: an 802.3 length */
+#define VLAN_TAG_LEN 4
+#define ETH_P_QINQ_PRE 0x9100           /* pre-standard QinQ (ETH_P_QINQ1) */
+#define LLC_SNAP_SAP 0xAA
+#define IPPROTO_HIP 139
+#define IPPROTO_SHIM6 140
+#define ARPHRD_ETHER_ 1                 /* ARP hardware type Ethernet */
 #define NIL (-1)
+#define ROW_FIELDS 22                   /* len(wire.FIELDS) */
+#define VLAN_ID_MASK 0x0FFF
+#define LEN_MAX 0xFFFFFFFFu             /* version 2 keeps len and caplen in uint32 */
 
 /* --- reading (little-endian ring header, big-endian wire) --------------------------- */
 
@@ -56,7 +92,7 @@ static inline uint32_t be32(const uint8_t *p) {
 
 typedef struct {
     uint64_t ts_ns, len, caplen;
-    const char *ts_src;
+    int ts_src;                         /* an index into TS_SOURCES */
     int64_t ifindex;
     uint32_t rxhash;
     uint8_t pkttype;
@@ -89,13 +125,16 @@ static int transport(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, long pr
     Py_ssize_t need, header;
     int reason;
     switch (proto) {
-    case 6: need = 20; reason = E_TRUNC_TCP; break;
-    case 17: case 136: need = 8; reason = E_TRUNC_UDP; break;
-    case 132: need = 12; reason = E_TRUNC_SCTP; break;
-    case 33: need = 12; reason = E_TRUNC_DCCP; break;
-    case 1: case 58:
+    case IPPROTO_TCP: need = 20; reason = E_TRUNC_TCP; break;
+    case IPPROTO_UDP: case IPPROTO_UDPLITE: need = 8; reason = E_TRUNC_UDP; break;
+    case IPPROTO_SCTP: need = 12; reason = E_TRUNC_SCTP; break;
+    case IPPROTO_DCCP: need = 12; reason = E_TRUNC_DCCP; break;
+    case IPPROTO_ICMP: case IPPROTO_ICMPV6:
         if (avail >= 2) { r->icmp_type = buf[pos]; r->icmp_code = buf[pos + 1]; }
-        if (avail < 4) { r->err = proto == 1 ? E_TRUNC_ICMP : E_TRUNC_ICMPV6; return 0; }
+        if (avail < 4) {
+            r->err = proto == IPPROTO_ICMP ? E_TRUNC_ICMP : E_TRUNC_ICMPV6;
+            return 0;
+        }
         if (avail < 8) return 0;
         r->payload_start = pos + 8; r->payload_end = end;
         return 1;
@@ -105,12 +144,12 @@ static int transport(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, long pr
     }
     if (avail >= 4) { r->sport = be16(buf + pos); r->dport = be16(buf + pos + 2); }
     header = need;
-    if (proto == 6 && avail >= 14) {
+    if (proto == IPPROTO_TCP && avail >= 14) {
         uint8_t doff = buf[pos + 12], flags = buf[pos + 13];
         r->tcp_flags = ((long)(doff & 1) << 8) | flags;
         if (doff >> 4 < 5) { r->err = E_BAD_TCP_HDR; return 0; }
         header = (Py_ssize_t)(doff >> 4) * 4;
-    } else if (proto == 33 && avail >= 5) {
+    } else if (proto == IPPROTO_DCCP && avail >= 5) {
         Py_ssize_t words = (Py_ssize_t)buf[pos + 4] * 4;
         header = words > need ? words : need;
     }
@@ -144,8 +183,10 @@ static int ipv4(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r) {
     return transport(buf, pos + ihl, end, r->proto, r);
 }
 
+/* Extension headers of (len + 1) * 8 bytes (AH and the fragment header differ). */
 static inline int ipv6_ext_8(long nxt) {
-    return nxt == 0 || nxt == 43 || nxt == 60 || nxt == 135 || nxt == 139 || nxt == 140;
+    return nxt == IPPROTO_HOPOPTS || nxt == IPPROTO_ROUTING || nxt == IPPROTO_DSTOPTS
+        || nxt == IPPROTO_MH || nxt == IPPROTO_HIP || nxt == IPPROTO_SHIM6;
 }
 
 static int ipv6(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r) {
@@ -159,15 +200,15 @@ static int ipv6(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r) {
     pos += 40;
     if (payload_len && pos + payload_len < end) end = pos + payload_len;
     for (;;) {
-        if (ipv6_ext_8(nxt) || nxt == 51) {
+        if (ipv6_ext_8(nxt) || nxt == IPPROTO_AH) {
             if (end - pos < 2) { r->err = E_TRUNC_IPV6_EXT; return 0; }
             long following = buf[pos];
             Py_ssize_t hlen = buf[pos + 1];
-            hlen = nxt == 51 ? (hlen + 2) * 4 : (hlen + 1) * 8;
+            hlen = nxt == IPPROTO_AH ? (hlen + 2) * 4 : (hlen + 1) * 8;
             if (end - pos < hlen) { r->err = E_TRUNC_IPV6_EXT; return 0; }
             nxt = following;
             pos += hlen;
-        } else if (nxt == 44) {
+        } else if (nxt == IPPROTO_FRAGMENT) {
             if (end - pos < 8) { r->err = E_TRUNC_IPV6_EXT; return 0; }
             long following = buf[pos];
             uint16_t offset_flags = be16(buf + pos + 2);
@@ -193,15 +234,19 @@ static int arp(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r) {
     uint8_t hlen = buf[pos + 4], plen = buf[pos + 5];
     Py_ssize_t size = 8 + 2 * ((Py_ssize_t)hlen + plen);
     if (end - pos < size) { r->err = E_TRUNC_ARP; return 0; }
-    if (htype == 1 && ptype == 0x0800 && hlen == 6 && plen == 4) {
+    if (htype == ARPHRD_ETHER_ && ptype == ETH_P_IP && hlen == 6 && plen == 4) {
         r->src = buf + pos + 14; r->dst = buf + pos + 24; r->addr_len = 4;
     }
     r->payload_start = pos + size; r->payload_end = end;
     return 1;
 }
 
+static inline int vlan_tpid(long ethertype) {
+    return ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD || ethertype == ETH_P_QINQ_PRE;
+}
+
 static void frame(const uint8_t *buf, Py_ssize_t off, Py_ssize_t end, Row *r) {
-    if (end - off < 14) {
+    if (end - off < ETH_HEADER_LEN) {
         if (end - off >= 6) r->eth_dst = buf + off;
         if (end - off >= 12) r->eth_src = buf + off + 6;
         r->err = E_TRUNC_ETH;
@@ -209,33 +254,36 @@ static void frame(const uint8_t *buf, Py_ssize_t off, Py_ssize_t end, Row *r) {
     }
     r->eth_dst = buf + off; r->eth_src = buf + off + 6;
     long ethertype = be16(buf + off + 12);
-    Py_ssize_t pos = off + 14;
+    Py_ssize_t pos = off + ETH_HEADER_LEN;
     r->vlan_tags = buf + pos;
-    while (ethertype == 0x8100 || ethertype == 0x88A8 || ethertype == 0x9100) {
-        if (end - pos < 4) { r->err = E_TRUNC_VLAN; return; }
+    while (vlan_tpid(ethertype)) {
+        if (end - pos < VLAN_TAG_LEN) { r->err = E_TRUNC_VLAN; return; }
         r->n_vlan_tags++;
         ethertype = be16(buf + pos + 2);
-        pos += 4;
+        pos += VLAN_TAG_LEN;
     }
-    if (ethertype <= 1500) {  /* 802.3: an LLC header; SNAP may carry an ethertype */
+    if (ethertype <= ETH_MAX_LENGTH_FIELD) {  /* 802.3: LLC; SNAP may carry an ethertype */
         if (end - pos < 3) { r->err = E_TRUNC_LLC; return; }
-        if (buf[pos] != 0xAA || buf[pos + 1] != 0xAA) {
+        if (buf[pos] != LLC_SNAP_SAP || buf[pos + 1] != LLC_SNAP_SAP) {
             r->payload_start = pos + 3; r->payload_end = end;
             return;
         }
         if (end - pos < 8) { r->err = E_TRUNC_LLC; return; }
         const uint8_t *oui = buf + pos + 3;
         ethertype = be16(buf + pos + 6);
-        if (!(oui[0] == 0 && oui[1] == 0 && (oui[2] == 0 || oui[2] == 0xF8))) {
+        /* RFC 1042 and 802.1H OUIs carry an ethertype, if the protocol id is one (a
+         * value below 0x0600, such as a Cisco ISL header's, is not) */
+        if (!(oui[0] == 0 && oui[1] == 0 && (oui[2] == 0 || oui[2] == 0xF8))
+                || ethertype < ETH_P_802_3_MIN) {
             r->payload_start = pos + 8; r->payload_end = end;
             return;
         }
         pos += 8;
     }
     r->ethertype = ethertype;
-    if (ethertype == 0x0800) ipv4(buf, pos, end, r);
-    else if (ethertype == 0x86DD) ipv6(buf, pos, end, r);
-    else if (ethertype == 0x0806) arp(buf, pos, end, r);
+    if (ethertype == ETH_P_IP) ipv4(buf, pos, end, r);
+    else if (ethertype == ETH_P_IPV6) ipv6(buf, pos, end, r);
+    else if (ethertype == ETH_P_ARP) arp(buf, pos, end, r);
     else { r->payload_start = pos; r->payload_end = end; }
 }
 
@@ -299,6 +347,12 @@ static void put_array(Out *o, size_t n) {
     else { put1(o, 0xDD); put_be(o, n, 4); }
 }
 
+static void put_map(Out *o, size_t n) {
+    if (n < 16) put1(o, (uint8_t)(0x80 | n));
+    else if (n <= 0xFFFF) { put1(o, 0xDE); put_be(o, n, 2); }
+    else { put1(o, 0xDF); put_be(o, n, 4); }
+}
+
 static int put_row(Out *o, const Row *r, const uint8_t *buf, Py_ssize_t payload_bytes) {
     Py_ssize_t n_vlan = r->n_vlan_tags + (r->meta_vlan != NIL);
     Py_ssize_t payload = 0;
@@ -311,7 +365,7 @@ static int put_row(Out *o, const Row *r, const uint8_t *buf, Py_ssize_t payload_
     if (out_reserve(o, 160 + 3 * (size_t)n_vlan + (size_t)payload + 5) < 0) return -1;
     put_array(o, ROW_FIELDS + (payload_bytes ? 1 : 0));
     put_uint(o, r->ts_ns);
-    put_str(o, r->ts_src);
+    put_str(o, TS_SOURCES[r->ts_src]);
     put_uint(o, r->len);
     put_uint(o, r->caplen);
     put_int(o, r->ifindex);
@@ -323,7 +377,7 @@ static int put_row(Out *o, const Row *r, const uint8_t *buf, Py_ssize_t payload_
     put_array(o, (size_t)n_vlan);
     if (r->meta_vlan != NIL) put_uint(o, (uint64_t)r->meta_vlan);
     for (Py_ssize_t i = 0; i < r->n_vlan_tags; i++)
-        put_uint(o, be16(r->vlan_tags + 4 * i) & 0x0FFF);
+        put_uint(o, be16(r->vlan_tags + VLAN_TAG_LEN * i) & VLAN_ID_MASK);
     if (r->src) put_bin(o, r->src, (size_t)r->addr_len); else put_nil(o);
     if (r->dst) put_bin(o, r->dst, (size_t)r->addr_len); else put_nil(o);
     put_opt(o, r->proto);
@@ -344,6 +398,63 @@ static int put_row(Out *o, const Row *r, const uint8_t *buf, Py_ssize_t payload_
 
 /* --- the block walk (decode_block) ------------------------------------------------- */
 
+/* The packet whose header is at block[pos], decoded into r (decode_block's loop body).
+ * Returns its tp_next_offset, or -1 when its header would not fit in the block (a
+ * corrupt chain; the kernel never writes one). */
+static long read_packet(const uint8_t *block, Py_ssize_t limit, Py_ssize_t pos, Row *r) {
+    if (pos < 0 || pos + (Py_ssize_t)HDR_SIZE > limit) return -1;
+    const uint8_t *h = block + pos;
+    uint32_t next_offset = le32(h + HDR_OFF(tp_next_offset));
+    uint32_t sec = le32(h + HDR_OFF(tp_sec)), nsec = le32(h + HDR_OFF(tp_nsec));
+    uint64_t snaplen = le32(h + HDR_OFF(tp_snaplen)), wire_len = le32(h + HDR_OFF(tp_len));
+    uint32_t status = le32(h + HDR_OFF(tp_status));
+    Py_ssize_t mac_off = pos + le16(h + HDR_OFF(tp_mac));
+    row_init(r);
+    r->rxhash = le32(h + HV1_OFF(tp_rxhash));
+    r->ifindex = (int32_t)le32(h + SLL_FIELD_OFF(sll_ifindex));
+    r->pkttype = h[SLL_FIELD_OFF(sll_pkttype)];
+    Py_ssize_t room = limit - mac_off > 0 ? limit - mac_off : 0;
+    if (snaplen > (uint64_t)room) snaplen = (uint64_t)room;
+    r->ts_ns = (uint64_t)sec * 1000000000u + nsec;
+    r->ts_src = status & TP_STATUS_TS_RAW_HARDWARE ? TS_HARDWARE
+              : status & TP_STATUS_TS_SOFTWARE ? TS_SOFTWARE : TS_FALLBACK;
+    if (status & TP_STATUS_VLAN_VALID) {
+        r->meta_vlan = (long)(le32(h + HV1_OFF(tp_vlan_tci)) & VLAN_ID_MASK);
+        r->caplen = snaplen + VLAN_TAG_LEN;
+        r->len = wire_len + VLAN_TAG_LEN;
+    } else {
+        r->caplen = snaplen;
+        r->len = wire_len;
+    }
+    frame(block, mac_off, mac_off + (Py_ssize_t)snaplen, r);
+    return (long)next_offset;
+}
+
+/* errors[reason] += counts[reason] for every reason seen (decode_block's accounting). */
+static int add_error_counts(PyObject *errors, const Py_ssize_t counts[E_COUNT]) {
+    for (int e = 0; e < E_COUNT; e++) {
+        if (!counts[e]) continue;
+        PyObject *old = PyDict_GetItemWithError(errors, reason_names[e]);
+        if (old == NULL && PyErr_Occurred()) return -1;
+        Py_ssize_t base = old ? PyLong_AsSsize_t(old) : 0;
+        if (base == -1 && PyErr_Occurred()) return -1;
+        PyObject *total = PyLong_FromSsize_t(base + counts[e]);
+        if (total == NULL || PyDict_SetItem(errors, reason_names[e], total) < 0) {
+            Py_XDECREF(total);
+            return -1;
+        }
+        Py_DECREF(total);
+    }
+    return 0;
+}
+
+static inline Py_ssize_t payload_length(const Row *r, Py_ssize_t payload_bytes) {
+    if (!payload_bytes || r->payload_start < 0) return 0;
+    Py_ssize_t n = r->payload_end - r->payload_start;
+    if (n > payload_bytes) n = payload_bytes;
+    return n < 0 ? 0 : n;
+}
+
 #define ARRAY_HEADER_MAX 5
 
 /* One output buffer for the life of the process, grown to the largest batch and reused:
@@ -351,6 +462,7 @@ static int put_row(Out *o, const Row *r, const uint8_t *buf, Py_ssize_t payload_
  * Workers are single-threaded, and the GIL is held throughout. */
 static Out scratch;
 
+/* Version 1: the rows, each a msgpack array (wire.rows_body). */
 static PyObject *encode_batch(PyObject *self, PyObject *args) {
     Py_buffer view, prefix;
     Py_ssize_t first, num_pkts, payload_bytes;
@@ -382,31 +494,9 @@ static PyObject *encode_batch(PyObject *self, PyObject *args) {
     out->len += ARRAY_HEADER_MAX;
     Py_ssize_t pos = first;
     for (Py_ssize_t i = 0; i < num_pkts; i++) {
-        if (pos < 0 || pos + HDR_SIZE > limit) break;  /* a corrupt chain */
-        const uint8_t *h = block + pos;
-        uint32_t next_offset = le32(h), sec = le32(h + 4), nsec = le32(h + 8);
-        uint64_t snaplen = le32(h + 12), wire_len = le32(h + 16);
-        uint32_t status = le32(h + 20);
-        Py_ssize_t mac_off = pos + le16(h + 24);
         Row r;
-        row_init(&r);
-        r.rxhash = le32(h + 28);
-        r.ifindex = (int32_t)le32(h + 52);
-        r.pkttype = h[58];
-        Py_ssize_t room = limit - mac_off > 0 ? limit - mac_off : 0;
-        if (snaplen > (uint64_t)room) snaplen = (uint64_t)room;
-        r.ts_ns = (uint64_t)sec * 1000000000u + nsec;
-        r.ts_src = status & TP_STATUS_TS_RAW_HARDWARE ? "hardware"
-                 : status & TP_STATUS_TS_SOFTWARE ? "software" : "fallback";
-        if (status & TP_STATUS_VLAN_VALID) {
-            r.meta_vlan = (long)(le32(h + 32) & 0x0FFF);
-            r.caplen = snaplen + 4;
-            r.len = wire_len + 4;
-        } else {
-            r.caplen = snaplen;
-            r.len = wire_len;
-        }
-        frame(block, mac_off, mac_off + (Py_ssize_t)snaplen, &r);
+        long next_offset = read_packet(block, limit, pos, &r);
+        if (next_offset < 0) break;
         if (r.err >= 0) counts[r.err]++;
         wire_bytes += r.len;
         if (put_row(out, &r, block, payload_bytes) < 0) goto done;
@@ -422,21 +512,238 @@ static PyObject *encode_batch(PyObject *self, PyObject *args) {
     memcpy(out->buf + head_len + gap, header, hdr.len);
     memmove(out->buf + gap, out->buf, head_len);
 
-    for (int e = 0; e < E_COUNT; e++) {
-        if (!counts[e]) continue;
-        PyObject *old = PyDict_GetItemWithError(errors, reason_names[e]);
-        if (old == NULL && PyErr_Occurred()) goto done;
-        Py_ssize_t base = old ? PyLong_AsSsize_t(old) : 0;
-        if (base == -1 && PyErr_Occurred()) goto done;
-        PyObject *total = PyLong_FromSsize_t(base + counts[e]);
-        if (total == NULL || PyDict_SetItem(errors, reason_names[e], total) < 0) {
-            Py_XDECREF(total);
-            goto done;
-        }
-        Py_DECREF(total);
-    }
+    if (add_error_counts(errors, counts) < 0) goto done;
     result = Py_BuildValue("(y#nK)", (const char *)out->buf + gap, (Py_ssize_t)(out->len - gap),
                            rows, (unsigned long long)wire_bytes);
+done:
+    PyBuffer_Release(&prefix);
+    PyBuffer_Release(&view);
+    return result;
+}
+
+/* --- version 2: columns (wire.columns_body) ----------------------------------------- */
+
+/* The columns, in wire.FIELD_TABLE's order (and payload last), with their layouts. */
+enum {
+    C_TS_NS, C_TS_SRC, C_LEN, C_CAPLEN, C_IFINDEX, C_RXHASH, C_PKTTYPE, C_ETH_DST,
+    C_ETH_SRC, C_ETHERTYPE, C_VLAN, C_SRC, C_DST, C_PROTO, C_TTL, C_SPORT, C_DPORT,
+    C_TCP_FLAGS, C_ICMP_TYPE, C_ICMP_CODE, C_FRAG, C_ERR, C_PAYLOAD, C_COUNT
+};
+_Static_assert(C_PAYLOAD == ROW_FIELDS, "payload follows the row fields");
+enum { L_FIXED, L_BOOL, L_FIXED_BINARY, L_BINARY, L_LIST, L_DICTIONARY };
+typedef struct {
+    const char *name, *arrow;
+    int layout, nullable, width;  /* width: bytes per value (fixed, fixed binary, list item) */
+    const char *const *dictionary;
+    int dictionary_len;
+} ColumnSpec;
+static const ColumnSpec COLUMNS[C_COUNT] = {
+    {"ts_ns", "timestamp[ns, UTC]", L_FIXED, 0, 8, NULL, 0},
+    {"ts_src", "dictionary<int8, utf8>", L_DICTIONARY, 0, 1, TS_SOURCES, TS_COUNT},
+    {"len", "uint32", L_FIXED, 0, 4, NULL, 0},
+    {"caplen", "uint32", L_FIXED, 0, 4, NULL, 0},
+    {"ifindex", "int32", L_FIXED, 0, 4, NULL, 0},
+    {"rxhash", "uint32", L_FIXED, 0, 4, NULL, 0},
+    {"pkttype", "uint8", L_FIXED, 0, 1, NULL, 0},
+    {"eth_dst", "fixed_size_binary[6]", L_FIXED_BINARY, 1, 6, NULL, 0},
+    {"eth_src", "fixed_size_binary[6]", L_FIXED_BINARY, 1, 6, NULL, 0},
+    {"ethertype", "uint16", L_FIXED, 1, 2, NULL, 0},
+    {"vlan", "list<uint16>", L_LIST, 0, 2, NULL, 0},
+    {"src", "binary", L_BINARY, 1, 0, NULL, 0},
+    {"dst", "binary", L_BINARY, 1, 0, NULL, 0},
+    {"proto", "uint8", L_FIXED, 1, 1, NULL, 0},
+    {"ttl", "uint8", L_FIXED, 1, 1, NULL, 0},
+    {"sport", "uint16", L_FIXED, 1, 2, NULL, 0},
+    {"dport", "uint16", L_FIXED, 1, 2, NULL, 0},
+    {"tcp_flags", "uint16", L_FIXED, 1, 2, NULL, 0},
+    {"icmp_type", "uint8", L_FIXED, 1, 1, NULL, 0},
+    {"icmp_code", "uint8", L_FIXED, 1, 1, NULL, 0},
+    {"frag", "bool", L_BOOL, 0, 0, NULL, 0},
+    {"err", "dictionary<int8, utf8>", L_DICTIONARY, 1, 1, REASONS, E_COUNT},
+    {"payload", "binary", L_BINARY, 1, 0, NULL, 0},
+};
+
+/* Each column's buffers, reused from block to block like `scratch`. */
+typedef struct {
+    Out values, validity, offsets;
+    Py_ssize_t nulls;
+} Column;
+static Column columns[C_COUNT];
+
+static inline void put_le(uint8_t *p, uint64_t v, int n) {
+    for (int i = 0; i < n; i++) p[i] = (uint8_t)(v >> (8 * i));
+}
+static inline void set_bit(Out *bitmap, Py_ssize_t i) { bitmap->buf[i >> 3] |= (uint8_t)(1u << (i & 7)); }
+
+/* Row i's value of a fixed-width column; nil (value NIL, nullable columns) stores 0 and
+ * leaves the validity bit clear. */
+static inline void col_fixed(Column *c, int width, Py_ssize_t i, long long value) {
+    if (value == NIL) { memset(c->values.buf + (size_t)i * width, 0, (size_t)width); c->nulls++; }
+    else { put_le(c->values.buf + (size_t)i * width, (uint64_t)value, width); set_bit(&c->validity, i); }
+}
+static inline int col_bytes(Column *c, Py_ssize_t i, const uint8_t *p, Py_ssize_t n) {
+    /* a variable-length value (binary): its bytes, then its end offset; p NULL is nil */
+    if (p == NULL) c->nulls++;
+    else {
+        if (out_reserve(&c->values, (size_t)n) < 0) return -1;
+        memcpy(c->values.buf + c->values.len, p, (size_t)n);
+        c->values.len += (size_t)n;
+        set_bit(&c->validity, i);
+    }
+    put_le(c->offsets.buf + 4 * ((size_t)i + 1), c->values.len, 4);
+    return 0;
+}
+
+/* Size every buffer for up to n rows: fixed values, zeroed bitmaps, offsets starting at 0. */
+static int columns_reset(Py_ssize_t n, int ncols) {
+    size_t bitmap_len = ((size_t)n + 7) / 8;
+    for (int k = 0; k < ncols; k++) {
+        const ColumnSpec *spec = &COLUMNS[k];
+        Column *c = &columns[k];
+        c->values.len = c->validity.len = c->offsets.len = 0;
+        c->nulls = 0;
+        size_t values = spec->layout == L_BOOL ? bitmap_len
+                      : spec->layout == L_BINARY || spec->layout == L_LIST
+                        ? (size_t)n * 16 : (size_t)n * (size_t)spec->width;
+        if (out_reserve(&c->values, values + 1) < 0) return -1;
+        if (spec->layout == L_BOOL) memset(c->values.buf, 0, bitmap_len);
+        if (out_reserve(&c->validity, bitmap_len + 1) < 0) return -1;
+        memset(c->validity.buf, 0, bitmap_len);
+        if (out_reserve(&c->offsets, 4 * ((size_t)n + 1)) < 0) return -1;
+        put_le(c->offsets.buf, 0, 4);
+    }
+    return 0;
+}
+
+/* Row i into the columns. */
+static int columns_add(const Row *r, Py_ssize_t i, const uint8_t *block,
+                       Py_ssize_t payload_bytes) {
+    Column *c = columns;
+    put_le(c[C_TS_NS].values.buf + 8 * (size_t)i, r->ts_ns, 8);
+    c[C_TS_SRC].values.buf[i] = (uint8_t)r->ts_src;
+    put_le(c[C_LEN].values.buf + 4 * (size_t)i, r->len > LEN_MAX ? LEN_MAX : r->len, 4);
+    put_le(c[C_CAPLEN].values.buf + 4 * (size_t)i, r->caplen > LEN_MAX ? LEN_MAX : r->caplen, 4);
+    put_le(c[C_IFINDEX].values.buf + 4 * (size_t)i, (uint64_t)(uint32_t)r->ifindex, 4);
+    put_le(c[C_RXHASH].values.buf + 4 * (size_t)i, r->rxhash, 4);
+    c[C_PKTTYPE].values.buf[i] = r->pkttype;
+    const uint8_t *macs[2] = {r->eth_dst, r->eth_src};
+    for (int k = 0; k < 2; k++) {
+        Column *mac = &c[C_ETH_DST + k];
+        if (macs[k]) { memcpy(mac->values.buf + 6 * (size_t)i, macs[k], 6); set_bit(&mac->validity, i); }
+        else { memset(mac->values.buf + 6 * (size_t)i, 0, 6); mac->nulls++; }
+    }
+    col_fixed(&c[C_ETHERTYPE], 2, i, r->ethertype);
+    /* vlan: the ring header's tag first, then the frame's, outermost first */
+    Column *vlan = &c[C_VLAN];
+    Py_ssize_t tags = r->n_vlan_tags + (r->meta_vlan != NIL);
+    if (out_reserve(&vlan->values, 2 * (size_t)tags) < 0) return -1;
+    if (r->meta_vlan != NIL) { put_le(vlan->values.buf + vlan->values.len, (uint64_t)r->meta_vlan, 2); vlan->values.len += 2; }
+    for (Py_ssize_t t = 0; t < r->n_vlan_tags; t++) {
+        put_le(vlan->values.buf + vlan->values.len,
+               be16(r->vlan_tags + VLAN_TAG_LEN * t) & VLAN_ID_MASK, 2);
+        vlan->values.len += 2;
+    }
+    put_le(vlan->offsets.buf + 4 * ((size_t)i + 1), vlan->values.len / 2, 4);
+    if (col_bytes(&c[C_SRC], i, r->src, r->addr_len) < 0) return -1;
+    if (col_bytes(&c[C_DST], i, r->dst, r->addr_len) < 0) return -1;
+    col_fixed(&c[C_PROTO], 1, i, r->proto);
+    col_fixed(&c[C_TTL], 1, i, r->ttl);
+    col_fixed(&c[C_SPORT], 2, i, r->sport);
+    col_fixed(&c[C_DPORT], 2, i, r->dport);
+    col_fixed(&c[C_TCP_FLAGS], 2, i, r->tcp_flags);
+    col_fixed(&c[C_ICMP_TYPE], 1, i, r->icmp_type);
+    col_fixed(&c[C_ICMP_CODE], 1, i, r->icmp_code);
+    if (r->frag) set_bit(&c[C_FRAG].values, i);
+    col_fixed(&c[C_ERR], 1, i, r->err >= 0 ? r->err : NIL);
+    if (payload_bytes) {
+        const uint8_t *p = r->payload_start >= 0 ? block + r->payload_start : NULL;
+        if (col_bytes(&c[C_PAYLOAD], i, p, payload_length(r, payload_bytes)) < 0) return -1;
+    }
+    return 0;
+}
+
+/* The finished columns of n rows as the msgpack map wire.encode_column makes. */
+static int columns_put(Out *o, Py_ssize_t n, int ncols) {
+    size_t bitmap_len = ((size_t)n + 7) / 8;
+    if (out_reserve(o, 8) < 0) return -1;
+    put_map(o, (size_t)ncols);
+    for (int k = 0; k < ncols; k++) {
+        const ColumnSpec *spec = &COLUMNS[k];
+        Column *c = &columns[k];
+        size_t values_len = spec->layout == L_BOOL ? bitmap_len
+                          : spec->layout == L_BINARY || spec->layout == L_LIST ? c->values.len
+                          : (size_t)n * (size_t)spec->width;
+        size_t need = 128 + values_len + bitmap_len + 4 * ((size_t)n + 1);
+        if (out_reserve(o, need) < 0) return -1;
+        put_str(o, spec->name);
+        int entries = spec->layout == L_BINARY || spec->layout == L_LIST
+                      || spec->layout == L_DICTIONARY ? 4 : 3;
+        put_map(o, (size_t)entries);
+        put_str(o, "type");
+        put_str(o, spec->arrow);
+        put_str(o, "validity");
+        if (spec->nullable && c->nulls) put_bin(o, c->validity.buf, bitmap_len);
+        else put_nil(o);
+        if (spec->layout == L_BINARY || spec->layout == L_LIST) {
+            put_str(o, "offsets");
+            put_bin(o, c->offsets.buf, 4 * ((size_t)n + 1));
+        }
+        put_str(o, "values");
+        put_bin(o, c->values.buf, values_len);
+        if (spec->layout == L_DICTIONARY) {
+            if (out_reserve(o, 64 * (size_t)spec->dictionary_len) < 0) return -1;
+            put_str(o, "dictionary");
+            put_array(o, (size_t)spec->dictionary_len);
+            for (int d = 0; d < spec->dictionary_len; d++) put_str(o, spec->dictionary[d]);
+        }
+    }
+    return 0;
+}
+
+static PyObject *encode_columns(PyObject *self, PyObject *args) {
+    Py_buffer view, prefix;
+    Py_ssize_t first, num_pkts, payload_bytes;
+    unsigned long long seq;
+    PyObject *errors;
+    if (!PyArg_ParseTuple(args, "y*nnnO!y*K", &view, &first, &num_pkts, &payload_bytes,
+                          &PyDict_Type, &errors, &prefix, &seq))
+        return NULL;
+    const uint8_t *block = view.buf;
+    const Py_ssize_t limit = view.len;
+    const int ncols = payload_bytes ? C_COUNT : ROW_FIELDS;
+    Py_ssize_t max_rows = num_pkts > 0 ? num_pkts : 0;
+    Py_ssize_t rows = 0;
+    uint64_t wire_bytes = 0;
+    Py_ssize_t counts[E_COUNT] = {0};
+    PyObject *result = NULL;
+    Out *out = &scratch;
+
+    if (columns_reset(max_rows, ncols) < 0) goto done;
+    Py_ssize_t pos = first;
+    for (Py_ssize_t i = 0; i < max_rows; i++) {
+        Row r;
+        long next_offset = read_packet(block, limit, pos, &r);
+        if (next_offset < 0) break;
+        if (r.err >= 0) counts[r.err]++;
+        wire_bytes += r.len;
+        if (columns_add(&r, i, block, payload_bytes) < 0) goto done;
+        rows++;
+        if (!next_offset) break;
+        pos += next_offset;
+    }
+    out->len = 0;
+    if (out_reserve(out, (size_t)prefix.len + 64) < 0) goto done;
+    memcpy(out->buf, prefix.buf, (size_t)prefix.len);
+    out->len = (size_t)prefix.len;
+    put_str(out, "seq");
+    put_uint(out, seq);
+    put_str(out, "n");
+    put_uint(out, (uint64_t)rows);
+    put_str(out, "columns");
+    if (columns_put(out, rows, ncols) < 0) goto done;
+    if (add_error_counts(errors, counts) < 0) goto done;
+    result = Py_BuildValue("(y#nK)", (const char *)out->buf, (Py_ssize_t)out->len, rows,
+                           (unsigned long long)wire_bytes);
 done:
     PyBuffer_Release(&prefix);
     PyBuffer_Release(&view);
@@ -447,9 +754,14 @@ static PyMethodDef methods[] = {
     {"encode_batch", encode_batch, METH_VARARGS,
      "encode_batch(block, first_offset, num_pkts, payload_bytes, errors, prefix, seq) -> "
      "(batch, rows, wire bytes)\n\n"
-     "The batch publish.encode_batch_py makes of a ring block (decode.decode_block, then "
-     "msgpack), in one pass: prefix (publish.batch_prefix), seq, then the rows. errors "
-     "(reason -> count) is incremented as decode_block does."},
+     "The version 1 batch encoder.encode_rows_py makes of a ring block (decode.decode_block, "
+     "then wire.rows_body), in one pass: prefix (wire.batch_prefix), seq, then the rows. "
+     "errors (reason -> count) is incremented as decode_block does."},
+    {"encode_columns", encode_columns, METH_VARARGS,
+     "encode_columns(block, first_offset, num_pkts, payload_bytes, errors, prefix, seq) -> "
+     "(batch, rows, wire bytes)\n\n"
+     "The version 2 batch encoder.encode_columns_py makes of a ring block "
+     "(decode.decode_block, then wire.columns_body): prefix, seq, n, then the columns."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -9,6 +9,7 @@ counters, and telling which processes are its workers.
 import contextlib
 import logging
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -42,6 +43,7 @@ class Slot:
     sock: socket.socket
     ring_id: int
     stats: SlotStats
+    epoch: int = 0  # names this ring's seq numbering (wire format: the batch's epoch)
     child: Child | None = None
 
     @property
@@ -122,7 +124,13 @@ class Capture:
 
     def set_slots(self, socks: list[socket.socket]) -> None:
         """Slot i gets socks[i], with a fresh ring id; slots keep their counters, missing
-        ones are created, extra ones dropped. Nothing is started here."""
+        ones are created, extra ones dropped. Nothing is started here.
+
+        Each new ring gets a new epoch: its blocks' seq start again from 0, and
+        (iface, worker, epoch, seq) must name one batch forever. The wall clock in ns
+        keeps epochs distinct across reloads and daemon restarts, and in practice ordered.
+        """
+        epoch = _new_epoch()
         for index, sock in enumerate(socks):
             ring_id = self.free_ring_ids.pop(0)
             self.rings.forwarded[ring_id] = 0  # a new ring numbers its blocks from 1
@@ -130,7 +138,9 @@ class Capture:
                 slot = self.slots[index]
                 slot.sock, slot.ring_id, slot.child = sock, ring_id, None
             else:
-                self.slots.append(Slot(index, sock, ring_id, self.table[index]))
+                slot = Slot(index, sock, ring_id, self.table[index])
+                self.slots.append(slot)
+            slot.epoch = epoch
             self.table[index]["active"] = 1
         for slot in self.slots[len(socks):]:
             slot.stats["active"] = slot.stats["up"] = 0
@@ -183,6 +193,16 @@ class Capture:
                         self.interface, self.link_watch.ifindex)
             self.reopen_pending = True
         return event
+
+
+_last_epoch = 0
+
+
+def _new_epoch() -> int:
+    """time.time_ns(), but never the same twice in this process."""
+    global _last_epoch
+    _last_epoch = max(time.time_ns(), _last_epoch + 1)
+    return _last_epoch
 
 
 def add_kernel_stats(sock: socket.socket, stats: SlotStats) -> None:

@@ -142,6 +142,8 @@ def _config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-id", metavar="ID", help="fanout group id 0-65535, or auto")
     p.add_argument("--publish", metavar="ENDPOINT", help="ZeroMQ endpoint to bind")
     p.add_argument("--hwm", metavar="N", help="publish high-water mark, in batches")
+    p.add_argument("--format", metavar="FORMAT",
+                   help="wire format of batches: columns (version 2, default) or rows (1)")
     p.add_argument("--metrics", metavar="HOST:PORT", help="Prometheus listen address")
     p.add_argument("--block-size", metavar="BYTES", help="ring block size")
     p.add_argument("--block-count", metavar="N", help="ring blocks per worker")
@@ -156,6 +158,7 @@ def _config_flags(p: argparse.ArgumentParser) -> None:
 
 def _overrides(args: argparse.Namespace) -> dict:
     keys = ("interface", "workers", "fanout", "fanout_flags", "group_id", "publish", "hwm",
+            "format",
             "metrics", "block_size", "block_count", "frame_size", "block_timeout", "log_level",
             "runtime_dir", "user", "filter", "promisc", "payload_bytes", "timestamp")
     return {k: getattr(args, k) for k in keys}

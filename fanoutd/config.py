@@ -18,6 +18,7 @@ import yaml
 
 from fanoutd import fanout, ring
 from fanoutd.filter import FilterError, compile_expression
+from fanoutd.wire import FORMATS
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_WORKERS = fanout.MAX_MEMBERS  # the workers of one interface share a fanout group
@@ -54,6 +55,7 @@ class CurveConfig:
 class PublishConfig:
     endpoint: str = "tcp://127.0.0.1:7440"
     sndhwm: int = 256
+    format: str = "rows"  # wire format of batches: columns (version 2) or rows (1)
     curve: CurveConfig = field(default_factory=CurveConfig)
 
 
@@ -134,6 +136,7 @@ FLAG_KEYS = {
     "group_id": "fanout.group_id",
     "publish": "publish.endpoint",
     "hwm": "publish.sndhwm",
+    "format": "publish.format",
     "metrics": "metrics.listen",
     "block_size": "ring.block_size",
     "block_count": "ring.block_count",
@@ -391,6 +394,9 @@ def _check(cfg: Config, captures: list[tuple[str, CaptureConfig]],
     reason = endpoint_problem(cfg.publish.endpoint)
     if reason:
         bad("publish.endpoint", reason)
+    if cfg.publish.format not in FORMATS:
+        bad("publish.format", f"must be one of {', '.join(FORMATS)}, got "
+                              f"{cfg.publish.format!r}")
     if cfg.publish.sndhwm < 0:
         bad("publish.sndhwm", f"must be 0 (no limit) or more, got {cfg.publish.sndhwm}")
     try:

@@ -1,8 +1,8 @@
 """Frame -> summary row.
 
-A row is a list whose columns are named by FIELDS (the `fields` of a wire-format batch).
+A row is a list whose columns are named by wire.FIELDS (the `fields` of a batch).
 Decoding never raises on wire input: a frame that ends early or carries an impossible header
-gets `err` set to one of ERROR_REASONS and keeps every field parsed before the problem.
+gets `err` set to one of wire.ERROR_REASONS and keeps every field parsed before the problem.
 An unknown or unparsed protocol is not an error; its fields simply stay None.
 
 Every header is read with a precompiled struct.Struct and every read is bounded by the
@@ -12,31 +12,8 @@ captured length, never by the buffer (the buffer is a whole ring block holding o
 import struct
 
 from fanoutd import _linux
+from fanoutd.wire import FIELDS, TS_SOURCES
 
-FIELDS = (
-    "ts_ns",
-    "ts_src",
-    "len",
-    "caplen",
-    "ifindex",
-    "rxhash",
-    "pkttype",
-    "eth_dst",
-    "eth_src",
-    "ethertype",
-    "vlan",
-    "src",
-    "dst",
-    "proto",
-    "ttl",
-    "sport",
-    "dport",
-    "tcp_flags",
-    "icmp_type",
-    "icmp_code",
-    "frag",
-    "err",
-)
 (
     TS_NS,
     TS_SRC,
@@ -62,36 +39,16 @@ FIELDS = (
     ERR,
 ) = range(len(FIELDS))
 
-ERROR_REASONS = (
-    "truncated-ethernet",
-    "truncated-vlan",
-    "truncated-llc",
-    "truncated-arp",
-    "truncated-ipv4",
-    "bad-ipv4-header",
-    "bad-ipv4-length",
-    "truncated-ipv6",
-    "bad-ipv6-header",
-    "truncated-ipv6-ext",
-    "truncated-tcp",
-    "bad-tcp-header",
-    "truncated-udp",
-    "truncated-sctp",
-    "truncated-dccp",
-    "truncated-icmp",
-    "truncated-icmpv6",
-)
-
-PAYLOAD_FIELD = "payload"  # appended to FIELDS when payload bytes are asked for
 # Who stamped the packet (tp_status): the NIC, the kernel on receive, or the packet socket
 # itself when nothing earlier did.
-TS_HARDWARE, TS_SOFTWARE, TS_FALLBACK = "hardware", "software", "fallback"
+TS_HARDWARE, TS_SOFTWARE, TS_FALLBACK = TS_SOURCES
 
 ETH_P_IP = 0x0800
 ETH_P_ARP = 0x0806
 ETH_P_IPV6 = 0x86DD
 VLAN_TPIDS = frozenset((0x8100, 0x88A8, 0x9100))  # 802.1Q, 802.1ad, pre-standard QinQ
 ETH_MAX_LENGTH_FIELD = 1500  # type/length <= 1500 is an 802.3 length, not an ethertype
+ETH_P_802_3_MIN = 0x0600  # the smallest ethertype
 VLAN_TAG_LEN = 4
 # SNAP OUIs whose protocol id is an ethertype: RFC 1042 and 802.1H bridge-tunnel.
 SNAP_ETHERTYPE_OUIS = frozenset((b"\x00\x00\x00", b"\x00\x00\xf8"))
@@ -198,7 +155,9 @@ def _frame(buf: bytes, off: int, end: int, row: list) -> tuple[int, int] | None:
             row[ERR] = "truncated-llc"
             return None
         _, _, _, oui, ethertype = _LLC_SNAP.unpack_from(buf, pos)
-        if oui not in SNAP_ETHERTYPE_OUIS:
+        # Only a protocol id of 0x0600 or more is an ethertype (one below, such as a Cisco
+        # ISL header's, is not).
+        if oui not in SNAP_ETHERTYPE_OUIS or ethertype < ETH_P_802_3_MIN:
             return pos + 8, end
         pos += 8
 

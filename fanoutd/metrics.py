@@ -22,11 +22,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import MetricsHandler
 from prometheus_client.registry import CollectorRegistry
 
-from fanoutd import __version__
+from fanoutd import __version__, wire
 from fanoutd.config import MetricsConfig, parse_host_port, tls_context
-from fanoutd.decode import ERROR_REASONS
 from fanoutd.link import LinkWatch
 from fanoutd.slotstats import StatsTable
+from fanoutd.wire import ERROR_REASONS
 
 # (metric name without _total, slot counter, help)
 SLOT_COUNTERS = (
@@ -65,8 +65,8 @@ class StatsSource(Protocol):
 
 
 def stats_message(iface: str, table: StatsTable) -> dict:
-    """The body of the `stats` topic: the counters /metrics shows, named as there without
-    the fanoutd_ prefix, per worker (the slots the shared table marks active)."""
+    """The body of the `stats` topic (wire.stats_message): the counters /metrics shows,
+    named as there without the fanoutd_ prefix, per worker (the active slots)."""
     workers = []
     for index, stats in table.active():
         snap = stats.snapshot()
@@ -76,8 +76,7 @@ def stats_message(iface: str, table: StatsTable) -> dict:
         report["decode_errors_total"] = {r: snap[f"err:{r}"] for r in ERROR_REASONS}
         report["ring_blocks_user"] = snap["blocks_user"]
         workers.append(report)
-    return {"v": 1, "iface": iface, "ts_ns": time.time_ns(), "version": __version__,
-            "workers_up": sum(w["up"] for w in workers), "workers": workers}
+    return wire.stats_message(iface, workers, __version__, time.time_ns())
 
 
 class SlotCollector:

@@ -33,64 +33,22 @@ from zmq.utils import monitor as zmq_monitor
 
 from fanoutd import privileges
 from fanoutd.config import CurveConfig
-from fanoutd.decode import FIELDS, LEN, decode_block
 from fanoutd.memory import keep_large_allocations
 from fanoutd.metrics import stats_message
 from fanoutd.proctitle import set_process_name
 from fanoutd.slotstats import RingTable, StatsTable
+from fanoutd.wire import HELLO, STATS_TOPIC, SUBSCRIBE_HELLO, batch_topic
 
-WIRE_VERSION = 1
-HELLO = b"fanoutd.hello"
-SUBSCRIBE_HELLO = b"\x01" + HELLO
 ENVELOPE = struct.Struct("<HQ")  # ring id, kernel block seq: worker -> proxy only
-STATS_TOPIC = b"stats"
 EXIT_BOOT_FAILED = 3
-
-
-def batch_topic(iface: str, worker: int) -> bytes:
-    return f"pkt.{iface}.{worker}".encode()
-
-
-def encode_batch_py(block: bytes, first_offset: int, num_pkts: int, payload_bytes: int,
-                    errors: dict, prefix: bytes, seq: int) -> tuple[bytes, int, int]:
-    """A ring block -> (its batch, rows, wire bytes): decode.py, then msgpack. The
-    reference for _fastpath.encode_batch, which returns the same bytes."""
-    rows = decode_block(block, first_offset, num_pkts, errors, payload_bytes)
-    body = batch_body(prefix, seq, msgpack.packb(rows, use_bin_type=True))
-    return body, len(rows), sum(row[LEN] for row in rows)
-
-
-try:
-    from fanoutd._fastpath import encode_batch as encode_batch_c
-except ImportError:  # not built (no compiler at install time): the Python reference
-    encode_batch_c = None
-encode_block = encode_batch_c or encode_batch_py
-IMPLEMENTATION = "C" if encode_batch_c else "Python"
-
-
-def batch_prefix(iface: str, worker: int, fields: tuple[str, ...]) -> bytes:
-    """The msgpack map of a batch up to its two changing keys, seq and packets."""
-    head = b"".join(msgpack.packb(x, use_bin_type=True) for x in (
-        "v", WIRE_VERSION, "iface", iface, "worker", worker, "fields", list(fields)))
-    return b"\x86" + head  # a map of six entries
-
-
-def batch_body(prefix: bytes, seq: int, packets: bytes) -> bytes:
-    """A whole batch from its prefix, its seq and its packets (already msgpack)."""
-    return b"".join((prefix, _SEQ_KEY, msgpack.packb(seq), _PACKETS_KEY, packets))
-
-
-_SEQ_KEY = msgpack.packb("seq")
-_PACKETS_KEY = msgpack.packb("packets")
 
 
 class BatchPublisher:
     """A worker's PUSH socket towards the proxy."""
 
     def __init__(self, ctx: zmq.Context, endpoint: str, iface: str, worker: int, ring_id: int,
-                 sndhwm: int, fields: tuple[str, ...] = FIELDS) -> None:
+                 sndhwm: int) -> None:
         self.iface = iface
-        self.prefix = batch_prefix(iface, worker, fields)
         self.worker = worker
         self.ring_id = ring_id
         self.topic = batch_topic(iface, worker)
@@ -122,8 +80,8 @@ class BatchPublisher:
         return not self.connected
 
     def publish(self, block_seq: int, body: bytes) -> bool:
-        """Send the batch of ring block block_seq (made by encode_block with self.prefix);
-        False when the high-water mark refused it.
+        """Send the batch of ring block block_seq (made by encoder.BlockEncoder); False
+        when the high-water mark refused it.
 
         Towards the proxy the message has an envelope frame first (ring id, block_seq), so
         the proxy can tell the worker which blocks it has passed on; subscribers never see

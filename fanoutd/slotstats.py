@@ -14,7 +14,7 @@ from the slot's socket into the same page, so every child can publish the lot.
 import mmap
 import time
 
-from fanoutd.decode import ERROR_REASONS
+from fanoutd.wire import ERROR_REASONS
 
 FIELDS = (
     "heartbeat_ns",      # CLOCK_MONOTONIC of the worker's last loop turn

@@ -21,7 +21,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import fields
 
-from fanoutd import fanout, privileges, publish, ring, worker
+from fanoutd import fanout, privileges, publish, ring, wire, worker
 from fanoutd.capture import Capture, Child, Retiring, Slot
 from fanoutd.config import (
     CAPTURE_KEYS,
@@ -273,7 +273,8 @@ class Supervisor:
             capture = by_name.get(capture_cfg.interface)
             if capture is None:
                 self._reload_new_capture(capture_cfg)
-            elif capture_cfg != capture.cfg or cfg.user != old.user:
+            elif (capture_cfg != capture.cfg or cfg.user != old.user
+                  or cfg.publish.format != old.publish.format):  # workers see these
                 self._replace_rings(capture, capture_cfg)
         for capture in self.captures:
             capture.several = len(self.captures) > 1
@@ -394,7 +395,8 @@ class Supervisor:
             cfg = capture.cfg
             plan = worker.WorkerPlan(capture.interface, slot.ring_id, cfg.ring.geometry,
                                      self.backend, self.cfg.publish.sndhwm, self.cfg.user,
-                                     cfg.payload_bytes, capture.process_name(slot.index))
+                                     cfg.payload_bytes, capture.process_name(slot.index),
+                                     wire.FORMATS[self.cfg.publish.format], slot.epoch)
             return worker.run_worker(slot.index, slot.sock, slot.stats, self.rings, plan)
 
         return main

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import zmq
 
 from fanoutd import privileges, slotstats
-from fanoutd.decode import FIELDS, PAYLOAD_FIELD
+from fanoutd.encoder import IMPLEMENTATION, READS_IN_PLACE, BlockEncoder
 from fanoutd.memory import keep_large_allocations
 from fanoutd.proctitle import set_process_name
-from fanoutd.publish import IMPLEMENTATION, BatchPublisher, encode_batch_c, encode_block
+from fanoutd.publish import BatchPublisher
 from fanoutd.ring import RingGeometry, RxRing
 from fanoutd.systemd import set_log_context
 
@@ -62,6 +62,8 @@ class WorkerPlan:
     user: str | None  # drop to this user once set up; None keeps the supervisor's
     payload_bytes: int  # > 0: rows get a payload column
     name: str  # process name: fanoutd-w0, or fd-eth1-w0 with several interfaces
+    version: int  # wire-format version of the batches (wire.FORMATS)
+    epoch: int  # the ring's epoch: changes whenever its seq numbering starts again
 
 
 def run_worker(index: int, sock: socket.socket, stats: slotstats.SlotStats,
@@ -82,9 +84,7 @@ def run_worker(index: int, sock: socket.socket, stats: slotstats.SlotStats,
         log.error("worker %d: cannot map the ring of %s: %s", index, plan.iface, e.strerror)
         return EXIT_BOOT_FAILED
     ctx = zmq.Context(1)
-    fields = (*FIELDS, PAYLOAD_FIELD) if plan.payload_bytes else FIELDS
-    pub = BatchPublisher(ctx, plan.backend, plan.iface, index, plan.ring_id, plan.sndhwm,
-                         fields)
+    pub = BatchPublisher(ctx, plan.backend, plan.iface, index, plan.ring_id, plan.sndhwm)
     try:
         # Everything privileged happens before this point: the ring is mapped and the
         # proxy's ipc socket (root's) connected. From here on the worker parses hostile
@@ -103,7 +103,8 @@ def run_worker(index: int, sock: socket.socket, stats: slotstats.SlotStats,
         stats["capturing"] = os.getpid()
         log.info("worker %d capturing on %s from ring block %d (%s decoder)", index,
                  plan.iface, rx.cursor, IMPLEMENTATION)
-        return _capture(rx, pub, stats, rings, stop, plan, index)
+        encoder = BlockEncoder(plan.version, plan.iface, index, plan.epoch, plan.payload_bytes)
+        return _capture(rx, pub, encoder, stats, rings, stop, plan, index)
     finally:
         if stats["capturing"] == os.getpid():  # not a successor's (a reload overlaps them)
             stats["capturing"] = 0
@@ -112,8 +113,9 @@ def run_worker(index: int, sock: socket.socket, stats: slotstats.SlotStats,
         rx.close()
 
 
-def _capture(rx: RxRing, pub: BatchPublisher, stats: slotstats.SlotStats,
-             rings: slotstats.RingTable, stop: _Stop, plan: WorkerPlan, index: int) -> int:
+def _capture(rx: RxRing, pub: BatchPublisher, encoder: BlockEncoder,
+             stats: slotstats.SlotStats, rings: slotstats.RingTable, stop: _Stop,
+             plan: WorkerPlan, index: int) -> int:
     """Walk the ring: read, decode, publish, and hand each block back once the proxy has it.
 
     A block goes back to the kernel only after the proxy reports (this ring's word in the
@@ -167,7 +169,7 @@ def _capture(rx: RxRing, pub: BatchPublisher, stats: slotstats.SlotStats,
                 if rx.socket_errors:
                     _report_socket_errors(rx, plan.iface, index)
             continue
-        block, first, num_pkts, block_seq = rx.read(copy=encode_batch_c is None)
+        block, first, num_pkts, block_seq = rx.read(copy=not READS_IN_PLACE)
         if block_seq <= forwarded[ring_id]:
             # Left behind by a replaced worker after the proxy had passed it on.
             rx.release(rx.cursor)
@@ -177,8 +179,8 @@ def _capture(rx: RxRing, pub: BatchPublisher, stats: slotstats.SlotStats,
             # seq: the kernel's block sequence number - 1, which needs no bookkeeping: it
             # continues across a worker replacement, a block published again carries the
             # same seq, and a refused batch leaves a gap subscribers can see.
-            body, rows, wire_bytes = encode_block(block, first, num_pkts, plan.payload_bytes,
-                                                  errors, pub.prefix, block_seq - 1)
+            body, rows, wire_bytes = encoder.encode(block, first, num_pkts, errors,
+                                                    block_seq - 1)
         except Exception:
             # decode never raises on wire input (property-tested); if a bug makes it, skip
             # the block rather than crash on it again in every replacement worker.

@@ -241,3 +241,37 @@ def arp_frame(op: int, spa: str, tpa: str, eth_src: bytes = MAC_A,
     """Ethernet/ARP for IPv4 (op 1 request, 2 reply); sender hardware address = eth_src."""
     tha = b"\x00" * 6 if op == 1 else eth_dst
     return eth(eth_dst, eth_src, 0x0806, arp(op, eth_src, spa, tha, tpa))
+
+
+# One frame down every path of the decoder: each protocol, option, fragment, tag and
+# 802.3 form it knows, and some it does not. The C encoder, the wire format and the client
+# are checked against decode.py on all of it (and on every truncation of each).
+CORPUS = [
+    udp4_frame(payload=b"hello"),
+    udp4_frame(payload=b"x" * 300),
+    tcp4_frame(flags=0x12, payload=b"GET /"),
+    eth(MAC_B, MAC_A, 0x0800, ipv4("10.0.0.1", "10.0.0.2", 6, tcp(1, 2, 0x18, b"d",
+                                                                  options=bytes(12)))),
+    eth(MAC_B, MAC_A, 0x0800, ipv4("10.0.0.1", "10.0.0.2", 17, udp(1, 2), options=bytes(8))),
+    eth(MAC_B, MAC_A, 0x0800, ipv4("10.0.0.1", "10.0.0.2", 17, udp(1, 2, b"ab"),
+                                   flags_frag=0x2000)),
+    eth(MAC_B, MAC_A, 0x0800, ipv4("10.0.0.1", "10.0.0.2", 17, b"later", flags_frag=7)),
+    eth(MAC_B, MAC_A, 0x0800, ipv4("10.0.0.1", "10.0.0.2", 1, icmp(8, 0, b"ping" * 3))),
+    eth(MAC_B, MAC_A, 0x0800, ipv4("10.0.0.1", "10.0.0.2", 132, sctp(5, 6) + b"chunk")),
+    eth(MAC_B, MAC_A, 0x0800, ipv4("10.0.0.1", "10.0.0.2", 47, b"\x00\x00\x08\x00gre")),
+    eth(MAC_B, MAC_A, 0x86DD, ipv6("2001:db8::1", "2001:db8::2", 17, udp(1, 2, b"v6"))),
+    eth(MAC_B, MAC_A, 0x86DD, ipv6("2001:db8::1", "2001:db8::2", 0,
+                                   ipv6_ext(44) + ipv6_frag(6, 0, True) + tcp(1, 2))),
+    eth(MAC_B, MAC_A, 0x86DD, ipv6("2001:db8::1", "2001:db8::2", 44, ipv6_frag(17, 9) + b"x")),
+    eth(MAC_B, MAC_A, 0x86DD, ipv6("2001:db8::1", "2001:db8::2", 58, icmp(128, 0))),
+    eth(BROADCAST, MAC_A, 0x0806, arp(1, MAC_A, "10.0.0.1", bytes(6), "10.0.0.2")),
+    udp4_frame(vlans=((0x88A8, 10), (0x8100, 20))),
+    udp4_frame(vlans=tuple((0x8100, i) for i in range(40))),
+    dot3(MAC_B, MAC_A, llc(0x42, 0x42, 3, bytes(30))),
+    dot3(MAC_B, MAC_A, snap(b"\x00\x00\x00", 0x0800, ipv4("1.1.1.1", "2.2.2.2", 17,
+                                                          udp(1, 2)))),
+    dot3(MAC_B, MAC_A, snap(b"\x00\x00\x0c", 0x2000, bytes(20))),
+    dot3(MAC_B, MAC_A, snap(b"\x00\x00\x00", 0x05FF, bytes(20))),
+    eth(MAC_B, MAC_A, 0x88CC, b"lldp"),
+    bytes(20),
+]

@@ -37,14 +37,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fanoutd import _linux
-from fanoutd.decode import (
-    ERROR_REASONS,
-    FIELDS,
-    PAYLOAD_FIELD,
-    as_dict,
-    decode_block,
-    decode_frame,
-)
+from fanoutd.decode import as_dict, decode_block, decode_frame
+from fanoutd.wire import ERROR_REASONS, FIELDS, PAYLOAD_FIELD
 
 SPEC = Path(__file__).resolve().parent.parent / "docs" / "wire-format.md"
 
@@ -131,7 +125,7 @@ def _spec_table(heading: str) -> list[str]:
 
 
 def test_fields_are_the_spec_row_fields():
-    assert _spec_table("### Row fields") == [*FIELDS, PAYLOAD_FIELD]
+    assert _spec_table("### Fields") == [*FIELDS, PAYLOAD_FIELD]
 
 
 def test_error_reasons_are_the_spec_reasons():
@@ -193,6 +187,15 @@ def test_dot3_snap_nonzero_oui_with_ip_pid_is_not_ip():
     frame = dot3(MAC_B, MAC_A, snap(OUI_CISCO, ETH_IP, ipv4(SRC4, DST4, UDP, udp(1, 2))))
     expected = {"ethertype": None, "src": None, "sport": None, "err": None}
     assert pick(decoded(frame), expected) == expected
+
+
+@pytest.mark.parametrize(("pid", "ethertype"), [(0x0000, None), (0x05FF, None),
+                                                (0x0600, 0x0600), (0x88CC, 0x88CC)])
+def test_dot3_snap_protocol_id_below_0x0600_is_not_an_ethertype(pid, ethertype):
+    """Under the zero OUI the protocol id is an ethertype only from 0x0600 on: a Cisco ISL
+    header looks like SNAP with a length there, and is reported like other 802.3 frames."""
+    row = decoded(dot3(MAC_B, MAC_A, snap(OUI_ZERO, pid, bytes(40))))
+    assert (row["ethertype"], row["src"], row["err"]) == (ethertype, None, None)
 
 
 @pytest.mark.parametrize(("type_len", "ethertype"), [

@@ -1,84 +1,45 @@
-"""The C batch encoder returns exactly what decode.py + msgpack return: the same bytes,
-row count, wire bytes and error counts, on every kind of frame and on random ones."""
+"""The C batch encoders return exactly what decode.py + wire.py return: the same bytes,
+row count, wire bytes and error counts, for both wire-format versions (1: rows, 2:
+columns), on every kind of frame, every truncation, and random and mutated blocks."""
 
 import pytest
-from frames import (
-    BROADCAST,
-    MAC_A,
-    MAC_B,
-    RingFrame,
-    arp,
-    dot3,
-    eth,
-    icmp,
-    ipv4,
-    ipv6,
-    ipv6_ext,
-    ipv6_frag,
-    llc,
-    sctp,
-    snap,
-    tcp,
-    tcp4_frame,
-    tpacket3_block,
-    udp,
-    udp4_frame,
-)
+from frames import CORPUS, RingFrame, tcp4_frame, tpacket3_block, udp4_frame
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fanoutd import _linux
-from fanoutd.publish import batch_prefix, encode_batch_c, encode_batch_py
+from fanoutd import _linux, wire
+from fanoutd.encoder import _fastpath, encode_columns_py, encode_rows_py
 
-pytestmark = pytest.mark.skipif(encode_batch_c is None,
-                                reason="fanoutd._fastpath is not built")
-PREFIX = batch_prefix("eth0", 3, ("any", "fields"))
-
-
-def encode_rows_c(block, first, num, payload_bytes, errors, seq=2**40 + 7):
-    return encode_batch_c(block, first, num, payload_bytes, errors, PREFIX, seq)
+pytestmark = pytest.mark.skipif(_fastpath is None, reason="fanoutd._fastpath is not built")
+VERSIONS = (wire.ROWS_VERSION, wire.COLUMNS_VERSION)
+PREFIX = {v: wire.batch_prefix(v, "eth0", 3, 2**60 + 5, ("any", "fields")) for v in VERSIONS}
+PY = {wire.ROWS_VERSION: encode_rows_py, wire.COLUMNS_VERSION: encode_columns_py}
 
 
-def encode_rows_py(block, first, num, payload_bytes, errors, seq=2**40 + 7):
-    return encode_batch_py(block, first, num, payload_bytes, errors, PREFIX, seq)
+def c_encoder(version):
+    return _fastpath.encode_batch if version == wire.ROWS_VERSION else _fastpath.encode_columns
 
-SAMPLES = [
-    udp4_frame(payload=b"hello"),
-    udp4_frame(payload=b"x" * 300),
-    tcp4_frame(flags=0x12, payload=b"GET /"),
-    eth(MAC_B, MAC_A, 0x0800, ipv4("10.0.0.1", "10.0.0.2", 6, tcp(1, 2, 0x18, b"d",
-                                                                  options=bytes(12)))),
-    eth(MAC_B, MAC_A, 0x0800, ipv4("10.0.0.1", "10.0.0.2", 17, udp(1, 2), options=bytes(8))),
-    eth(MAC_B, MAC_A, 0x0800, ipv4("10.0.0.1", "10.0.0.2", 17, udp(1, 2, b"ab"),
-                                   flags_frag=0x2000)),
-    eth(MAC_B, MAC_A, 0x0800, ipv4("10.0.0.1", "10.0.0.2", 17, b"later", flags_frag=7)),
-    eth(MAC_B, MAC_A, 0x0800, ipv4("10.0.0.1", "10.0.0.2", 1, icmp(8, 0, b"ping" * 3))),
-    eth(MAC_B, MAC_A, 0x0800, ipv4("10.0.0.1", "10.0.0.2", 132, sctp(5, 6) + b"chunk")),
-    eth(MAC_B, MAC_A, 0x0800, ipv4("10.0.0.1", "10.0.0.2", 47, b"\x00\x00\x08\x00gre")),
-    eth(MAC_B, MAC_A, 0x86DD, ipv6("2001:db8::1", "2001:db8::2", 17, udp(1, 2, b"v6"))),
-    eth(MAC_B, MAC_A, 0x86DD, ipv6("2001:db8::1", "2001:db8::2", 0,
-                                   ipv6_ext(44) + ipv6_frag(6, 0, True) + tcp(1, 2))),
-    eth(MAC_B, MAC_A, 0x86DD, ipv6("2001:db8::1", "2001:db8::2", 44, ipv6_frag(17, 9) + b"x")),
-    eth(MAC_B, MAC_A, 0x86DD, ipv6("2001:db8::1", "2001:db8::2", 58, icmp(128, 0))),
-    eth(BROADCAST, MAC_A, 0x0806, arp(1, MAC_A, "10.0.0.1", bytes(6), "10.0.0.2")),
-    udp4_frame(vlans=((0x88A8, 10), (0x8100, 20))),
-    udp4_frame(vlans=tuple((0x8100, i) for i in range(40))),
-    dot3(MAC_B, MAC_A, llc(0x42, 0x42, 3, bytes(30))),
-    dot3(MAC_B, MAC_A, snap(b"\x00\x00\x00", 0x0800, ipv4("1.1.1.1", "2.2.2.2", 17,
-                                                          udp(1, 2)))),
-    dot3(MAC_B, MAC_A, snap(b"\x00\x00\x0c", 0x2000, bytes(20))),
-    eth(MAC_B, MAC_A, 0x88CC, b"lldp"),
-    bytes(20),
-]
+
+def encode_c(version, block, first, num, payload_bytes, errors, seq=2**40 + 7):
+    return c_encoder(version)(block, first, num, payload_bytes, errors, PREFIX[version], seq)
+
+
+def encode_py(version, block, first, num, payload_bytes, errors, seq=2**40 + 7):
+    return PY[version](block, first, num, payload_bytes, errors, PREFIX[version], seq)
+
+
+SAMPLES = CORPUS
 
 
 def same(frames: list[RingFrame], payload_bytes: int) -> None:
     block, first, num = tpacket3_block(frames)
-    py_errors: dict = {}
-    c_errors: dict = {}
-    expected = encode_rows_py(block, first, num, payload_bytes, py_errors)
-    assert encode_rows_c(block, first, num, payload_bytes, c_errors) == expected
-    assert c_errors == py_errors
+    for version in VERSIONS:
+        py_errors: dict = {}
+        c_errors: dict = {}
+        expected = encode_py(version, block, first, num, payload_bytes, py_errors)
+        got = encode_c(version, block, first, num, payload_bytes, c_errors)
+        assert got == expected, f"version {version}"
+        assert c_errors == py_errors, f"version {version}"
 
 
 @pytest.mark.parametrize("payload_bytes", [0, 3, 64, 65535])
@@ -99,28 +60,33 @@ def test_ring_metadata_vlan_and_timestamp_source():
           for s in status], 8)
 
 
-def test_an_empty_block_and_an_error_count_already_there():
+@pytest.mark.parametrize("version", VERSIONS)
+def test_an_empty_block_and_an_error_count_already_there(version):
     block, first, num = tpacket3_block([])
-    assert encode_rows_c(block, first, num, 0, {}) == encode_rows_py(block, first, num, 0, {})
+    assert encode_c(version, block, first, num, 0, {}) == \
+        encode_py(version, block, first, num, 0, {})
     errors = {"truncated-ipv4": 3}
     block, first, num = tpacket3_block([RingFrame(udp4_frame()[:20])] * 2)
-    encode_rows_c(block, first, num, 0, errors)
+    encode_c(version, block, first, num, 0, errors)
     assert errors == {"truncated-ipv4": 5}
 
 
-def test_frames_past_the_end_of_the_buffer_are_not_read():
+@pytest.mark.parametrize("version", VERSIONS)
+def test_frames_past_the_end_of_the_buffer_are_not_read(version):
     """A header that claims more than the buffer holds: both stop at the buffer's end."""
     block, first, num = tpacket3_block([RingFrame(udp4_frame(payload=b"x" * 100))], tail=0)
     for cut in range(first, len(block) + 1, 7):
         short = block[:cut]
-        assert encode_rows_c(short, first, num, 32, {}) == encode_rows_py(short, first, num,
-                                                                          32, {})
+        assert encode_c(version, short, first, num, 32, {}) == \
+            encode_py(version, short, first, num, 32, {})
 
 
-def test_a_memoryview_of_the_ring_is_read_in_place():
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_memoryview_of_the_ring_is_read_in_place(version):
     block, first, num = tpacket3_block([RingFrame(f) for f in SAMPLES[:5]])
     view = memoryview(bytearray(block))
-    assert encode_rows_c(view, first, num, 8, {}) == encode_rows_py(block, first, num, 8, {})
+    assert encode_c(version, view, first, num, 8, {}) == \
+        encode_py(version, block, first, num, 8, {})
 
 
 @settings(max_examples=400, deadline=None)
@@ -145,15 +111,39 @@ def test_mutated_frames(frame, flips, cut):
     same([RingFrame(bytes(data[:cut]), wire_len=len(data))], 24)
 
 
-@pytest.mark.parametrize("rows", [0, 1, 15, 16, 300])
+@pytest.mark.parametrize("rows", [0, 1, 7, 8, 9, 15, 16, 300])
 @pytest.mark.parametrize("seq", [0, 127, 128, 65536, 2**32])
 def test_the_batch_around_the_rows_decodes_as_a_batch(rows, seq):
-    """Each array-header size (fixarray, array16) and seq size: a subscriber reads it."""
+    """Each array-header size (fixarray, array16), seq size and bitmap length (a partial
+    last byte or not): a subscriber reads the batch."""
     import msgpack
 
-    block, first, num = tpacket3_block([RingFrame(udp4_frame(sport=i)) for i in range(rows)])
-    body, n, _ = encode_batch_c(block, first, num, 0, {}, PREFIX, seq)
-    assert body == encode_batch_py(block, first, num, 0, {}, PREFIX, seq)[0]
-    batch = msgpack.unpackb(body)
-    assert (batch["v"], batch["iface"], batch["worker"], batch["seq"]) == (1, "eth0", 3, seq)
-    assert [row[15] for row in batch["packets"]] == list(range(rows)) and n == rows
+    frames = [RingFrame(udp4_frame(sport=i) if i % 3 else tcp4_frame(sport=i))
+              for i in range(rows)]
+    block, first, num = tpacket3_block(frames)
+    for version in VERSIONS:
+        body, n, _ = encode_c(version, block, first, num, 0, {}, seq)
+        assert body == encode_py(version, block, first, num, 0, {}, seq)[0]
+        batch = msgpack.unpackb(body)
+        assert (batch["v"], batch["iface"], batch["worker"], batch["epoch"], batch["seq"]) == \
+            (version, "eth0", 3, 2**60 + 5, seq)
+        assert n == rows
+        if version == wire.ROWS_VERSION:
+            sports = [row[15] for row in batch["packets"]]
+        else:
+            assert batch["n"] == rows
+            sports = wire.decode_column(batch["columns"]["sport"], rows)
+        assert sports == list(range(rows))
+
+
+def test_a_length_beyond_uint32_saturates_in_columns():
+    """A ring header's tp_len near 2**32 (+4 for a stripped tag): version 2 keeps len in a
+    uint32 and saturates it, in C as in the reference."""
+    frames = [RingFrame(udp4_frame(), wire_len=2**32 - 1, status=_linux.TP_STATUS_VLAN_VALID,
+                        vlan_tci=7)]
+    same(frames, 0)
+    block, first, num = tpacket3_block(frames)
+    body, _, _ = encode_c(wire.COLUMNS_VERSION, block, first, num, 0, {})
+    import msgpack
+
+    assert wire.decode_column(msgpack.unpackb(body)["columns"]["len"], 1) == [wire.LEN_MAX]

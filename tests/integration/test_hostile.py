@@ -17,7 +17,7 @@ import pytest
 import zmq
 
 from fanoutd.client import Subscriber as ClientSubscriber
-from fanoutd.decode import ERROR_REASONS
+from fanoutd.wire import ERROR_REASONS
 
 pytestmark = pytest.mark.integration
 

@@ -30,7 +30,7 @@ import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
 import fanoutd
-from fanoutd.decode import ERROR_REASONS
+from fanoutd.wire import ERROR_REASONS
 
 pytestmark = pytest.mark.integration
 
