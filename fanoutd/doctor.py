@@ -259,7 +259,7 @@ def ring_section(cfg: Config, speed: int | None) -> Section:
         s.worse(CHANGE)
         s.found.append(f"ring.{name}: {rule}")
     if not problems:
-        s.found.append("it follows every rule of this kernel (RingGeometry.problems)")
+        s.found.append("it follows every rule of this kernel")
     memory = _mem_total()
     share = f" ({100 * geo.size * workers / memory:.1f}% of {_size(memory)} of RAM)" \
         if memory else ""

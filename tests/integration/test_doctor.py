@@ -1,8 +1,10 @@
 """`fanoutd doctor` on the namespace's veth: each section with the interface's real values,
 the advice when something should change, and the exit statuses."""
 
+import ast
 import mmap
 import re
+from pathlib import Path
 
 import netlab
 import pytest
@@ -24,6 +26,25 @@ def sections(report: str) -> dict[str, tuple[str, str]]:
     return found
 
 
+def internal_names() -> set[str]:
+    """fanoutd's class names, and its function and method names with an underscore: none
+    of them means anything to a user, so none belongs in doctor's report."""
+    names = set()
+    for path in (Path(netlab.REPO) / "fanoutd").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) or (
+                    isinstance(node, ast.FunctionDef) and "_" in node.name.strip("_")):
+                names.add(node.name)
+    # A function named after the `ip -d link` attribute it reads, which the report quotes.
+    return names - {"gro_max_size"}
+
+
+def assert_no_internal_names(report: str) -> None:
+    words = set(re.findall(r"[A-Za-z_]\w*", report))
+    assert not words & internal_names(), (words & internal_names(), report)
+    assert not re.search(r"\b[A-Z][a-z]+[A-Z]\w*\.\w", report), report  # Class.member
+
+
 def ethtool_features(ns: netlab.NetNS, ifname: str = "cap0") -> dict[str, str]:
     """{feature: "on" | "off" | "off [fixed]" ...} as ethtool -k reports them."""
     out = ns.exec("ethtool", "-k", ifname)
@@ -43,6 +64,7 @@ def test_doctor_reports_the_veth_as_it_is(ns):
     assert tuple(found) == TITLES, report
     assert report.rstrip().endswith("nothing to change")
     assert "cap0 (index" in report.splitlines()[0] and "MTU 1500" in report.splitlines()[0]
+    assert_no_internal_names(report)
 
     status, body = found["Ring and page size"]
     assert status == "ok", report
@@ -108,6 +130,7 @@ def test_doctor_says_what_to_change(ns):
     assert found["Kernel fanout support"][0] == "ok"
     assert "the configured lb+defrag: accepted" in found["Kernel fanout support"][1]
     assert report.rstrip().endswith("to change: MTU and packet size, GRO and LRO")
+    assert_no_internal_names(report)
 
 
 def test_doctor_without_ethtool_reads_the_ioctls(ns):
