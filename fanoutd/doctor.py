@@ -30,7 +30,7 @@ from typing import TextIO
 
 from fanoutd import _linux, fanout, filter, ring
 from fanoutd._linux import IFF_RUNNING, IFF_UP, SIOCETHTOOL, SIOCGIFFLAGS, SIOCGIFMTU
-from fanoutd.config import Config
+from fanoutd.config import CAPTURE_KEYS, CaptureConfig, Config
 
 OK, NOTE, CHANGE, UNKNOWN = "ok", "note", "change", "unknown"
 
@@ -242,7 +242,7 @@ def _mem_total() -> int | None:
     return None
 
 
-def ring_section(cfg: Config, speed: int | None) -> Section:
+def ring_section(cfg: CaptureConfig, speed: int | None) -> Section:
     """Page size, the largest block, the configured ring: valid, memory, time covered."""
     s = Section("Ring and page size")
     page, order = ring.page_size(), ring.max_page_order()
@@ -300,7 +300,7 @@ def ring_section(cfg: Config, speed: int | None) -> Section:
     return s
 
 
-def packet_size_section(cfg: Config, mtu: int, offloads: Offloads, gro_max: int) -> Section:
+def packet_size_section(cfg: CaptureConfig, mtu: int, offloads: Offloads, gro_max: int) -> Section:
     """MTU (and GRO/LRO merged packets) versus what one block can hold."""
     s = Section("MTU and packet size")
     geo = cfg.ring.geometry
@@ -389,7 +389,7 @@ def gro_section(ifname: str, offloads: Offloads) -> Section:
     return s
 
 
-def symmetry_section(cfg: Config) -> Section:
+def symmetry_section(cfg: CaptureConfig) -> Section:
     s = Section("Flow symmetry")
     mode, flags = cfg.fanout.mode, cfg.fanout.flags
     symmetric, how = SYMMETRY[mode]
@@ -413,7 +413,7 @@ def symmetry_section(cfg: Config) -> Section:
     return s
 
 
-def fanout_section(cfg: Config, up: bool) -> Section:
+def fanout_section(cfg: CaptureConfig, up: bool) -> Section:
     s = Section("Kernel fanout support")
     ifname = cfg.interface
     s.found.append(f"kernel {os.uname().release}")
@@ -457,8 +457,18 @@ def _onoff(state: tuple[bool, bool]) -> str:
 # --------------------------------------------------------------------------- report
 
 
-def examine(cfg: Config) -> tuple[str, list[Section]]:
-    """Every section for cfg.interface, and a one-line headline."""
+def capture_to_examine(cfg: Config) -> CaptureConfig:
+    """The capture doctor examines, with its own ring, fanout and workers. load_config
+    keeps only the `interfaces` entry that --interface names, so it is the first (or
+    only) one; the top-level keys are merely the entries' defaults."""
+    if cfg.interfaces:
+        return cfg.interfaces[0]
+    return CaptureConfig(**{key: getattr(cfg, key) for key in CAPTURE_KEYS})
+
+
+def examine(config: Config) -> tuple[str, list[Section]]:
+    """Every section for the capture doctor examines, and a one-line headline."""
+    cfg = capture_to_examine(config)
     ifname = cfg.interface
     index = socket.if_nametoindex(ifname)
     flags = interface_flags(ifname)
@@ -470,6 +480,9 @@ def examine(cfg: Config) -> tuple[str, list[Section]]:
     headline = (f"fanoutd doctor: {ifname} (index {index}, {state}, MTU {mtu}"
                 f"{f', {speed} Mb/s' if speed else ''}); {cfg.workers} workers, fanout "
                 f"{cfg.fanout.mode}")
+    if len(config.interfaces) > 1:
+        headline += (f" (the first of {len(config.interfaces)} interfaces in the "
+                     f"configuration; --interface picks another)")
     sections = [
         ring_section(cfg, speed),
         packet_size_section(cfg, mtu, offloads, gro_max_size(ifname)),
@@ -498,13 +511,14 @@ def render(headline: str, sections: list[Section]) -> str:
 
 
 def run_doctor(cfg: Config, out: TextIO) -> int:
-    """Write the report for cfg.interface (which must exist) on `out`; return the exit
-    status: 1 when a section says change, else 0."""
+    """Write the report for the capture doctor examines (its interface must exist) on
+    `out`; return the exit status: 1 when a section says change, else 0."""
     try:
         headline, sections = examine(cfg)
     except OSError as e:
         if e.errno in (errno.ENODEV, errno.ENXIO):
-            print(f"fanoutd doctor: interface {cfg.interface!r} does not exist",
+            print(f"fanoutd doctor: interface {capture_to_examine(cfg).interface!r} does "
+                  f"not exist",
                   file=sys.stderr)
             return 69
         raise

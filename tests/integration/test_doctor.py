@@ -179,3 +179,38 @@ def test_doctor_probes_leave_no_socket_open(ns):
     assert [s.title for s in found] == list(TITLES)
     assert found[-1].status == "ok", found[-1]
     assert before == after == 0
+
+
+def test_doctor_reports_the_interfaces_entry_of_the_file(ns, tmp_path):
+    """-c FILE: the ring, workers and fanout of the `interfaces` entry examined (the one
+    --interface names, else the first), not the top-level defaults."""
+    path = tmp_path / "fanoutd.yaml"
+    path.write_text(
+        "workers: 2\n"
+        "ring: {block_size: 1048576, block_count: 16}\n"
+        "interfaces:\n"
+        "  - interface: inj0\n"
+        "    ring: {block_size: 2097152, block_count: 8}\n"
+        "  - interface: cap0\n"
+        "    workers: 3\n"
+        "    fanout: {mode: lb}\n"
+        "    ring: {block_size: 65536, block_count: 4}\n")
+    proc = netlab.run_cli(ns, "doctor", "-c", str(path), "--interface", "cap0")
+    report = proc.stdout
+    assert proc.returncode in (0, 1), report + proc.stderr
+    assert report.startswith("fanoutd doctor: cap0 (index"), report
+    assert "3 workers, fanout lb" in report.splitlines()[0]
+    found = sections(report)
+    body = found["Ring and page size"][1]
+    assert "ring: 4 blocks of 64 KiB" in body, report
+    assert "memory: 256 KiB per worker, 768 KiB for 3 workers" in body
+    assert "configured: fanout lb" in found["Flow symmetry"][1]
+    assert "the configured lb: accepted" in found["Kernel fanout support"][1]
+    assert_no_internal_names(report)
+
+    proc = netlab.run_cli(ns, "doctor", "-c", str(path))  # no --interface: the first entry
+    report = proc.stdout
+    assert report.startswith("fanoutd doctor: inj0 (index"), report + proc.stderr
+    assert "2 workers, fanout hash" in report.splitlines()[0]
+    assert "the first of 2 interfaces in the configuration" in report.splitlines()[0]
+    assert "ring: 8 blocks of 2 MiB" in sections(report)["Ring and page size"][1], report
