@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import errno
 import fcntl
 import json
+import math
 import os
 import re
 import shutil
@@ -30,7 +32,7 @@ from typing import TextIO
 
 from fanoutd import _linux, fanout, filter, ring
 from fanoutd._linux import IFF_RUNNING, IFF_UP, SIOCETHTOOL, SIOCGIFFLAGS, SIOCGIFMTU
-from fanoutd.config import CAPTURE_KEYS, CaptureConfig, Config
+from fanoutd.config import CAPTURE_KEYS, CaptureConfig, Config, RingConfig
 
 OK, NOTE, CHANGE, UNKNOWN = "ok", "note", "change", "unknown"
 
@@ -52,6 +54,24 @@ FRAME_MAC_OFFSET = 82
 GRO_MAX_DEFAULT = 65536
 ETHERNET_HEADER = 14
 VLAN_TAG = 4
+
+# How long a ring lasts at line rate. Line rate is the link's speed filled with the
+# smallest Ethernet frame: 64 bytes (FCS included) plus 20 bytes of preamble and
+# inter-frame gap on the wire. In a block the kernel stores the frame without its FCS
+# after the 82-byte frame header, and starts the next packet 8-byte aligned
+# (TOTAL_PKT_LEN_INCL_ALIGN in af_packet.c): a 64-byte frame takes 144 bytes.
+SMALLEST_FRAME = 64
+WIRE_OVERHEAD = 20  # preamble and start delimiter (8) + inter-frame gap (12)
+FCS = 4  # the NIC strips it before the kernel stores the frame
+V3_ALIGNMENT = 8
+# An interface that reports no speed (/sys/class/net/IF/speed is -1 or unreadable) is
+# rated as a 10 Gb/s link. A veth reports a nominal 10000 Mb/s of its own.
+ASSUMED_SPEED_MBPS = 10_000
+# A worker's ring that fills in under RING_CHANGE_MS at line rate drops packets whenever
+# its worker is descheduled for a moment: change. Under RING_NOTE_MS: a note. The advice
+# aims at RING_NOTE_MS.
+RING_CHANGE_MS = 5
+RING_NOTE_MS = 50
 
 # How each fanout mode places the two directions of a flow.
 SYMMETRY = {
@@ -180,6 +200,14 @@ def gro_max_size(ifname: str) -> int:
     return GRO_MAX_DEFAULT
 
 
+def line_rate(ifname: str) -> tuple[int, str]:
+    """(Mb/s, where that figure comes from) for rating the ring."""
+    speed = link_speed_mbps(ifname)
+    if speed is None:
+        return ASSUMED_SPEED_MBPS, f"assumed: {ifname} reports no link speed"
+    return speed, f"the speed {ifname} reports"
+
+
 def link_speed_mbps(ifname: str) -> int | None:
     """Link speed from sysfs (right under `ip netns exec`, which remounts /sys)."""
     try:
@@ -242,8 +270,57 @@ def _mem_total() -> int | None:
     return None
 
 
-def ring_section(cfg: CaptureConfig, speed: int | None) -> Section:
-    """Page size, the largest block, the configured ring: valid, memory, time covered."""
+def frames_per_block(block_size: int, frame: int) -> int:
+    """How many frames of `frame` bytes (on the wire, FCS included) one block holds."""
+    slot = _align(FRAME_MAC_OFFSET + frame - FCS, V3_ALIGNMENT)
+    # The kernel closes a block unless the packet ends strictly before the block's end;
+    # a packet larger than the block is cut to fit one alone.
+    return max(1, (block_size - BLOCK_HEADER - 1) // slot)
+
+
+def frames_per_second(speed_mbps: int, frame: int) -> float:
+    """Line rate in frames of `frame` bytes (FCS included) per second."""
+    return speed_mbps * 1e6 / ((frame + WIRE_OVERHEAD) * 8)
+
+
+def ring_lasts_ms(geo: ring.RingGeometry, speed_mbps: int, frames: tuple[int, ...]) -> float:
+    """How long one ring that nobody reads takes to fill at line rate, in ms: the least
+    over frame sizes, as what it holds is bounded by its packet count (small frames) and
+    by its bytes (large ones)."""
+    return min(geo.block_count * frames_per_block(geo.block_size, frame)
+               / frames_per_second(speed_mbps, frame) * 1000 for frame in frames)
+
+
+def rate_ring(lasts_ms: float) -> str:
+    """The status of a ring that fills in lasts_ms at line rate."""
+    if lasts_ms < RING_CHANGE_MS:
+        return CHANGE
+    return NOTE if lasts_ms < RING_NOTE_MS else OK
+
+
+def ring_to_last(geo: ring.RingGeometry, speed_mbps: int, frames: tuple[int, ...],
+                 target_ms: int, largest_block: int) -> ring.RingGeometry:
+    """The geometry to advise: blocks at least as large as the default (smaller blocks
+    make more, smaller batches) and just enough of them to last target_ms at line rate."""
+    block = max(geo.block_size, min(RingConfig.block_size, largest_block))
+    count = max(math.ceil(target_ms * frames_per_second(speed_mbps, frame) / 1000
+                          / frames_per_block(block, frame)) for frame in frames)
+    return dataclasses.replace(geo, block_size=block, block_count=max(count, 2))
+
+
+def _align(n: int, to: int) -> int:
+    return (n + to - 1) // to * to
+
+
+def _ms(ms: float) -> str:
+    if ms >= 1000:
+        return f"{ms / 1000:.1f} s"
+    return f"{ms:.0f} ms" if ms >= 10 else f"{ms:.2g} ms"
+
+
+def ring_section(cfg: CaptureConfig, mtu: int, speed: int, speed_source: str) -> Section:
+    """Page size, the largest block, the configured ring: valid, memory, how long it lasts
+    at line rate and at low rates."""
     s = Section("Ring and page size")
     page, order = ring.page_size(), ring.max_page_order()
     largest = page << order
@@ -293,10 +370,51 @@ def ring_section(cfg: CaptureConfig, speed: int | None) -> Section:
         s.worse(NOTE)
         s.advice.append(f"a worker that stalls {low:g} s loses packets even at a trickle: "
                         f"raise ring.block_count or ring.block_timeout_ms")
-    if speed:
-        seconds = geo.size * workers / (speed * 1e6 / 8)
-        s.found.append(f"at the link's {speed} Mb/s the {workers} rings hold about "
-                       f"{seconds * 1000:.0f} ms of traffic")
+    if not problems:
+        rated = ring_at_line_rate(geo, workers, mtu, speed, speed_source, largest)
+        s.worse(rated.status)
+        s.found += rated.found
+        s.advice += rated.advice
+    return s
+
+
+def ring_at_line_rate(geo: ring.RingGeometry, workers: int, mtu: int, speed: int,
+                      speed_source: str, largest_block: int) -> Section:
+    """How long one worker's ring lasts at line rate (fanout may send a whole burst to
+    one worker), rated, and the ring to configure when that is short: the lines of the
+    ring section that say so."""
+    s = Section("Ring at line rate")
+    full = mtu + ETHERNET_HEADER + FCS
+    frames = (SMALLEST_FRAME, full)
+    small, large = (frames_per_block(geo.block_size, f) for f in frames)
+    lasts = ring_lasts_ms(geo, speed, frames)
+    s.found.append(f"line rate: {speed} Mb/s ({speed_source}), "
+                   f"{frames_per_second(speed, SMALLEST_FRAME) / 1e6:.3g} million "
+                   f"{SMALLEST_FRAME}-byte frames/s ({SMALLEST_FRAME + WIRE_OVERHEAD} bytes "
+                   f"each on the wire)")
+    s.found.append(f"a worker's ring holds {geo.block_count * small} {SMALLEST_FRAME}-byte "
+                   f"frames ({small} a block) or {geo.block_count * large} of {full} bytes "
+                   f"({large} a block): at line rate it is full after {_ms(lasts)} if its "
+                   f"worker stalls, and fanout may send a whole burst to one worker")
+    status = rate_ring(lasts)
+    if status == OK:
+        return s
+    s.worse(status)
+    if status == CHANGE:
+        s.found.append(f"under {RING_CHANGE_MS} ms: the ring overflows whenever its worker "
+                       f"is off the CPU for a moment, so bursts are dropped")
+    else:
+        s.found.append(f"under {RING_NOTE_MS} ms: enough for a steady load, tight for "
+                       f"bursts")
+    better = ring_to_last(geo, speed, frames, RING_NOTE_MS, largest_block)
+    keys = f"ring.block_count to {better.block_count}"
+    flags = f"--block-count {better.block_count}"
+    if better.block_size != geo.block_size:
+        keys = f"ring.block_size to {better.block_size} and set {keys}"
+        flags = f"--block-size {better.block_size} {flags}"
+    s.advice.append(f"raise {keys} ({flags}) for {RING_NOTE_MS} ms at line rate: "
+                    f"{_size(better.size)} per worker, {_size(better.size * workers)} for "
+                    f"{workers} workers")
     return s
 
 
@@ -477,6 +595,7 @@ def examine(config: Config) -> tuple[str, list[Section]]:
     state = ("up" if up else "down") + ("" if flags & IFF_RUNNING or not up else ", no carrier")
     offloads = read_offloads(ifname)
     speed = link_speed_mbps(ifname)
+    rate, rate_source = line_rate(ifname)
     headline = (f"fanoutd doctor: {ifname} (index {index}, {state}, MTU {mtu}"
                 f"{f', {speed} Mb/s' if speed else ''}); {cfg.workers} workers, fanout "
                 f"{cfg.fanout.mode}")
@@ -484,7 +603,7 @@ def examine(config: Config) -> tuple[str, list[Section]]:
         headline += (f" (the first of {len(config.interfaces)} interfaces in the "
                      f"configuration; --interface picks another)")
     sections = [
-        ring_section(cfg, speed),
+        ring_section(cfg, mtu, rate, rate_source),
         packet_size_section(cfg, mtu, offloads, gro_max_size(ifname)),
         vlan_section(ifname, offloads),
         gro_section(ifname, offloads),

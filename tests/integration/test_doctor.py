@@ -9,7 +9,8 @@ from pathlib import Path
 import netlab
 import pytest
 
-from fanoutd import ring
+from fanoutd import doctor as doctor_module
+from fanoutd import filter, ring
 
 pytestmark = pytest.mark.integration
 
@@ -67,12 +68,18 @@ def test_doctor_reports_the_veth_as_it_is(ns):
     assert_no_internal_names(report)
 
     status, body = found["Ring and page size"]
-    assert status == "ok", report
     assert f"page size {mmap.PAGESIZE} bytes, MAX_ORDER {ring.max_page_order()}" in body
     assert "128 blocks of 512 KiB" in body  # the defaults of config.py
     assert "64 MiB per worker, 128 MiB for 2 workers" in body
     assert "the kernel allocated one such ring on cap0" in body
     assert "the ring covers 1.28 s" in body  # 128 blocks x 10 ms
+    # A veth reports 10000 Mb/s: 14.88 million 64-byte frames/s fill 128 blocks of 3640
+    # such frames (144 bytes each in a block) in 31 ms: a note, and how to reach 50 ms.
+    assert "line rate: 10000 Mb/s (the speed cap0 reports)" in body
+    assert "holds 465920 64-byte frames (3640 a block)" in body
+    assert "full after 31 ms" in body
+    assert status == "note", report
+    assert "-> raise ring.block_count to 205 (--block-count 205) for 50 ms at line rate" in body
 
     status, body = found["MTU and packet size"]
     assert status == "ok" and "MTU 1500: frames up to 1522 bytes" in body, report
@@ -122,14 +129,16 @@ def test_doctor_says_what_to_change(ns):
     assert "raise ring.block_size to 131072" in body  # a 64 KiB GRO packet needs it
 
     status, body = found["Ring and page size"]
-    assert status == "note" and "the ring covers 0.32 s" in body, report  # 64 x 5 ms
+    assert status == "change" and "the ring covers 0.32 s" in body, report  # 64 x 5 ms
+    assert "full after 0.24 ms" in body  # 64 blocks x 56 64-byte frames at 14.88 M/s
 
     status, body = found["Flow symmetry"]
     assert status == "note" and "lb: round robin" in body and "--fanout hash" in body
 
     assert found["Kernel fanout support"][0] == "ok"
     assert "the configured lb+defrag: accepted" in found["Kernel fanout support"][1]
-    assert report.rstrip().endswith("to change: MTU and packet size, GRO and LRO")
+    assert report.rstrip().endswith(
+        "to change: Ring and page size, MTU and packet size, GRO and LRO")
     assert_no_internal_names(report)
 
 
@@ -145,6 +154,22 @@ def test_doctor_without_ethtool_reads_the_ioctls(ns):
     assert f"rx-vlan-offload (VLAN tag stripping): {feats['rx-vlan-offload']}" in body
     gro = feats["generic-receive-offload"].split()[0]
     assert f"generic-receive-offload (GRO): {gro}\n" in found["GRO and LRO"][1]
+
+
+def test_doctor_small_ring_is_a_change(ns):
+    """A 4 x 4 KiB ring holds 112 minimum-size frames: 7.5 us at 10 Gb/s. doctor says
+    change, which keys to raise to what, and exits 1."""
+    proc = doctor(ns, "--block-size", "4096", "--block-count", "4")
+    report = proc.stdout
+    assert proc.returncode == 1, report + proc.stderr
+    status, body = sections(report)["Ring and page size"]
+    assert status == "change", report
+    assert "holds 112 64-byte frames (28 a block)" in body
+    assert "full after 0.0075 ms" in body
+    assert ("-> raise ring.block_size to 524288 and set ring.block_count to 205 "
+            "(--block-size 524288 --block-count 205) for 50 ms at line rate") in body
+    assert "to change: Ring and page size" in report.splitlines()[-1]
+    assert_no_internal_names(report)
 
 
 def test_doctor_missing_interface(ns):
@@ -214,3 +239,31 @@ def test_doctor_reports_the_interfaces_entry_of_the_file(ns, tmp_path):
     assert "2 workers, fanout hash" in report.splitlines()[0]
     assert "the first of 2 interfaces in the configuration" in report.splitlines()[0]
     assert "ring: 8 blocks of 2 MiB" in sections(report)["Ring and page size"][1], report
+
+
+@pytest.mark.parametrize(("block_size", "frame"), [(4096, 64), (12288, 64), (4096, 1518)])
+def test_frames_per_block_is_what_the_kernel_packs(ns, block_size, frame):
+    """The rating's arithmetic against a real TPACKET_V3 ring: the first block closes
+    holding exactly frames_per_block frames of that size (12288 - 48 bytes is exactly 85
+    slots of 144, yet the kernel starts a new block for the 85th)."""
+    per_block = doctor_module.frames_per_block(block_size, frame)
+    geo = ring.RingGeometry(block_size, 4, 2048, 60_000)  # a block closes when full
+    fcs = 4
+    data = bytes.fromhex((netlab.CAP_MAC + netlab.INJ_MAC).replace(":", "")) + b"\x88\xb5"
+    data = data.ljust(frame - fcs, b"\0")
+    with netlab.in_netns(ns.name):
+        sock = ring.open_capture_socket("cap0", geo, rxhash=False)
+    try:
+        filter.detach(sock)
+        rx = ring.RxRing(sock, geo)
+        try:
+            with netlab.Injector(ns) as inj:
+                inj.send_all(data for _ in range(per_block + 1))
+            netlab.wait_for(rx.ready, timeout=5, what="the first block to be full")
+            _, num_pkts, first, _, _ = rx.head(0)
+        finally:
+            rx.close()
+    finally:
+        sock.close()
+    assert first == doctor_module.BLOCK_HEADER
+    assert num_pkts == per_block

@@ -1,0 +1,131 @@
+"""doctor's rating of a ring at line rate: pure arithmetic on crafted geometries and speeds.
+
+The expected numbers are worked out here from the kernel's layout of a TPACKET_V3 block
+(a 48-byte block header; each packet at 82 bytes into its slot, stored without its 4-byte
+FCS, the next one 8-byte aligned), which tests/integration/test_doctor.py checks against
+a real ring.
+"""
+
+import math
+
+import pytest
+
+from fanoutd import doctor
+from fanoutd.doctor import CHANGE, NOTE, OK
+from fanoutd.ring import RingGeometry
+
+MAX_BLOCK = 4 << 20  # 4 KiB pages, MAX_ORDER 10
+TEN_GBPS = 10_000
+
+
+def geometry(block_size: int, block_count: int) -> RingGeometry:
+    return RingGeometry(block_size, block_count, 2048, 10)
+
+
+def pps(speed_mbps: int, frame: int) -> float:
+    return speed_mbps * 1e6 / ((frame + 20) * 8)  # 20 bytes of preamble and gap
+
+
+@pytest.mark.parametrize(("block_size", "frame", "expected"), [
+    (4096, 64, (4096 - 48 - 1) // 144),  # 28: slot = align8(82 + 60) = 144
+    (1 << 19, 64, (524288 - 48 - 1) // 144),  # 3640
+    (4096, 1518, 2),  # slot = align8(82 + 1514) = 1600
+    (4096, 9018, 1),  # larger than the block: cut to fit, one a block
+    # 12288 - 48 = 85 x 144 exactly, but a packet must end before the block's end: 84.
+    (12288, 64, 84),
+])
+def test_frames_per_block(block_size, frame, expected):
+    assert doctor.frames_per_block(block_size, frame) == expected
+
+
+def test_line_rate_of_the_smallest_frame():
+    assert doctor.frames_per_second(TEN_GBPS, 64) == pytest.approx(14_880_952, abs=1)
+    assert doctor.frames_per_second(1_000, 64) == pytest.approx(1_488_095, abs=1)
+
+
+def test_a_4_x_4_kib_ring_is_a_change_at_any_usual_speed():
+    geo = geometry(4096, 4)
+    for speed in (100, 1_000, TEN_GBPS, 100_000):
+        lasts = doctor.ring_lasts_ms(geo, speed, (64, 1518))
+        assert lasts == pytest.approx(4 * 28 / pps(speed, 64) * 1000)
+        assert doctor.rate_ring(lasts) == CHANGE, (speed, lasts)
+
+
+def test_the_default_ring_at_10_and_1_gbps():
+    geo = geometry(1 << 19, 128)  # 64 MiB
+    lasts = doctor.ring_lasts_ms(geo, TEN_GBPS, (64, 1518))
+    assert lasts == pytest.approx(128 * 3640 / pps(TEN_GBPS, 64) * 1000)  # 31.3 ms
+    assert doctor.rate_ring(lasts) == NOTE
+    assert doctor.rate_ring(doctor.ring_lasts_ms(geo, 1_000, (64, 1518))) == OK  # 313 ms
+
+
+def test_small_frames_bound_the_ring_before_its_bytes_do():
+    """A 64-byte frame takes 144 bytes of a block for 84 on the wire; a 1518-byte one 1600
+    for 1538: the ring fills fastest with small frames."""
+    geo = geometry(1 << 20, 32)
+    small = doctor.ring_lasts_ms(geo, TEN_GBPS, (64,))
+    large = doctor.ring_lasts_ms(geo, TEN_GBPS, (1518,))
+    assert small < large < geo.size / (TEN_GBPS * 1e6 / 8) * 1000
+    assert doctor.ring_lasts_ms(geo, TEN_GBPS, (64, 1518)) == small
+
+
+@pytest.mark.parametrize(("lasts", "status"), [
+    (0.0, CHANGE), (doctor.RING_CHANGE_MS - 0.001, CHANGE), (doctor.RING_CHANGE_MS, NOTE),
+    (doctor.RING_NOTE_MS - 0.001, NOTE), (doctor.RING_NOTE_MS, OK), (5000.0, OK),
+])
+def test_rating_thresholds(lasts, status):
+    assert doctor.rate_ring(lasts) == status
+
+
+def test_the_advice_keeps_large_blocks_and_adds_just_enough_of_them():
+    geo = geometry(1 << 20, 8)
+    better = doctor.ring_to_last(geo, TEN_GBPS, (64, 1518), 50, MAX_BLOCK)
+    per_block = (1048576 - 48 - 1) // 144
+    assert better.block_size == 1 << 20
+    assert better.block_count == math.ceil(0.050 * pps(TEN_GBPS, 64) / per_block)
+    assert doctor.ring_lasts_ms(better, TEN_GBPS, (64, 1518)) >= 50
+    fewer = geometry(1 << 20, better.block_count - 1)
+    assert doctor.ring_lasts_ms(fewer, TEN_GBPS, (64, 1518)) < 50
+
+
+def test_the_advice_raises_small_blocks_to_the_default_size():
+    better = doctor.ring_to_last(geometry(4096, 4), TEN_GBPS, (64, 1518), 50, MAX_BLOCK)
+    assert better.block_size == 1 << 19
+    assert better.block_count == math.ceil(0.050 * pps(TEN_GBPS, 64) / 3640)  # 205
+    # ... but never beyond what the kernel allows in one block.
+    assert doctor.ring_to_last(geometry(4096, 4), TEN_GBPS, (64,), 50, 65536).block_size \
+        == 65536
+
+
+def test_ring_at_line_rate_says_change_and_what_to_set():
+    s = doctor.ring_at_line_rate(geometry(4096, 4), 2, 1500, TEN_GBPS,
+                                 "the speed eth0 reports", MAX_BLOCK)
+    assert s.status == CHANGE
+    assert "line rate: 10000 Mb/s (the speed eth0 reports), 14.9 million 64-byte frames/s" \
+        in s.found[0]
+    assert "holds 112 64-byte frames (28 a block) or 8 of 1518 bytes (2 a block)" in s.found[1]
+    assert "full after 0.0075 ms" in s.found[1]
+    count = math.ceil(0.050 * pps(TEN_GBPS, 64) / 3640)
+    assert s.advice == [f"raise ring.block_size to 524288 and set ring.block_count to {count} "
+                        f"(--block-size 524288 --block-count {count}) for 50 ms at line rate: "
+                        f"102.5 MiB per worker, 205 MiB for 2 workers"]
+
+
+def test_ring_at_line_rate_note_raises_the_block_count():
+    s = doctor.ring_at_line_rate(geometry(1 << 19, 128), 4, 1500, TEN_GBPS, "", MAX_BLOCK)
+    assert s.status == NOTE and "full after 31 ms" in s.found[1], s.found
+    assert s.advice[0].startswith("raise ring.block_count to 205 (--block-count 205) for 50 ms")
+
+
+def test_ring_at_line_rate_ok_on_a_slower_link():
+    s = doctor.ring_at_line_rate(geometry(1 << 19, 128), 4, 1500, 1_000, "", MAX_BLOCK)
+    assert s.status == OK and s.advice == [] and "full after 313 ms" in s.found[1], s.found
+
+
+def test_a_link_without_a_speed_is_rated_at_the_assumed_speed(monkeypatch):
+    monkeypatch.setattr(doctor, "link_speed_mbps", lambda ifname: None)
+    speed, source = doctor.line_rate("veth9")
+    assert speed == doctor.ASSUMED_SPEED_MBPS == TEN_GBPS
+    assert source == "assumed: veth9 reports no link speed"
+    monkeypatch.setattr(doctor, "link_speed_mbps", lambda ifname: 25_000)
+    assert doctor.line_rate("eth0") == (25_000, "the speed eth0 reports")
