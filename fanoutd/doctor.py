@@ -2,8 +2,8 @@
 
 One section per topic, each with a status: ok, note (worth knowing, nothing required),
 change (capture loses or alters packets as things are: the advice says what to do) or
-unknown (could not be checked, and why). `run_doctor` returns 1 when any section says
-change, else 0.
+unknown (could not be checked, and why). The last lines sum up what to change and what
+could not be checked; `exit_status` turns that into the exit status.
 
 Nothing here sends a packet. The kernel's fanout support is probed with AF_PACKET sockets
 that carry a drop-all filter before they are bound, join groups of their own (the kernel
@@ -35,6 +35,15 @@ from fanoutd._linux import IFF_RUNNING, IFF_UP, SIOCETHTOOL, SIOCGIFFLAGS, SIOCG
 from fanoutd.config import CAPTURE_KEYS, CaptureConfig, Config, RingConfig
 
 OK, NOTE, CHANGE, UNKNOWN = "ok", "note", "change", "unknown"
+
+# Exit statuses (the README's table lists them). A check that could not be made is not a
+# pass: without CAP_NET_RAW that is EX_NOPERM, for any other reason EX_UNAVAILABLE.
+EXIT_CHANGE = 1
+EXIT_UNAVAILABLE = 69
+EXIT_NOPERM = 77
+# Why a check could not be made.
+NEEDS_CAP_NET_RAW = "AF_PACKET sockets need CAP_NET_RAW: run doctor as root or with CAP_NET_RAW"
+UNREADABLE = "neither ethtool nor the driver's ethtool ioctls answered"
 
 # ioctls on a socket (the constants are in _linux): they answer for the caller's network
 # namespace.
@@ -97,12 +106,20 @@ class Section:
     status: str = OK
     found: list[str] = field(default_factory=list)
     advice: list[str] = field(default_factory=list)
+    unchecked: list[tuple[str, str]] = field(default_factory=list)  # (what, why)
 
     def worse(self, status: str) -> None:
         """Raise the status to `status` if that is more serious."""
         order = (OK, UNKNOWN, NOTE, CHANGE)
         if order.index(status) > order.index(self.status):
             self.status = status
+
+    def could_not_check(self, what: str, why: str, text: str) -> None:
+        """Record a check that could not be made: `text` in the section, `what` and `why`
+        in the summary."""
+        self.worse(UNKNOWN)
+        self.found.append(text)
+        self.unchecked.append((what, why))
 
 
 @dataclass
@@ -350,9 +367,10 @@ def ring_section(cfg: CaptureConfig, mtu: int, speed: int, speed_source: str) ->
         try:
             sock = ring.open_capture_socket(cfg.interface, geo, cfg.ring.rxhash)
         except ring.CapturePermissionError:
-            s.worse(UNKNOWN)
-            s.found.append("could not test-allocate the ring: opening an AF_PACKET socket "
-                           "needs CAP_NET_RAW (run doctor as root)")
+            s.could_not_check("the ring's test allocation", NEEDS_CAP_NET_RAW,
+                              "could not test-allocate the ring: opening an AF_PACKET "
+                              "socket needs CAP_NET_RAW (run doctor as root or with "
+                              "CAP_NET_RAW)")
         except ring.CaptureError as e:
             s.worse(CHANGE)
             s.found.append(f"the kernel refused a ring of this geometry: {e}")
@@ -453,8 +471,9 @@ def vlan_section(ifname: str, offloads: Offloads) -> Section:
     s = Section("VLAN offload")
     state = offloads.features.get("rx-vlan-offload")
     if state is None:
-        s.worse(UNKNOWN)
-        s.found.append("rx-vlan-offload (VLAN tag stripping): could not be read")
+        s.could_not_check("VLAN offload", UNREADABLE,
+                          f"rx-vlan-offload (VLAN tag stripping): could not be read "
+                          f"({UNREADABLE})")
         return s
     s.found.append(f"rx-vlan-offload (VLAN tag stripping): {_onoff(state)}")
     stag = offloads.features.get("rx-vlan-stag-hw-parse")
@@ -486,8 +505,8 @@ def gro_section(ifname: str, offloads: Offloads) -> Section:
         if state[0] and name != "rx-gro-list":
             (fixed_on if state[1] else to_turn_off).append(name)
     if not s.found:
-        s.worse(UNKNOWN)
-        s.found.append("GRO and LRO: could not be read")
+        s.could_not_check("GRO and LRO", UNREADABLE,
+                          f"GRO and LRO: could not be read ({UNREADABLE})")
         return s
     if to_turn_off or fixed_on:
         s.found.append("merging is on: the capture sees fewer, larger packets than the wire "
@@ -541,9 +560,9 @@ def fanout_section(cfg: CaptureConfig, up: bool) -> Section:
                  for f, word in fanout.FLAGS.items()}
         configured = try_fanout(ifname, fanout.type_word(cfg.fanout.mode, cfg.fanout.flags))
     except PermissionError:
-        s.worse(UNKNOWN)
-        s.found.append("could not probe: AF_PACKET sockets need CAP_NET_RAW (run doctor as "
-                       "root)")
+        s.could_not_check("the fanout modes and flags this kernel accepts",
+                          NEEDS_CAP_NET_RAW, "could not probe: AF_PACKET sockets need "
+                          "CAP_NET_RAW (run doctor as root or with CAP_NET_RAW)")
         return s
     for m, reason in modes.items():
         s.found.append(f"mode {m}: {'supported' if reason is None else 'refused: ' + reason}")
@@ -616,22 +635,50 @@ def examine(config: Config) -> tuple[str, list[Section]]:
     return headline, sections
 
 
+def summary(sections: list[Section]) -> list[str]:
+    """The report's last lines: what to change, and what could not be checked and why.
+    "nothing to change" only when every check was made."""
+    lines = []
+    to_change = [s.title for s in sections if s.status == CHANGE]
+    if to_change:
+        lines.append(f"to change: {', '.join(to_change)}")
+    unchecked: dict[str, list[str]] = {}
+    for s in sections:
+        for what, why in s.unchecked:
+            unchecked.setdefault(why, []).append(what)
+    for why, what in unchecked.items():
+        lines.append(f"not checked: {', '.join(what)} ({why})")
+    return lines or ["nothing to change"]
+
+
+def exit_status(sections: list[Section]) -> int:
+    """1 when something should change; else 77 when checks needed CAP_NET_RAW (and that
+    alone kept them from being made), 69 when others could not be made; else 0."""
+    if any(s.status == CHANGE for s in sections):
+        return EXIT_CHANGE
+    why = {why for s in sections for _, why in s.unchecked}
+    if not why:
+        return 0
+    return EXIT_NOPERM if why == {NEEDS_CAP_NET_RAW} else EXIT_UNAVAILABLE
+
+
 def render(headline: str, sections: list[Section]) -> str:
-    """The report as text: the headline, then each section and its advice."""
+    """The report as text: the headline, then each section and its advice, then the
+    summary."""
     lines = [headline]
     for s in sections:
         lines += ["", f"[{s.status}] {s.title}"]
         lines += [f"    {text}" for text in s.found]
         lines += [f"    -> {text}" for text in s.advice]
-    to_change = [s.title for s in sections if s.status == CHANGE]
     lines.append("")
-    lines.append(f"to change: {', '.join(to_change)}" if to_change else "nothing to change")
+    lines += summary(sections)
     return "\n".join(lines) + "\n"
 
 
 def run_doctor(cfg: Config, out: TextIO) -> int:
     """Write the report for the capture doctor examines (its interface must exist) on
-    `out`; return the exit status: 1 when a section says change, else 0."""
+    `out`; return the exit status (see exit_status; 69 when there is no such
+    interface)."""
     try:
         headline, sections = examine(cfg)
     except OSError as e:
@@ -639,8 +686,8 @@ def run_doctor(cfg: Config, out: TextIO) -> int:
             print(f"fanoutd doctor: interface {capture_to_examine(cfg).interface!r} does "
                   f"not exist",
                   file=sys.stderr)
-            return 69
+            return EXIT_UNAVAILABLE
         raise
     out.write(render(headline, sections))
     out.flush()
-    return 1 if any(s.status == CHANGE for s in sections) else 0
+    return exit_status(sections)

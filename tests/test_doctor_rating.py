@@ -1,4 +1,5 @@
-"""doctor's rating of a ring at line rate: pure arithmetic on crafted geometries and speeds.
+"""doctor's ratings: a ring at line rate (pure arithmetic on crafted geometries and
+speeds), and the summary and exit status of crafted sections.
 
 The expected numbers are worked out here from the kernel's layout of a TPACKET_V3 block
 (a 48-byte block header; each packet at 82 bytes into its slot, stored without its 4-byte
@@ -11,7 +12,7 @@ import math
 import pytest
 
 from fanoutd import doctor
-from fanoutd.doctor import CHANGE, NOTE, OK
+from fanoutd.doctor import CHANGE, NEEDS_CAP_NET_RAW, NOTE, OK, UNREADABLE, Section
 from fanoutd.ring import RingGeometry
 
 MAX_BLOCK = 4 << 20  # 4 KiB pages, MAX_ORDER 10
@@ -129,3 +130,48 @@ def test_a_link_without_a_speed_is_rated_at_the_assumed_speed(monkeypatch):
     assert source == "assumed: veth9 reports no link speed"
     monkeypatch.setattr(doctor, "link_speed_mbps", lambda ifname: 25_000)
     assert doctor.line_rate("eth0") == (25_000, "the speed eth0 reports")
+
+
+def section(title: str, status: str = OK, unchecked: tuple = ()) -> Section:
+    s = Section(title)
+    s.worse(status)
+    for what, why in unchecked:
+        s.could_not_check(what, why, f"{what}: could not be checked")
+    return s
+
+
+def test_everything_checked_and_fine():
+    found = [section("A"), section("B", NOTE)]
+    assert doctor.summary(found) == ["nothing to change"]
+    assert doctor.exit_status(found) == 0
+
+
+def test_something_to_change():
+    found = [section("A", CHANGE), section("B", NOTE), section("C", CHANGE)]
+    assert doctor.summary(found) == ["to change: A, C"]
+    assert doctor.exit_status(found) == 1
+
+
+def test_unchecked_for_lack_of_cap_net_raw_is_not_nothing_to_change():
+    found = [section("A", NOTE, [("the a probe", NEEDS_CAP_NET_RAW)]),
+             section("B", unchecked=[("the b probe", NEEDS_CAP_NET_RAW)])]
+    assert found[0].status == NOTE  # a note outranks unknown in the section's status...
+    assert doctor.summary(found) == [  # ... but the summary still names what was not checked
+        f"not checked: the a probe, the b probe ({NEEDS_CAP_NET_RAW})"]
+    assert "run doctor as root or with CAP_NET_RAW" in NEEDS_CAP_NET_RAW
+    assert doctor.exit_status(found) == 77
+
+
+def test_unchecked_for_another_reason():
+    found = [section("A", unchecked=[("the a probe", NEEDS_CAP_NET_RAW)]),
+             section("B", unchecked=[("B", UNREADABLE)])]
+    assert doctor.summary(found) == [f"not checked: the a probe ({NEEDS_CAP_NET_RAW})",
+                                     f"not checked: B ({UNREADABLE})"]
+    assert doctor.exit_status(found) == 69  # running as root alone would not do
+    assert doctor.exit_status(found[1:]) == 69
+
+
+def test_change_and_unchecked():
+    found = [section("A", CHANGE), section("B", unchecked=[("b", NEEDS_CAP_NET_RAW)])]
+    assert doctor.summary(found) == ["to change: A", f"not checked: b ({NEEDS_CAP_NET_RAW})"]
+    assert doctor.exit_status(found) == 1

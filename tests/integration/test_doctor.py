@@ -4,6 +4,7 @@ the advice when something should change, and the exit statuses."""
 import ast
 import mmap
 import re
+import subprocess
 from pathlib import Path
 
 import netlab
@@ -25,6 +26,11 @@ def sections(report: str) -> dict[str, tuple[str, str]]:
     for m in re.finditer(r"^\[(\w+)\] (.+)\n((?:    .*\n)*)", report, re.M):
         found[m.group(2)] = (m.group(1), m.group(3))
     return found
+
+
+def summary(report: str) -> list[str]:
+    """The report's last lines, after its last section."""
+    return report.rstrip("\n").rsplit("\n\n", 1)[1].splitlines()
 
 
 def internal_names() -> set[str]:
@@ -170,6 +176,45 @@ def test_doctor_small_ring_is_a_change(ns):
             "(--block-size 524288 --block-count 205) for 50 ms at line rate") in body
     assert "to change: Ring and page size" in report.splitlines()[-1]
     assert_no_internal_names(report)
+
+
+# Run as nobody with no capability in any set: what a user without CAP_NET_RAW gets.
+UNPRIVILEGED = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                "--inh-caps=-all", "--bounding-set=-all")
+
+
+def doctor_unprivileged(ns: netlab.NetNS, *args: str) -> subprocess.CompletedProcess:
+    argv = ["ip", "netns", "exec", ns.name, *UNPRIVILEGED, *netlab.cli_argv(), "doctor",
+            "--interface", "cap0", "--workers", "2", *args]
+    return subprocess.run(argv, cwd=netlab.REPO, env=netlab.base_env(), capture_output=True,
+                          text=True, timeout=30, stdin=subprocess.DEVNULL, check=False)
+
+
+def test_doctor_without_cap_net_raw_says_what_it_could_not_check(ns):
+    """The probes need CAP_NET_RAW. Without it doctor must not say "nothing to change": it
+    names what it could not check and why, and exits 77 (EX_NOPERM), or 1 when something
+    it could check should change."""
+    ns.exec("ethtool", "-K", "cap0", "gro", "off")  # nothing to change but the unchecked
+    proc = doctor_unprivileged(ns)
+    report = proc.stdout
+    assert proc.returncode == 77, report + proc.stderr
+    assert summary(report) == [
+        "not checked: the ring's test allocation, the fanout modes and flags this kernel "
+        "accepts (AF_PACKET sockets need CAP_NET_RAW: run doctor as root or with "
+        "CAP_NET_RAW)"]
+    found = sections(report)
+    assert tuple(found) == TITLES, report
+    status, body = found["Kernel fanout support"]
+    assert status == "unknown" and "need CAP_NET_RAW" in body, report
+    assert "could not test-allocate the ring" in found["Ring and page size"][1]
+    assert_no_internal_names(report)
+
+    proc = doctor_unprivileged(ns, "--block-size", "4096", "--block-count", "4")
+    report = proc.stdout
+    assert proc.returncode == 1, report + proc.stderr
+    lines = summary(report)
+    assert len(lines) == 2 and lines[0] == "to change: Ring and page size", lines
+    assert lines[1].startswith("not checked: the ring's test allocation"), lines
 
 
 def test_doctor_missing_interface(ns):
