@@ -8,6 +8,10 @@ a real ring.
 """
 
 import math
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -175,3 +179,16 @@ def test_change_and_unchecked():
     found = [section("A", CHANGE), section("B", unchecked=[("b", NEEDS_CAP_NET_RAW)])]
     assert doctor.summary(found) == ["to change: A", f"not checked: b ({NEEDS_CAP_NET_RAW})"]
     assert doctor.exit_status(found) == 1
+
+
+def test_doctor_exit_statuses_are_documented():
+    """Every status doctor returns is in its --help and in the README's exit-status table."""
+    root = Path(__file__).resolve().parent.parent
+    help_text = subprocess.run([sys.executable, "-m", "fanoutd", "doctor", "--help"],
+                               capture_output=True, text=True, timeout=30, check=True,
+                               cwd=root).stdout
+    help_text = " ".join(help_text.split())
+    table = dict(re.findall(r"^\| (\d+) \| (.*) \|$", (root / "README.md").read_text(), re.M))
+    for status in (doctor.EXIT_CHANGE, doctor.EXIT_UNAVAILABLE, doctor.EXIT_NOPERM):
+        assert re.search(rf"\b{status} [a-z]", help_text), (status, help_text)
+        assert "doctor" in table[str(status)], (status, table)
