@@ -296,6 +296,17 @@ def test_alert_rules_are_labelled_and_annotated():
             assert f"$labels.{label}" in text, f"{rule['alert']} does not name {label}"
 
 
+def test_every_alert_rule_has_its_own_comment():
+    """Each rule is introduced by a comment just above it, so a comment that drifts onto
+    the wrong rule leaves the rule it explains without one."""
+    lines = RULES.read_text().splitlines()
+    for i, line in enumerate(lines):
+        match = re.match(r"\s*- alert: (\w+)", line)
+        if match:
+            assert i and lines[i - 1].lstrip().startswith("#"), \
+                f"{match.group(1)} has no comment directly above it"
+
+
 # --------------------------------------------------------------------------- Grafana
 
 
