@@ -377,17 +377,70 @@ def test_dashboard_legends_name_real_labels():
         assert set(re.findall(r"\{\{\s*(\w+)\s*\}\}", fmt)) <= labels, fmt
 
 
+def substitute(expr: str) -> str:
+    """A dashboard query as PromQL, with Grafana's variables replaced by what Grafana would
+    substitute (every value selected)."""
+    expr = expr.replace("$__rate_interval", "5m").replace("$__range", "1h")
+    return re.sub(r"\$\{?\w+\}?", ".*", expr)  # $instance, ... inside =~ matchers
+
+
 @needs_promtool
 def test_dashboard_queries_parse(tmp_path):
     """Every dashboard query is valid PromQL: promtool parses them as recording rules,
     with Grafana's variables replaced by what Grafana would substitute."""
-    def substitute(expr: str) -> str:
-        expr = expr.replace("$__rate_interval", "5m").replace("$__range", "1h")
-        return re.sub(r"\$\{?\w+\}?", ".*", expr)  # $instance, ... inside =~ matchers
-
     rules = [{"record": f"fanoutd_dashboard:query{i}", "expr": substitute(expr)}
              for i, (_where, expr) in enumerate(dashboard_queries(dashboard()))]
     path = tmp_path / "dashboard.rules.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     res = run(PROMTOOL, "check", "rules", path)
+    assert res.returncode == 0, describe(res)
+
+
+def test_count_panels_show_whole_numbers():
+    """A stat or table panel that shows a count (a plain number, no rate) shows it whole:
+    decimals 0, and increase(), which extrapolates to the edges of its range (3 restarts
+    can read 3.07), rounded."""
+    counts = []
+    for panel in all_panels(dashboard()["panels"]):
+        if panel["type"] not in ("stat", "table"):
+            continue
+        defaults = panel["fieldConfig"]["defaults"]
+        exprs = [target["expr"] for target in panel["targets"]]
+        if defaults.get("unit", "short") not in ("short", "none") or any(
+                re.search(r"\b(i?rate|deriv)\(", e) for e in exprs):
+            continue  # a ratio, a rate or a size: not a count
+        counts.append(panel["title"])
+        assert defaults.get("decimals") == 0, f"panel {panel['title']!r}: decimals 0"
+        for expr in exprs:
+            if "increase(" in expr:
+                assert re.fullmatch(r"round\(.*\)", expr.strip(), re.S), \
+                    f"panel {panel['title']!r}: round() the increase(): {expr}"
+    assert {"Workers up", "Worker slots", "Worker restarts"} <= set(counts)
+
+
+@needs_promtool
+def test_restarts_stat_reads_whole_restarts(tmp_path):
+    """Over a range in which a worker restarted 3 times the Worker restarts stat gives 3,
+    where increase() alone gives 3 x 38.5 / 38 = 3.04 (it extends the last 38 minutes of
+    samples by half an interval towards the range's end)."""
+    panel = next(p for p in all_panels(dashboard()["panels"])
+                 if p["type"] == "stat" and p["title"] == "Worker restarts")
+    expr = substitute(panel["targets"][0]["expr"])
+    test = {
+        "rule_files": [],
+        "evaluation_interval": "1m",
+        "tests": [{
+            "interval": "1m",
+            "input_series": [{
+                "series": 'fanoutd_worker_restarts_total{job="fanoutd",instance="a:9740",'
+                          'interface="eth0",worker="0"}',
+                "values": "0x5 1x10 2x10 3x10",  # 0 to 38m: restarts at 6, 17 and 28m
+            }],
+            "promql_expr_test": [{"expr": expr, "eval_time": "40m",
+                                  "exp_samples": [{"labels": "{}", "value": 3}]}],
+        }],
+    }
+    path = tmp_path / "restarts.test.yml"
+    path.write_text(yaml.safe_dump(test))
+    res = run(PROMTOOL, "test", "rules", path, cwd=tmp_path)
     assert res.returncode == 0, describe(res)
