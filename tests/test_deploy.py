@@ -99,6 +99,14 @@ def test_exported_names_are_what_the_collector_serves():
     assert served == exported_metric_names()
 
 
+def test_readme_metrics_table_lists_every_metric():
+    table = (ROOT / "README.md").read_text().split("## Metrics", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"^\| `(\w+)` \|", table, re.M))
+    assert listed == exported_metric_names(), (
+        f"not in the README: {exported_metric_names() - listed}, "
+        f"not served: {listed - exported_metric_names()}")
+
+
 PROMQL_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool",
                    "and", "or", "unless", "offset", "atan2", "inf", "nan"}
 _STRING = re.compile(r'"(?:\\.|[^"\\])*"|\'(?:\\.|[^\'\\])*\'|`[^`]*`')
