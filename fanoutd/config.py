@@ -55,7 +55,7 @@ class CurveConfig:
 class PublishConfig:
     endpoint: str = "tcp://127.0.0.1:7440"
     sndhwm: int = 256
-    format: str = "rows"  # wire format of batches: columns (version 2) or rows (1)
+    format: str = "columns"  # wire format of batches: columns (version 2) or rows (1)
     curve: CurveConfig = field(default_factory=CurveConfig)
 
 

@@ -6,7 +6,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from fanoutd.client import Record, format_ip, format_mac, format_tcp_flags
+from fanoutd.batch import Record, format_ip, format_mac, format_tcp_flags
 
 PROTO_NAMES = {1: "ICMP", 6: "TCP", 17: "UDP", 58: "ICMP6", 132: "SCTP", 33: "DCCP",
                136: "UDPLite", 47: "GRE", 50: "ESP", 51: "AH"}

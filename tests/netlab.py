@@ -38,6 +38,8 @@ import msgpack
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
+from fanoutd.wire import decode_column
+
 REPO = Path(__file__).resolve().parent.parent
 CLONE_NEWNET = 0x40000000
 INJ_MAC = "02:00:00:00:00:f1"  # fixed MACs: frames to MAC_B are never "to us" on cap0
@@ -531,7 +533,9 @@ def run_cli(ns: NetNS | None, *args: str, timeout: float = 30.0,
 class Capture:
     """What a Subscriber received: whole batches (with their topics) and flattened rows.
 
-    Each row is dict(zip(batch["fields"], row)) plus "worker" and "seq" of its batch.
+    Each row is dict(zip(batch["fields"], row)) plus "worker" and "seq" of its batch. A
+    version 2 batch (columns) gets "fields" and "packets" too, read from its columns by
+    wire.decode_column, the plain reader of the format.
     """
 
     batches: list[dict] = field(default_factory=list)
@@ -541,6 +545,11 @@ class Capture:
     arrived: list[float] = field(default_factory=list)  # time.monotonic() of each batch
 
     def add(self, topic: str, batch: dict) -> None:
+        if batch.get("v") == 2:  # columns: give it the rows of version 1 as well
+            n, columns = batch["n"], batch["columns"]
+            batch["fields"] = list(columns)
+            batch["packets"] = [list(r) for r in zip(*(decode_column(c, n)
+                                                       for c in columns.values()), strict=True)]
         self.topics.append(topic)
         self.batches.append(batch)
         self.arrived.append(time.monotonic())

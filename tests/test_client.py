@@ -11,8 +11,9 @@ import msgpack
 import pytest
 import zmq
 
-from fanoutd.client import HELLO, Batch, Record, SeqTracker, StreamKey, Subscriber
+from fanoutd.client import Batch, Record, SeqTracker, StreamKey, Subscriber
 from fanoutd.views import DisplayFilter, packet_line, parse_host, parse_proto
+from fanoutd.wire import HELLO
 
 FIELDS = ["ts_ns", "len", "caplen", "ifindex", "rxhash", "pkttype", "eth_dst", "eth_src",
           "ethertype", "vlan", "src", "dst", "proto", "ttl", "sport", "dport", "tcp_flags",

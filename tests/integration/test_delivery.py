@@ -1,4 +1,5 @@
-"""Every injected frame is summarised exactly once, and correctly (wire-format v1).
+"""Every injected frame is summarised exactly once, and correctly, in both wire-format
+versions (2: columns, the default; 1: rows).
 
 Each frame carries a unique Ethernet source MAC (frames.mac(i)), so a row can be matched
 to the frame it summarises even when decoding stopped early (the truncated IPv4 frame).
@@ -123,11 +124,15 @@ def _mismatches(case: Case, row: dict, ifindex: int, now_ns: int) -> list[str]:
     return bad
 
 
-def check_batches(cap: netlab.Capture, workers: int) -> None:
-    """Batch envelope: v1, iface, topic, all v1 fields, per-worker seq 0.. with no gaps."""
+def check_batches(cap: netlab.Capture, workers: int, version: int) -> None:
+    """Batch envelope: version, iface, topic, epoch, all v1 fields, per-worker seq 0..
+    with no gaps."""
     seqs: dict[int, list[int]] = {}
     for topic, batch in zip(cap.topics, cap.batches, strict=True):
-        assert batch["v"] == 1, batch
+        assert batch["v"] == version, batch
+        assert isinstance(batch["epoch"], int) and batch["epoch"] > 0, batch["epoch"]
+        if version == 2:
+            assert batch["n"] == len(batch["packets"])
         assert batch["iface"] == "cap0", batch["iface"]
         assert 0 <= batch["worker"] < workers, batch["worker"]
         assert topic == f"pkt.cap0.{batch['worker']}", (topic, batch["worker"])
@@ -141,14 +146,16 @@ def check_batches(cap: netlab.Capture, workers: int) -> None:
     assert not cap.other, f"unexpected messages: {cap.other[:3]}"
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize(("workers", "wire_format"), [(1, "columns"), (2, "columns"),
+                                                     (2, "rows")])
 def test_every_frame_summarised_once_and_correctly(ns, injector, start_daemon, subscribe,
-                                                    workers):
+                                                    workers, wire_format):
     cases = mixed_cases(300)
     by_mac = {c.expect["eth_src"]: c for c in cases}
     assert len(by_mac) == len(cases)
     # No defrag (the default flag): lone IPv4 fragments would be held for reassembly.
-    daemon = start_daemon(workers=workers, fanout="hash", fanout_flags="none")
+    daemon = start_daemon(workers=workers, fanout="hash", fanout_flags="none",
+                          extra=["--format", wire_format])
     sub = subscribe(daemon)
 
     injector.send_all(c.frame for c in cases)
@@ -156,7 +163,7 @@ def test_every_frame_summarised_once_and_correctly(ns, injector, start_daemon, s
                       detail=daemon.logs)
     now_ns = time.time_ns()
 
-    check_batches(cap, workers)
+    check_batches(cap, workers, 2 if wire_format == "columns" else 1)
     seen: dict[bytes, int] = {}
     for row in cap.rows:
         seen[row["eth_src"]] = seen.get(row["eth_src"], 0) + 1

@@ -1,0 +1,223 @@
+"""Consumer benchmark: what a Python subscriber spends per packet, by wire format and API.
+
+    sudo .venv/bin/python benchmarks/consumer_bench.py [--packets 300000] [--runs 5]
+
+Real batches first: the daemon runs on the veth cap0 of a network namespace this script
+creates (a unique name, deleted in a `finally`), once with `--format columns` (version 2)
+and once with `--format rows` (version 1), and frames injected raw on inj0 (64-byte
+IPv4/UDP, many flows, to a MAC address that is not cap0's) fill its ring blocks; a plain
+ZeroMQ SUB socket records every message it publishes. Then, for each consumer, the
+recorded messages are sent again over a local ipc PUSH socket to a consumer process pinned
+to one CPU, which receives them and does its work; its CPU time (user + system) divided by
+the rows is the figure. Each consumer runs --runs times, interleaved; the median, min and
+max are printed.
+
+Consumers (`v2` = version 2 batches, `v1` = version 1):
+- v2 columns(): receive, Batch, sum of `len` through numpy (`columns()["len"].sum()`);
+- v2 to_arrow(): receive, Batch, a pyarrow RecordBatch of every column;
+- v2 to_polars(): the same as a polars DataFrame;
+- v2 records(): receive, Batch, a Record per row reading one field (`rec.len`);
+- v1 records(): the same on version 1 batches (what a subscriber paid before version 2);
+- v1 unpack only: receive and msgpack.unpackb, nothing else (the floor of version 1).
+It also prints the bytes on the wire per row of both versions, for 64-byte IPv4/UDP,
+IPv4/TCP and IPv6/UDP frames.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+import frames as F  # noqa: E402
+import msgpack  # noqa: E402
+import netlab  # noqa: E402
+import zmq  # noqa: E402
+
+from fanoutd.batch import Batch  # noqa: E402
+
+CONSUMER_CPU = 1
+CONSUMERS = ("v2 columns()", "v2 to_arrow()", "v2 to_polars()", "v2 records()",
+             "v1 records()", "v1 unpack only")
+DST_MAC = bytes.fromhex("0200000000b2")  # not cap0's: captured, then discarded
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--packets", type=int, default=300_000,
+                   help="frames injected per format (default %(default)s)")
+    p.add_argument("--runs", type=int, default=5, help="runs per consumer (default 5)")
+    p.add_argument("--repeat", type=int, default=5,
+                   help="times the recorded batches are sent per run, after one pass that "
+                        "warms the consumer up and is not counted (default %(default)s)")
+    return p.parse_args(argv)
+
+
+def frame(i: int, kind: str = "udp4") -> bytes:
+    src = f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}"
+    if kind == "tcp4":
+        body = F.tcp4_frame(src=src, sport=1024 + i % 60000, flags=0x10)
+    elif kind == "udp6":
+        body = F.eth(DST_MAC, F.MAC_A, 0x86DD, F.ipv6(f"2001:db8::{i & 0xFFFF:x}",
+                                                       "2001:db8::1", 17,
+                                                       F.udp(1024 + i % 60000, 53)))
+    else:
+        body = F.udp4_frame(src=src, sport=1024 + i % 60000)
+    body = DST_MAC + body[6:]
+    return body + bytes(max(0, 60 - len(body)))  # 64 bytes on the wire with the FCS
+
+
+def record(fmt: str, packets: int, kind: str = "udp4") -> list[list[bytes]]:
+    """Run the daemon with --format fmt, inject `packets` frames, return every batch
+    message it published (topic, body)."""
+    with netlab.NetNS("fo-cb") as ns, netlab.workdir() as wd:
+        # The default ring, with a long block timeout: blocks are handed over full, as
+        # under load.
+        config = wd / "fanoutd.yaml"
+        config.write_text(f"workers: 1\npublish: {{format: {fmt}}}\n"
+                          "ring: {block_timeout_ms: 200}\n")
+        with netlab.Daemon(ns, wd, workers=1, config=config) as daemon:
+            daemon.wait_ready(30)
+            ctx = zmq.Context()
+            sub = ctx.socket(zmq.SUB)
+            sub.setsockopt(zmq.RCVHWM, 0)
+            sub.subscribe(b"pkt.")
+            sub.subscribe(b"fanoutd.hello")
+            sub.connect(daemon.endpoint)
+            if not sub.poll(10_000) or sub.recv_multipart() != [b"fanoutd.hello"]:
+                raise RuntimeError("no welcome from the daemon\n" + daemon.logs())
+            messages: list[list[bytes]] = []
+            rows = 0
+            with netlab.Injector(ns) as inj:
+                for n in range(packets):
+                    inj.send(frame(n, kind))
+                    while sub.poll(0):
+                        msg = sub.recv_multipart()
+                        rows += Batch.from_message(*msg).n
+                        messages.append(msg)
+            deadline = time.monotonic() + 10
+            while rows < packets and time.monotonic() < deadline:
+                if sub.poll(200):
+                    msg = sub.recv_multipart()
+                    rows += Batch.from_message(*msg).n
+                    messages.append(msg)
+            sub.close(0)
+            ctx.term()
+    if rows < packets:
+        raise RuntimeError(f"{fmt}: {rows} of {packets} rows arrived")
+    return messages
+
+
+def consume(name: str, endpoint: str, warmup: int, count: int, result) -> None:
+    """The consumer process: receive `warmup` messages, then `count` more, timed, and do
+    `name`'s work with each."""
+    os.sched_setaffinity(0, {CONSUMER_CPU})
+    import numpy  # noqa: F401  (imported before the clock starts, as a real consumer has)
+    import polars  # noqa: F401
+    import pyarrow  # noqa: F401
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PULL)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    sock.connect(endpoint)
+    total = rows = 0
+    start = 0.0
+    for i in range(warmup + count):
+        if i == warmup:  # steady state: start the clock
+            rows, start = 0, time.process_time()
+        topic, body = sock.recv_multipart()
+        if name == "v1 unpack only":
+            rows += len(msgpack.unpackb(body)["packets"])
+            continue
+        batch = Batch.from_message(topic, body)
+        rows += batch.n
+        if name == "v2 columns()":
+            total += int(batch.columns()["len"].sum())
+        elif name == "v2 to_arrow()":
+            total += batch.to_arrow().num_rows
+        elif name == "v2 to_polars()":
+            total += batch.to_polars().height
+        else:
+            for rec in batch.records():
+                total += rec.len
+    result.put((time.process_time() - start, rows))
+    sock.close(0)
+    ctx.term()
+
+
+def run_consumer(name: str, messages: list[list[bytes]], repeat: int) -> float:
+    """ns of the consumer's CPU per row, over `repeat` passes of the messages after one
+    pass of warm-up."""
+    with tempfile.TemporaryDirectory(prefix="fo-cb-") as d:
+        endpoint = f"ipc://{d}/replay"
+        ctx = zmq.Context()
+        push = ctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.SNDHWM, 0)
+        push.bind(endpoint)
+        mpctx = mp.get_context("fork")
+        result = mpctx.Queue()
+        proc = mpctx.Process(target=consume, args=(name, endpoint, len(messages),
+                                                   repeat * len(messages), result))
+        proc.start()
+        try:
+            for _ in range(1 + repeat):
+                for msg in messages:
+                    push.send_multipart(msg)
+            seconds, rows = result.get(timeout=300)
+        finally:
+            netlab.stop_child_process(proc)
+            push.close(0)
+            ctx.term()
+    return seconds * 1e9 / rows
+
+
+def wire_bytes(messages: list[list[bytes]]) -> float:
+    rows = sum(Batch.from_message(*m).n for m in messages)
+    return sum(len(m[1]) for m in messages) / rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("consumer_bench: needs root (network namespaces, AF_PACKET)", file=sys.stderr)
+        return 77
+    print(f"recording {args.packets:,} frames per format from a real daemon ...", flush=True)
+    recorded = {fmt: record(fmt, args.packets) for fmt in ("columns", "rows")}
+    for fmt, msgs in recorded.items():
+        rows = sum(Batch.from_message(*m).n for m in msgs)
+        print(f"  {fmt}: {len(msgs)} batches, {rows / len(msgs):,.0f} rows per batch")
+    results: dict[str, list[float]] = {name: [] for name in CONSUMERS}
+    for run in range(args.runs):
+        for name in CONSUMERS:
+            msgs = recorded["columns" if name.startswith("v2") else "rows"]
+            results[name].append(run_consumer(name, msgs, args.repeat))
+        print(f"  run {run + 1}/{args.runs} done", flush=True)
+    print(f"\nconsumer CPU per row (ns), {args.runs} runs, consumer on CPU {CONSUMER_CPU}:")
+    print(f"{'consumer':<18} {'median':>8} {'min':>8} {'max':>8}")
+    for name, values in results.items():
+        print(f"{name:<18} {statistics.median(values):>8.1f} {min(values):>8.1f} "
+              f"{max(values):>8.1f}")
+    base = statistics.median(results["v1 records()"])
+    for name in ("v2 columns()", "v2 to_arrow()", "v2 records()"):
+        print(f"v1 records() / {name}: {base / statistics.median(results[name]):.1f}x")
+    print("\nbytes on the wire per row (64-byte frames, full blocks):")
+    print(f"  IPv4/UDP: rows {wire_bytes(recorded['rows']):.1f}, "
+          f"columns {wire_bytes(recorded['columns']):.1f}")
+    for kind, label in (("tcp4", "IPv4/TCP"), ("udp6", "IPv6/UDP")):
+        n = min(args.packets, 50_000)
+        rows_b = wire_bytes(record("rows", n, kind))
+        cols_b = wire_bytes(record("columns", n, kind))
+        print(f"  {label}: rows {rows_b:.1f}, columns {cols_b:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
