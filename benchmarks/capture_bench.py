@@ -10,7 +10,8 @@ IP address configured, so nothing answers; each burst is bounded in count (--pac
 in time (--seconds). On CPU 1 one capture tool at a time reads cap0:
 
 * fanoutd with 1 and with 2 workers, and a subscriber process (fanoutd.client.Subscriber,
-  pinned to CPU 0 beside trafgen) draining the published stream;
+  pinned to CPU 0 beside trafgen) draining the published stream (version 2 batches,
+  counting each batch's rows);
 * tcpdump -w /dev/null;
 * scapy's sniff(), counting packets in a callback, bounded in time.
 
@@ -418,9 +419,8 @@ def subscriber_main(endpoint: str, ctl: Connection, progress, ready, latency: bo
             for batch in sub.batches(timeout=0.05):
                 if latency:
                     now = time.time_ns()
-                    i = batch.fields.index("ts_ns")
-                    lat.extend(now - row[i] for row in batch.packets)
-                rows += len(batch.packets)
+                    lat.extend((now - batch.columns()["ts_ns"]).tolist())
+                rows += batch.n
                 batches += 1
                 progress.value = rows
                 if ctl.poll():

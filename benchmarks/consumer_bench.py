@@ -7,10 +7,10 @@ creates (a unique name, deleted in a `finally`), once with `--format columns` (v
 and once with `--format rows` (version 1), and frames injected raw on inj0 (64-byte
 IPv4/UDP, many flows, to a MAC address that is not cap0's) fill its ring blocks; a plain
 ZeroMQ SUB socket records every message it publishes. Then, for each consumer, the
-recorded messages are sent again over a local ipc PUSH socket to a consumer process pinned
-to one CPU, which receives them and does its work; its CPU time (user + system) divided by
-the rows is the figure. Each consumer runs --runs times, interleaved; the median, min and
-max are printed.
+recorded messages are published again from a local ipc XPUB socket to a consumer process
+pinned to one CPU, a fanoutd.client.Subscriber, which receives them and does its work; its
+CPU time (user + system) divided by the rows is the figure, after one pass of warm-up.
+Each consumer runs --runs times, interleaved; the median, min and max are printed.
 
 Consumers (`v2` = version 2 batches, `v1` = version 1):
 - v2 columns(): receive, Batch, sum of `len` through numpy (`columns()["len"].sum()`);
@@ -43,6 +43,8 @@ import netlab  # noqa: E402
 import zmq  # noqa: E402
 
 from fanoutd.batch import Batch  # noqa: E402
+from fanoutd.client import Subscriber  # noqa: E402
+from fanoutd.wire import SUBSCRIBE_HELLO  # noqa: E402
 
 CONSUMER_CPU = 1
 CONSUMERS = ("v2 columns()", "v2 to_arrow()", "v2 to_polars()", "v2 records()",
@@ -116,65 +118,83 @@ def record(fmt: str, packets: int, kind: str = "udp4") -> list[list[bytes]]:
     return messages
 
 
-def consume(name: str, endpoint: str, warmup: int, count: int, result) -> None:
-    """The consumer process: receive `warmup` messages, then `count` more, timed, and do
-    `name`'s work with each."""
+def consume(name: str, endpoint: str, warmup: int, count: int, warm, result) -> None:
+    """The consumer process: a fanoutd.client.Subscriber on the replay endpoint. It takes
+    `warmup` batches, says so (`warm`: the timed ones are sent only then, so none is
+    received before the clock starts), then `count` more, timed, doing `name`'s work with
+    each."""
     os.sched_setaffinity(0, {CONSUMER_CPU})
     import numpy  # noqa: F401  (imported before the clock starts, as a real consumer has)
     import polars  # noqa: F401
     import pyarrow  # noqa: F401
 
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.PULL)
-    sock.setsockopt(zmq.RCVHWM, 0)
-    sock.connect(endpoint)
-    total = rows = 0
+    if os.environ.get("CB_TUNE"):
+        from fanoutd.memory import keep_large_allocations
+        keep_large_allocations()
+    total = rows = seen = 0
     start = 0.0
-    for i in range(warmup + count):
-        if i == warmup:  # steady state: start the clock
-            rows, start = 0, time.process_time()
-        topic, body = sock.recv_multipart()
-        if name == "v1 unpack only":
-            rows += len(msgpack.unpackb(body)["packets"])
-            continue
-        batch = Batch.from_message(topic, body)
-        rows += batch.n
-        if name == "v2 columns()":
-            total += int(batch.columns()["len"].sum())
-        elif name == "v2 to_arrow()":
-            total += batch.to_arrow().num_rows
-        elif name == "v2 to_polars()":
-            total += batch.to_polars().height
+    with Subscriber(endpoint, rcvhwm=0) as sub:
+        if name == "v1 unpack only":  # below the client: the bare socket and msgpack
+            while seen < warmup + count:
+                frames = sub.sock.recv_multipart(copy=False)
+                if len(frames) != 2:
+                    continue
+                rows += len(msgpack.unpackb(frames[1].buffer)["packets"])
+                seen += 1
+                if seen == warmup:
+                    warm.set()
+                    rows, start = 0, time.process_time()
         else:
-            for rec in batch.records():
-                total += rec.len
-    result.put((time.process_time() - start, rows))
-    sock.close(0)
-    ctx.term()
+            for batch in sub.batches():
+                rows += batch.n
+                if name == "v2 columns()":
+                    total += int(batch.columns()["len"].sum())
+                elif name == "v2 to_arrow()":
+                    total += batch.to_arrow().num_rows
+                elif name == "v2 to_polars()":
+                    total += batch.to_polars().height
+                else:
+                    for rec in batch.records():
+                        total += rec.len
+                seen += 1
+                if seen == warmup:  # steady state: start the clock
+                    warm.set()
+                    rows, start = 0, time.process_time()
+                if seen == warmup + count:
+                    break
+        result.put((time.process_time() - start, rows))
 
 
 def run_consumer(name: str, messages: list[list[bytes]], repeat: int) -> float:
     """ns of the consumer's CPU per row, over `repeat` passes of the messages after one
-    pass of warm-up."""
+    pass of warm-up. The messages go out of an XPUB socket, as the daemon's do, once the
+    subscriber's subscriptions (its welcome subscription last) have arrived."""
     with tempfile.TemporaryDirectory(prefix="fo-cb-") as d:
         endpoint = f"ipc://{d}/replay"
         ctx = zmq.Context()
-        push = ctx.socket(zmq.PUSH)
-        push.setsockopt(zmq.SNDHWM, 0)
-        push.bind(endpoint)
+        pub = ctx.socket(zmq.XPUB)
+        pub.setsockopt(zmq.SNDHWM, 0)
+        pub.bind(endpoint)
         mpctx = mp.get_context("fork")
         result = mpctx.Queue()
+        warm = mpctx.Event()
         proc = mpctx.Process(target=consume, args=(name, endpoint, len(messages),
-                                                   repeat * len(messages), result))
+                                                   repeat * len(messages), warm, result))
         proc.start()
         try:
-            for _ in range(1 + repeat):
+            while pub.poll(30_000) and pub.recv() != SUBSCRIBE_HELLO:
+                pass
+            for msg in messages:
+                pub.send_multipart(msg)
+            if not warm.wait(120):
+                raise RuntimeError(f"{name}: the consumer did not warm up")
+            for _ in range(repeat):
                 for msg in messages:
-                    push.send_multipart(msg)
+                    pub.send_multipart(msg)
             seconds, rows = result.get(timeout=300)
         finally:
             netlab.stop_child_process(proc)
-            push.close(0)
+            pub.close(0)
             ctx.term()
     return seconds * 1e9 / rows
 

@@ -3,7 +3,9 @@
 
 An example subscriber built on fanoutd.client. It reads one or several sensors, counts
 bytes and packets per source address (or per flow) in a sliding window, and prints the
-top N every few seconds:
+top N every few seconds. It works on whole columns: each batch is grouped by its key
+columns in pyarrow (Batch.to_arrow()), so its cost follows the distinct keys of a batch,
+not its packets. Needs pyarrow (pip install 'fanoutd[arrow]').
 
     python examples/top_talkers.py --endpoint tcp://sensor-a:7440 \\
         --endpoint tcp://sensor-b:7440 --window 10 --top 10 --refresh 2
@@ -20,13 +22,21 @@ README). `--once SECONDS` prints one table after that many seconds and exits;
 """
 
 import argparse
+import ipaddress
 import json
 import sys
 import time
 from collections import Counter, deque
 from datetime import datetime
 
-from fanoutd.client import DEFAULT_ENDPOINT, Record, Subscriber
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from fanoutd.client import DEFAULT_ENDPOINT, Batch, Subscriber, format_mac
+
+FLOW_COLUMNS = ("proto", "src", "dst", "sport", "dport")
+PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmp6", 132: "sctp"}
+Key = tuple  # (src,) or (proto, src, dst, sport, dport), addresses as bytes
 
 
 class SlidingWindow:
@@ -43,14 +53,14 @@ class SlidingWindow:
         self.bytes: Counter = Counter()
         self.packets: Counter = Counter()
 
-    def add(self, key: str, nbytes: int, now: float) -> None:
+    def add(self, key: Key, nbytes: int, packets: int, now: float) -> None:
         if not self.buckets or now >= self.buckets[-1][0] + self.resolution:
             self.buckets.append((now, Counter(), Counter()))
         _, bucket_bytes, bucket_packets = self.buckets[-1]
         bucket_bytes[key] += nbytes
-        bucket_packets[key] += 1
+        bucket_packets[key] += packets
         self.bytes[key] += nbytes
-        self.packets[key] += 1
+        self.packets[key] += packets
 
     def expire(self, now: float) -> None:
         while self.buckets and self.buckets[0][0] + self.resolution <= now - self.window:
@@ -61,28 +71,50 @@ class SlidingWindow:
                 if self.packets[key] <= 0:
                     del self.packets[key], self.bytes[key]
 
-    def top(self, n: int) -> list[tuple[str, int, int]]:
+    def top(self, n: int) -> list[tuple[Key, int, int]]:
         """[(key, bytes, packets)], most bytes first (then most packets)."""
-        ranked = sorted(self.bytes, key=lambda k: (-self.bytes[k], -self.packets[k], k))
+        ranked = sorted(self.bytes, key=lambda k: (-self.bytes[k], -self.packets[k],
+                                                   repr(k)))
         return [(k, self.bytes[k], self.packets[k]) for k in ranked[:n]]
 
 
-def source_key(rec: Record) -> str:
-    """The source address; the source MAC for frames without one (ARP aside)."""
-    src = rec.src_ip
-    return str(src) if src is not None else f"{rec.eth_src_mac} (non-IP)"
+def batch_totals(batch: Batch, by: str) -> list[tuple[Key, int, int]]:
+    """[(key, bytes, packets)] of one batch, grouped on its columns: the source address,
+    or the flow; frames without an IP address (ARP aside) are keyed by their MACs, which
+    are 6 bytes long where addresses are 4 or 16, so the two cannot be confused."""
+    table = pa.Table.from_batches([batch.to_arrow()])
+    mac_src = pc.cast(table["eth_src"], pa.binary())
+    mac_dst = pc.cast(table["eth_dst"], pa.binary())
+    table = table.set_column(table.schema.get_field_index("src"), "src",
+                             pc.if_else(pc.is_valid(table["src"]), table["src"], mac_src))
+    table = table.set_column(table.schema.get_field_index("dst"), "dst",
+                             pc.if_else(pc.is_valid(table["dst"]), table["dst"], mac_dst))
+    keys = ["src"] if by == "src" else list(FLOW_COLUMNS)
+    grouped = table.group_by(keys).aggregate([("len", "sum"), ("len", "count")])
+    columns = [grouped[k].to_pylist() for k in keys]
+    return list(zip(zip(*columns, strict=True), grouped["len_sum"].to_pylist(),
+                    grouped["len_count"].to_pylist(), strict=True))
 
 
-def flow_key(rec: Record) -> str:
-    """protocol source[:port] > destination[:port]"""
-    src, dst = rec.src_ip, rec.dst_ip
-    if src is None:
-        return f"{rec.eth_src_mac} > {rec.eth_dst_mac} (non-IP)"
-    proto = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmp6", 132: "sctp"}.get(rec.proto,
-                                                                           str(rec.proto))
-    if rec.sport is None:
-        return f"{proto} {src} > {dst}"
-    return f"{proto} {src}:{rec.sport} > {dst}:{rec.dport}"
+def address(raw: bytes | None) -> str:
+    if raw is None:
+        return "-"
+    if len(raw) == 6:
+        return format_mac(raw) or "-"
+    return str(ipaddress.ip_address(raw))
+
+
+def key_text(key: Key) -> str:
+    """A source, or protocol source[:port] > destination[:port]."""
+    if len(key) == 1:
+        return address(key[0]) + (" (non-IP)" if len(key[0]) == 6 else "")
+    proto, src, dst, sport, dport = key
+    if len(src) == 6:
+        return f"{address(src)} > {address(dst)} (non-IP)"
+    name = PROTO_NAMES.get(proto, str(proto))
+    if sport is None:
+        return f"{name} {address(src)} > {address(dst)}"
+    return f"{name} {address(src)}:{sport} > {address(dst)}:{dport}"
 
 
 def show(window: SlidingWindow, args: argparse.Namespace, sub: Subscriber) -> None:
@@ -91,8 +123,8 @@ def show(window: SlidingWindow, args: argparse.Namespace, sub: Subscriber) -> No
     if args.json:
         print(json.dumps({"time": datetime.now().astimezone().isoformat(),
                           "window_s": args.window, "by": args.by, "lost_batches": lost,
-                          "top": [{"key": k, "bytes": b, "packets": p} for k, b, p in top]}),
-              flush=True)
+                          "top": [{"key": key_text(k), "bytes": b, "packets": p}
+                                  for k, b, p in top]}), flush=True)
         return
     what = "sources" if args.by == "src" else "flows"
     sensors = f"{len(sub.endpoints)} sensor{'s' * (len(sub.endpoints) > 1)}"
@@ -100,7 +132,7 @@ def show(window: SlidingWindow, args: argparse.Namespace, sub: Subscriber) -> No
           f"{time.strftime('%H:%M:%S')}" + (f", {lost} batches lost" if lost else ""))
     print(f"{'bytes':>14}  {'packets':>8}  {'source' if args.by == 'src' else 'flow'}")
     for key, nbytes, packets in top:
-        print(f"{nbytes:>14,}  {packets:>8,}  {key}")
+        print(f"{nbytes:>14,}  {packets:>8,}  {key_text(key)}")
     print(flush=True)
 
 
@@ -126,7 +158,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     endpoints = args.endpoint or [DEFAULT_ENDPOINT]
-    key_of = source_key if args.by == "src" else flow_key
     window = SlidingWindow(args.window, resolution=min(1.0, args.window / 10))
     with Subscriber(endpoints, curve_server_key=args.curve_server_key,
                     curve_client_cert=args.curve_client_cert) as sub:
@@ -143,8 +174,9 @@ def main(argv: list[str] | None = None) -> int:
             # A whole batch at a time (they share an arrival time), then look at the clock.
             for batch in sub.batches(timeout=0.1):
                 now = time.monotonic()
-                for rec in batch.records():
-                    window.add(key_of(rec), rec.len, now)
+                if batch.n:
+                    for key, nbytes, packets in batch_totals(batch, args.by):
+                        window.add(key, nbytes, packets, now)
                 if now >= next_print:
                     break
             now = time.monotonic()

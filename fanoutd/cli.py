@@ -119,6 +119,37 @@ def _parser() -> argparse.ArgumentParser:
     keygen.add_argument("--name", default="fanoutd", help="file name stem (default %(default)s)")
     keygen.set_defaults(handler=_cmd_keygen)
 
+    save = sub.add_parser(
+        "save", help="write the published stream to rotated Parquet files",
+        description="Subscribe to one or several sensors and write every packet to Parquet "
+                    "files in DIRECTORY, one row per packet with the wire fields and the "
+                    "batch's sensor, iface, worker, epoch and seq. A file is written as "
+                    "NAME.parquet.part and renamed NAME.parquet once complete; a new one "
+                    "starts after --rotate-rows rows or --rotate-seconds seconds (at the "
+                    "next batch boundary) and whenever the fields change. SIGTERM or "
+                    "Ctrl-C completes the current file. Needs pyarrow (fanoutd[arrow]). "
+                    "Exit status: 0 done, 2 usage, 69 no pyarrow or no sensor answered.")
+    save.add_argument("directory", help="where the files go (created if missing)")
+    save.add_argument("--endpoint", action="append", metavar="ENDPOINT",
+                      help="publish endpoint to connect to; repeat for several sensors "
+                           "(default tcp://127.0.0.1:7440)")
+    save.add_argument("--rotate-rows", type=_positive_int, default=10_000_000, metavar="N",
+                      help="start a new file after N rows (default %(default)s)")
+    save.add_argument("--rotate-seconds", type=float, default=3600.0, metavar="S",
+                      help="start a new file after S seconds (default %(default)s)")
+    save.add_argument("--compression", default="zstd",
+                      choices=("zstd", "snappy", "gzip", "lz4", "none"),
+                      help="Parquet compression (default %(default)s)")
+    save.add_argument("--count", type=_positive_int, default=None, metavar="N",
+                      help="stop after N packets (at a batch boundary)")
+    save.add_argument("--timeout", type=float, default=None, metavar="S",
+                      help="stop after S seconds without packets")
+    save.add_argument("--curve-server-key", metavar="FILE",
+                      help="the publisher's public key (NAME.key): connect with CURVE")
+    save.add_argument("--curve-client-cert", metavar="FILE",
+                      help="this client's secret key (NAME.key_secret)")
+    save.set_defaults(handler=_cmd_save)
+
     stats = sub.add_parser("stats", help="per-worker counters of a running fanoutd")
     stats.add_argument("--metrics", default="127.0.0.1:9740", metavar="HOST:PORT",
                        help="its metrics address (default %(default)s)")
@@ -270,6 +301,61 @@ def _cmd_tail(args: argparse.Namespace) -> int:
             _tail_summary(sub, args.stats)
             return 130
         _tail_summary(sub, args.stats)
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
+def _cmd_save(args: argparse.Namespace) -> int:
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        print("fanoutd save: needs pyarrow: pip install 'fanoutd[arrow]'", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    from fanoutd.client import Subscriber
+    from fanoutd.save import ParquetSink
+
+    endpoints = args.endpoint or ["tcp://127.0.0.1:7440"]
+    stopping: list[int] = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda signum, frame: stopping.append(signum))
+    sink = ParquetSink(args.directory, args.rotate_rows, args.rotate_seconds,
+                       "none" if args.compression == "none" else args.compression)
+    last_packet = time.monotonic()
+    try:
+        with Subscriber(endpoints, curve_server_key=args.curve_server_key,
+                        curve_client_cert=args.curve_client_cert) as sub:
+            if sub.wait_ready(min(5.0, args.timeout or 5.0)):
+                print(f"fanoutd save: listening on {', '.join(endpoints)}, writing to "
+                      f"{args.directory}", file=sys.stderr, flush=True)
+            while not stopping:
+                for batch in sub.batches(timeout=0.25):
+                    sink.add(batch)
+                    last_packet = time.monotonic()
+                    if (args.count and sink.totals.rows >= args.count) or stopping:
+                        stopping.append(0)
+                        break
+                sink.tick()
+                if args.timeout and time.monotonic() - last_packet >= args.timeout:
+                    break
+            lost = sum(sub.lost.values())
+            never = [e for e in endpoints if e not in sub.ready]
+    finally:
+        sink.close()
+    t = sink.totals
+    print(f"fanoutd save: {t.rows:,} packets in {t.batches:,} batches, {t.files} files in "
+          f"{args.directory}; {lost} batches lost (seq gaps)", file=sys.stderr)
+    if t.batches == 0 and len(never) == len(endpoints):
+        print(f"fanoutd save: no answer from {', '.join(never)}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
     return 0
 
 
