@@ -750,6 +750,164 @@ done:
     return result;
 }
 
+/* --- reading a batch without copying it (subscribers) ------------------------------ */
+
+/* msgpack -> Python objects, as msgpack.unpackb(raw=False) gives them, except that a bin
+ * becomes a memoryview of the message instead of a copy: a version 2 batch's columns
+ * are then wrapped by numpy and pyarrow where ZeroMQ received them. Input comes from the
+ * network, so every length is checked against the buffer and nesting is bounded. */
+
+#define UNPACK_MAX_DEPTH 32
+
+typedef struct {
+    const uint8_t *p;
+    Py_ssize_t len, pos;
+    PyObject *view;  /* a memoryview of the whole message; bins are slices of it */
+} Reader;
+
+static PyObject *unpack_error(const char *what, Py_ssize_t pos) {
+    PyErr_Format(PyExc_ValueError, "not a msgpack batch: %s at byte %zd", what, pos);
+    return NULL;
+}
+
+static int need(Reader *r, Py_ssize_t n) {
+    if (n < 0 || r->len - r->pos < n) { unpack_error("truncated", r->pos); return -1; }
+    return 0;
+}
+
+static uint64_t take_be(Reader *r, int n) {
+    uint64_t v = 0;
+    for (int i = 0; i < n; i++) v = v << 8 | r->p[r->pos + i];
+    r->pos += n;
+    return v;
+}
+
+static PyObject *unpack_value(Reader *r, int depth, int as_key);
+
+static PyObject *unpack_container(Reader *r, Py_ssize_t n, int is_map, int depth) {
+    if (depth >= UNPACK_MAX_DEPTH) return unpack_error("nested too deep", r->pos);
+    /* each entry takes at least one byte: a count beyond the message is a lie */
+    if (n > r->len - r->pos) return unpack_error("count beyond the message", r->pos);
+    if (!is_map) {
+        PyObject *list = PyList_New(n);
+        if (list == NULL) return NULL;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *item = unpack_value(r, depth + 1, 0);
+            if (item == NULL) { Py_DECREF(list); return NULL; }
+            PyList_SET_ITEM(list, i, item);
+        }
+        return list;
+    }
+    PyObject *dict = PyDict_New();
+    if (dict == NULL) return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_ssize_t at = r->pos;
+        PyObject *key = unpack_value(r, depth + 1, 1);
+        if (key == NULL) { Py_DECREF(dict); return NULL; }
+        if (PyList_Check(key) || PyDict_Check(key)) {  /* unhashable: never in a batch */
+            Py_DECREF(key); Py_DECREF(dict);
+            return unpack_error("a map key that is a container", at);
+        }
+        PyObject *value = unpack_value(r, depth + 1, 0);
+        if (value == NULL || PyDict_SetItem(dict, key, value) < 0) {
+            Py_DECREF(key); Py_XDECREF(value); Py_DECREF(dict);
+            return NULL;
+        }
+        Py_DECREF(key);
+        Py_DECREF(value);
+    }
+    return dict;
+}
+
+static PyObject *unpack_bytes(Reader *r, Py_ssize_t n, int is_str, int as_key) {
+    if (need(r, n) < 0) return NULL;
+    const char *start = (const char *)r->p + r->pos;
+    Py_ssize_t at = r->pos;
+    r->pos += n;
+    if (is_str) return PyUnicode_DecodeUTF8(start, n, "strict");
+    if (as_key) return PyBytes_FromStringAndSize(start, n);  /* hashable */
+    PyObject *slice = PySlice_New(NULL, NULL, NULL);
+    PyObject *lo = PyLong_FromSsize_t(at), *hi = PyLong_FromSsize_t(at + n);
+    PyObject *result = NULL;
+    if (slice != NULL && lo != NULL && hi != NULL) {
+        Py_DECREF(slice);
+        slice = PySlice_New(lo, hi, NULL);
+        if (slice != NULL) result = PyObject_GetItem(r->view, slice);
+    }
+    Py_XDECREF(slice); Py_XDECREF(lo); Py_XDECREF(hi);
+    return result;
+}
+
+static PyObject *unpack_value(Reader *r, int depth, int as_key) {
+    if (need(r, 1) < 0) return NULL;
+    uint8_t b = r->p[r->pos++];
+    if (b <= 0x7F) return PyLong_FromLong(b);
+    if (b >= 0xE0) return PyLong_FromLong((int8_t)b);
+    if ((b & 0xF0) == 0x80) return unpack_container(r, b & 0x0F, 1, depth);
+    if ((b & 0xF0) == 0x90) return unpack_container(r, b & 0x0F, 0, depth);
+    if ((b & 0xE0) == 0xA0) return unpack_bytes(r, b & 0x1F, 1, as_key);
+    switch (b) {
+    case 0xC0: Py_RETURN_NONE;
+    case 0xC2: Py_RETURN_FALSE;
+    case 0xC3: Py_RETURN_TRUE;
+    case 0xC4: case 0xC5: case 0xC6: {
+        int w = b == 0xC4 ? 1 : b == 0xC5 ? 2 : 4;
+        if (need(r, w) < 0) return NULL;
+        return unpack_bytes(r, (Py_ssize_t)take_be(r, w), 0, as_key);
+    }
+    case 0xD9: case 0xDA: case 0xDB: {
+        int w = b == 0xD9 ? 1 : b == 0xDA ? 2 : 4;
+        if (need(r, w) < 0) return NULL;
+        return unpack_bytes(r, (Py_ssize_t)take_be(r, w), 1, as_key);
+    }
+    case 0xCC: case 0xCD: case 0xCE: case 0xCF: {
+        int w = 1 << (b - 0xCC);
+        if (need(r, w) < 0) return NULL;
+        return PyLong_FromUnsignedLongLong(take_be(r, w));
+    }
+    case 0xD0: case 0xD1: case 0xD2: case 0xD3: {
+        int w = 1 << (b - 0xD0);
+        if (need(r, w) < 0) return NULL;
+        uint64_t v = take_be(r, w);
+        int64_t sv = w == 1 ? (int8_t)v : w == 2 ? (int16_t)v : w == 4 ? (int32_t)v
+                   : (int64_t)v;
+        return PyLong_FromLongLong(sv);
+    }
+    case 0xCA: case 0xCB: {
+        int w = b == 0xCA ? 4 : 8;
+        if (need(r, w) < 0) return NULL;
+        uint64_t v = take_be(r, w);
+        if (w == 4) { uint32_t u = (uint32_t)v; float f; memcpy(&f, &u, 4); return PyFloat_FromDouble(f); }
+        double d; memcpy(&d, &v, 8); return PyFloat_FromDouble(d);
+    }
+    case 0xDC: case 0xDD: case 0xDE: case 0xDF: {
+        int w = (b == 0xDC || b == 0xDE) ? 2 : 4;
+        if (need(r, w) < 0) return NULL;
+        return unpack_container(r, (Py_ssize_t)take_be(r, w), b >= 0xDE, depth);
+    }
+    default:
+        return unpack_error("a type a batch never holds", r->pos - 1);
+    }
+}
+
+static PyObject *unpack(PyObject *self, PyObject *arg) {
+    Py_buffer buf;
+    if (PyObject_GetBuffer(arg, &buf, PyBUF_SIMPLE) < 0) return NULL;
+    PyObject *view = PyMemoryView_FromObject(arg);
+    PyObject *result = NULL;
+    if (view != NULL) {
+        Reader r = {buf.buf, buf.len, 0, view};
+        result = unpack_value(&r, 0, 0);
+        if (result != NULL && r.pos != r.len) {
+            Py_DECREF(result);
+            result = unpack_error("extra bytes after the message", r.pos);
+        }
+        Py_DECREF(view);
+    }
+    PyBuffer_Release(&buf);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"encode_batch", encode_batch, METH_VARARGS,
      "encode_batch(block, first_offset, num_pkts, payload_bytes, errors, prefix, seq) -> "
@@ -762,12 +920,17 @@ static PyMethodDef methods[] = {
      "(batch, rows, wire bytes)\n\n"
      "The version 2 batch encoder.encode_columns_py makes of a ring block "
      "(decode.decode_block, then wire.columns_body): prefix, seq, n, then the columns."},
+    {"unpack", unpack, METH_O,
+     "unpack(buffer) -> object\n\n"
+     "msgpack.unpackb(buffer, raw=False), except that each bin is a memoryview of buffer "
+     "(no copy). ValueError on anything malformed."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "fanoutd._fastpath",
-    "A ring block to msgpack rows in C; fanoutd/decode.py is the reference.", -1, methods,
+    "Ring blocks to batches in C (fanoutd/decode.py and wire.py are the reference), and "
+    "batches unpacked without a copy.", -1, methods,
     NULL, NULL, NULL, NULL,
 };
 

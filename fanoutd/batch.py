@@ -21,6 +21,12 @@ import msgpack
 
 from fanoutd import wire
 
+try:  # buffers stay where they were received: bins become memoryviews, not copies
+    from fanoutd._fastpath import unpack
+except ImportError:  # not built: msgpack, which copies each bin
+    def unpack(body: bytes | memoryview) -> Any:
+        return msgpack.unpackb(body, raw=False)
+
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 WIRE_FIELDS = frozenset(wire.FIELD_BY_NAME)  # a Record answers None for one a batch lacks
 
@@ -72,7 +78,7 @@ class Batch:
         unpacked). ValueError when it is not a batch of a version this library reads."""
         if not isinstance(body, dict):
             try:
-                body = msgpack.unpackb(body, raw=False)
+                body = unpack(body)
             except (ValueError, msgpack.UnpackException) as e:
                 raise ValueError(f"not msgpack: {e}") from None
         topic = topic.decode() if isinstance(topic, bytes) else topic

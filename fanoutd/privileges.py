@@ -65,6 +65,18 @@ def lock_down() -> None:
                                                                            errno.EINVAL):
             raise PrivilegeError(f"cannot drop capability {cap} from the bounding set")
     _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    # The inheritable set too (a unit's AmbientCapabilities= puts CAP_NET_RAW there):
+    # setuid() later clears permitted and effective in every thread, but not this, and a
+    # capset() then reaches only the thread that calls it.
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    if _libc.capget(ctypes.byref(header), data) != 0:
+        raise PrivilegeError(f"cannot read capabilities: {os.strerror(ctypes.get_errno())}")
+    for half in data:
+        half.inheritable = 0
+    if _libc.capset(ctypes.byref(header), data) != 0:
+        raise PrivilegeError(f"cannot clear inheritable capabilities: "
+                             f"{os.strerror(ctypes.get_errno())}")
 
 
 def become(user: str | None) -> None:

@@ -229,7 +229,8 @@ def encode_column(f: Field, values: Sequence[Any]) -> dict[str, Any]:
 
 def decode_column(column: dict[str, Any], n: int) -> list[Any]:
     """A version 2 column back to Python values (None for nil), from its type alone: the
-    plain-Python reader, for records() and for fields this library does not know."""
+    plain-Python reader, for records() and for fields this library does not know. The
+    buffers may be bytes or memoryviews; binary values come out as bytes."""
     arrow = column["type"]
     values = column["values"]
     validity = column.get("validity")
@@ -237,10 +238,10 @@ def decode_column(column: dict[str, Any], n: int) -> list[Any]:
         out: list[Any] = [bool(values[i >> 3] >> (i & 7) & 1) for i in range(n)]
     elif arrow.startswith("fixed_size_binary["):
         width = int(arrow[len("fixed_size_binary["):-1])
-        out = [values[i * width:(i + 1) * width] for i in range(n)]
+        out = [bytes(values[i * width:(i + 1) * width]) for i in range(n)]
     elif arrow == "binary":
         ends = memoryview(column["offsets"]).cast("i") if n else [0]
-        out = [values[ends[i]:ends[i + 1]] for i in range(n)]
+        out = [bytes(values[ends[i]:ends[i + 1]]) for i in range(n)]
     elif arrow.startswith("list<"):
         item = memoryview(values).cast(ARROW_FORMATS[arrow[5:-1]]).tolist()
         ends = memoryview(column["offsets"]).cast("i") if n else [0]

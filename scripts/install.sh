@@ -27,13 +27,14 @@ fi
 
 # The sensor: gcc, python3-dev, pkg-config and libsystemd-dev build systemd-python and
 # fanoutd's C block decoder; libpcap0.8 compiles capture filters; ethtool serves
-# `fanoutd doctor`.
-packages=(python3-venv python3-dev gcc pkg-config libsystemd-dev libpcap0.8 ethtool)
+# `fanoutd doctor`; procps has /bin/kill, which the units' ExecReload= runs (minimal
+# images and containers lack it).
+packages=(python3-venv python3-dev gcc pkg-config libsystemd-dev libpcap0.8 ethtool procps)
 # The tests and benchmarks: network namespaces and veth pairs (iproute2), the peers the
 # benchmarks compare with and the traffic generator (tcpdump, netsniff-ng's trafgen),
-# process tools (procps), setpriv (util-linux).
+# setpriv (util-linux).
 if [ "$with_tests" = yes ]; then
-    packages+=(iproute2 procps util-linux tcpdump netsniff-ng)
+    packages+=(iproute2 util-linux tcpdump netsniff-ng)
 fi
 missing=()
 for p in "${packages[@]}"; do

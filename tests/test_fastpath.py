@@ -2,6 +2,8 @@
 row count, wire bytes and error counts, for both wire-format versions (1: rows, 2:
 columns), on every kind of frame, every truncation, and random and mutated blocks."""
 
+import contextlib
+
 import pytest
 from frames import CORPUS, RingFrame, tcp4_frame, tpacket3_block, udp4_frame
 from hypothesis import given, settings
@@ -147,3 +149,71 @@ def test_a_length_beyond_uint32_saturates_in_columns():
     import msgpack
 
     assert wire.decode_column(msgpack.unpackb(body)["columns"]["len"], 1) == [wire.LEN_MAX]
+
+
+# --- unpack: batches read without a copy (subscriber side) --------------------------------
+
+
+def plain(value):
+    """unpack's result with memoryviews made bytes, to compare with msgpack's."""
+    if isinstance(value, memoryview):
+        return bytes(value)
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    return value
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_unpack_reads_batches_as_msgpack_does(version):
+    import msgpack
+
+    block, first, num = tpacket3_block([RingFrame(f) for f in CORPUS])
+    body = encode_c(version, block, first, num, 16, {})[0]
+    got = _fastpath.unpack(body)
+    assert plain(got) == msgpack.unpackb(body)
+    if version == wire.COLUMNS_VERSION:  # the buffers are views of the message
+        values = got["columns"]["ts_ns"]["values"]
+        assert isinstance(values, memoryview) and values.obj is not None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.recursive(
+    st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.text(max_size=40)
+    | st.binary(max_size=300) | st.floats(allow_nan=False),
+    lambda inner: st.lists(inner, max_size=20)
+    | st.dictionaries(st.text(max_size=10) | st.integers(-5, 5), inner, max_size=20),
+    max_leaves=60))
+def test_unpack_any_msgpack_value(value):
+    import msgpack
+
+    data = msgpack.packb(value, use_bin_type=True)
+    assert plain(_fastpath.unpack(data)) == msgpack.unpackb(data, raw=False,
+                                                            strict_map_key=False)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=400), st.lists(st.tuples(st.integers(0, 10_000),
+                                                   st.integers(0, 255)), max_size=8))
+def test_unpack_never_trusts_a_hostile_message(noise, flips):
+    """Random bytes and damaged real batches: a value or ValueError, never a crash or a
+    read outside the message (run under ASan as the encoders are)."""
+    block, first, num = tpacket3_block([RingFrame(f) for f in CORPUS[:4]])
+    real = bytearray(encode_c(wire.COLUMNS_VERSION, block, first, num, 0, {})[0])
+    for where, value in flips:
+        real[where % len(real)] = value
+    for data in (noise, bytes(real), bytes(real[:len(noise)])):
+        with contextlib.suppress(ValueError):
+            _fastpath.unpack(data)
+
+
+def test_unpack_bounds_nesting_and_counts():
+    with pytest.raises(ValueError, match="nested too deep"):
+        _fastpath.unpack(b"\x91" * 100 + b"\xc0")
+    with pytest.raises(ValueError, match="count beyond the message"):
+        _fastpath.unpack(b"\xdd\xff\xff\xff\xff")
+    with pytest.raises(ValueError, match="truncated"):
+        _fastpath.unpack(b"\xc6\x00\x00\x10\x00abc")
+    with pytest.raises(ValueError, match="extra bytes"):
+        _fastpath.unpack(b"\xc0\xc0")

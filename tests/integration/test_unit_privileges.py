@@ -31,7 +31,7 @@ BAD_WORDS = ("Traceback", "PermissionError", "permission denied", "did not stop"
              "still there")
 
 
-def proc_status(pid: int) -> dict[str, str]:
+def proc_status(pid: int | str) -> dict[str, str]:
     fields = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         key, _, value = line.partition(":")
@@ -79,8 +79,8 @@ def unit_daemon(ns, start_daemon, subscribe):
 
 
 def test_children_hold_no_privilege(unit_daemon):
-    """The proxy and the workers: no capability in any set, an empty bounding set (the
-    unit grants CAP_SETPCAP for that), no_new_privs, not root."""
+    """The proxy and the workers, in every thread: no capability in any set, an empty
+    bounding set (the unit grants CAP_SETPCAP for that), no_new_privs, not root."""
     daemon, _, _ = unit_daemon
     supervisor = proc_status(daemon.pid)
     assert supervisor["NoNewPrivs"] == "1"
@@ -88,11 +88,15 @@ def test_children_hold_no_privilege(unit_daemon):
     children = daemon.children_by_comm()
     assert {"fanoutd-proxy", "fanoutd-w0", "fanoutd-w1"} <= set(children)
     for name, pid in children.items():
-        status = proc_status(pid)
-        for caps in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
-            assert int(status[caps], 16) == 0, f"{name}: {caps} {status[caps]}"
-        assert status["NoNewPrivs"] == "1", name
-        assert status["Uid"].split()[0] != "0", name
+        threads = os.listdir(f"/proc/{pid}/task")
+        assert len(threads) > 1, f"{name}: ZeroMQ's threads should be running"
+        for tid in threads:  # ZeroMQ's threads too: capabilities are per thread
+            status = proc_status(f"{pid}/task/{tid}")
+            for caps in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+                assert int(status[caps], 16) == 0, f"{name} thread {tid}: {caps} " \
+                                                   f"{status[caps]}"
+            assert status["NoNewPrivs"] == "1", name
+            assert status["Uid"].split()[0] != "0", name
 
 
 def test_stop(unit_daemon, injector):
