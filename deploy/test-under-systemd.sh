@@ -438,12 +438,16 @@ journal_has() {
     grep -qE -- "$3" <<<"$out"
 }
 
-# crash_line CURSOR UNIT: the first Traceback or PermissionError line in UNIT's journal
-# since CURSOR (the exception rather than the Traceback header when there is one).
+# What must never be in fanoutd's journal: a traceback, or a signal or call refused.
+crash_re='Traceback|PermissionError|[Pp]ermission denied'
+
+# crash_line CURSOR UNIT: the first such line in UNIT's journal since CURSOR (the
+# exception rather than the Traceback header when there is one).
 crash_line() {
     local out
     out=$(journal_since "$1" "$2")
-    grep -m1 -E 'PermissionError' <<<"$out" || grep -m1 -E 'Traceback' <<<"$out" || true
+    grep -m1 -E 'PermissionError|[Pp]ermission denied' <<<"$out" \
+        || grep -m1 -E "$crash_re" <<<"$out" || true
 }
 
 # ---------------------------------------------------------------------------------------
@@ -713,6 +717,9 @@ check_template() {
     load_props fanoutd@cap0
     [ "${P[ActiveState]}" = inactive ] && [ "${P[Result]}" = success ] \
         || bad "after stop: ActiveState=${P[ActiveState]} Result=${P[Result]}; $(crash_line "$mark" fanoutd@cap0)" || return 1
+    local crash
+    crash=$(crash_line "$mark" fanoutd@cap0)
+    [ -z "$crash" ] || bad "the journal has: $crash" || return 1
     what="fanoutd@cap0 active with 2/2 workers, captured ($before -> $after), stopped: Result=success"
 }
 
@@ -741,9 +748,9 @@ check_template_gives_up() {
 check_journal() {
     local out hits
     out=$(ct journalctl --no-pager -q -u fanoutd -u 'fanoutd@*')
-    hits=$(grep -cE 'Traceback|PermissionError' <<<"$out" || true)
-    [ "$hits" = 0 ] || bad "$hits Traceback/PermissionError lines in this run's journal, e.g. $(grep -m1 -E 'PermissionError|Traceback' <<<"$out")"  || return 1
-    what="no Traceback or PermissionError from fanoutd units in the whole run"
+    hits=$(grep -cE "$crash_re" <<<"$out" || true)
+    [ "$hits" = 0 ] || bad "$hits lines matching /$crash_re/ in this run's journal, e.g. $(grep -m1 -E "$crash_re" <<<"$out")" || return 1
+    what="no traceback or refused permission in fanoutd's journal for the whole run"
 }
 
 # ---------------------------------------------------------------------------------------
