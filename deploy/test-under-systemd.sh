@@ -247,6 +247,10 @@ ct() {
 
 probe() { ct python3 /root/ct-probe.py "$@"; }
 
+# ct_signal SIG PID: bash's own kill, as a minimal Debian has no /bin/kill (procps).
+# shellcheck disable=SC2016  # $1 and $2 are the inner bash's arguments
+ct_signal() { ct bash -c 'kill -s "$1" "$2"' ct_signal "$1" "$2"; }
+
 # A veth pair: frames written to inj0 arrive on cap0. IPv6 off before they come up, so
 # neither sends anything on its own (no address, no router or neighbour solicitation).
 make_veth() {
@@ -438,6 +442,13 @@ journal_has() {
     grep -qE -- "$3" <<<"$out"
 }
 
+# systemd's own words on why a job failed, in UNIT's journal since CURSOR.
+job_failure() {
+    local out
+    out=$(journal_since "$1" "$2")
+    grep -m1 -E 'Failed to|Failed at|code=(exited|killed|dumped)' <<<"$out" | sed 's/^.*]: //' || true
+}
+
 # What must never be in fanoutd's journal: a traceback, or a signal or call refused.
 crash_re='Traceback|PermissionError|[Pp]ermission denied'
 
@@ -494,8 +505,8 @@ check_start() {
     ct systemctl daemon-reload
     local mark rc=0
     mark=$(cursor)
-    ct timeout 60 systemctl start fanoutd || rc=$?
-    [ "$rc" = 0 ] || bad "systemctl start fanoutd exited $rc" || return 1
+    ct timeout 60 systemctl start fanoutd 2>/dev/null || rc=$?
+    [ "$rc" = 0 ] || bad "systemctl start fanoutd exited $rc: $(job_failure "$mark" fanoutd)" || return 1
     # Type=notify: start returns once READY=1 came, and READY's STATUS= has every worker up.
     load_props fanoutd
     [ "$(state)" = active/running ] || bad "not active (running) but $(state)" || return 1
@@ -549,8 +560,8 @@ check_reload() {
     mark=$(cursor)
     sed -i 's/^workers: 2$/workers: 3/' "$root$conf"
     grep -q '^workers: 3$' "$root$conf" || bad "could not set workers: 3" || return 1
-    ct timeout 30 systemctl reload fanoutd || rc=$?
-    [ "$rc" = 0 ] || bad "systemctl reload exited $rc" || return 1
+    ct timeout 30 systemctl reload fanoutd 2>/dev/null || rc=$?
+    [ "$rc" = 0 ] || bad "systemctl reload exited $rc: $(job_failure "$mark" fanoutd)" || return 1
     # Settled: 3/3 up after the reload was logged, or the supervisor is gone.
     settled() {
         load_props fanoutd
@@ -594,7 +605,7 @@ check_hung_worker() {
     old=$(probe pids fanoutd-w0)
     [ -n "$old" ] && [ "$old" = "${old%%[!0-9]*}" ] || bad "want one fanoutd-w0 process, found '${old//$'\n'/ }'" || return 1
     mark=$(cursor)
-    ct kill -STOP "$old"
+    ct_signal STOP "$old" || bad "cannot SIGSTOP fanoutd-w0 (pid $old)" || return 1
     # Settled: a new fanoutd-w0 runs and every worker is up, or the supervisor is gone.
     settled() {
         load_props fanoutd
@@ -603,7 +614,7 @@ check_hung_worker() {
         [ -n "$new" ] && [ "$new" != "$old" ] && all_up fanoutd "$total"
     }
     wait_until 20 settled
-    ct kill -CONT "$old" 2>/dev/null || true  # if it is still there, do not leave it stopped
+    ct_signal CONT "$old" 2>/dev/null || true  # if it is still there, do not leave it stopped
     [ "${P[MainPID]}" = "$main" ] || bad "the supervisor did not survive: MainPID $main -> ${P[MainPID]}, $(state); $(crash_line "$mark" fanoutd)" || return 1
     [ "${P[NRestarts]}" = "$restarts" ] || bad "NRestarts $restarts -> ${P[NRestarts]}" || return 1
     [ -n "$new" ] && [ "$new" != "$old" ] || bad "fanoutd-w0 (pid $old) was not replaced within 20 s" || return 1
@@ -667,7 +678,7 @@ watchdog_fires() {
     [ "${P[WatchdogUSec]}" = 4s ] || bad "WatchdogUSec=${P[WatchdogUSec]}, not the drop-in's 4s" || return 1
     local main=${P[MainPID]} restarts=${P[NRestarts]} mark
     mark=$(cursor)
-    ct kill -STOP "$main"
+    ct_signal STOP "$main" || bad "cannot SIGSTOP the supervisor (pid $main)" || return 1
     # 4 s without WATCHDOG=1, SIGABRT (systemd adds SIGCONT), RestartSec=2s, start again.
     restarted() {
         load_props fanoutd
@@ -675,7 +686,7 @@ watchdog_fires() {
             && [ "${P[MainPID]}" != 0 ] && all_up fanoutd
     }
     wait_until 45 restarted
-    ct kill -CONT "$main" 2>/dev/null || true
+    ct_signal CONT "$main" 2>/dev/null || true
     journal_has "$mark" fanoutd 'Watchdog timeout' || bad "no watchdog timeout in the journal within 45 s of SIGSTOP; $(state)" || return 1
     [ "${P[NRestarts]}" -gt "$restarts" ] || bad "NRestarts still $restarts" || return 1
     [ "${P[MainPID]}" != "$main" ] && [ "${P[MainPID]}" != 0 ] || bad "MainPID ${P[MainPID]} (was $main)" || return 1
@@ -687,8 +698,8 @@ check_stop() {
     ensure_running || return 1
     local mark rc=0 left crash
     mark=$(cursor)
-    ct timeout 60 systemctl stop fanoutd || rc=$?
-    [ "$rc" = 0 ] || bad "systemctl stop exited $rc" || return 1
+    ct timeout 60 systemctl stop fanoutd 2>/dev/null || rc=$?
+    [ "$rc" = 0 ] || bad "systemctl stop exited $rc: $(job_failure "$mark" fanoutd)" || return 1
     load_props fanoutd
     crash=$(crash_line "$mark" fanoutd)
     [ "${P[ActiveState]}" = inactive ] && [ "${P[Result]}" = success ] \
@@ -705,15 +716,15 @@ check_template() {
     ct systemctl daemon-reload
     local mark rc=0 before after=""
     mark=$(cursor)
-    ct timeout 60 systemctl start fanoutd@cap0 || rc=$?
-    [ "$rc" = 0 ] || bad "systemctl start fanoutd@cap0 exited $rc" || return 1
+    ct timeout 60 systemctl start fanoutd@cap0 2>/dev/null || rc=$?
+    [ "$rc" = 0 ] || bad "systemctl start fanoutd@cap0 exited $rc: $(job_failure "$mark" fanoutd@cap0)" || return 1
     all_up fanoutd@cap0 2 || bad "$(state), '${P[StatusText]}'" || return 1
     before=$(probe packets 9741 cap0)
     probe inject inj0 500 || bad "injecting frames on inj0 failed" || return 1
     grown() { after=$(probe packets 9741 cap0); [ "$after" -ge $((before + 500)) ]; }
     wait_until 10 grown || bad "fanoutd_kernel_packets_total on :9741 $before -> $after after 500 frames" || return 1
-    ct timeout 60 systemctl stop fanoutd@cap0 || rc=$?
-    [ "$rc" = 0 ] || bad "systemctl stop fanoutd@cap0 exited $rc" || return 1
+    ct timeout 60 systemctl stop fanoutd@cap0 2>/dev/null || rc=$?
+    [ "$rc" = 0 ] || bad "systemctl stop fanoutd@cap0 exited $rc: $(job_failure "$mark" fanoutd@cap0)" || return 1
     load_props fanoutd@cap0
     [ "${P[ActiveState]}" = inactive ] && [ "${P[Result]}" = success ] \
         || bad "after stop: ActiveState=${P[ActiveState]} Result=${P[Result]}; $(crash_line "$mark" fanoutd@cap0)" || return 1
