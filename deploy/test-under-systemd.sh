@@ -213,21 +213,36 @@ boot() {
     setsid systemd-nspawn -q --boot --keep-unit --register=no --private-network \
         -D "$root" --machine="fanoutd-ct-$$" </dev/null >"$workdir/console.log" 2>&1 &
     nspawn_pid=$!
-    wait_until 30 find_pid1 || { tail -n 20 "$workdir/console.log" >&2; die "the container's systemd did not start"; }
+    gone() { ! kill -0 "$nspawn_pid" 2>/dev/null; }
+    if ! wait_until 30 find_pid1 || gone; then
+        tail -n 20 "$workdir/console.log" >&2
+        die "the container's systemd did not start"
+    fi
+    # Capture must never reach the host's interfaces: a network namespace of its own,
+    # with nothing in it but lo.
+    [ "$(readlink "/proc/$ct_pid/ns/net")" != "$(readlink /proc/self/ns/net)" ] \
+        || die "the container shares the host's network namespace"
+    local links
+    links=$(ct ip -o link show | awk -F': ' '{print $2}' | paste -sd ' ')
+    [ "$links" = lo ] || die "the container's network has more than lo: $links"
     local state=""
     booted() {
         state=$(ct systemctl is-system-running 2>/dev/null) || true
-        [ "$state" = running ] || [ "$state" = degraded ]
+        [ "$state" = running ] || [ "$state" = degraded ] || gone
     }
-    wait_until 120 booted || { tail -n 20 "$workdir/console.log" >&2; die "boot did not finish: system is '$state'"; }
+    if ! wait_until 120 booted || gone; then
+        tail -n 20 "$workdir/console.log" >&2
+        die "boot did not finish: system is '$state'"
+    fi
     say "booted: system is $state"
     if [ "$state" = degraded ]; then ct systemctl --failed --no-legend | sed 's/^/   failed unit: /'; fi
     return 0
 }
 
-# The container's PID 1 is nspawn's child once it has exec'd systemd.
+# The container's PID 1 is nspawn's child once it has exec'd systemd (0 also once nspawn
+# is gone: nothing to wait for).
 find_pid1() {
-    kill -0 "$nspawn_pid" 2>/dev/null || return 1
+    kill -0 "$nspawn_pid" 2>/dev/null || return 0
     local child children=()
     read -ra children <"/proc/$nspawn_pid/task/$nspawn_pid/children" 2>/dev/null || true
     for child in "${children[@]}"; do
