@@ -692,6 +692,13 @@ watchdog_fires() {
     all_up fanoutd || bad "not running with the WatchdogSec=4s drop-in: $(state), '${P[StatusText]}'" || return 1
     [ "${P[WatchdogUSec]}" = 4s ] || bad "WatchdogUSec=${P[WatchdogUSec]}, not the drop-in's 4s" || return 1
     local main=${P[MainPID]} restarts=${P[NRestarts]} mark
+    # First, fed: running longer than WatchdogSec= changes nothing (else a daemon that
+    # never sends WATCHDOG=1 would pass what follows).
+    changed() { load_props fanoutd; [ "${P[MainPID]}" != "$main" ] || [ "${P[NRestarts]}" != "$restarts" ]; }
+    if wait_until 6 changed; then
+        bad "restarted without being stopped: MainPID $main -> ${P[MainPID]}, NRestarts $restarts -> ${P[NRestarts]}; WATCHDOG=1 not sent?"
+        return 1
+    fi
     mark=$(cursor)
     ct_signal STOP "$main" || bad "cannot SIGSTOP the supervisor (pid $main)" || return 1
     # 4 s without WATCHDOG=1, SIGABRT (systemd adds SIGCONT), RestartSec=2s, start again.
@@ -706,7 +713,7 @@ watchdog_fires() {
     [ "${P[NRestarts]}" -gt "$restarts" ] || bad "NRestarts still $restarts" || return 1
     [ "${P[MainPID]}" != "$main" ] && [ "${P[MainPID]}" != 0 ] || bad "MainPID ${P[MainPID]} (was $main)" || return 1
     all_up fanoutd || bad "not running again: $(state), '${P[StatusText]}'" || return 1
-    what="SIGSTOP of MainPID $main: watchdog timeout, NRestarts $restarts -> ${P[NRestarts]}, new MainPID ${P[MainPID]}, active again"
+    what="fed for 6 s; SIGSTOP of MainPID $main: watchdog timeout, NRestarts $restarts -> ${P[NRestarts]}, new MainPID ${P[MainPID]}, active again"
 }
 
 check_stop() {
