@@ -62,7 +62,9 @@ from fanoutd.config import RingConfig  # noqa: E402
 
 GEN_CPU = 0  # trafgen (it pins its one sending process to CPU 0 itself) and the subscriber
 CAP_CPU = 1  # every capture tool
-TOOLS = ("fanoutd1", "fanoutd2", "tcpdump", "scapy")
+# fanoutdN: N workers, version 2 batches (columns, the default); fanoutd1-rows: one worker
+# publishing version 1 (rows), to compare the daemon's cost of the two formats.
+TOOLS = ("fanoutd1", "fanoutd2", "fanoutd1-rows", "tcpdump", "scapy")
 DST_MAC = "02:00:00:00:00:b2"  # not cap0's address: the frames are captured, then discarded
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 NS_PER_TICK = 1_000_000_000 // CLK_TCK
@@ -498,10 +500,11 @@ class FanoutdTool(Tool):
     worker, 10 ms block timeout, hash), plus a subscriber process draining the stream."""
 
     def __init__(self, ns: netlab.NetNS, workdir: Path, args: argparse.Namespace,
-                 workers: int, latency: bool = False) -> None:
+                 workers: int, latency: bool = False, wire_format: str = "columns") -> None:
         super().__init__(ns, workdir, args)
-        self.name = f"fanoutd{workers}"
+        self.name = f"fanoutd{workers}" + ("-rows" if wire_format == "rows" else "")
         self.workers = workers
+        self.wire_format = wire_format
         self.latency = latency
         self.result: dict | None = None
 
@@ -510,7 +513,8 @@ class FanoutdTool(Tool):
         d = netlab.Daemon(self.ns, self.workdir, workers=self.workers)
         d.argv = ["taskset", "-c", str(CAP_CPU), "ip", "netns", "exec", self.ns.name,
                   sys.executable, "-m", "fanoutd", "run", "--interface", "cap0",
-                  "--workers", str(self.workers), "--publish", d.endpoint,
+                  "--workers", str(self.workers), "--format", self.wire_format,
+                  "--publish", d.endpoint,
                   "--metrics", f"127.0.0.1:{d.metrics_port}",
                   "--runtime-dir", str(self.workdir / "run")]
         self.daemon = d
@@ -668,7 +672,9 @@ def scapy_child(iface: str, timeout: float) -> int:
 
 def make_tool(name: str, ns: netlab.NetNS, workdir: Path, args: argparse.Namespace) -> Tool:
     if name.startswith("fanoutd"):
-        return FanoutdTool(ns, workdir, args, workers=int(name.removeprefix("fanoutd")))
+        workers, _, fmt = name.removeprefix("fanoutd").partition("-")
+        return FanoutdTool(ns, workdir, args, workers=int(workers),
+                           wire_format="rows" if fmt == "rows" else "columns")
     return {"tcpdump": TcpdumpTool, "scapy": ScapyTool}[name](ns, workdir, args)
 
 
