@@ -333,9 +333,11 @@ def _build(cls: type, raw: Any, prefix: str, labels: dict[str, str],
 
 def _coerce(key: str, value: Any, typ: Any) -> tuple[bool, Any]:
     """(True, typed value) or (False, reason). Flags arrive as strings, YAML as typed values."""
-    if key in AUTO_KEYS and value in ("auto", None):
+    # An `interfaces` entry's keys are the top-level ones: interfaces[1].workers is workers.
+    name = re.sub(r"^interfaces\[\d+\]\.", "", key)
+    if name in AUTO_KEYS and value in ("auto", None):
         return True, None
-    if key in NONE_KEYS and value in ("none", None):
+    if name in NONE_KEYS and value in ("none", None):
         return True, None
     if typ == str | None:
         typ = str
@@ -343,7 +345,7 @@ def _coerce(key: str, value: Any, typ: Any) -> tuple[bool, Any]:
         if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
-            suffix = " or auto" if key in AUTO_KEYS else ""
+            suffix = " or auto" if name in AUTO_KEYS else ""
             return False, f"must be an integer{suffix}, got {_kind(value)} {value!r}"
         return True, value
     if typ is bool:

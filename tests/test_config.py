@@ -143,3 +143,14 @@ def test_a_ring_larger_than_half_the_memory_is_refused():
     found = problems(block_size="4194304", block_count="100000", workers="2")
     assert found[0][0] == "ring.block_count (--block-count)"
     assert "more than half of this machine's" in found[0][1]
+
+
+def test_auto_in_an_interfaces_entry(tmp_path):
+    """An entry takes the same `auto` values as the top level (print-config writes them)."""
+    path = write(tmp_path, "interfaces:\n  - interface: lo\n    workers: auto\n"
+                           "    fanout: {group_id: auto}\n")
+    entry = load_config(path, resolve=False).interfaces[0]
+    assert (entry.workers, entry.fanout.group_id) == (None, None)
+    found = problems(write(tmp_path, "interfaces:\n  - interface: lo\n    workers: many\n"))
+    assert found == [("interfaces[0].workers", "must be an integer or auto, got a string "
+                                               "'many'")]

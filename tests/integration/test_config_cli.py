@@ -1,0 +1,52 @@
+"""`fanoutd print-config` and `check-config` on real interfaces (the namespace's cap0 and
+inj0): what print-config prints is a valid configuration that prints the same again."""
+
+import netlab
+import pytest
+
+pytestmark = pytest.mark.integration
+
+SMALL_RING = "ring: {block_size: 65536, block_count: 4}\n"
+
+ROUND_TRIP_CONFIGS = {
+    "single-interface": "interface: cap0\nworkers: 2\n" + SMALL_RING,
+    "entries-with-overrides": (
+        "workers: 2\n" + SMALL_RING +
+        "interfaces:\n"
+        "  - interface: cap0\n"
+        "    workers: 3\n"
+        "    fanout: {mode: lb, group_id: 7}\n"
+        "  - interface: inj0\n"
+        "    filter: udp port 53\n"
+        "    payload_bytes: 32\n"
+        "    ring: {block_count: 8}\n"),
+    "auto-values": (
+        "interface: auto\nworkers: auto\nruntime_dir: auto\nfanout: {group_id: auto}\n"
+        + SMALL_RING +
+        "interfaces:\n"
+        "  - interface: cap0\n"
+        "    workers: auto\n"
+        "    fanout: {group_id: auto}\n"
+        "  - interface: inj0\n"
+        "    workers: 1\n"),
+    "none-values": (
+        "interface: cap0\nuser: none\n" + SMALL_RING +
+        "publish: {curve: {secret_key_file: none, clients_dir: none}}\n"
+        "metrics: {tls_cert_file: none, tls_key_file: none, basic_auth_user: none}\n"),
+}
+
+
+@pytest.mark.parametrize("text", ROUND_TRIP_CONFIGS.values(), ids=ROUND_TRIP_CONFIGS.keys())
+def test_print_config_output_round_trips(ns, text):
+    with netlab.workdir() as wd:
+        first = wd / "first.yaml"
+        first.write_text(text)
+        printed = netlab.run_cli(ns, "print-config", "-c", str(first))
+        assert printed.returncode == 0, printed.stderr
+        again = wd / "again.yaml"
+        again.write_text(printed.stdout)
+        checked = netlab.run_cli(ns, "check-config", "-c", str(again))
+        assert checked.returncode == 0, f"{checked.stderr}\n--- printed:\n{printed.stdout}"
+        reprinted = netlab.run_cli(ns, "print-config", "-c", str(again))
+        assert reprinted.returncode == 0, reprinted.stderr
+        assert reprinted.stdout == printed.stdout
