@@ -12,7 +12,7 @@ import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -163,6 +163,12 @@ class ConfigError(Exception):
         return "\n".join(f"{key}: {reason}" for key, reason in self.problems)
 
 
+class _Capture(NamedTuple):
+    prefix: str  # "interfaces[N]." for an entry, "" for the one capture of the top level
+    config: CaptureConfig
+    entry: dict  # what the entry sets itself (the rest it inherits); {} at the top level
+
+
 class InterfaceUnavailable(ConfigError):
     """The configuration is valid but its interface is not here (yet): a missing resource,
     not a mistake, so `run` exits EX_UNAVAILABLE and a service manager may retry."""
@@ -176,16 +182,18 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
     replaced by what they resolve to, so the result is the effective configuration.
     """
     problems: list[tuple[str, str]] = []
+    broken: set[str] = set()  # keys whose value has the wrong type: they hold the default
     raw = _read_yaml(path) if path else {}
     labels: dict[str, str] = {}
     for dest, value in (overrides or {}).items():
         if value is not None:
             _apply_flag(raw, dest, value, labels)
-    cfg = _build(Config, raw, "", labels, problems)
-    captures = _build_captures(raw, labels, problems)
-    cfg = replace(cfg, interfaces=tuple(c for _, c in captures))
-    if not problems:
-        problems.extend(_check(cfg, captures, labels))
+    cfg = _build(Config, raw, "", labels, problems, broken)
+    captures = _build_captures(raw, labels, problems, broken)
+    cfg = replace(cfg, interfaces=tuple(c.config for c in captures))
+    # The rules too, so that one run reports every problem; but not against a default
+    # standing in for a value that failed its type check.
+    problems.extend(_check(cfg, captures, labels, broken))
     if problems:
         raise ConfigError(list(dict.fromkeys(problems)))
     if resolve:
@@ -211,23 +219,22 @@ def _apply_flag(raw: dict, dest: str, value: Any, labels: dict[str, str]) -> Non
     labels[key] = f"{key} ({flag})"
     _set_path(raw, key, value)
     if key.split(".")[0] in CAPTURE_KEYS and isinstance(entries, list):
-        for i, entry in enumerate(entries):  # a flag also wins over each entry
+        for entry in entries:  # a flag also wins over each entry: they inherit it
             if isinstance(entry, dict):
-                _set_path(entry, key, value)
-                labels[f"interfaces[{i}].{key}"] = f"interfaces[{i}].{key} ({flag})"
+                _del_path(entry, key)
 
 
-def _build_captures(raw: dict, labels: dict[str, str],
-                    problems: list[tuple[str, str]]) -> list[tuple[str, CaptureConfig]]:
-    """(key prefix, CaptureConfig) for each capture: one from the top-level keys, or one
-    per `interfaces` entry, each entry merged onto the top-level keys. A problem in an
-    inherited value is reported once, at the top level."""
+def _build_captures(raw: dict, labels: dict[str, str], problems: list[tuple[str, str]],
+                    broken: set[str]) -> list[_Capture]:
+    """Each capture: one from the top-level keys, or one per `interfaces` entry, each
+    entry merged onto the top-level keys. A problem in an inherited value is reported
+    once, at the top level."""
     defaults = {k: raw[k] for k in CAPTURE_KEYS if k in raw}
     entries = raw.get("interfaces")
     if entries is None:
         found: list[tuple[str, str]] = []
-        capture = _build(CaptureConfig, defaults, "", labels, found)
-        return [("", capture)]
+        capture = _build(CaptureConfig, defaults, "", labels, found, broken)
+        return [_Capture("", capture, {})]
     if not isinstance(entries, list) or not entries:
         problems.append(("interfaces", "must be a list of mappings, each with at least "
                                        "`interface`"))
@@ -240,9 +247,10 @@ def _build_captures(raw: dict, labels: dict[str, str],
                                                  "`interface`"))
             continue
         found = []
-        capture = _build(CaptureConfig, _merge(defaults, entry), prefix, labels, found)
+        capture = _build(CaptureConfig, _merge(defaults, entry), prefix, labels, found,
+                         broken)
         problems.extend(p for p in found if _set_in(entry, p[0].split(" ")[0][len(prefix):]))
-        captures.append((prefix, capture))
+        captures.append(_Capture(prefix, capture, entry))
     return captures
 
 
@@ -265,6 +273,16 @@ def _set_in(raw: dict, key: str) -> bool:
             return False
         node = node[part]
     return True
+
+
+def _del_path(raw: dict, key: str) -> None:
+    """Remove the dotted key from raw, if it is there."""
+    *parents, leaf = key.split(".")
+    node: Any = raw
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+        node.pop(leaf, None)
 
 
 def _read_yaml(path: str) -> dict:
@@ -304,11 +322,13 @@ def _set_path(raw: dict, key: str, value: Any) -> None:
 
 
 def _build(cls: type, raw: Any, prefix: str, labels: dict[str, str],
-           problems: list[tuple[str, str]]) -> Any:
-    """Type-check one section against its dataclass; unknown keys are problems."""
+           problems: list[tuple[str, str]], broken: set[str]) -> Any:
+    """Type-check one section against its dataclass; unknown keys are problems. The keys
+    of values that fail (or of the section) go into broken: they keep their defaults."""
     section = prefix.rstrip(".") or "config"
     if not isinstance(raw, dict):
         problems.append((section, f"must be a mapping, got {_kind(raw)}"))
+        broken.add(section)
         return cls()
     known = {f.name: f for f in fields(cls)}
     for key in raw:
@@ -321,13 +341,15 @@ def _build(cls: type, raw: Any, prefix: str, labels: dict[str, str],
         key = prefix + name
         default = getattr(cls(), name)
         if is_dataclass(default):
-            values[name] = _build(type(default), raw[name], key + ".", labels, problems)
+            values[name] = _build(type(default), raw[name], key + ".", labels, problems,
+                                  broken)
         else:
             ok, value = _coerce(key, raw[name], f.type)
             if ok:
                 values[name] = value
             else:
                 problems.append((labels.get(key, key), value))
+                broken.add(key)
     return replace(cls(), **values)
 
 
@@ -371,26 +393,35 @@ def _kind(value: Any) -> str:
                                                                          type(value).__name__)
 
 
-def _check(cfg: Config, captures: list[tuple[str, CaptureConfig]],
-           labels: dict[str, str]) -> list[tuple[str, str]]:
-    """Rules between and within values, once every value has its type."""
+def _check(cfg: Config, captures: list[_Capture], labels: dict[str, str],
+           broken: set[str]) -> list[tuple[str, str]]:
+    """Rules between and within values. A rule is not applied to a broken key (one whose
+    value failed its type check, or under a section that did): its value is a default."""
     problems = []
 
-    def bad(key: str, reason: str) -> None:
-        problems.append((labels.get(key, key), reason))
+    def is_broken(key: str) -> bool:
+        return any(key == b or key.startswith(b + ".") for b in broken)
+
+    def bad(key: str, reason: str, *needs: str) -> None:
+        """Report reason at key, unless key or a key the rule also reads is broken."""
+        if not is_broken(key) and not any(map(is_broken, needs)):
+            problems.append((labels.get(key, key), reason))
 
     total_memory, workers_total = 0, 0
     names: dict[str, str] = {}
-    for prefix, capture in captures:
-        total_memory += _check_capture(capture, prefix, bad)
-        if capture.interface != "auto" and capture.interface in names:
-            bad(f"{prefix}interface", f"{capture.interface} is captured already by "
-                                      f"{names[capture.interface]}")
-        names.setdefault(capture.interface, prefix + "interface")
-        workers_total += capture.workers or os.cpu_count() or 1
+    where: Callable[[str], str] = str  # after the loop: the last capture's
+    for capture in captures:
+        where = _capture_keys(capture)
+        c = capture.config
+        total_memory += _check_capture(c, where, bad, is_broken)
+        if c.interface != "auto" and c.interface in names:
+            bad(where("interface"), f"{c.interface} is captured already by "
+                                    f"{names[c.interface]}")
+        names.setdefault(c.interface, where("interface"))
+        workers_total += c.workers or os.cpu_count() or 1
     memory = _memory_total()
     if memory and total_memory > memory // 2:
-        bad(f"{captures[-1][0]}ring.block_count",
+        bad(where("ring.block_count"),
             f"{workers_total} workers' rings take {total_memory >> 20} MiB of kernel memory, "
             f"more than half of this machine's {memory >> 20} MiB")
     reason = endpoint_problem(cfg.publish.endpoint)
@@ -411,7 +442,7 @@ def _check(cfg: Config, captures: list[tuple[str, CaptureConfig]],
     if not 100 <= cfg.supervisor.status_interval_ms <= 3_600_000:
         bad("supervisor.status_interval_ms", f"must be between 100 and 3600000 ms, got "
                                              f"{cfg.supervisor.status_interval_ms}")
-    problems.extend(_check_security(cfg, labels))
+    _check_security(cfg, bad)
     if cfg.user is not None:
         try:
             pwd.getpwnam(cfg.user)
@@ -422,48 +453,59 @@ def _check(cfg: Config, captures: list[tuple[str, CaptureConfig]],
     return problems
 
 
-def _check_capture(c: CaptureConfig, prefix: str, bad: Callable[[str, str], None]) -> int:
-    """One capture's rules, keys under prefix; returns the kernel memory its rings take."""
+def _capture_keys(capture: _Capture) -> Callable[[str], str]:
+    """A capture's key name -> the key to report: the entry's own (interfaces[1].workers)
+    when the entry sets it, else the top-level one it inherits, so that a bad inherited
+    value is reported once."""
+    def where(name: str) -> str:
+        return capture.prefix + name if _set_in(capture.entry, name) else name
+    return where
+
+
+def _check_capture(c: CaptureConfig, where: Callable[[str], str],
+                   bad: Callable[..., None], is_broken: Callable[[str], bool]) -> int:
+    """One capture's rules; returns the kernel memory its rings take (0 when unknown)."""
     if (not c.interface or len(c.interface) >= 16
             or any(ch in c.interface for ch in "/:\0") or c.interface.strip() != c.interface
             or not c.interface.isprintable()):
-        bad(f"{prefix}interface", f"must be an interface name (1-15 characters) or auto, "
-                                  f"got {c.interface!r}")
+        bad(where("interface"), f"must be an interface name (1-15 characters) or auto, "
+                                f"got {c.interface!r}")
     if c.workers is not None and not 1 <= c.workers <= MAX_WORKERS:
-        bad(f"{prefix}workers", f"must be between 1 and {MAX_WORKERS} (members of one fanout "
-                                f"group) or auto, got {c.workers}")
+        bad(where("workers"), f"must be between 1 and {MAX_WORKERS} (members of one fanout "
+                              f"group) or auto, got {c.workers}")
     if c.fanout.mode not in fanout.MODES:
-        bad(f"{prefix}fanout.mode", f"must be one of {', '.join(fanout.MODES)}, "
-                                    f"got {c.fanout.mode!r}")
+        bad(where("fanout.mode"), f"must be one of {', '.join(fanout.MODES)}, "
+                                  f"got {c.fanout.mode!r}")
     for flag in c.fanout.flags:
         if flag not in fanout.FLAGS:
-            bad(f"{prefix}fanout.flags", f"unknown flag {flag!r} (known: "
-                                         f"{', '.join(fanout.FLAGS)})")
+            bad(where("fanout.flags"), f"unknown flag {flag!r} (known: "
+                                       f"{', '.join(fanout.FLAGS)})")
     if c.fanout.group_id is not None and not 0 <= c.fanout.group_id <= fanout.MAX_GROUP_ID:
-        bad(f"{prefix}fanout.group_id", f"must be between 0 and {fanout.MAX_GROUP_ID} or "
-                                        f"auto, got {c.fanout.group_id}")
-    geometry_problems = c.ring.geometry.problems(ring.page_size(), ring.max_page_order())
+        bad(where("fanout.group_id"), f"must be between 0 and {fanout.MAX_GROUP_ID} or "
+                                      f"auto, got {c.fanout.group_id}")
+    unknown = frozenset(f.name for f in fields(RingConfig) if is_broken(where(f"ring.{f.name}")))
+    geometry_problems = c.ring.geometry.problems(ring.page_size(), ring.max_page_order(),
+                                                 unknown)
     for name, reason in geometry_problems:
-        bad(f"{prefix}ring.{name}", reason)
+        bad(where(f"ring.{name}"), reason)
     if c.filter:
         try:
             compile_expression(c.filter)
         except FilterError as e:
-            bad(f"{prefix}filter", f"{c.filter!r} does not compile: {e}")
+            bad(where("filter"), f"{c.filter!r} does not compile: {e}")
     if not 0 <= c.payload_bytes <= MAX_PAYLOAD_BYTES:
-        bad(f"{prefix}payload_bytes", f"must be between 0 (off) and {MAX_PAYLOAD_BYTES}, "
-                                      f"got {c.payload_bytes}")
+        bad(where("payload_bytes"), f"must be between 0 (off) and {MAX_PAYLOAD_BYTES}, "
+                                    f"got {c.payload_bytes}")
     if c.timestamp not in TIMESTAMP_SOURCES:
-        bad(f"{prefix}timestamp", f"must be one of {', '.join(TIMESTAMP_SOURCES)}, "
-                                  f"got {c.timestamp!r}")
-    if geometry_problems:
+        bad(where("timestamp"), f"must be one of {', '.join(TIMESTAMP_SOURCES)}, "
+                                f"got {c.timestamp!r}")
+    if geometry_problems or unknown or is_broken(where("workers")):
         return 0
     return (c.workers or os.cpu_count() or 1) * c.ring.geometry.size
 
 
-def _check_security(cfg: Config, labels: dict[str, str]) -> list[tuple[str, str]]:
+def _check_security(cfg: Config, bad: Callable[..., None]) -> None:
     """CURVE keys for the publisher; TLS and basic auth for the metrics endpoint."""
-    problems = []
     curve = cfg.publish.curve
     if curve.secret_key_file is not None:
         try:
@@ -471,38 +513,38 @@ def _check_security(cfg: Config, labels: dict[str, str]) -> list[tuple[str, str]
 
             _, secret = zmq.auth.load_certificate(curve.secret_key_file)
             if secret is None:
-                problems.append(("publish.curve.secret_key_file",
-                                 f"{curve.secret_key_file} holds no secret key (use the "
-                                 f"*.key_secret file `fanoutd keygen` writes)"))
+                bad("publish.curve.secret_key_file",
+                    f"{curve.secret_key_file} holds no secret key (use the *.key_secret "
+                    f"file `fanoutd keygen` writes)")
         except (OSError, ValueError) as e:
-            problems.append(("publish.curve.secret_key_file",
-                             f"cannot load {curve.secret_key_file}: {e}"))
+            bad("publish.curve.secret_key_file", f"cannot load {curve.secret_key_file}: {e}")
         if curve.clients_dir is not None and not os.path.isdir(curve.clients_dir):
-            problems.append(("publish.curve.clients_dir",
-                             f"{curve.clients_dir} is not a directory"))
+            bad("publish.curve.clients_dir", f"{curve.clients_dir} is not a directory")
     elif curve.clients_dir is not None:
-        problems.append(("publish.curve.clients_dir",
-                         "needs publish.curve.secret_key_file (CURVE is off without it)"))
+        bad("publish.curve.clients_dir",
+            "needs publish.curve.secret_key_file (CURVE is off without it)",
+            "publish.curve.secret_key_file")
     m = cfg.metrics
     if (m.tls_cert_file is None) != (m.tls_key_file is None):
-        problems.append(("metrics.tls_cert_file", "TLS needs both tls_cert_file and "
-                                                  "tls_key_file"))
+        bad("metrics.tls_cert_file", "TLS needs both tls_cert_file and tls_key_file",
+            "metrics.tls_key_file")
     elif m.tls_cert_file is not None:
         try:
             tls_context(m)
         except (OSError, ValueError) as e:
-            problems.append(("metrics.tls_cert_file", f"cannot load the certificate, key or "
-                                                      f"client CA: {e}"))
+            bad("metrics.tls_cert_file", f"cannot load the certificate, key or client CA: "
+                                         f"{e}", "metrics.tls_key_file", "metrics.client_ca_file")
     elif m.client_ca_file is not None:
-        problems.append(("metrics.client_ca_file", "needs tls_cert_file and tls_key_file"))
+        bad("metrics.client_ca_file", "needs tls_cert_file and tls_key_file",
+            "metrics.tls_cert_file", "metrics.tls_key_file")
     if (m.basic_auth_user is None) != (m.basic_auth_password_sha256 is None):
-        problems.append(("metrics.basic_auth_user", "basic auth needs both basic_auth_user "
-                                                    "and basic_auth_password_sha256"))
+        bad("metrics.basic_auth_user", "basic auth needs both basic_auth_user and "
+                                       "basic_auth_password_sha256",
+            "metrics.basic_auth_password_sha256")
     elif m.basic_auth_password_sha256 is not None and not re.fullmatch(
             r"[0-9a-f]{64}", m.basic_auth_password_sha256):
-        problems.append(("metrics.basic_auth_password_sha256",
-                         "must be 64 lower-case hex digits: printf %s PASSWORD | sha256sum"))
-    return problems
+        bad("metrics.basic_auth_password_sha256",
+            "must be 64 lower-case hex digits: printf %s PASSWORD | sha256sum")
 
 
 def tls_context(m: MetricsConfig) -> ssl.SSLContext:
@@ -554,15 +596,14 @@ def parse_host_port(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _resolve(cfg: Config, captures: list[tuple[str, CaptureConfig]],
-             labels: dict[str, str]) -> Config:
+def _resolve(cfg: Config, captures: list[_Capture], labels: dict[str, str]) -> Config:
     """Replace what depends on this machine (auto interface and workers) by what it
     resolves to. A missing interface raises InterfaceUnavailable; hardware timestamps
     that the interface cannot give, ConfigError."""
     missing: list[tuple[str, str]] = []
     unsupported: list[tuple[str, str]] = []
     resolved = []
-    for prefix, capture in captures:
+    for prefix, capture, _ in captures:
         key = f"{prefix}interface"
         interface = capture.interface
         if interface == "auto":

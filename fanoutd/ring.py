@@ -49,12 +49,17 @@ class RingGeometry:
     def size(self) -> int:
         return self.block_size * self.block_count
 
-    def problems(self, page_size: int, max_order: int) -> list[tuple[str, str]]:
-        """Every broken kernel rule, as (field, rule) pairs; empty when the ring is valid."""
+    def problems(self, page_size: int, max_order: int,
+                 unknown: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
+        """Every broken kernel rule, as (field, rule) pairs; empty when the ring is valid.
+        Rules that read a field named in `unknown` (its value is not known) are skipped."""
         found = []
         max_block = page_size << max_order
-        block_ok = False
-        if self.block_size <= 0 or self.block_size % page_size:
+        block_ok = False  # block_size is known and valid: rules against it can be checked
+        frame_ok = "frame_size" not in unknown
+        if "block_size" in unknown:
+            pass
+        elif self.block_size <= 0 or self.block_size % page_size:
             found.append(("block_size", f"must be a positive multiple of the page size "
                                         f"({page_size} bytes), got {self.block_size}"))
         elif self.block_size > max_block:
@@ -67,23 +72,29 @@ class RingGeometry:
                                         f"{self.block_size}"))
         else:
             block_ok = True
-        if self.frame_size % _linux.TPACKET_ALIGNMENT:
+        if frame_ok and self.frame_size % _linux.TPACKET_ALIGNMENT:
             found.append(("frame_size", f"must be a multiple of TPACKET_ALIGNMENT "
                                         f"({_linux.TPACKET_ALIGNMENT}), got {self.frame_size}"))
-        if self.frame_size <= _linux.TPACKET3_HDRLEN:
+        if not frame_ok:
+            pass
+        elif self.frame_size <= _linux.TPACKET3_HDRLEN:
             found.append(("frame_size", f"must be larger than the frame header "
                                         f"(TPACKET3_HDRLEN = {_linux.TPACKET3_HDRLEN} bytes), "
                                         f"got {self.frame_size}"))
         elif block_ok and self.frame_size > self.block_size:
             found.append(("frame_size", f"must fit in a block (block_size {self.block_size}), "
                                         f"got {self.frame_size}"))
-        if self.block_count < 2:
+        if "block_count" in unknown:
+            pass
+        elif self.block_count < 2:
             found.append(("block_count", f"must be at least 2, so the kernel can fill one block "
                                          f"while the worker reads another, got "
                                          f"{self.block_count}"))
-        elif block_ok and self.frame_size > 0 and self.frame_count >= 2**32:
+        elif block_ok and frame_ok and self.frame_size > 0 and self.frame_count >= 2**32:
             found.append(("block_count", "frames per block times blocks must fit in 32 bits"))
-        if not 1 <= self.block_timeout_ms <= 60_000:
+        if "block_timeout_ms" in unknown:
+            pass
+        elif not 1 <= self.block_timeout_ms <= 60_000:
             found.append(("block_timeout_ms", f"must be between 1 and 60000 ms, got "
                                               f"{self.block_timeout_ms}"))
         return found

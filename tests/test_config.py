@@ -154,3 +154,51 @@ def test_auto_in_an_interfaces_entry(tmp_path):
     found = problems(write(tmp_path, "interfaces:\n  - interface: lo\n    workers: many\n"))
     assert found == [("interfaces[0].workers", "must be an integer or auto, got a string "
                                                "'many'")]
+
+
+def keys_of(found):
+    return sorted(k for k, _ in found)
+
+
+def test_unknown_keys_type_errors_and_rules_are_all_reported(tmp_path):
+    """One run names every problem: unknown keys, values of the wrong type and broken
+    rules, each once."""
+    path = write(tmp_path, "surprise: 1\nworkers: many\n"
+                           "ring: {block_size: 1000, block_cuont: 3}\n"
+                           "fanout: {mode: bogus}\nlog: {level: loud}\n")
+    assert keys_of(problems(path)) == ["fanout.mode", "log.level", "ring.block_cuont",
+                                       "ring.block_size", "surprise", "workers"]
+
+
+def test_a_value_of_the_wrong_type_gets_no_rule_error_from_its_default(tmp_path):
+    # block_size's default (512 KiB) would make frame_size "not fit in a block".
+    found = problems(write(tmp_path, "ring: {block_size: big, frame_size: 1048576}\n"))
+    assert keys_of(found) == ["ring.block_size"], found
+    # ... but a rule that does not involve the broken value is still checked.
+    found = problems(write(tmp_path, "ring: {block_size: big, frame_size: 1000, "
+                                     "block_count: 1}\n"))
+    assert keys_of(found) == ["ring.block_count", "ring.block_size", "ring.frame_size"]
+    # CURVE is not "off" because its key file has the wrong type; nor is TLS half set.
+    found = problems(write(tmp_path, "publish: {curve: {secret_key_file: 5, "
+                                     "clients_dir: /tmp}}\n"
+                                     "metrics: {tls_cert_file: [a], tls_key_file: k.pem}\n"))
+    assert keys_of(found) == ["metrics.tls_cert_file", "publish.curve.secret_key_file"]
+    # A section that is not a mapping: nothing under it is judged by its defaults.
+    found = problems(write(tmp_path, "ring: 5\nworkers: 0\n"))
+    assert keys_of(found) == ["ring", "workers"]
+
+
+def test_an_inherited_problem_is_reported_once(tmp_path):
+    """A bad top-level value that every entry inherits is one line, at the top level;
+    an entry's own bad value is named in the entry."""
+    text = ("ring: {block_size: 1000}\ninterfaces:\n  - interface: lo\n"
+            "  - interface: lo2\n    workers: 0\n    ring: {frame_size: 100}\n")
+    found = problems(write(tmp_path, text))
+    assert keys_of(found) == ["interfaces[1].ring.frame_size", "interfaces[1].workers",
+                              "ring.block_size"], found
+    path = write(tmp_path, "interfaces:\n  - interface: lo\n  - interface: lo2\n"
+                           "    ring: {block_size: 8192}\n")
+    found = problems(path, block_size="1000", workers="many")
+    assert keys_of(found) == ["ring.block_size (--block-size)", "workers (--workers)"], found
+    assert load_config(path, {"block_size": "65536"}, resolve=False).interfaces[1] \
+        .ring.block_size == 65536  # the flag still wins over the entry

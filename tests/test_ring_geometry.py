@@ -50,3 +50,13 @@ def test_largest_block_the_kernel_allows_is_accepted():
 
 def test_smallest_frame_is_the_first_aligned_size_above_the_header():
     assert fields_of(RingGeometry(PAGE, 2, 80, 10)) == []
+
+
+def test_rules_on_an_unknown_field_are_skipped():
+    """The config marks a value that failed its type check as unknown: no rule reads it."""
+    g = RingGeometry(1 << 19, 1, 1 << 20, 0)  # frame_size does not fit in the block
+    assert fields_of(g) == ["frame_size", "block_count", "block_timeout_ms"]
+    assert [n for n, _ in g.problems(PAGE, MAX_ORDER, frozenset({"block_size"}))] == [
+        "block_count", "block_timeout_ms"]
+    assert g.problems(PAGE, MAX_ORDER, frozenset({"frame_size", "block_count",
+                                                  "block_timeout_ms"})) == []
