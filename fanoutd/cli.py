@@ -12,6 +12,7 @@ from fanoutd.config import Config, ConfigError, InterfaceUnavailable, dump, load
 # Exit statuses; the supervisor's own are in supervisor.py. All are listed in the README.
 EXIT_USAGE = 2  # argparse's
 EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: the interface is not there
+EXIT_CANTCREAT = 73  # EX_CANTCREAT: keygen cannot (or will not) write its key files
 EXIT_CONFIG = 78  # EX_CONFIG: the configuration is invalid
 
 
@@ -117,6 +118,8 @@ def _parser() -> argparse.ArgumentParser:
                                            "subscriber")
     keygen.add_argument("directory", help="where to write NAME.key and NAME.key_secret")
     keygen.add_argument("--name", default="fanoutd", help="file name stem (default %(default)s)")
+    keygen.add_argument("--force", action="store_true",
+                        help="replace an existing NAME.key / NAME.key_secret")
     keygen.set_defaults(handler=_cmd_keygen)
 
     save = sub.add_parser(
@@ -411,19 +414,34 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
-    """zmq.auth's key files: NAME.key (public, give it out) and NAME.key_secret (0600)."""
+    """zmq.auth's key files: NAME.key (public, give it out) and NAME.key_secret (0600).
+    An existing pair is kept unless --force: replacing the publisher's locks every
+    subscriber out."""
     import zmq.auth
 
+    directory, name = args.directory, args.name
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        print(f"fanoutd keygen: {directory}: not a directory", file=sys.stderr)
+        return EXIT_CANTCREAT
+    paths = [os.path.join(directory, name + suffix) for suffix in (".key", ".key_secret")]
+    existing = [p for p in paths if os.path.lexists(p)]
+    if existing and not args.force:
+        verb = "exists" if len(existing) == 1 else "exist"
+        print(f"fanoutd keygen: {' and '.join(existing)} {verb} already; not replaced "
+              f"(--force replaces the key pair)", file=sys.stderr)
+        return EXIT_CANTCREAT
     try:
-        os.makedirs(args.directory, exist_ok=True)
+        os.makedirs(directory, exist_ok=True)
+        for path in existing:  # new files, so the secret one gets 0600 whatever the old had
+            os.unlink(path)
         old_umask = os.umask(0o077)
         try:
-            public, secret = zmq.auth.create_certificates(args.directory, args.name)
+            public, secret = zmq.auth.create_certificates(directory, name)
         finally:
             os.umask(old_umask)
         os.chmod(public, 0o644)
     except OSError as e:
-        print(f"fanoutd keygen: {args.directory}: {e.strerror}", file=sys.stderr)
-        return EXIT_UNAVAILABLE
+        print(f"fanoutd keygen: {e.filename or directory}: {e.strerror}", file=sys.stderr)
+        return EXIT_CANTCREAT
     print(f"public key: {public}\nsecret key: {secret}")
     return 0
