@@ -18,6 +18,10 @@ batches missing from the stream's `seq` sequence (dropped at a high-water mark),
 `duplicates` counts batches seen again (re-sent after a worker was replaced), `restarts[key]`
 counts rings replaced (a new `epoch`, with `seq` from 0: daemon restart, reload, interface
 re-created). Pass `on_gap=callback` to hear of each gap as it is found.
+
+`refused[endpoint]` says why an endpoint's handshake failed (the publisher did not admit
+this client's CURVE key, the server key is wrong, CURVE on one side only): ZeroMQ itself
+would only keep quiet, or keep retrying.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import zmq
+from zmq.utils import monitor as zmq_monitor
 
 from fanoutd.batch import (
     Batch,
@@ -44,6 +49,10 @@ __all__ = ["Batch", "Record", "SeqTracker", "StreamKey", "Subscriber", "format_i
            "format_mac", "format_tcp_flags", "to_json_ready"]
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:7440"
+
+# Socket monitor events that tell whether an endpoint let this client in.
+_HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
 
 class StreamCounts(dict):
@@ -176,8 +185,10 @@ class Subscriber:
         self.ctx = context or zmq.Context.instance()
         self.poller = zmq.Poller()
         self._endpoint_of: dict[zmq.Socket, str] = {}
-        curve = self._curve_keys(curve_server_key, curve_client_cert) if curve_server_key \
-            else None
+        self._monitors: dict[zmq.Socket, zmq.Socket] = {}  # SUB socket -> its monitor
+        self._monitored: dict[zmq.Socket, str] = {}  # monitor socket -> endpoint
+        self.curve = curve_server_key is not None
+        curve = self._curve_keys(curve_server_key, curve_client_cert) if self.curve else None
         try:
             for ep in self.endpoints:
                 sock = self.ctx.socket(zmq.SUB)
@@ -188,8 +199,12 @@ class Subscriber:
                     sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = curve
                 for topic in (*topics, HELLO):  # HELLO last: see docs/wire-format.md
                     sock.subscribe(topic)
+                monitor = sock.get_monitor_socket(_HANDSHAKE_EVENTS)
+                self._monitors[sock] = monitor
+                self._monitored[monitor] = ep
                 sock.connect(ep)
                 self.poller.register(sock, zmq.POLLIN)
+                self.poller.register(monitor, zmq.POLLIN)
         except BaseException:
             self.close()
             raise
@@ -197,6 +212,7 @@ class Subscriber:
         self.hellos = 0
         self.unreadable = 0  # messages on a batch topic that are no batch this library reads
         self.ready: set[str] = set()  # endpoints whose welcome message arrived
+        self.refused: dict[str, str] = {}  # endpoint -> why its last handshake failed
         self.tracker = SeqTracker(on_gap)
         self._pending: deque[Batch] = deque()
 
@@ -241,18 +257,24 @@ class Subscriber:
 
     def close(self) -> None:
         for sock in self._endpoint_of:
+            monitor = self._monitors.get(sock)
+            if monitor is not None:  # first, or the monitor's inproc name stays taken
+                sock.disable_monitor()
+                monitor.close()
             sock.close()
 
     def wait_ready(self, timeout: float = 5.0) -> bool:
         """Wait for every endpoint's welcome message: from then on nothing published is
         missed for lack of a subscription. Batches that arrive meanwhile are kept for
-        batches()/records()/packets(). False if `timeout` seconds pass first."""
+        batches()/records()/packets(). False if `timeout` seconds pass first, or once
+        every endpoint not ready has refused this client (see `refused`)."""
         deadline = time.monotonic() + timeout
-        while len(self.ready) < len(self.endpoints):
+        endpoints = set(self.endpoints)
+        while not endpoints <= self.ready:
             left = deadline - time.monotonic()
-            if left <= 0:
+            if left <= 0 or endpoints <= self.ready | set(self.refused):
                 return False
-            self._receive(left)
+            self._poll(left)
         return True
 
     def batches(self, timeout: float | None = None) -> Iterator[Batch]:
@@ -275,9 +297,27 @@ class Subscriber:
 
     def _receive(self, timeout: float | None) -> bool:
         """Wait up to `timeout` seconds (None: forever) for messages and take in what is
-        waiting on every socket. False when nothing arrived in time."""
-        events = self.poller.poll(None if timeout is None else max(0, int(timeout * 1000)))
+        waiting on every socket. False when no message arrived in time (handshake events
+        are taken in meanwhile, but they are not messages)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            got = self._poll(left)
+            if got is not None:
+                return got
+            if left == 0:
+                return False
+
+    def _poll(self, timeout: float | None) -> bool | None:
+        """One poll of every socket: True when messages were taken in, None when only
+        handshake events were, False when nothing came within timeout seconds."""
+        events = self.poller.poll(None if timeout is None else int(timeout * 1000))
+        messages = False
         for sock, _ in events:
+            if sock in self._monitored:
+                self._handshakes(sock)
+                continue
+            messages = True
             for _ in range(1000):  # bounded, so one busy sensor cannot starve the others
                 try:
                     # No copy into bytes: the batch is unpacked from ZeroMQ's own buffer.
@@ -285,7 +325,21 @@ class Subscriber:
                 except zmq.Again:
                     break
                 self._take(self._endpoint_of[sock], frames)
-        return bool(events)
+        return True if messages else None if events else False
+
+    def _handshakes(self, monitor: zmq.Socket) -> None:
+        """Take in an endpoint's handshake events: a failure says why in `refused`."""
+        endpoint = self._monitored[monitor]
+        while True:
+            try:
+                event = zmq_monitor.recv_monitor_message(monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.refused.pop(endpoint, None)
+            else:
+                self.refused[endpoint] = handshake_problem(event["event"], event["value"],
+                                                           self.curve)
 
     def _take(self, endpoint: str, frames: list[zmq.Frame]) -> None:
         if len(frames) == 1:
@@ -303,3 +357,17 @@ class Subscriber:
             return
         self.tracker.observe(batch.key, batch.seq, batch.epoch)
         self._pending.append(batch)
+
+
+def handshake_problem(event: int, value: int, curve: bool) -> str:
+    """Why a handshake failed, from a socket monitor event, for a client that uses CURVE
+    (curve) or not."""
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return (f"the CURVE handshake failed: the publisher does not admit this client's "
+                f"key (status {value})")
+    if value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+        return ("the publisher does not use CURVE" if curve else
+                "the publisher requires CURVE: its public key and a client key are needed")
+    if curve:  # the publisher could not decrypt what this client sent
+        return "the CURVE handshake failed: the server key is not the publisher's"
+    return f"the handshake failed (ZMTP error 0x{value:x})"

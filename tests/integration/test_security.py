@@ -6,6 +6,7 @@ import hashlib
 import json
 import ssl
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -56,15 +57,34 @@ def test_curve_admits_the_authorised_client(curve_daemon, injector):
         assert seen == set(range(4000, 4020))
 
 
-@pytest.mark.parametrize("who", ["plain", "intruder"])
+def refused_keys(who: str, server_public: Path, client_secret: Path,
+                 intruder_secret: Path) -> dict:
+    """Subscriber keyword arguments of a client the publisher refuses, and why."""
+    return {"plain": {},  # no CURVE at all
+            "intruder": {"curve_server_key": str(server_public),  # a key not admitted
+                         "curve_client_cert": str(intruder_secret)},
+            "wrong-server-key": {"curve_server_key": str(intruder_secret),  # not the server's
+                                 "curve_client_cert": str(client_secret)}}[who]
+
+
+REFUSED_BECAUSE = {"plain": "the publisher requires CURVE",
+                   "intruder": "the CURVE handshake failed: the publisher does not admit "
+                               "this client's key",
+                   "wrong-server-key": "the CURVE handshake failed: the server key is not "
+                                       "the publisher's"}
+
+
+@pytest.mark.parametrize("who", REFUSED_BECAUSE)
 def test_curve_refuses_others(curve_daemon, injector, who):
-    """A subscriber without CURVE, or with a key the publisher does not know, gets
-    nothing: not even the welcome message."""
-    daemon, server_public, _, intruder_secret = curve_daemon
-    keys = {} if who == "plain" else {"curve_server_key": str(server_public),
-                                      "curve_client_cert": str(intruder_secret)}
+    """A subscriber without CURVE, with a key the publisher does not know, or with the
+    wrong server key gets nothing, not even the welcome message; it is told why."""
+    daemon, server_public, client_secret, intruder_secret = curve_daemon
+    keys = refused_keys(who, server_public, client_secret, intruder_secret)
     with Subscriber(daemon.endpoint, **keys) as sub:
-        assert not sub.wait_ready(2)
+        started = time.monotonic()
+        assert not sub.wait_ready(10)
+        assert time.monotonic() - started < 5, "wait_ready should stop at the refusal"
+        assert sub.refused[daemon.endpoint].startswith(REFUSED_BECAUSE[who]), sub.refused
         injector.send_all(F.udp4_frame(sport=5000 + i) for i in range(5))
         assert list(sub.batches(timeout=1)) == []
     daemon.check_running()
