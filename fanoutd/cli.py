@@ -1,54 +1,123 @@
-"""Command line: run, check-config, print-config, tail."""
+"""Command line: run, check-config, print-config, tail, doctor, stats, keygen."""
 
 import argparse
 import os
 import signal
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 from fanoutd import __version__
-from fanoutd.config import Config, ConfigError, InterfaceUnavailable, dump, load_config
+from fanoutd.config import (
+    Config,
+    ConfigError,
+    InterfaceUnavailable,
+    dump,
+    load_config,
+    parse_host_port,
+    to_dict,
+)
 
-# Exit statuses; the supervisor's own are in supervisor.py. All are listed in the README.
+# Exit statuses; the supervisor's own are in supervisor.py. All are listed in the README,
+# and each command's --help lists those it can return.
 EXIT_USAGE = 2  # argparse's
-EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: the interface is not there
+EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: the interface, or every publish endpoint, is not there
 EXIT_CANTCREAT = 73  # EX_CANTCREAT: keygen cannot (or will not) write its key files
+EXIT_NOPERM = 77  # EX_NOPERM: run lacks CAP_NET_RAW
 EXIT_CONFIG = 78  # EX_CONFIG: the configuration is invalid
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports a SIGINT death
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # reported by the command's own parser, so with that command's usage
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.handler(args)
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:  # `fanoutd tail | head`: the reader left; stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's, except that a paragraph with indented lines (the exit statuses) is
+    kept as written instead of being wrapped into one."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        paragraphs = []
+        for para in text.split("\n\n"):
+            if "\n " in para:
+                paragraphs.append("\n".join(indent + line for line in para.splitlines()))
+            else:
+                paragraphs.append(super()._fill_text(para, width, indent))
+        return "\n\n".join(paragraphs)
+
+
+USAGE = (EXIT_USAGE, "usage error")
+INTERRUPTED = (EXIT_INTERRUPTED, "interrupted (Ctrl-C)")
+CONFIG_STATUSES = (
+    (EXIT_UNAVAILABLE, "an interface does not exist"),
+    (EXIT_CONFIG, "the configuration is invalid (each problem on its own line)"),
+)
+
+
+def _command(sub: Any, name: str, handler: Callable[[argparse.Namespace], int],
+             summary: str, statuses: tuple[tuple[int, str], ...],
+             description: str) -> argparse.ArgumentParser:
+    """A subcommand whose --help ends with the exit statuses it can return."""
+    epilog = "exit status:\n" + "\n".join(f"  {code:<4} {meaning}"
+                                           for code, meaning in sorted(statuses))
+    p = sub.add_parser(name, help=summary, description=description,
+                       epilog=epilog, formatter_class=_HelpFormatter)
+    p.set_defaults(handler=handler, command_parser=p)
+    return p
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fanoutd", description="Packet-capture daemon: "
                                      "PACKET_FANOUT workers on TPACKET_V3 rings, packet "
-                                     "summaries over ZeroMQ, metrics for Prometheus.")
+                                     "summaries over ZeroMQ, metrics for Prometheus.",
+                                     epilog="`fanoutd COMMAND --help` describes a command, "
+                                            "its options and its exit statuses.")
     parser.add_argument("--version", action="version", version=f"fanoutd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="capture and publish (the daemon)")
+    run = _command(sub, "run", _cmd_run, "capture and publish (the daemon)", (
+        (0, "stopped by SIGTERM or SIGINT"), USAGE,
+        (EXIT_UNAVAILABLE, "an interface does not exist, a ring cannot be allocated, or "
+                           "the publish\n       endpoint or the metrics port cannot be "
+                           "bound"),
+        (70, "a worker or the proxy kept failing to start (FATAL)"),
+        (EXIT_NOPERM, "permission denied: capture needs CAP_NET_RAW"),
+        (EXIT_CONFIG, "the configuration is invalid (each problem on its own line)")),
+        description="Capture on the configured interfaces and publish packet summaries. "
+                    "Flags override the configuration file (-c), which overrides the "
+                    "defaults.")
     _config_flags(run)
-    run.set_defaults(handler=_cmd_run)
 
-    check = sub.add_parser("check-config", help="validate a configuration and exit")
+    check = _command(sub, "check-config", _cmd_check_config,
+                     "validate a configuration and exit",
+                     ((0, "the configuration is valid"), USAGE, *CONFIG_STATUSES),
+                     description="Validate the configuration (-c FILE, then the flags) as "
+                                 "`run` would, reporting every problem, and exit.")
     _config_flags(check)
-    check.set_defaults(handler=_cmd_check_config)
 
-    show = sub.add_parser("print-config", help="print the effective configuration as YAML")
+    show = _command(sub, "print-config", _cmd_print_config,
+                    "print the effective configuration as YAML",
+                    ((0, "printed"), USAGE, *CONFIG_STATUSES),
+                    description="Print the effective configuration (-c FILE, then the "
+                                "flags, auto values resolved) as YAML that check-config "
+                                "and run -c accept.")
     _config_flags(show)
-    show.set_defaults(handler=_cmd_print_config)
 
-    tail = sub.add_parser(
-        "tail", help="print packets from running fanoutd daemons",
+    tail = _command(
+        sub, "tail", _cmd_tail, "print packets from running fanoutd daemons", (
+            (0, "--count packets shown, --timeout passed, or the reader of the output "
+                "left"), USAGE, INTERRUPTED),
         description="Print the packets a running fanoutd publishes, from one or several "
                     "sensors. --proto, --host, --port, --vlan and --worker are display "
                     "filters, applied here, on the subscriber's side: the daemon still "
@@ -56,13 +125,15 @@ def _parser() -> argparse.ArgumentParser:
                     "daemon's own --filter). Each option may be repeated or given a comma "
                     "list; a packet is shown when it matches one value of every option given.")
     tail.add_argument("--endpoint", action="append", metavar="ENDPOINT",
-                      help="publish endpoint to connect to; repeat for several sensors "
-                           "(default tcp://127.0.0.1:7440)")
-    tail.add_argument("--json", action="store_true", help="one JSON object per line")
-    tail.add_argument("--count", type=int, default=0, metavar="N",
-                      help="stop after N packets shown")
-    tail.add_argument("--timeout", type=float, default=None, metavar="S",
-                      help="stop after S seconds without packets")
+                      help="publish endpoint to connect to, tcp://HOST:PORT or ipc://PATH; "
+                           "repeat for several sensors (default: tcp://127.0.0.1:7440)")
+    tail.add_argument("--json", action="store_true",
+                      help="one JSON object per line: the wire fields, iface, worker, seq, "
+                           "sensor, and time (ISO 8601, UTC), proto_name, ethertype_name")
+    tail.add_argument("--count", type=_positive(int), default=None, metavar="N",
+                      help="stop after N packets shown (default: no limit)")
+    tail.add_argument("--timeout", type=_positive(float), default=None, metavar="S",
+                      help="stop after S seconds without packets (default: never)")
     tail.add_argument("--proto", action="extend", default=[], metavar="PROTO",
                       type=_listed(_views_parser("parse_proto")),
                       help="tcp, udp, icmp, icmp6, sctp, arp, ... or an IP protocol number")
@@ -82,13 +153,20 @@ def _parser() -> argparse.ArgumentParser:
                       help="on exit, print per-stream lost batches, duplicates and ring "
                            "restarts on stderr")
     tail.add_argument("--curve-server-key", metavar="FILE",
-                      help="the publisher's public key (NAME.key): connect with CURVE")
+                      help="the publisher's public key (NAME.key): connect with CURVE "
+                           "(default: no CURVE)")
     tail.add_argument("--curve-client-cert", metavar="FILE",
-                      help="this client's secret key (NAME.key_secret)")
-    tail.set_defaults(handler=_cmd_tail)
+                      help="this client's secret key (NAME.key_secret) (default: a new "
+                           "key each time, which a publisher with clients_dir refuses)")
 
-    doctor = sub.add_parser(
-        "doctor", help="report what affects capture on an interface, and what to change",
+    doctor = _command(
+        sub, "doctor", _cmd_doctor,
+        "report what affects capture on an interface, and what to change", (
+            (0, "nothing to change"), (1, "something should change (the report says what)"),
+            USAGE, (EXIT_UNAVAILABLE, "no such interface, or something could not be read"),
+            (EXIT_NOPERM, "nothing to change found, but some checks need CAP_NET_RAW (run "
+                          "as root)"),
+            (EXIT_CONFIG, "the configuration is invalid")),
         description="Report what affects capture on an interface: page size and ring "
                     "geometry, MTU versus what a block holds, VLAN offload, GRO/LRO, flow "
                     "symmetry of the fanout mode, and which fanout modes and flags the "
@@ -96,103 +174,149 @@ def _parser() -> argparse.ArgumentParser:
                     "(-c FILE: the interfaces entry examined; then the flags, else the "
                     "defaults). A worker's ring is rated by how long it lasts at line rate "
                     "(the link's speed, 10 Gb/s if it reports none, in 64-byte frames): "
-                    "under 5 ms change, under 50 ms note. Sends no traffic. Exit status: 0 "
-                    "nothing to change, 1 something to change, 77 some checks need "
-                    "CAP_NET_RAW (run as root), 69 no such interface or something could not "
-                    "be read, 78 invalid configuration.")
-    doctor.add_argument("-c", "--config", metavar="FILE", help="YAML configuration file")
+                    "under 5 ms change, under 50 ms note. Sends no traffic.")
+    doctor.add_argument("-c", "--config", metavar="FILE",
+                        help="YAML configuration file (default: none, the defaults apply)")
     doctor.add_argument("--interface", metavar="IF",
                         help="interface to examine, with its interfaces entry in the "
                              "configuration (default: the first entry)")
-    doctor.add_argument("--workers", metavar="N", help="worker processes (or auto)")
-    doctor.add_argument("--fanout", metavar="MODE", help="hash, lb, cpu, rnd, qm or rollover")
-    doctor.add_argument("--fanout-flags", metavar="FLAGS",
-                        help="comma-separated: defrag, rollover, ignore-outgoing")
-    doctor.add_argument("--block-size", metavar="BYTES", help="ring block size")
-    doctor.add_argument("--block-count", metavar="N", help="ring blocks per worker")
-    doctor.add_argument("--frame-size", metavar="BYTES", help="ring frame size")
-    doctor.add_argument("--block-timeout", metavar="MS", help="block retire timeout")
-    doctor.set_defaults(handler=_cmd_doctor)
+    _capture_flags(doctor)
 
-    keygen = sub.add_parser("keygen", help="create a CURVE key pair for the publisher or a "
-                                           "subscriber")
-    keygen.add_argument("directory", help="where to write NAME.key and NAME.key_secret")
-    keygen.add_argument("--name", default="fanoutd", help="file name stem (default %(default)s)")
+    keygen = _command(sub, "keygen", _cmd_keygen,
+                      "create a CURVE key pair for the publisher or a subscriber", (
+                          (0, "the key pair was written"), USAGE,
+                          (EXIT_CANTCREAT, "NAME.key or NAME.key_secret exists already "
+                                           "(see --force), DIR is not a\n       directory, "
+                                           "or a key file cannot be written")),
+                      description="Create a CURVE key pair: DIR/NAME.key, the public key "
+                                  "to give out, and DIR/NAME.key_secret (mode 0600). An "
+                                  "existing pair is kept unless --force: replacing the "
+                                  "publisher's locks every subscriber out.")
+    keygen.add_argument("directory", metavar="DIR",
+                        help="where to write NAME.key and NAME.key_secret (created if need be)")
+    keygen.add_argument("--name", default="fanoutd", help="file name stem (default: %(default)s)")
     keygen.add_argument("--force", action="store_true",
                         help="replace an existing NAME.key / NAME.key_secret")
-    keygen.set_defaults(handler=_cmd_keygen)
 
-    save = sub.add_parser(
-        "save", help="write the published stream to rotated Parquet files",
+    save = _command(sub, "save", _cmd_save, "write the published stream to rotated Parquet "
+                                            "files", (
+        (0, "done (--count, --timeout, SIGTERM or Ctrl-C)"), USAGE,
+        (EXIT_UNAVAILABLE, "no pyarrow, or no sensor ever answered")),
         description="Subscribe to one or several sensors and write every packet to Parquet "
-                    "files in DIRECTORY, one row per packet with the wire fields and the "
-                    "batch's sensor, iface, worker, epoch and seq. A file is written as "
+                    "files in DIR, one row per packet with the wire fields and the batch's "
+                    "sensor, iface, worker, epoch and seq. A file is written as "
                     "NAME.parquet.part and renamed NAME.parquet once complete; a new one "
                     "starts after --rotate-rows rows or --rotate-seconds seconds (at the "
                     "next batch boundary) and whenever the fields change. SIGTERM or "
-                    "Ctrl-C completes the current file. Needs pyarrow (fanoutd[arrow]). "
-                    "Exit status: 0 done, 2 usage, 69 no pyarrow or no sensor answered.")
-    save.add_argument("directory", help="where the files go (created if missing)")
+                    "Ctrl-C completes the current file. Needs pyarrow (fanoutd[arrow]).")
+    save.add_argument("directory", metavar="DIR",
+                      help="where the files go (created if missing)")
     save.add_argument("--endpoint", action="append", metavar="ENDPOINT",
                       help="publish endpoint to connect to; repeat for several sensors "
-                           "(default tcp://127.0.0.1:7440)")
-    save.add_argument("--rotate-rows", type=_positive_int, default=10_000_000, metavar="N",
-                      help="start a new file after N rows (default %(default)s)")
-    save.add_argument("--rotate-seconds", type=float, default=3600.0, metavar="S",
-                      help="start a new file after S seconds (default %(default)s)")
+                           "(default: tcp://127.0.0.1:7440)")
+    save.add_argument("--rotate-rows", type=_positive(int), default=10_000_000, metavar="N",
+                      help="start a new file after N rows (default: %(default)s)")
+    save.add_argument("--rotate-seconds", type=_positive(float), default=3600.0,
+                      metavar="S", help="start a new file after S seconds "
+                                        "(default: %(default)s)")
     save.add_argument("--compression", default="zstd",
                       choices=("zstd", "snappy", "gzip", "lz4", "none"),
-                      help="Parquet compression (default %(default)s)")
-    save.add_argument("--count", type=_positive_int, default=None, metavar="N",
-                      help="stop after N packets (at a batch boundary)")
-    save.add_argument("--timeout", type=float, default=None, metavar="S",
-                      help="stop after S seconds without packets")
+                      help="Parquet compression (default: %(default)s)")
+    save.add_argument("--count", type=_positive(int), default=None, metavar="N",
+                      help="stop after N packets, at a batch boundary (default: no limit)")
+    save.add_argument("--timeout", type=_positive(float), default=None, metavar="S",
+                      help="stop after S seconds without packets (default: never)")
     save.add_argument("--curve-server-key", metavar="FILE",
-                      help="the publisher's public key (NAME.key): connect with CURVE")
+                      help="the publisher's public key (NAME.key): connect with CURVE "
+                           "(default: no CURVE)")
     save.add_argument("--curve-client-cert", metavar="FILE",
                       help="this client's secret key (NAME.key_secret)")
-    save.set_defaults(handler=_cmd_save)
 
-    stats = sub.add_parser("stats", help="per-worker counters of a running fanoutd")
+    stats = _command(sub, "stats", _cmd_stats, "per-worker counters of a running fanoutd", (
+        (0, "the table was printed"), USAGE,
+        (EXIT_UNAVAILABLE, "the metrics address cannot be read"), INTERRUPTED),
+        description="Print a per-worker table of a running fanoutd's counters (packets/s, "
+                    "kernel drops, decode errors, ...), read from its metrics endpoint.")
     stats.add_argument("--metrics", default="127.0.0.1:9740", metavar="HOST:PORT",
-                       help="its metrics address (default %(default)s)")
-    stats.add_argument("--interval", type=float, default=1.0,
-                       help="seconds between the two scrapes that give packets/s")
-    stats.add_argument("--watch", action="store_true", help="refresh until interrupted")
-    stats.set_defaults(handler=_cmd_stats)
+                       type=_host_port, help="its metrics address (default: %(default)s)")
+    stats.add_argument("--interval", type=_positive(float), default=1.0, metavar="S",
+                       help="seconds between the two scrapes that give packets/s "
+                            "(default: %(default)s)")
+    stats.add_argument("--watch", action="store_true",
+                       help="print a new table every interval until interrupted (on a "
+                            "terminal, in place)")
     return parser
 
 
+def _from_file(key: str, meaning: str = "") -> str:
+    """' (default: from the file, else VALUE)': a config flag's own default is None,
+    which means "as the file says", and the file's default is the key's."""
+    value: Any = to_dict(Config())
+    for part in key.split("."):
+        value = value[part]
+    value = {"": '""', "[]": "none", "True": "true", "False": "false"}.get(str(value),
+                                                                          str(value))
+    return f" (default: from the file, else {value}{meaning})"
+
+
 def _config_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-c", "--config", metavar="FILE", help="YAML configuration file")
+    p.add_argument("-c", "--config", metavar="FILE",
+                   help="YAML configuration file (default: none, the defaults apply)")
     p.add_argument("--interface", metavar="IF", action="append",
-                   help="interface to capture on (or auto); repeat for several")
+                   help="interface to capture on (or auto); repeat for several" +
+                        _from_file("interface", ": the default route's"))
     p.add_argument("--filter", metavar="EXPR",
-                   help="capture filter in tcpdump syntax (compiled by libpcap)")
+                   help="capture filter in tcpdump syntax (compiled by libpcap)" +
+                        _from_file("filter", ": capture everything"))
     p.add_argument("--no-promisc", dest="promisc", action="store_const", const="false",
-                   help="do not put the interface in promiscuous mode")
+                   help="do not put the interface in promiscuous mode" +
+                        _from_file("promisc", ": promiscuous"))
     p.add_argument("--payload-bytes", metavar="N",
-                   help="add a `payload` field with the first N bytes after the headers")
-    p.add_argument("--timestamp", metavar="SOURCE", help="software (default) or hardware")
-    p.add_argument("--workers", metavar="N", help="worker processes (or auto: one per CPU)")
-    p.add_argument("--fanout", metavar="MODE", help="hash, lb, cpu, rnd, qm or rollover")
-    p.add_argument("--fanout-flags", metavar="FLAGS",
-                   help="comma-separated: defrag, rollover, ignore-outgoing (none for none)")
-    p.add_argument("--group-id", metavar="ID", help="fanout group id 0-65535, or auto")
-    p.add_argument("--publish", metavar="ENDPOINT", help="ZeroMQ endpoint to bind")
-    p.add_argument("--hwm", metavar="N", help="publish high-water mark, in batches")
+                   help="add a `payload` field with the first N bytes after the headers" +
+                        _from_file("payload_bytes", ": off"))
+    p.add_argument("--timestamp", metavar="SOURCE",
+                   help="software or hardware" + _from_file("timestamp"))
+    _capture_flags(p)
+    p.add_argument("--group-id", metavar="ID", help="fanout group id 0-65535, or auto" +
+                   _from_file("fanout.group_id", ": the kernel picks an unused one"))
+    p.add_argument("--publish", metavar="ENDPOINT",
+                   help="ZeroMQ endpoint to bind, tcp://HOST:PORT or ipc://PATH" +
+                        _from_file("publish.endpoint"))
+    p.add_argument("--hwm", metavar="N", help="publish high-water mark, in batches" +
+                   _from_file("publish.sndhwm"))
     p.add_argument("--format", metavar="FORMAT",
-                   help="wire format of batches: columns (version 2, default) or rows (1)")
-    p.add_argument("--metrics", metavar="HOST:PORT", help="Prometheus listen address")
-    p.add_argument("--block-size", metavar="BYTES", help="ring block size")
-    p.add_argument("--block-count", metavar="N", help="ring blocks per worker")
-    p.add_argument("--frame-size", metavar="BYTES", help="ring frame size")
-    p.add_argument("--block-timeout", metavar="MS", help="block retire timeout")
-    p.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning or error")
+                   help="wire format of batches: columns (version 2) or rows (1)" +
+                        _from_file("publish.format"))
+    p.add_argument("--metrics", metavar="HOST:PORT",
+                   help="Prometheus listen address" + _from_file("metrics.listen"))
+    p.add_argument("--log-level", metavar="LEVEL",
+                   help="debug, info, warning or error" + _from_file("log.level"))
     p.add_argument("--runtime-dir", metavar="DIR",
-                   help="where the workers' ipc socket lives (or auto)")
+                   help="where the workers' ipc socket lives (or auto)" +
+                        _from_file("runtime_dir", ": $RUNTIME_DIRECTORY, /run/fanoutd or "
+                                                  "the temp directory"))
     p.add_argument("--user", metavar="USER",
-                   help="user the workers and the proxy drop to (default nobody; none: stay)")
+                   help="user the workers and the proxy drop to (none: stay)" +
+                        _from_file("user"))
+
+
+def _capture_flags(p: argparse.ArgumentParser) -> None:
+    """The worker, fanout and ring flags, which `doctor` takes too."""
+    p.add_argument("--workers", metavar="N",
+                   help="worker processes (or auto)" + _from_file("workers", ": one per CPU"))
+    p.add_argument("--fanout", metavar="MODE",
+                   help="hash, lb, cpu, rnd, qm or rollover" + _from_file("fanout.mode"))
+    p.add_argument("--fanout-flags", metavar="FLAGS",
+                   help="comma-separated: defrag, rollover, ignore-outgoing (none for none)" +
+                        _from_file("fanout.flags"))
+    p.add_argument("--block-size", metavar="BYTES",
+                   help="ring block size" + _from_file("ring.block_size"))
+    p.add_argument("--block-count", metavar="N",
+                   help="ring blocks per worker" + _from_file("ring.block_count"))
+    p.add_argument("--frame-size", metavar="BYTES",
+                   help="ring frame size" + _from_file("ring.frame_size"))
+    p.add_argument("--block-timeout", metavar="MS",
+                   help="block retire timeout, in ms" + _from_file("ring.block_timeout_ms"))
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -269,9 +393,32 @@ def _listed(parse):
     return parse_list
 
 
+def _positive(kind: type) -> Callable[[str], Any]:
+    """argparse type: a number above 0 (int or float)."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value > 0 or value == float("inf"):
+            what = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"must be {what} above 0, got {text!r}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in some of its messages
+    return parse
+
+
+def _host_port(text: str) -> str:
+    try:
+        parse_host_port(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def _cmd_tail(args: argparse.Namespace) -> int:
     from fanoutd.client import Subscriber
-    from fanoutd.views import DisplayFilter, packet_line
+    from fanoutd.views import DisplayFilter, json_line, packet_line
 
     endpoints = args.endpoint or ["tcp://127.0.0.1:7440"]
     show = DisplayFilter.from_options(args.proto, args.host, args.port, args.vlan, args.worker)
@@ -293,7 +440,7 @@ def _cmd_tail(args: argparse.Namespace) -> int:
                 if show and not show.matches(rec):
                     continue
                 if args.json:
-                    line = rec.to_json()
+                    line = json_line(rec)
                 else:
                     line = packet_line(rec.as_dict(raw=True), show_sensor=several)
                 print(line, flush=True)
@@ -302,19 +449,9 @@ def _cmd_tail(args: argparse.Namespace) -> int:
                     break
         except KeyboardInterrupt:
             _tail_summary(sub, args.stats)
-            return 130
+            return EXIT_INTERRUPTED
         _tail_summary(sub, args.stats)
     return 0
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
-    return value
 
 
 def _cmd_save(args: argparse.Namespace) -> int:
@@ -395,14 +532,19 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 def _cmd_stats(args: argparse.Namespace) -> int:
     from fanoutd.views import read_metrics, stats_table
 
+    in_place = args.watch and sys.stdout.isatty()  # no escape codes into a file or a pipe
+    tables = 0
     try:
         before = read_metrics(args.metrics)
         while True:
             time.sleep(args.interval)
             after = read_metrics(args.metrics)
-            if args.watch:
+            if in_place:
                 print("\033[H\033[J", end="")  # clear the screen
+            elif tables:
+                print()  # a blank line between tables
             print(stats_table(before, after, args.interval), flush=True)
+            tables += 1
             if not args.watch:
                 return 0
             before = after

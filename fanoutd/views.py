@@ -2,6 +2,7 @@
 `fanoutd stats` table."""
 
 import ipaddress
+import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -57,6 +58,29 @@ def packet_line(pkt: dict, show_sensor: bool = False) -> str:
 PROTO_BY_NAME = {"icmp": 1, "tcp": 6, "udp": 17, "icmp6": 58, "icmpv6": 58, "sctp": 132,
                  "dccp": 33, "udplite": 136, "gre": 47, "esp": 50, "ah": 51}
 ETHERTYPE_ARP = 0x0806
+
+
+# `fanoutd tail --json` names: the --proto names, and the ethertype names in lower case.
+JSON_PROTO_NAMES = {number: name for name, number in PROTO_BY_NAME.items() if name != "icmpv6"}
+JSON_ETHERTYPE_NAMES = {number: name.lower() for number, name in ETHERTYPE_NAMES.items()}
+
+
+def iso_time(ts_ns: int) -> str:
+    """Nanoseconds since the epoch as ISO 8601 in UTC, to the nanosecond:
+    2026-12-01T15:06:51.123456789Z."""
+    seconds, ns = divmod(ts_ns, 1_000_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{ns:09d}Z"
+
+
+def json_line(rec: Record) -> str:
+    """`fanoutd tail --json`: Record.to_json()'s keys, plus `time` (iso_time of ts_ns),
+    `proto_name` and `ethertype_name` (null when there is none or it has no name here)."""
+    out = rec.as_dict()
+    ts = out.get("ts_ns")
+    out["time"] = None if ts is None else iso_time(ts)
+    out["proto_name"] = JSON_PROTO_NAMES.get(out.get("proto"))
+    out["ethertype_name"] = JSON_ETHERTYPE_NAMES.get(out.get("ethertype"))
+    return json.dumps(out, separators=(",", ":"))
 
 
 def parse_proto(text: str) -> int | str:

@@ -1,7 +1,12 @@
 """The command line without a daemon: usage errors, help texts, check-config's report,
 keygen, and what tail and stats print."""
 
+import re
+
+import pytest
+
 from fanoutd import cli
+from fanoutd.config import RingConfig
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -60,3 +65,59 @@ def test_keygen_into_something_that_is_not_a_directory(capsys, tmp_path):
     target.write_text("")
     status, out, err = run(capsys, "keygen", str(target))
     assert (status, out) == (73, "") and err == f"fanoutd keygen: {target}: not a directory\n"
+
+
+# --------------------------------------------------------------------------- help and usage
+
+EXIT_STATUSES = {
+    "run": {0, 2, 69, 70, 77, 78},
+    "check-config": {0, 2, 69, 78},
+    "print-config": {0, 2, 69, 78},
+    "tail": {0, 2, 130},
+    "doctor": {0, 1, 2, 69, 78},
+    "stats": {0, 2, 69, 130},
+    "keygen": {0, 2, 73},
+}
+
+
+@pytest.mark.parametrize("command", EXIT_STATUSES)
+def test_help_ends_with_the_exit_statuses(capsys, command):
+    status, out, _ = run(capsys, command, "--help")
+    assert status == 0
+    _, sep, epilog = out.partition("\nexit status:\n")
+    assert sep, out
+    listed = {int(m) for m in re.findall(r"^  (\d+) ", epilog, re.MULTILINE)}
+    assert listed == EXIT_STATUSES[command], epilog
+
+
+def test_help_shows_defaults(capsys):
+    out = " ".join(run(capsys, "run", "--help")[1].split())  # unwrapped
+    assert f"ring block size (default: from the file, else {RingConfig().block_size})" in out
+    assert "worker processes (or auto) (default: from the file, else auto: one per CPU)" in out
+    out = " ".join(run(capsys, "stats", "--help")[1].split())
+    assert "(default: 127.0.0.1:9740)" in out and "(default: 1.0)" in out
+    out = " ".join(run(capsys, "tail", "--help")[1].split())
+    assert "(default: tcp://127.0.0.1:7440)" in out and "(default: no limit)" in out
+
+
+@pytest.mark.parametrize("command", EXIT_STATUSES)
+def test_an_unknown_option_gets_the_commands_usage(capsys, command):
+    argv = [command, "DIR"] if command == "keygen" else [command]
+    status, out, err = run(capsys, *argv, "--bogus")
+    assert (status, out) == (2, "")
+    assert err.startswith(f"usage: fanoutd {command} "), err
+    assert err.rstrip().endswith(f"fanoutd {command}: error: unrecognized arguments: --bogus")
+
+
+@pytest.mark.parametrize("argv", [
+    ["tail", "--count", "0"], ["tail", "--count", "-1"], ["tail", "--count", "x"],
+    ["tail", "--timeout", "0"], ["tail", "--timeout", "-2"], ["tail", "--timeout", "nan"],
+    ["stats", "--interval", "0"], ["stats", "--metrics", "9740"],
+], ids=" ".join)
+def test_bad_values_are_usage_errors(capsys, tmp_path, argv):
+    if argv[0] == "tail":  # bounded even if a bad value were taken: valid ones go first
+        argv = ["tail", "--endpoint", f"ipc://{tmp_path}/x", "--timeout", "0.2", *argv[1:]]
+    status, out, err = run(capsys, *argv)
+    assert (status, out) == (2, "")
+    assert err.startswith(f"usage: fanoutd {argv[0]} "), err
+    assert argv[-1] in err.splitlines()[-1] and "Traceback" not in err, err

@@ -12,7 +12,7 @@ import pytest
 import zmq
 
 from fanoutd.client import Batch, Record, SeqTracker, StreamKey, Subscriber
-from fanoutd.views import DisplayFilter, packet_line, parse_host, parse_proto
+from fanoutd.views import DisplayFilter, json_line, packet_line, parse_host, parse_proto
 from fanoutd.wire import HELLO
 
 FIELDS = ["ts_ns", "len", "caplen", "ifindex", "rxhash", "pkttype", "eth_dst", "eth_src",
@@ -332,3 +332,22 @@ def test_tail_line_names_the_sensor():
     line = packet_line(rec.as_dict(raw=True), show_sensor=True)
     assert line.startswith("tcp://sensor-a:7440 ") and "UDP 192.0.2.1:1000 > 192.0.2.2:53" in line
     assert not packet_line(rec.as_dict(raw=True)).startswith("tcp://")
+
+
+def test_tail_json_adds_time_and_names():
+    rec = record(proto=6, sport=443, dport=50000, tcp_flags=0x12)
+    out = json.loads(json_line(rec))
+    assert {k: v for k, v in out.items()
+            if k not in ("time", "proto_name", "ethertype_name")} == rec.as_dict()
+    seconds, ns = divmod(TS_NS, 10**9)
+    assert out["time"] == datetime.fromtimestamp(seconds, UTC).strftime(
+        "%Y-%m-%dT%H:%M:%S") + f".{ns:09d}Z"
+    assert out["time"].endswith(f"{TS_NS % 10**9:09d}Z")
+    assert (out["proto_name"], out["ethertype_name"]) == ("tcp", "ipv4")
+    names = {p: json.loads(json_line(record(proto=p)))["proto_name"]
+             for p in (1, 17, 58, 132, 253)}
+    assert names == {1: "icmp", 17: "udp", 58: "icmp6", 132: "sctp", 253: None}
+    arp = json.loads(json_line(record(proto=None, ethertype=0x0806)))
+    assert (arp["proto_name"], arp["ethertype_name"]) == (None, "arp")
+    v6 = json.loads(json_line(record(ethertype=0x86DD)))
+    assert v6["ethertype_name"] == "ipv6"

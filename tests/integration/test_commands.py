@@ -1,5 +1,9 @@
-"""`fanoutd print-config` and `check-config` on real interfaces (the namespace's cap0 and
-inj0): what print-config prints is a valid configuration that prints the same again."""
+"""Commands against the namespace's real interfaces (cap0, inj0) and a real daemon:
+print-config's output is a valid configuration that prints the same again; `stats
+--watch` into a pipe prints plain tables."""
+
+import subprocess
+import sys
 
 import netlab
 import pytest
@@ -50,3 +54,30 @@ def test_print_config_output_round_trips(ns, text):
         reprinted = netlab.run_cli(ns, "print-config", "-c", str(again))
         assert reprinted.returncode == 0, reprinted.stderr
         assert reprinted.stdout == printed.stdout
+
+
+def test_stats_watch_into_a_pipe_prints_no_escape_codes(ns, start_daemon):
+    """Not a terminal: no clear-screen codes, each table after a blank line."""
+    daemon = start_daemon(workers=2)
+    argv = ["ip", "netns", "exec", ns.name, sys.executable, "-m", "fanoutd", "stats",
+            "--watch", "--interval", "0.1", "--metrics", f"127.0.0.1:{daemon.metrics_port}"]
+    proc = subprocess.Popen(argv, cwd=netlab.REPO, env={**netlab.base_env(),
+                                                        "PYTHONUNBUFFERED": "1"},
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        out = netlab.LineReader(proc)
+
+        def tables() -> int:
+            return sum(line.startswith("interface ") for line in out.drain())
+        netlab.wait_for(lambda: tables() >= 3, 20, "three tables from stats --watch",
+                        detail=lambda: f"stdout {out.seen[-8:]}\n{daemon.logs()}")
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    text = "".join(out.drain())
+    assert "\033" not in text, repr(text[:200])
+    table = ["interface", "cap0", "cap0", "total"]  # a header, two workers, the total
+    blocks = [[line.split()[0] for line in block.splitlines()]
+              for block in text.split("\n\n")]
+    assert blocks[0] == table and blocks[1] == table, repr(text)

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from datetime import UTC, datetime
 
 import frames as F
 import netlab
@@ -48,6 +49,11 @@ def test_tail_json_prints_one_object_per_frame(ns, injector, start_daemon):
         assert len(objs) == len(want), f"{len(objs)} lines for {len(want)} frames"
         for o in objs:
             assert o["dport"] == want[o["sport"]], o
+            # Names and an ISO 8601 UTC time besides the numbers, to the nanosecond.
+            assert (o["proto"], o["proto_name"], o["ethertype_name"]) == (17, "udp", "ipv4")
+            seconds, ns = divmod(o["ts_ns"], 10**9)
+            assert o["time"] == datetime.fromtimestamp(seconds, UTC).strftime(
+                "%Y-%m-%dT%H:%M:%S") + f".{ns:09d}Z", o
     finally:
         proc.kill()
         proc.wait(timeout=10)
