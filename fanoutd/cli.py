@@ -14,6 +14,7 @@ from fanoutd.config import (
     ConfigError,
     InterfaceUnavailable,
     dump,
+    endpoint_problem,
     load_config,
     parse_host_port,
     to_dict,
@@ -24,7 +25,7 @@ from fanoutd.config import (
 EXIT_USAGE = 2  # argparse's
 EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: the interface, or every publish endpoint, is not there
 EXIT_CANTCREAT = 73  # EX_CANTCREAT: keygen cannot (or will not) write its key files
-EXIT_NOPERM = 77  # EX_NOPERM: run lacks CAP_NET_RAW
+EXIT_NOPERM = 77  # EX_NOPERM: tail was refused by the publishers (CURVE)
 EXIT_CONFIG = 78  # EX_CONFIG: the configuration is invalid
 EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports a SIGINT death
 
@@ -117,14 +118,19 @@ def _parser() -> argparse.ArgumentParser:
     tail = _command(
         sub, "tail", _cmd_tail, "print packets from running fanoutd daemons", (
             (0, "--count packets shown, --timeout passed, or the reader of the output "
-                "left"), USAGE, INTERRUPTED),
+                "left"), USAGE,
+            (EXIT_UNAVAILABLE, "no endpoint ever answered (with --timeout)"),
+            (EXIT_NOPERM, "no endpoint could be used, and one refused this client: its "
+                          "CURVE handshake\n       failed (wrong server key, client key "
+                          "not admitted) or CURVE is on one side only"),
+            INTERRUPTED),
         description="Print the packets a running fanoutd publishes, from one or several "
                     "sensors. --proto, --host, --port, --vlan and --worker are display "
                     "filters, applied here, on the subscriber's side: the daemon still "
                     "captures and publishes every packet (the capture filter is the "
                     "daemon's own --filter). Each option may be repeated or given a comma "
                     "list; a packet is shown when it matches one value of every option given.")
-    tail.add_argument("--endpoint", action="append", metavar="ENDPOINT",
+    tail.add_argument("--endpoint", action="append", metavar="ENDPOINT", type=_endpoint,
                       help="publish endpoint to connect to, tcp://HOST:PORT or ipc://PATH; "
                            "repeat for several sensors (default: tcp://127.0.0.1:7440)")
     tail.add_argument("--json", action="store_true",
@@ -152,10 +158,10 @@ def _parser() -> argparse.ArgumentParser:
     tail.add_argument("--stats", action="store_true",
                       help="on exit, print per-stream lost batches, duplicates and ring "
                            "restarts on stderr")
-    tail.add_argument("--curve-server-key", metavar="FILE",
+    tail.add_argument("--curve-server-key", metavar="FILE", type=_key_file(secret=False),
                       help="the publisher's public key (NAME.key): connect with CURVE "
                            "(default: no CURVE)")
-    tail.add_argument("--curve-client-cert", metavar="FILE",
+    tail.add_argument("--curve-client-cert", metavar="FILE", type=_key_file(secret=True),
                       help="this client's secret key (NAME.key_secret) (default: a new "
                            "key each time, which a publisher with clients_dir refuses)")
 
@@ -408,6 +414,19 @@ def _positive(kind: type) -> Callable[[str], Any]:
     return parse
 
 
+def _endpoint(text: str) -> str:
+    """argparse type: an endpoint a fanoutd can publish on, to connect to."""
+    if text.startswith("inproc://"):
+        raise argparse.ArgumentTypeError(f"{text!r}: inproc:// reaches sockets of the same "
+                                         f"process only; use tcp://HOST:PORT or ipc://PATH")
+    reason = endpoint_problem(text)
+    if reason is None and text.startswith("tcp://") and parse_host_port(text[6:])[0] == "*":
+        reason = f"{text!r}: * is for binding; give the publisher's address"
+    if reason:
+        raise argparse.ArgumentTypeError(reason)
+    return text
+
+
 def _host_port(text: str) -> str:
     try:
         parse_host_port(text)
@@ -416,23 +435,53 @@ def _host_port(text: str) -> str:
     return text
 
 
+def _key_file(secret: bool) -> Callable[[str], str]:
+    """argparse type: a key file `fanoutd keygen` wrote (with its secret key, if secret)."""
+    def check(path: str) -> str:
+        import zmq.auth
+
+        if not os.path.isfile(path):
+            raise argparse.ArgumentTypeError(f"{path}: no such file")
+        try:
+            _, secret_key = zmq.auth.load_certificate(path)
+        except (OSError, ValueError) as e:
+            raise argparse.ArgumentTypeError(f"{path}: not a key file ({e})") from None
+        if secret and secret_key is None:
+            raise argparse.ArgumentTypeError(f"{path} holds no secret key (use the "
+                                             f"NAME.key_secret file)")
+        return path
+    return check
+
+
 def _cmd_tail(args: argparse.Namespace) -> int:
-    from fanoutd.client import Subscriber
+    from fanoutd.client import DEFAULT_ENDPOINT, Subscriber
     from fanoutd.views import DisplayFilter, json_line, packet_line
 
-    endpoints = args.endpoint or ["tcp://127.0.0.1:7440"]
+    endpoints = args.endpoint or [DEFAULT_ENDPOINT]
     show = DisplayFilter.from_options(args.proto, args.host, args.port, args.vlan, args.worker)
     several = len(endpoints) > 1
     shown = 0
+    told: set[str] = set()
+
+    def tell_refusals() -> None:
+        for endpoint, reason in sub.refused.items():
+            if endpoint not in told:
+                print(f"fanoutd tail: {endpoint}: {reason}", file=sys.stderr, flush=True)
+                told.add(endpoint)
+
     with Subscriber(endpoints, curve_server_key=args.curve_server_key,
                     curve_client_cert=args.curve_client_cert) as sub:
         # Say when every subscription is in effect, as tcpdump says "listening on": from
         # then on nothing published is missed. Packets that arrive meanwhile are kept.
-        if sub.wait_ready(min(5.0, args.timeout or 5.0)):
+        ready = sub.wait_ready(min(5.0, args.timeout or 5.0))
+        tell_refusals()
+        if set(sub.refused) >= set(endpoints):  # ZeroMQ would not try again: give up
+            return EXIT_NOPERM
+        if ready:
             print(f"fanoutd tail: listening on {', '.join(endpoints)}", file=sys.stderr,
                   flush=True)
         else:
-            silent = ", ".join(e for e in endpoints if e not in sub.ready)
+            silent = ", ".join(e for e in endpoints if e not in sub.ready | set(sub.refused))
             print(f"fanoutd tail: no answer yet from {silent}; still trying", file=sys.stderr,
                   flush=True)
         try:
@@ -451,7 +500,15 @@ def _cmd_tail(args: argparse.Namespace) -> int:
             _tail_summary(sub, args.stats)
             return EXIT_INTERRUPTED
         _tail_summary(sub, args.stats)
-    return 0
+        if sub.ready or sub.last_seq:
+            return 0
+        # Never connected: --timeout passed without a word from any endpoint.
+        tell_refusals()
+        silent = [e for e in endpoints if e not in sub.refused]
+        if silent:
+            print(f"fanoutd tail: no answer from {', '.join(silent)} (is fanoutd publishing "
+                  f"there?)", file=sys.stderr)
+        return EXIT_NOPERM if sub.refused else EXIT_UNAVAILABLE
 
 
 def _cmd_save(args: argparse.Namespace) -> int:

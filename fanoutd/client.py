@@ -370,4 +370,6 @@ def handshake_problem(event: int, value: int, curve: bool) -> str:
                 "the publisher requires CURVE: its public key and a client key are needed")
     if curve:  # the publisher could not decrypt what this client sent
         return "the CURVE handshake failed: the server key is not the publisher's"
+    if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:  # before its greeting was read
+        return "the handshake failed: the publisher hung up (does it require CURVE?)"
     return f"the handshake failed (ZMTP error 0x{value:x})"

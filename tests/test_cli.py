@@ -2,8 +2,10 @@
 keygen, and what tail and stats print."""
 
 import re
+import time
 
 import pytest
+import zmq.auth
 
 from fanoutd import cli
 from fanoutd.config import RingConfig
@@ -73,7 +75,7 @@ EXIT_STATUSES = {
     "run": {0, 2, 69, 70, 77, 78},
     "check-config": {0, 2, 69, 78},
     "print-config": {0, 2, 69, 78},
-    "tail": {0, 2, 130},
+    "tail": {0, 2, 69, 77, 130},
     "doctor": {0, 1, 2, 69, 78},
     "stats": {0, 2, 69, 130},
     "keygen": {0, 2, 73},
@@ -113,6 +115,9 @@ def test_an_unknown_option_gets_the_commands_usage(capsys, command):
     ["tail", "--count", "0"], ["tail", "--count", "-1"], ["tail", "--count", "x"],
     ["tail", "--timeout", "0"], ["tail", "--timeout", "-2"], ["tail", "--timeout", "nan"],
     ["stats", "--interval", "0"], ["stats", "--metrics", "9740"],
+    ["tail", "--endpoint", "foo"], ["tail", "--endpoint", "inproc://x"],
+    ["tail", "--endpoint", "udp://h:1"], ["tail", "--endpoint", "tcp://host"],
+    ["tail", "--endpoint", "tcp://*:7440"], ["tail", "--curve-server-key", "/nonexistent"],
 ], ids=" ".join)
 def test_bad_values_are_usage_errors(capsys, tmp_path, argv):
     if argv[0] == "tail":  # bounded even if a bad value were taken: valid ones go first
@@ -121,3 +126,28 @@ def test_bad_values_are_usage_errors(capsys, tmp_path, argv):
     assert (status, out) == (2, "")
     assert err.startswith(f"usage: fanoutd {argv[0]} "), err
     assert argv[-1] in err.splitlines()[-1] and "Traceback" not in err, err
+
+
+def test_a_public_key_is_not_a_client_cert(capsys, tmp_path):
+    public, _ = zmq.auth.create_certificates(str(tmp_path), "alice")
+    status, _, err = run(capsys, "tail", "--endpoint", f"ipc://{tmp_path}/x", "--timeout",
+                         "0.2", "--curve-server-key", public, "--curve-client-cert", public)
+    assert status == 2 and "holds no secret key" in err
+
+
+def test_good_endpoints_parse():
+    parse = cli._parser().parse_args
+    for endpoint in ("tcp://sensor-a:7440", "tcp://[::1]:7440", "ipc:///run/fanoutd/pub"):
+        assert parse(["tail", "--endpoint", endpoint]).endpoint == [endpoint]
+
+
+# --------------------------------------------------------------------------- tail
+
+
+def test_tail_that_never_connects_exits_69(capsys, tmp_path):
+    endpoint = f"ipc://{tmp_path}/nobody-publishes-here"
+    started = time.monotonic()
+    status, out, err = run(capsys, "tail", "--endpoint", endpoint, "--timeout", "0.3")
+    assert (status, out) == (69, ""), err
+    assert f"no answer from {endpoint}" in err.splitlines()[-1], err
+    assert time.monotonic() - started < 10
