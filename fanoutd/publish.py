@@ -18,6 +18,7 @@ The proxy's public XPUB keeps ZeroMQ's per-subscriber drop at the high-water mar
 slow subscriber never holds back the others.
 """
 
+import logging
 import os
 import signal
 import struct
@@ -41,6 +42,8 @@ from fanoutd.wire import HELLO, STATS_TOPIC, SUBSCRIBE_HELLO, batch_topic
 
 ENVELOPE = struct.Struct("<HQ")  # ring id, kernel block seq: worker -> proxy only
 EXIT_BOOT_FAILED = 3
+
+log = logging.getLogger("fanoutd.proxy")
 
 
 class BatchPublisher:
@@ -112,12 +115,76 @@ def _bind(sock: zmq.Socket, endpoint: str, key: str) -> None:
         raise BindError(f"{key}: cannot bind {endpoint}: {e.strerror}") from None
 
 
+class RefusalLog:
+    """Warns of the subscribers the publisher refuses: once per client (address, key)
+    and reason, again only after repeat_s (a refused client may retry all day), and at
+    most `burst` warnings per `period_s`, so that a flood of refusals cannot fill the
+    journal; how many were held back is told with the next warning."""
+
+    def __init__(self, burst: int = 10, period_s: float = 60.0, repeat_s: float = 3600.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.burst, self.period_s, self.repeat_s, self.clock = burst, period_s, repeat_s, clock
+        self.refused_total = 0  # every refusal, logged or not
+        self.held = 0  # clients not logged because of the rate limit, since the last warning
+        self._warned: dict[tuple[str, str, str], float] = {}  # client -> when, oldest first
+        self._window_start = float("-inf")
+        self._window_warnings = 0
+
+    def refused(self, address: str, client_key: str, reason: str) -> None:
+        self.refused_total += 1
+        now = self.clock()
+        client = (address, client_key, reason)
+        if now - self._warned.get(client, float("-inf")) < self.repeat_s:
+            return
+        if now - self._window_start >= self.period_s:
+            self._window_start, self._window_warnings = now, 0
+        if self._window_warnings >= self.burst:
+            self.held += 1
+            return
+        self._window_warnings += 1
+        self._warned.pop(client, None)
+        self._warned[client] = now
+        if len(self._warned) > 4096:  # bounded: forget the client warned of longest ago
+            del self._warned[next(iter(self._warned))]
+        held = (f" ({self.held} more refused clients were not logged, at most {self.burst} "
+                f"per {self.period_s:g} s)" if self.held else "")
+        self.held = 0
+        log.warning("refused subscriber from %s, CURVE client key %s: %s%s",
+                    address or "an unknown address", client_key, reason, held)
+
+
+class _Authenticator(ThreadAuthenticator):
+    """pyzmq's ZAP handler thread, admitting the CURVE keys in clients_dir (any key
+    without it) and logging the clients it refuses, with their address."""
+
+    def __init__(self, ctx: zmq.Context, clients_dir: str | None) -> None:
+        super().__init__(ctx)
+        self.clients_dir = clients_dir
+        # Loaded now, before privileges are dropped: z85 public keys.
+        self.admitted = set(zmq.auth.load_certificates(clients_dir)) if clients_dir else None
+        self.refusals = RefusalLog()
+        self._address = ""
+
+    async def handle_zap_message(self, msg: list[bytes]) -> None:
+        # The key check (callback) is not told the client's address: remember it here.
+        self._address = msg[3].decode(errors="replace") if len(msg) > 3 else ""
+        await super().handle_zap_message(msg)
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        """The credentials provider of configure_curve_callback: admit key or not."""
+        if self.admitted is None or key in self.admitted:
+            return True
+        self.refusals.refused(self._address, key.decode(errors="replace"),
+                              f"its key is not in {self.clients_dir}")
+        return False
+
+
 class Proxy:
     """PULL (ipc, from the workers) -> XPUB (the public endpoint)."""
 
     def __init__(self, ctx: zmq.Context, backend: str, frontend: str, sndhwm: int,
                  curve: CurveConfig | None = None) -> None:
-        self.authenticator: ThreadAuthenticator | None = None
+        self.authenticator: _Authenticator | None = None
         self.pull = ctx.socket(zmq.PULL)
         self.pull.setsockopt(zmq.RCVHWM, sndhwm)
         self.pull.setsockopt(zmq.LINGER, 0)
@@ -138,12 +205,12 @@ class Proxy:
     def _serve_curve(self, ctx: zmq.Context, curve: CurveConfig) -> None:
         """Encrypt the public endpoint with CURVE; with clients_dir, admit only the
         clients whose public keys are there (ZeroMQ's ZAP, run by pyzmq's authenticator
-        thread, which loads the keys now, before privileges are dropped)."""
+        thread) and log the others."""
         public, secret = zmq.auth.load_certificate(curve.secret_key_file)
-        self.authenticator = ThreadAuthenticator(ctx)
+        self.authenticator = _Authenticator(ctx, curve.clients_dir)
         self.authenticator.start()
-        self.authenticator.configure_curve(
-            domain="*", location=curve.clients_dir or zmq.auth.CURVE_ALLOW_ANY)
+        self.authenticator.configure_curve_callback(
+            domain="*", credentials_provider=self.authenticator)
         self.xpub.curve_secretkey = secret
         self.xpub.curve_publickey = public
         self.xpub.curve_server = True

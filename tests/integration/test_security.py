@@ -15,6 +15,7 @@ from pathlib import Path
 import frames as F
 import netlab
 import pytest
+import zmq.auth
 
 from fanoutd.client import Subscriber
 
@@ -107,6 +108,27 @@ def test_tail_says_it_was_refused(curve_daemon, who):
     prefix = f"fanoutd tail: {daemon.endpoint}: "
     assert proc.stderr.startswith(prefix), proc.stderr
     assert re.match(REFUSED_BECAUSE[who], proc.stderr[len(prefix):]), proc.stderr
+
+
+def test_the_daemon_logs_a_refused_client_once(curve_daemon):
+    """The proxy warns of a subscriber whose key it does not admit, naming its address
+    and key: once, however often that client comes back."""
+    daemon, server_public, _, intruder_secret = curve_daemon
+    intruder_public = zmq.auth.load_certificate(str(intruder_secret))[0].decode()
+    for _ in range(3):
+        with Subscriber(daemon.endpoint, curve_server_key=str(server_public),
+                        curve_client_cert=str(intruder_secret)) as sub:
+            assert not sub.wait_ready(10) and daemon.endpoint in sub.refused
+
+    def warnings() -> list[str]:
+        return [line for line in daemon.stderr_text().splitlines()
+                if "refused subscriber" in line]
+    netlab.wait_for(warnings, 10, "the daemon's warning of a refused client",
+                    detail=daemon.logs)
+    line, = warnings()
+    assert "WARNING" in line and "from localhost:" in line, line  # ipc: the peer's uid:gid:pid
+    assert f"CURVE client key {intruder_public}: its key is not in " in line, line
+    daemon.check_running()
 
 
 def test_tail_with_curve_keys(curve_daemon, ns, injector):
