@@ -473,17 +473,18 @@ def _cmd_tail(args: argparse.Namespace) -> int:
                     curve_client_cert=args.curve_client_cert) as sub:
         # Say when every subscription is in effect, as tcpdump says "listening on": from
         # then on nothing published is missed. Packets that arrive meanwhile are kept.
-        ready = sub.wait_ready(min(5.0, args.timeout or 5.0))
+        sub.wait_ready(min(5.0, args.timeout or 5.0))
         tell_refusals()
         if set(sub.refused) >= set(endpoints):  # ZeroMQ would not try again: give up
             return EXIT_NOPERM
-        if ready:
-            print(f"fanoutd tail: listening on {', '.join(endpoints)}", file=sys.stderr,
+        live = [e for e in endpoints if e in sub.ready]
+        silent = [e for e in endpoints if e not in sub.ready and e not in sub.refused]
+        if live:
+            print(f"fanoutd tail: listening on {', '.join(live)}", file=sys.stderr,
                   flush=True)
-        else:
-            silent = ", ".join(e for e in endpoints if e not in sub.ready | set(sub.refused))
-            print(f"fanoutd tail: no answer yet from {silent}; still trying", file=sys.stderr,
-                  flush=True)
+        if silent:
+            print(f"fanoutd tail: no answer yet from {', '.join(silent)}; still trying",
+                  file=sys.stderr, flush=True)
         try:
             for rec in sub.records(timeout=args.timeout):
                 if show and not show.matches(rec):
