@@ -217,7 +217,7 @@ def _parser() -> argparse.ArgumentParser:
                     "Ctrl-C completes the current file. Needs pyarrow (fanoutd[arrow]).")
     save.add_argument("directory", metavar="DIR",
                       help="where the files go (created if missing)")
-    save.add_argument("--endpoint", action="append", metavar="ENDPOINT",
+    save.add_argument("--endpoint", action="append", metavar="ENDPOINT", type=_endpoint,
                       help="publish endpoint to connect to; repeat for several sensors "
                            "(default: tcp://127.0.0.1:7440)")
     save.add_argument("--rotate-rows", type=_positive(int), default=10_000_000, metavar="N",

@@ -76,9 +76,10 @@ EXIT_STATUSES = {
     "check-config": {0, 2, 69, 78},
     "print-config": {0, 2, 69, 78},
     "tail": {0, 2, 69, 77, 130},
-    "doctor": {0, 1, 2, 69, 78},
+    "doctor": {0, 1, 2, 69, 77, 78},
     "stats": {0, 2, 69, 130},
     "keygen": {0, 2, 73},
+    "save": {0, 2, 69},
 }
 
 
@@ -104,7 +105,7 @@ def test_help_shows_defaults(capsys):
 
 @pytest.mark.parametrize("command", EXIT_STATUSES)
 def test_an_unknown_option_gets_the_commands_usage(capsys, command):
-    argv = [command, "DIR"] if command == "keygen" else [command]
+    argv = [command, "DIR"] if command in ("keygen", "save") else [command]
     status, out, err = run(capsys, *argv, "--bogus")
     assert (status, out) == (2, "")
     assert err.startswith(f"usage: fanoutd {command} "), err

@@ -46,9 +46,9 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> int:
 def test_save_rotates_and_the_files_answer_queries(ns, injector, start_daemon, tmp_path):
     daemon = start_daemon(workers=2, fanout="lb")
     out = tmp_path / "capture"
-    proc, err = start_save(ns, daemon, out, "--rotate-rows", "100", "--count", "300")
+    proc, err = start_save(ns, daemon, out, "--rotate-rows", "1", "--count", "300")
     try:
-        for round_ in range(3):  # three bursts in batches of their own: files rotate
+        for round_ in range(3):  # bursts in batches of their own; a file per batch
             before = published(daemon)
             injector.send_all(F.udp4_frame(src=f"10.0.{round_}.{i % 5 + 1}",
                                            sport=5000 + round_ * 100 + i, payload=b"x" * i)
@@ -93,9 +93,9 @@ def test_a_stopped_or_killed_saver_leaves_complete_files(ns, injector, start_dae
     every *.parquet is still complete, only a .part can be partial."""
     daemon = start_daemon(workers=1)
     out = tmp_path / "capture"
-    proc, _ = start_save(ns, daemon, out, "--rotate-rows", "50")
+    proc, _ = start_save(ns, daemon, out, "--rotate-rows", "1")
     try:
-        for round_ in range(4):  # each round in batches of its own: the saver rotates
+        for round_ in range(4):  # batches of their own; --rotate-rows 1: a file each
             before = published(daemon)
             injector.send_all(F.udp4_frame(sport=6000 + round_ * 60 + i) for i in range(60))
             netlab.wait_for(lambda b=before: published(daemon) > b, 10, "a batch")
