@@ -63,8 +63,9 @@ from fanoutd.config import RingConfig  # noqa: E402
 GEN_CPU = 0  # trafgen (it pins its one sending process to CPU 0 itself) and the subscriber
 CAP_CPU = 1  # every capture tool
 # fanoutdN: N workers, version 2 batches (columns, the default); fanoutd1-rows: one worker
-# publishing version 1 (rows), to compare the daemon's cost of the two formats.
-TOOLS = ("fanoutd1", "fanoutd2", "fanoutd1-rows", "tcpdump", "scapy")
+# publishing version 1 (rows), to compare the daemon's cost of the two formats;
+# fanoutd1-top: one worker, and examples/top_talkers.py's work as the subscriber.
+TOOLS = ("fanoutd1", "fanoutd2", "fanoutd1-rows", "fanoutd1-top", "tcpdump", "scapy")
 DST_MAC = "02:00:00:00:00:b2"  # not cap0's address: the frames are captured, then discarded
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 NS_PER_TICK = 1_000_000_000 // CLK_TCK
@@ -397,21 +398,39 @@ def wait_for_text(path: Path, pattern: str, proc: subprocess.Popen, timeout: flo
 # --------------------------------------------------------------------------- subscriber
 
 
-def subscriber_main(endpoint: str, ctl: Connection, progress, ready, latency: bool) -> None:
+def top_talkers_module():
+    """examples/top_talkers.py, imported from its file (examples/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("top_talkers",
+                                                  REPO / "examples" / "top_talkers.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def subscriber_main(endpoint: str, ctl: Connection, progress, ready, latency: bool,
+                    top_talkers: bool = False) -> None:
     """The subscriber process: drain fanoutd's stream, counting rows, until told to stop.
 
     Pinned to GEN_CPU (beside trafgen) so the capture CPU holds nothing but the tool
     measured. `progress` (a shared int) is the number of rows received, for the parent's
     drain check; `ready` is set once the publisher's welcome message arrived. With
     `latency`, also records for each row time.time_ns() at the batch's arrival minus the
-    row's ts_ns (the kernel's capture time). On a message from `ctl` it replies with
-    what it counted and returns.
+    row's ts_ns (the kernel's capture time). With `top_talkers`, each batch also goes
+    through examples/top_talkers.py's work: grouped by source into its sliding window,
+    whose top 10 is computed every second. On a message from `ctl` it replies with what
+    it counted and returns.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and ends us
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.sched_setaffinity(0, {GEN_CPU})
     rows = batches = 0
     lat = array.array("q")
+    if top_talkers:
+        top = top_talkers_module()
+        window = top.SlidingWindow(10.0, 1.0, ["src"])
+        next_top = time.monotonic() + 1
     with Subscriber(endpoint, rcvhwm=1_000_000) as sub:
         if not sub.wait_ready(timeout=10):
             ctl.send(None)
@@ -424,6 +443,13 @@ def subscriber_main(endpoint: str, ctl: Connection, progress, ready, latency: bo
                     lat.extend((now - batch.columns()["ts_ns"]).tolist())
                 rows += batch.n
                 batches += 1
+                if top_talkers and batch.n:
+                    now = time.monotonic()
+                    window.add(top.batch_totals(batch, ["src"]), now)
+                    if now >= next_top:
+                        window.expire(now)
+                        window.top(10)
+                        next_top = now + 1
                 progress.value = rows
                 if ctl.poll():
                     break
@@ -500,11 +526,14 @@ class FanoutdTool(Tool):
     worker, 10 ms block timeout, hash), plus a subscriber process draining the stream."""
 
     def __init__(self, ns: netlab.NetNS, workdir: Path, args: argparse.Namespace,
-                 workers: int, latency: bool = False, wire_format: str = "columns") -> None:
+                 workers: int, latency: bool = False, wire_format: str = "columns",
+                 top_talkers: bool = False) -> None:
         super().__init__(ns, workdir, args)
-        self.name = f"fanoutd{workers}" + ("-rows" if wire_format == "rows" else "")
+        self.name = f"fanoutd{workers}" + ("-rows" if wire_format == "rows" else "") + (
+            "-top" if top_talkers else "")
         self.workers = workers
         self.wire_format = wire_format
+        self.top_talkers = top_talkers
         self.latency = latency
         self.result: dict | None = None
 
@@ -529,7 +558,8 @@ class FanoutdTool(Tool):
         self.rows = ctx.Value("q", 0, lock=False)
         ready = ctx.Event()
         self.sub = ctx.Process(target=subscriber_main, name="bench-subscriber",
-                               args=(d.endpoint, child_ctl, self.rows, ready, self.latency))
+                               args=(d.endpoint, child_ctl, self.rows, ready, self.latency,
+                                     self.top_talkers))
         self.sub.start()
         self.stack.callback(netlab.stop_child_process, self.sub)
         if not ready.wait(15):
@@ -674,7 +704,8 @@ def make_tool(name: str, ns: netlab.NetNS, workdir: Path, args: argparse.Namespa
     if name.startswith("fanoutd"):
         workers, _, fmt = name.removeprefix("fanoutd").partition("-")
         return FanoutdTool(ns, workdir, args, workers=int(workers),
-                           wire_format="rows" if fmt == "rows" else "columns")
+                           wire_format="rows" if fmt == "rows" else "columns",
+                           top_talkers=fmt == "top")
     return {"tcpdump": TcpdumpTool, "scapy": ScapyTool}[name](ns, workdir, args)
 
 

@@ -3,9 +3,11 @@
 
 An example subscriber built on fanoutd.client. It reads one or several sensors, counts
 bytes and packets per source address (or per flow) in a sliding window, and prints the
-top N every few seconds. It works on whole columns: each batch is grouped by its key
-columns in pyarrow (Batch.to_arrow()), so its cost follows the distinct keys of a batch,
-not its packets. Needs pyarrow (pip install 'fanoutd[arrow]').
+top N every few seconds. It works on whole columns, never on a packet or a key at a time:
+each batch is grouped by its key columns in pyarrow (Batch.to_arrow()), each bucket of
+the window keeps those grouped tables (merged into one when the bucket closes), and the
+top N is one more group-by over the window. So it keeps up with a stream where nearly
+every packet is a new source. Needs pyarrow (pip install 'fanoutd[arrow]').
 
     python examples/top_talkers.py --endpoint tcp://sensor-a:7440 \\
         --endpoint tcp://sensor-b:7440 --window 10 --top 10 --refresh 2
@@ -26,7 +28,7 @@ import ipaddress
 import json
 import sys
 import time
-from collections import Counter, deque
+from collections import deque
 from datetime import datetime
 
 import pyarrow as pa
@@ -40,60 +42,61 @@ Key = tuple  # (src,) or (proto, src, dst, sport, dport), addresses as bytes
 
 
 class SlidingWindow:
-    """Bytes and packets per key over the last `window` seconds.
+    """Bytes and packets per key over the last `window` seconds, as pyarrow tables.
 
-    Counts go into buckets `resolution` seconds long; a bucket leaves the totals once all
-    of it is older than the window, so memory follows the number of keys, not the rate.
+    Grouped batches go into buckets `resolution` seconds long; a bucket is merged into one
+    table (a group-by) when the next one starts, and leaves the window once all of it is
+    older than the window, so memory follows the keys per bucket, not the rate.
     """
 
-    def __init__(self, window: float, resolution: float) -> None:
+    def __init__(self, window: float, resolution: float, keys: list[str]) -> None:
         self.window = window
         self.resolution = resolution
-        self.buckets: deque[tuple[float, Counter, Counter]] = deque()  # start, bytes, pkts
-        self.bytes: Counter = Counter()
-        self.packets: Counter = Counter()
+        self.keys = keys
+        self.buckets: deque[tuple[float, list[pa.Table]]] = deque()  # start, tables
 
-    def add(self, key: Key, nbytes: int, packets: int, now: float) -> None:
+    def _merge(self, tables: list[pa.Table]) -> pa.Table:
+        merged = pa.concat_tables(tables).group_by(self.keys, use_threads=False).aggregate(
+            [("bytes", "sum"), ("packets", "sum")])
+        return merged.rename_columns([*self.keys, "bytes", "packets"])
+
+    def add(self, totals: pa.Table, now: float) -> None:
+        """One batch's totals: its key columns, `bytes` and `packets`."""
         if not self.buckets or now >= self.buckets[-1][0] + self.resolution:
-            self.buckets.append((now, Counter(), Counter()))
-        _, bucket_bytes, bucket_packets = self.buckets[-1]
-        bucket_bytes[key] += nbytes
-        bucket_packets[key] += packets
-        self.bytes[key] += nbytes
-        self.packets[key] += packets
+            if self.buckets and len(self.buckets[-1][1]) > 1:  # the bucket closes
+                self.buckets[-1][1][:] = [self._merge(self.buckets[-1][1])]
+            self.buckets.append((now, []))
+        self.buckets[-1][1].append(totals)
 
     def expire(self, now: float) -> None:
         while self.buckets and self.buckets[0][0] + self.resolution <= now - self.window:
-            _, bucket_bytes, bucket_packets = self.buckets.popleft()
-            self.bytes.subtract(bucket_bytes)
-            self.packets.subtract(bucket_packets)
-            for key in bucket_packets:
-                if self.packets[key] <= 0:
-                    del self.packets[key], self.bytes[key]
+            self.buckets.popleft()
 
     def top(self, n: int) -> list[tuple[Key, int, int]]:
         """[(key, bytes, packets)], most bytes first (then most packets)."""
-        ranked = sorted(self.bytes, key=lambda k: (-self.bytes[k], -self.packets[k],
-                                                   repr(k)))
-        return [(k, self.bytes[k], self.packets[k]) for k in ranked[:n]]
+        tables = [t for _, bucket in self.buckets for t in bucket]
+        if not tables:
+            return []
+        ranked = self._merge(tables).sort_by([("bytes", "descending"),
+                                              ("packets", "descending")]).slice(0, n)
+        keys = zip(*(ranked[k].to_pylist() for k in self.keys), strict=True)
+        return list(zip(keys, ranked["bytes"].to_pylist(), ranked["packets"].to_pylist(),
+                        strict=True))
 
 
-def batch_totals(batch: Batch, by: str) -> list[tuple[Key, int, int]]:
-    """[(key, bytes, packets)] of one batch, grouped on its columns: the source address,
-    or the flow; frames without an IP address (ARP aside) are keyed by their MACs, which
-    are 6 bytes long where addresses are 4 or 16, so the two cannot be confused."""
+def batch_totals(batch: Batch, keys: list[str]) -> pa.Table:
+    """One batch grouped by its key columns: the keys, `bytes` and `packets`. Frames
+    without an IP address (ARP aside) are keyed by their MACs, which are 6 bytes long
+    where addresses are 4 or 16, so the two cannot be confused."""
     table = pa.Table.from_batches([batch.to_arrow()])
-    mac_src = pc.cast(table["eth_src"], pa.binary())
-    mac_dst = pc.cast(table["eth_dst"], pa.binary())
-    table = table.set_column(table.schema.get_field_index("src"), "src",
-                             pc.if_else(pc.is_valid(table["src"]), table["src"], mac_src))
-    table = table.set_column(table.schema.get_field_index("dst"), "dst",
-                             pc.if_else(pc.is_valid(table["dst"]), table["dst"], mac_dst))
-    keys = ["src"] if by == "src" else list(FLOW_COLUMNS)
-    grouped = table.group_by(keys).aggregate([("len", "sum"), ("len", "count")])
-    columns = [grouped[k].to_pylist() for k in keys]
-    return list(zip(zip(*columns, strict=True), grouped["len_sum"].to_pylist(),
-                    grouped["len_count"].to_pylist(), strict=True))
+    for name, mac in (("src", "eth_src"), ("dst", "eth_dst")):
+        if name in keys:
+            column = pc.if_else(pc.is_valid(table[name]), table[name],
+                                pc.cast(table[mac], pa.binary()))
+            table = table.set_column(table.schema.get_field_index(name), name, column)
+    grouped = table.group_by(keys, use_threads=False).aggregate([("len", "sum"),
+                                                                 ("len", "count")])
+    return grouped.rename_columns([*keys, "bytes", "packets"])
 
 
 def address(raw: bytes | None) -> str:
@@ -158,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     endpoints = args.endpoint or [DEFAULT_ENDPOINT]
-    window = SlidingWindow(args.window, resolution=min(1.0, args.window / 10))
+    keys = ["src"] if args.by == "src" else list(FLOW_COLUMNS)
+    window = SlidingWindow(args.window, min(1.0, args.window / 10), keys)
     with Subscriber(endpoints, curve_server_key=args.curve_server_key,
                     curve_client_cert=args.curve_client_cert) as sub:
         if sub.wait_ready(5):
@@ -175,8 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             for batch in sub.batches(timeout=0.1):
                 now = time.monotonic()
                 if batch.n:
-                    for key, nbytes, packets in batch_totals(batch, args.by):
-                        window.add(key, nbytes, packets, now)
+                    window.add(batch_totals(batch, keys), now)
                 if now >= next_print:
                     break
             now = time.monotonic()

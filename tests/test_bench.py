@@ -85,6 +85,6 @@ def test_writes_the_markdown_and_the_chart(quick_run):
     assert "<!-- capture_bench:begin -->" in text and "<!-- capture_bench:end -->" in text
     assert "| tool | frame B | offered |" in text
     # every fanoutd tool (capture_bench.TOOLS) at both sizes
-    assert sum(1 for line in text.splitlines() if line.startswith("| fanoutd")) == 6
+    assert sum(1 for line in text.splitlines() if line.startswith("| fanoutd")) == 8
     assert "](img/chart.png)" in text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
