@@ -18,6 +18,7 @@ Consumers (`v2` = version 2 batches, `v1` = version 1):
 - v2 to_polars(): the same as a polars DataFrame;
 - v2 records(): receive, Batch, a Record per row reading one field (`rec.len`);
 - v1 records(): the same on version 1 batches (what a subscriber paid before version 2);
+- v2 receive only: the bare socket's receive and the batch's header (the floor of all);
 - v1 unpack only: receive and msgpack.unpackb, nothing else (the floor of version 1).
 It also prints the bytes on the wire per row of both versions, for 64-byte IPv4/UDP,
 IPv4/TCP and IPv6/UDP frames.
@@ -47,8 +48,9 @@ from fanoutd.client import Subscriber  # noqa: E402
 from fanoutd.wire import SUBSCRIBE_HELLO  # noqa: E402
 
 CONSUMER_CPU = 1
-CONSUMERS = ("v2 columns()", "v2 to_arrow()", "v2 to_polars()", "v2 records()",
-             "v1 records()", "v1 unpack only")
+REPLAY_CPU = 0  # the process publishing the recorded batches again, off the consumer's CPU
+CONSUMERS = ("v2 receive only", "v2 columns()", "v2 to_arrow()", "v2 to_polars()",
+             "v2 records()", "v1 records()", "v1 unpack only")
 DST_MAC = bytes.fromhex("0200000000b2")  # not cap0's: captured, then discarded
 
 
@@ -128,18 +130,18 @@ def consume(name: str, endpoint: str, warmup: int, count: int, warm, result) -> 
     import polars  # noqa: F401
     import pyarrow  # noqa: F401
 
-    if os.environ.get("CB_TUNE"):
-        from fanoutd.memory import keep_large_allocations
-        keep_large_allocations()
     total = rows = seen = 0
     start = 0.0
     with Subscriber(endpoint, rcvhwm=0) as sub:
-        if name == "v1 unpack only":  # below the client: the bare socket and msgpack
+        if name in ("v1 unpack only", "v2 receive only"):  # below the client
             while seen < warmup + count:
                 frames = sub.sock.recv_multipart(copy=False)
                 if len(frames) != 2:
                     continue
-                rows += len(msgpack.unpackb(frames[1].buffer)["packets"])
+                if name == "v1 unpack only":
+                    rows += len(msgpack.unpackb(frames[1].buffer)["packets"])
+                else:  # the floor: ZeroMQ's receive, and the row count
+                    rows += Batch.from_message(*frames).n
                 seen += 1
                 if seen == warmup:
                     warm.set()
@@ -169,6 +171,7 @@ def run_consumer(name: str, messages: list[list[bytes]], repeat: int) -> float:
     """ns of the consumer's CPU per row, over `repeat` passes of the messages after one
     pass of warm-up. The messages go out of an XPUB socket, as the daemon's do, once the
     subscriber's subscriptions (its welcome subscription last) have arrived."""
+    os.sched_setaffinity(0, {REPLAY_CPU})  # before the context: its I/O thread too
     with tempfile.TemporaryDirectory(prefix="fo-cb-") as d:
         endpoint = f"ipc://{d}/replay"
         ctx = zmq.Context()

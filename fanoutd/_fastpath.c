@@ -753,8 +753,9 @@ done:
 /* --- reading a batch without copying it (subscribers) ------------------------------ */
 
 /* msgpack -> Python objects, as msgpack.unpackb(raw=False) gives them, except that a bin
- * becomes a memoryview of the message instead of a copy: a version 2 batch's columns
- * are then wrapped by numpy and pyarrow where ZeroMQ received them. Input comes from the
+ * of UNPACK_VIEW_MIN bytes or more becomes a memoryview of the message instead of a copy:
+ * a version 2 batch's columns are then wrapped by numpy and pyarrow where ZeroMQ
+ * received them. Input comes from the
  * network, so every length is checked against the buffer and nesting is bounded. */
 
 #define UNPACK_MAX_DEPTH 32
@@ -819,23 +820,18 @@ static PyObject *unpack_container(Reader *r, Py_ssize_t n, int is_map, int depth
     return dict;
 }
 
+/* Shorter bins are copied: a memoryview costs more to make than such a copy, and a
+ * version 1 batch holds several small bins per packet. Columns are longer. */
+#define UNPACK_VIEW_MIN 512
+
 static PyObject *unpack_bytes(Reader *r, Py_ssize_t n, int is_str, int as_key) {
     if (need(r, n) < 0) return NULL;
     const char *start = (const char *)r->p + r->pos;
     Py_ssize_t at = r->pos;
     r->pos += n;
     if (is_str) return PyUnicode_DecodeUTF8(start, n, "strict");
-    if (as_key) return PyBytes_FromStringAndSize(start, n);  /* hashable */
-    PyObject *slice = PySlice_New(NULL, NULL, NULL);
-    PyObject *lo = PyLong_FromSsize_t(at), *hi = PyLong_FromSsize_t(at + n);
-    PyObject *result = NULL;
-    if (slice != NULL && lo != NULL && hi != NULL) {
-        Py_DECREF(slice);
-        slice = PySlice_New(lo, hi, NULL);
-        if (slice != NULL) result = PyObject_GetItem(r->view, slice);
-    }
-    Py_XDECREF(slice); Py_XDECREF(lo); Py_XDECREF(hi);
-    return result;
+    if (as_key || n < UNPACK_VIEW_MIN) return PyBytes_FromStringAndSize(start, n);
+    return PySequence_GetSlice(r->view, at, at + n);
 }
 
 static PyObject *unpack_value(Reader *r, int depth, int as_key) {

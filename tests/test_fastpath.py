@@ -169,13 +169,15 @@ def plain(value):
 def test_unpack_reads_batches_as_msgpack_does(version):
     import msgpack
 
-    block, first, num = tpacket3_block([RingFrame(f) for f in CORPUS])
+    block, first, num = tpacket3_block([RingFrame(f) for f in CORPUS * 4])
     body = encode_c(version, block, first, num, 16, {})[0]
     got = _fastpath.unpack(body)
     assert plain(got) == msgpack.unpackb(body)
-    if version == wire.COLUMNS_VERSION:  # the buffers are views of the message
+    if version == wire.COLUMNS_VERSION:  # long buffers are views of the message
         values = got["columns"]["ts_ns"]["values"]
-        assert isinstance(values, memoryview) and values.obj is not None
+        assert len(values) >= 512 and isinstance(values, memoryview)
+        assert values.obj is not None
+        assert isinstance(got["columns"]["pkttype"]["values"], bytes)  # short: a copy
 
 
 @settings(max_examples=300, deadline=None)
