@@ -26,10 +26,15 @@ README). `--once SECONDS` prints one table after that many seconds and exits;
 import argparse
 import ipaddress
 import json
+import os
 import sys
 import time
 from collections import deque
 from datetime import datetime
+
+# A batch's buffers lie where they were received, not 8-byte aligned; pyarrow's group-by
+# engine copies such a buffer rather than warn about it on every batch.
+os.environ.setdefault("ACERO_ALIGNMENT_HANDLING", "reallocate")
 
 import pyarrow as pa
 import pyarrow.compute as pc
