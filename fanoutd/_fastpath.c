@@ -904,6 +904,402 @@ static PyObject *unpack(PyObject *self, PyObject *arg) {
     return result;
 }
 
+/* --- a version 2 batch as Arrow, in one call (the Arrow C data interface) ----------- */
+
+/* Batch.to_arrow(): the received columns handed to pyarrow as one struct array through
+ * the Arrow C data interface and its PyCapsule protocol, pointing at the buffers where
+ * they were received; the exported structs keep the batch's column dict alive until
+ * Arrow releases them. Cheaper than a pyarrow.Array.from_buffers per column, and every
+ * buffer is checked first: lengths against n, offsets rising and within their data,
+ * dictionary codes within the dictionary, since the batch came from the network. */
+
+struct ArrowSchema {
+    const char *format, *name, *metadata;
+    int64_t flags, n_children;
+    struct ArrowSchema **children, *dictionary;
+    void (*release)(struct ArrowSchema *);
+    void *private_data;
+};
+struct ArrowArray {
+    int64_t length, null_count, offset, n_buffers, n_children;
+    const void **buffers;
+    struct ArrowArray **children, *dictionary;
+    void (*release)(struct ArrowArray *);
+    void *private_data;
+};
+#define ARROW_FLAG_NULLABLE 2
+
+/* Everything an export allocates, freed by the top-level release. */
+typedef struct {
+    PyObject *owner;          /* the columns dict: it keeps every buffer alive */
+    void **blocks;            /* malloc'd blocks to free */
+    Py_ssize_t n_blocks, cap_blocks;
+} Arena;
+
+static void *arena_alloc(Arena *a, size_t size) {
+    if (a->n_blocks == a->cap_blocks) {
+        Py_ssize_t cap = a->cap_blocks ? a->cap_blocks * 2 : 64;
+        void **grown = realloc(a->blocks, (size_t)cap * sizeof *grown);
+        if (grown == NULL) return NULL;
+        a->blocks = grown; a->cap_blocks = cap;
+    }
+    void *p = calloc(1, size ? size : 1);
+    if (p != NULL) a->blocks[a->n_blocks++] = p;
+    return p;
+}
+
+static void arena_free(Arena *a) {
+    if (a == NULL) return;
+    for (Py_ssize_t i = 0; i < a->n_blocks; i++) free(a->blocks[i]);
+    free(a->blocks);
+    if (a->owner != NULL) {  /* Arrow may release from any thread */
+        PyGILState_STATE g = PyGILState_Ensure();
+        Py_DECREF(a->owner);
+        PyGILState_Release(g);
+    }
+    free(a);
+}
+
+static void release_child_schema(struct ArrowSchema *s) { s->release = NULL; }
+static void release_child_array(struct ArrowArray *a) { a->release = NULL; }
+static void release_schema(struct ArrowSchema *s) {
+    arena_free(s->private_data);
+    s->release = NULL;
+}
+static void release_array(struct ArrowArray *a) {
+    arena_free(a->private_data);
+    a->release = NULL;
+}
+
+typedef struct {
+    const char *wire;   /* the type as the wire names it */
+    const char *arrow;  /* its Arrow C format string */
+    int width;          /* bytes per value; 0: a bitmap (bool) */
+} TypeMap;
+static const TypeMap PRIMITIVES[] = {
+    {"int8", "c", 1}, {"uint8", "C", 1}, {"int16", "s", 2}, {"uint16", "S", 2},
+    {"int32", "i", 4}, {"uint32", "I", 4}, {"int64", "l", 8}, {"uint64", "L", 8},
+    {"float32", "f", 4}, {"float64", "g", 8}, {"timestamp[ns, UTC]", "tsn:UTC", 8},
+    {"bool", "b", 0},
+};
+
+static const TypeMap *primitive(const char *wire) {
+    for (size_t i = 0; i < sizeof PRIMITIVES / sizeof *PRIMITIVES; i++)
+        if (strcmp(PRIMITIVES[i].wire, wire) == 0) return &PRIMITIVES[i];
+    return NULL;
+}
+
+/* The column map's keys, made once (PyDict_GetItemString makes a str at each call). */
+static PyObject *key_type, *key_validity, *key_values, *key_offsets, *key_dictionary;
+
+/* A column's buffer: NULL and length 0 for nil; -1 with an exception if it is not one. */
+static int column_buffer(PyObject *col, PyObject *key, Py_buffer *view) {
+    memset(view, 0, sizeof *view);
+    PyObject *obj = PyDict_GetItemWithError(col, key);  /* borrowed */
+    if (obj == NULL && PyErr_Occurred()) return -1;
+    if (obj == NULL || obj == Py_None) return 0;
+    if (PyObject_GetBuffer(obj, view, PyBUF_SIMPLE) < 0) return -1;
+    /* the dict (owned by the arena) keeps obj, and so its memory, alive */
+    return 0;
+}
+
+static int bad_column(const char *name, const char *why) {
+    PyErr_Format(PyExc_ValueError, "column %s: %s", name, why);
+    return -1;
+}
+
+/* Fill schema and array for one column; 0 done, 1 skipped (a type not known), -1 error. */
+static int export_column(Arena *arena, const char *name, PyObject *col, int64_t n,
+                         struct ArrowSchema *schema, struct ArrowArray *array) {
+    PyObject *type_obj = PyDict_GetItemWithError(col, key_type);
+    if (type_obj == NULL || !PyUnicode_Check(type_obj)) return bad_column(name, "no type");
+    const char *type = PyUnicode_AsUTF8(type_obj);
+    if (type == NULL) return -1;
+    Py_buffer validity, values, offsets;
+    int rc = -1;
+    if (column_buffer(col, key_validity, &validity) < 0) return -1;
+    if (column_buffer(col, key_values, &values) < 0) { PyBuffer_Release(&validity); return -1; }
+    if (column_buffer(col, key_offsets, &offsets) < 0) {
+        PyBuffer_Release(&validity); PyBuffer_Release(&values); return -1;
+    }
+    size_t bitmap_len = ((size_t)n + 7) / 8;
+    const void **buffers = arena_alloc(arena, 3 * sizeof *buffers);
+    char *name_copy = arena_alloc(arena, strlen(name) + 1);
+    if (buffers == NULL || name_copy == NULL) { PyErr_NoMemory(); goto done; }
+    strcpy(name_copy, name);
+    if (validity.buf != NULL && (size_t)validity.len < bitmap_len) {
+        bad_column(name, "validity shorter than n bits"); goto done;
+    }
+    schema->name = name_copy;
+    schema->flags = ARROW_FLAG_NULLABLE;
+    schema->release = release_child_schema;
+    array->length = n;
+    array->null_count = validity.buf != NULL ? -1 : 0;
+    array->release = release_child_array;
+    array->buffers = buffers;
+    buffers[0] = validity.buf;
+    const TypeMap *prim = primitive(type);
+    if (prim != NULL) {
+        size_t need = prim->width ? (size_t)n * (size_t)prim->width : bitmap_len;
+        if ((size_t)values.len < need) { bad_column(name, "values shorter than n"); goto done; }
+        schema->format = prim->arrow;
+        array->n_buffers = 2;
+        buffers[1] = values.buf;
+        rc = 0;
+    } else if (strncmp(type, "fixed_size_binary[", 18) == 0) {
+        long width = strtol(type + 18, NULL, 10);
+        if (width <= 0 || width > 1 << 20) { bad_column(name, "bad width"); goto done; }
+        if ((size_t)values.len < (size_t)n * (size_t)width) {
+            bad_column(name, "values shorter than n"); goto done;
+        }
+        char *format = arena_alloc(arena, 24);
+        if (format == NULL) { PyErr_NoMemory(); goto done; }
+        snprintf(format, 24, "w:%ld", width);
+        schema->format = format;
+        array->n_buffers = 2;
+        buffers[1] = values.buf;
+        rc = 0;
+    } else if (strcmp(type, "binary") == 0 || strncmp(type, "list<", 5) == 0) {
+        int is_list = type[0] == 'l';
+        const TypeMap *item = NULL;
+        if (is_list) {
+            char inner[32];
+            size_t len = strlen(type);
+            if (len < 7 || len - 6 >= sizeof inner || type[len - 1] != '>') {
+                rc = 1; goto done;
+            }
+            memcpy(inner, type + 5, len - 6);
+            inner[len - 6] = 0;
+            item = primitive(inner);
+            if (item == NULL || item->width == 0) { rc = 1; goto done; }
+        }
+        if ((size_t)offsets.len < 4 * ((size_t)n + 1)) {
+            bad_column(name, "offsets shorter than n + 1"); goto done;
+        }
+        int32_t prev = 0, first;
+        memcpy(&first, offsets.buf, 4);
+        if (first != 0) { bad_column(name, "offsets do not start at 0"); goto done; }
+        for (int64_t i = 1; i <= n; i++) {
+            int32_t end;
+            memcpy(&end, (const char *)offsets.buf + 4 * i, 4);
+            if (end < prev) { bad_column(name, "offsets go down"); goto done; }
+            prev = end;
+        }
+        size_t width = is_list ? (size_t)item->width : 1;
+        if ((size_t)prev * width > (size_t)values.len) {
+            bad_column(name, "offsets beyond the values"); goto done;
+        }
+        if (!is_list) {
+            schema->format = "z";
+            array->n_buffers = 3;
+            buffers[1] = offsets.buf;
+            buffers[2] = values.buf;
+        } else {
+            struct ArrowSchema *child_schema = arena_alloc(arena, sizeof *child_schema);
+            struct ArrowArray *child = arena_alloc(arena, sizeof *child);
+            struct ArrowSchema **schema_children = arena_alloc(arena, sizeof(void *));
+            struct ArrowArray **array_children = arena_alloc(arena, sizeof(void *));
+            const void **child_buffers = arena_alloc(arena, 2 * sizeof(void *));
+            if (!child_schema || !child || !schema_children || !array_children
+                    || !child_buffers) { PyErr_NoMemory(); goto done; }
+            child_schema->format = item->arrow;
+            child_schema->name = "item";
+            child_schema->release = release_child_schema;
+            child->length = prev;
+            child->n_buffers = 2;
+            child->buffers = child_buffers;
+            child_buffers[1] = values.buf;
+            child->release = release_child_array;
+            schema_children[0] = child_schema;
+            array_children[0] = child;
+            schema->format = "+l";
+            schema->n_children = 1;
+            schema->children = schema_children;
+            array->n_buffers = 2;
+            buffers[1] = offsets.buf;
+            array->n_children = 1;
+            array->children = array_children;
+        }
+        rc = 0;
+    } else if (strcmp(type, "dictionary<int8, utf8>") == 0) {
+        PyObject *names = PyDict_GetItemWithError(col, key_dictionary);
+        if (names == NULL || !PyList_Check(names)) {
+            bad_column(name, "no dictionary"); goto done;
+        }
+        Py_ssize_t count = PyList_GET_SIZE(names);
+        if ((size_t)values.len < (size_t)n) { bad_column(name, "values shorter than n"); goto done; }
+        /* every code, a null row's too (the encoder writes 0 there), so that no Arrow
+         * kernel can read outside the dictionary whatever it does with nulls */
+        int8_t lowest = 0, highest = 0;
+        for (int64_t i = 0; i < n; i++) {
+            int8_t code = ((const int8_t *)values.buf)[i];
+            lowest = code < lowest ? code : lowest;
+            highest = code > highest ? code : highest;
+        }
+        if (n && (lowest < 0 || highest >= count)) {
+            bad_column(name, "a code outside the dictionary"); goto done;
+        }
+        /* the dictionary: a utf8 array of the names */
+        size_t total = 0;
+        for (Py_ssize_t i = 0; i < count; i++) {
+            Py_ssize_t len;
+            PyObject *item = PyList_GET_ITEM(names, i);
+            if (!PyUnicode_Check(item) || PyUnicode_AsUTF8AndSize(item, &len) == NULL) {
+                if (!PyErr_Occurred()) bad_column(name, "a dictionary entry is not text");
+                goto done;
+            }
+            total += (size_t)len;
+        }
+        int32_t *dict_offsets = arena_alloc(arena, 4 * ((size_t)count + 1));
+        char *dict_data = arena_alloc(arena, total);
+        struct ArrowSchema *dict_schema = arena_alloc(arena, sizeof *dict_schema);
+        struct ArrowArray *dict = arena_alloc(arena, sizeof *dict);
+        const void **dict_buffers = arena_alloc(arena, 3 * sizeof(void *));
+        if (!dict_offsets || !dict_data || !dict_schema || !dict || !dict_buffers) {
+            PyErr_NoMemory(); goto done;
+        }
+        size_t at = 0;
+        for (Py_ssize_t i = 0; i < count; i++) {
+            Py_ssize_t len;
+            const char *text = PyUnicode_AsUTF8AndSize(PyList_GET_ITEM(names, i), &len);
+            dict_offsets[i] = (int32_t)at;
+            memcpy(dict_data + at, text, (size_t)len);
+            at += (size_t)len;
+        }
+        dict_offsets[count] = (int32_t)at;
+        dict_schema->format = "u";
+        dict_schema->name = "";
+        dict_schema->release = release_child_schema;
+        dict->length = count;
+        dict->n_buffers = 3;
+        dict->buffers = dict_buffers;
+        dict_buffers[1] = dict_offsets;
+        dict_buffers[2] = dict_data;
+        dict->release = release_child_array;
+        schema->format = "c";
+        schema->dictionary = dict_schema;
+        array->n_buffers = 2;
+        buffers[1] = values.buf;
+        array->dictionary = dict;
+        rc = 0;
+    } else {
+        rc = 1;  /* a type this library does not know: left out, as subscribers must */
+    }
+done:
+    PyBuffer_Release(&validity);
+    PyBuffer_Release(&values);
+    PyBuffer_Release(&offsets);
+    return rc;
+}
+
+static void schema_capsule_free(PyObject *capsule) {
+    struct ArrowSchema *s = PyCapsule_GetPointer(capsule, "arrow_schema");
+    if (s != NULL && s->release != NULL) s->release(s);
+    free(s);
+}
+static void array_capsule_free(PyObject *capsule) {
+    struct ArrowArray *a = PyCapsule_GetPointer(capsule, "arrow_array");
+    if (a != NULL && a->release != NULL) a->release(a);
+    free(a);
+}
+
+static PyObject *arrow_capsules(PyObject *self, PyObject *args) {
+    PyObject *columns;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "O!n", &PyDict_Type, &columns, &n)) return NULL;
+    if (n < 0) return PyErr_Format(PyExc_ValueError, "negative row count");
+    Arena *schema_arena = calloc(1, sizeof *schema_arena);
+    Arena *array_arena = calloc(1, sizeof *array_arena);
+    struct ArrowSchema *schema = calloc(1, sizeof *schema);
+    struct ArrowArray *array = calloc(1, sizeof *array);
+    PyObject *result = NULL;
+    if (!schema_arena || !array_arena || !schema || !array) { PyErr_NoMemory(); goto fail; }
+    /* both halves keep the dict alive: a consumer may release them in either order */
+    Py_INCREF(columns); schema_arena->owner = columns;
+    Py_INCREF(columns); array_arena->owner = columns;
+    Py_ssize_t count = PyDict_GET_SIZE(columns);
+    struct ArrowSchema **schema_children = arena_alloc(schema_arena, (size_t)count * sizeof(void *));
+    struct ArrowArray **array_children = arena_alloc(array_arena, (size_t)count * sizeof(void *));
+    const void **struct_buffers = arena_alloc(array_arena, sizeof(void *));
+    if (!schema_children || !array_children || !struct_buffers) { PyErr_NoMemory(); goto fail; }
+    Py_ssize_t pos = 0, kept = 0;
+    PyObject *key, *col;
+    while (PyDict_Next(columns, &pos, &key, &col)) {
+        if (!PyUnicode_Check(key) || !PyDict_Check(col)) {
+            PyErr_SetString(PyExc_ValueError, "columns: a name or column of the wrong kind");
+            goto fail;
+        }
+        const char *name = PyUnicode_AsUTF8(key);
+        struct ArrowSchema *cs = arena_alloc(schema_arena, sizeof *cs);
+        struct ArrowArray *ca = arena_alloc(array_arena, sizeof *ca);
+        if (name == NULL || cs == NULL || ca == NULL) { if (!PyErr_Occurred()) PyErr_NoMemory(); goto fail; }
+        /* the array's allocations live in the array arena, the schema's in the schema's */
+        int rc = export_column(array_arena, name, col, n, cs, ca);
+        if (rc < 0) goto fail;
+        if (rc > 0) continue;
+        /* copy what the schema needs into its own arena (the two are released apart) */
+        char *name_copy = arena_alloc(schema_arena, strlen(name) + 1);
+        if (name_copy == NULL) { PyErr_NoMemory(); goto fail; }
+        strcpy(name_copy, name);
+        cs->name = name_copy;
+        if (cs->format[0] == 'w') {
+            char *format = arena_alloc(schema_arena, strlen(cs->format) + 1);
+            if (format == NULL) { PyErr_NoMemory(); goto fail; }
+            strcpy(format, cs->format);
+            cs->format = format;
+        }
+        if (cs->n_children) {  /* a list's item schema */
+            struct ArrowSchema **kids = arena_alloc(schema_arena, sizeof(void *));
+            struct ArrowSchema *item = arena_alloc(schema_arena, sizeof *item);
+            if (kids == NULL || item == NULL) { PyErr_NoMemory(); goto fail; }
+            *item = *cs->children[0];
+            kids[0] = item;
+            cs->children = kids;
+        }
+        if (cs->dictionary != NULL) {
+            struct ArrowSchema *dict = arena_alloc(schema_arena, sizeof *dict);
+            if (dict == NULL) { PyErr_NoMemory(); goto fail; }
+            *dict = *cs->dictionary;
+            cs->dictionary = dict;
+        }
+        schema_children[kept] = cs;
+        array_children[kept] = ca;
+        kept++;
+    }
+    schema->format = "+s";
+    schema->name = "";
+    schema->n_children = kept;
+    schema->children = schema_children;
+    schema->release = release_schema;
+    schema->private_data = schema_arena;
+    array->length = n;
+    array->n_buffers = 1;
+    array->buffers = struct_buffers;
+    array->n_children = kept;
+    array->children = array_children;
+    array->release = release_array;
+    array->private_data = array_arena;
+    schema_arena = array_arena = NULL;  /* owned by the structs from here on */
+    PyObject *s_cap = PyCapsule_New(schema, "arrow_schema", schema_capsule_free);
+    if (s_cap == NULL) { schema->release(schema); free(schema); schema = NULL; goto fail; }
+    schema = NULL;
+    PyObject *a_cap = PyCapsule_New(array, "arrow_array", array_capsule_free);
+    if (a_cap == NULL) { Py_DECREF(s_cap); array->release(array); free(array); array = NULL; goto fail; }
+    array = NULL;
+    result = PyTuple_Pack(2, s_cap, a_cap);
+    Py_DECREF(s_cap);
+    Py_DECREF(a_cap);
+    return result;
+fail:
+    if (schema != NULL && schema->release != NULL) schema->release(schema);
+    else arena_free(schema_arena);
+    if (array != NULL && array->release != NULL) array->release(array);
+    else arena_free(array_arena);
+    free(schema);
+    free(array);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"encode_batch", encode_batch, METH_VARARGS,
      "encode_batch(block, first_offset, num_pkts, payload_bytes, errors, prefix, seq) -> "
@@ -916,6 +1312,11 @@ static PyMethodDef methods[] = {
      "(batch, rows, wire bytes)\n\n"
      "The version 2 batch encoder.encode_columns_py makes of a ring block "
      "(decode.decode_block, then wire.columns_body): prefix, seq, n, then the columns."},
+    {"arrow_capsules", arrow_capsules, METH_VARARGS,
+     "arrow_capsules(columns, n) -> (schema capsule, array capsule)\n\n"
+     "A version 2 batch's columns (as unpacked) as an Arrow struct array through the C data "
+     "interface, over the same buffers; columns of unknown types are left out. ValueError "
+     "when a buffer does not fit n rows."},
     {"unpack", unpack, METH_O,
      "unpack(buffer) -> object\n\n"
      "msgpack.unpackb(buffer, raw=False), except that each bin is a memoryview of buffer "
@@ -931,6 +1332,12 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__fastpath(void) {
+    if (!(key_type = PyUnicode_InternFromString("type"))
+            || !(key_validity = PyUnicode_InternFromString("validity"))
+            || !(key_values = PyUnicode_InternFromString("values"))
+            || !(key_offsets = PyUnicode_InternFromString("offsets"))
+            || !(key_dictionary = PyUnicode_InternFromString("dictionary")))
+        return NULL;
     for (int e = 0; e < E_COUNT; e++) {
         reason_names[e] = PyUnicode_InternFromString(REASONS[e]);
         if (reason_names[e] == NULL) return NULL;

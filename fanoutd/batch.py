@@ -22,8 +22,10 @@ import msgpack
 from fanoutd import wire
 
 try:  # buffers stay where they were received: bins become memoryviews, not copies
-    from fanoutd._fastpath import unpack
-except ImportError:  # not built: msgpack, which copies each bin
+    from fanoutd._fastpath import arrow_capsules, unpack
+except ImportError:  # not built: msgpack, which copies each bin, and pyarrow per column
+    arrow_capsules = None
+
     def unpack(body: bytes | memoryview) -> Any:
         return msgpack.unpackb(body, raw=False)
 
@@ -170,13 +172,21 @@ class Batch:
     def to_arrow(self) -> Any:
         """A pyarrow.RecordBatch, one column per field (names as on the wire), wrapping
         the batch's buffers without copying them (version 2). Fields of a type this
-        library does not know are left out."""
+        library does not know are left out. ValueError when a column's buffers do not
+        hold what its type and the row count say (a damaged or hostile batch)."""
         pa = _need("pyarrow")
         if self.raw_columns is None:
             return self._rows_to_arrow(pa)
+        if arrow_capsules is not None:  # one C call: the Arrow C data interface
+            return pa.record_batch(_ArrowExport(arrow_capsules(self.raw_columns, self.n)))
         arrays, names = [], []
         for name, col in self.raw_columns.items():
-            array = _arrow_array(pa, col, self.n)
+            try:
+                array = _arrow_array(pa, col, self.n)
+                if array is not None:  # from the network: check it all, as the C path does
+                    array.validate(full=True)
+            except (pa.ArrowException, KeyError, TypeError) as e:
+                raise ValueError(f"column {name}: {e}") from None
             if array is not None:
                 arrays.append(array)
                 names.append(name)
@@ -195,6 +205,16 @@ class Batch:
         """A polars DataFrame of to_arrow() (dictionary columns become Categorical)."""
         pl = _need("polars")
         return pl.from_arrow(self.to_arrow())
+
+
+class _ArrowExport:
+    """The Arrow PyCapsule protocol over a (schema, array) capsule pair."""
+
+    def __init__(self, capsules: tuple[Any, Any]) -> None:
+        self.capsules = capsules
+
+    def __arrow_c_array__(self, requested_schema: Any = None) -> tuple[Any, Any]:
+        return self.capsules
 
 
 class _NumpyColumns(Mapping):

@@ -219,3 +219,77 @@ def test_unpack_bounds_nesting_and_counts():
         _fastpath.unpack(b"\xc6\x00\x00\x10\x00abc")
     with pytest.raises(ValueError, match="extra bytes"):
         _fastpath.unpack(b"\xc0\xc0")
+
+
+# --- arrow_capsules: a batch handed to pyarrow through the C data interface ---------------
+
+
+def arrow_export(columns, n):
+    pa = pytest.importorskip("pyarrow")
+
+    class Export:
+        def __arrow_c_array__(self, requested_schema=None):
+            return _fastpath.arrow_capsules(columns, n)
+
+    return pa.record_batch(Export())
+
+
+def real_columns(frames=CORPUS * 3):
+    block, first, num = tpacket3_block([RingFrame(f) for f in frames])
+    batch = _fastpath.unpack(encode_c(wire.COLUMNS_VERSION, block, first, num, 8, {})[0])
+    return batch["columns"], batch["n"]
+
+
+def test_arrow_capsules_hold_the_columns():
+    columns, n = real_columns()
+    table = arrow_export(columns, n)
+    table.validate(full=True)
+    assert table.schema.names == list(columns)
+    for name, col in columns.items():
+        got = table.column(name)
+        if name == "ts_ns":
+            got = got.cast("int64")
+        assert got.to_pylist() == wire.decode_column(col, n), name
+
+
+@pytest.mark.parametrize(("name", "key", "damage", "why"), [
+    ("len", "values", lambda b: b[:-1], "values shorter than n"),
+    ("sport", "validity", lambda b: b"", "validity shorter"),
+    ("src", "offsets", lambda b: b[:8], "offsets shorter"),
+    ("src", "offsets", lambda b: b[:4] + (10**6).to_bytes(4, "little") + b[8:],
+     "offsets go down|beyond the values"),
+    ("src", "offsets", lambda b: (1).to_bytes(4, "little") + b[4:], "do not start at 0"),
+    ("vlan", "values", lambda b: b"", "beyond the values"),
+    ("err", "values", lambda b: bytes([100]) + b[1:], "outside the dictionary"),
+    ("ts_src", "values", lambda b: bytes([255]) + b[1:], "outside the dictionary"),
+])
+def test_arrow_capsules_refuse_a_column_that_does_not_fit(name, key, damage, why):
+    """A hostile publisher's buffers never let Arrow read outside them: refused up front."""
+    columns, n = real_columns()
+    columns[name] = {**columns[name], key: damage(bytes(columns[name][key]))}
+    with pytest.raises(ValueError, match=why):
+        _fastpath.arrow_capsules(columns, n)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 80), st.lists(st.tuples(st.sampled_from(list(wire.FIELDS)),
+                                              st.sampled_from(["values", "validity",
+                                                               "offsets"]),
+                                              st.integers(0, 4000), st.integers(0, 255)),
+                                    max_size=6))
+def test_arrow_capsules_any_damage_is_refused_or_valid(n, flips):
+    """Any n and any damaged bytes: a ValueError, or a batch Arrow validates fully."""
+    pa = pytest.importorskip("pyarrow")
+    columns, _ = real_columns()
+    for name, key, where, value in flips:
+        buf = columns[name].get(key)
+        if buf is not None and len(buf):
+            data = bytearray(buf)
+            data[where % len(data)] = value
+            columns[name] = {**columns[name], key: bytes(data)}
+    try:
+        table = arrow_export(columns, n)
+    except ValueError:
+        return
+    assert isinstance(table, pa.RecordBatch)
+    table.validate(full=True)
