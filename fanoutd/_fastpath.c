@@ -462,15 +462,20 @@ static inline Py_ssize_t payload_length(const Row *r, Py_ssize_t payload_bytes) 
  * Workers are single-threaded, and the GIL is held throughout. */
 static Out scratch;
 
+/* Both encoders' arguments: (block, first_offset, num_pkts, payload_bytes, errors,
+ * prefix, seq). The two buffers are released by the caller. */
+#define PARSE_ENCODE_ARGS(args)                                                         \
+    Py_buffer view, prefix;                                                             \
+    Py_ssize_t first, num_pkts, payload_bytes;                                          \
+    unsigned long long seq;                                                             \
+    PyObject *errors;                                                                   \
+    if (!PyArg_ParseTuple(args, "y*nnnO!y*K", &view, &first, &num_pkts, &payload_bytes, \
+                          &PyDict_Type, &errors, &prefix, &seq))                        \
+        return NULL
+
 /* Version 1: the rows, each a msgpack array (wire.rows_body). */
 static PyObject *encode_batch(PyObject *self, PyObject *args) {
-    Py_buffer view, prefix;
-    Py_ssize_t first, num_pkts, payload_bytes;
-    unsigned long long seq;
-    PyObject *errors;
-    if (!PyArg_ParseTuple(args, "y*nnnO!y*K", &view, &first, &num_pkts, &payload_bytes,
-                          &PyDict_Type, &errors, &prefix, &seq))
-        return NULL;
+    PARSE_ENCODE_ARGS(args);
     const uint8_t *block = view.buf;
     const Py_ssize_t limit = view.len;
     Out *out = &scratch;
@@ -701,13 +706,7 @@ static int columns_put(Out *o, Py_ssize_t n, int ncols) {
 }
 
 static PyObject *encode_columns(PyObject *self, PyObject *args) {
-    Py_buffer view, prefix;
-    Py_ssize_t first, num_pkts, payload_bytes;
-    unsigned long long seq;
-    PyObject *errors;
-    if (!PyArg_ParseTuple(args, "y*nnnO!y*K", &view, &first, &num_pkts, &payload_bytes,
-                          &PyDict_Type, &errors, &prefix, &seq))
-        return NULL;
+    PARSE_ENCODE_ARGS(args);
     const uint8_t *block = view.buf;
     const Py_ssize_t limit = view.len;
     const int ncols = payload_bytes ? C_COUNT : ROW_FIELDS;
