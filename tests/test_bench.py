@@ -22,6 +22,7 @@ NUMBER = r"(?:-|[\d,]+(?:\.\d+)?)"  # a figure as the table prints it; "-" when 
 
 pytestmark = [
     pytest.mark.integration,
+    pytest.mark.bench,
     pytest.mark.skipif(os.geteuid() != 0, reason="the benchmark needs root"),
     pytest.mark.skipif(any(shutil.which(t) is None for t in ("trafgen", "tcpdump", "ip",
                                                              "taskset")),
