@@ -55,33 +55,6 @@ _HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_
                      | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
 
-class StreamCounts(dict):
-    """{StreamKey: count}. For code written when streams were keyed by (iface, worker),
-    such a pair is also answered, with the sum over sensors (`lost[("eth0", 0)]`,
-    `lost.get(("eth0", 0), 0)`, `("eth0", 0) in lost`)."""
-
-    def _pair_total(self, key: tuple) -> int | None:
-        found = [v for k, v in self.items() if (k.iface, k.worker) == tuple(key)]
-        return sum(found) if found else None
-
-    def __missing__(self, key: Any) -> int:
-        total = self._pair_total(key) if isinstance(key, tuple) and len(key) == 2 else None
-        if total is None:
-            raise KeyError(key)
-        return total
-
-    def __contains__(self, key: object) -> bool:
-        if dict.__contains__(self, key):
-            return True
-        return isinstance(key, tuple) and len(key) == 2 and self._pair_total(key) is not None
-
-    def get(self, key: Any, default: Any = None) -> Any:
-        try:
-            return self[key]
-        except KeyError:
-            return default
-
-
 class SeqTracker:
     """Follows the `seq` of each stream and counts what is missing.
 
@@ -97,8 +70,8 @@ class SeqTracker:
     def __init__(self, on_gap: Callable[[StreamKey, int], None] | None = None) -> None:
         self.on_gap = on_gap
         self.last: dict[StreamKey, int] = {}
-        self.lost: dict[StreamKey, int] = StreamCounts()
-        self.restarts: dict[StreamKey, int] = StreamCounts()
+        self.lost: dict[StreamKey, int] = {}
+        self.restarts: dict[StreamKey, int] = {}
         self.duplicates = 0
         self._epoch: dict[StreamKey, int | None] = {}  # the current ring's epoch
         self._old: dict[StreamKey, tuple[int | None, int]] = {}  # (epoch, last seq) replaced
@@ -209,7 +182,6 @@ class Subscriber:
             self.close()
             raise
         self.sock = next(iter(self._endpoint_of))  # the first endpoint's socket
-        self.hellos = 0
         self.unreadable = 0  # messages on a batch topic that are no batch this library reads
         self.ready: set[str] = set()  # endpoints whose welcome message arrived
         self.refused: dict[str, str] = {}  # endpoint -> why its last handshake failed
@@ -229,7 +201,7 @@ class Subscriber:
                 raise ValueError(f"{client_cert} holds no secret key (use NAME.key_secret)")
         return server_public, public, secret
 
-    # -- accounting, kept as attributes for compatibility
+    # -- the accounting of every stream, read from the tracker
 
     @property
     def lost(self) -> dict[StreamKey, int]:
@@ -344,7 +316,6 @@ class Subscriber:
     def _take(self, endpoint: str, frames: list[zmq.Frame]) -> None:
         if len(frames) == 1:
             if frames[0].bytes == HELLO:
-                self.hellos += 1
                 self.ready.add(endpoint)
             return
         topic = frames[0].bytes

@@ -153,13 +153,8 @@ def test_streams_are_tracked_apart():
     for key, seq in [(a, 0), (b, 10), (a, 1), (b, 11), (a, 2), (b, 14)]:
         tracker.observe(key, seq)
     assert tracker.lost == {b: 2}
-    # The former (iface, worker) keys still answer, summed over sensors.
     tracker.observe(a, 5)
-    assert tracker.lost[("eth0", 0)] == 4 and tracker.lost.get(("eth0", 0), 0) == 4
-    assert ("eth0", 0) in tracker.lost and ("eth1", 0) not in tracker.lost
-    assert tracker.lost.get(("eth1", 0), 0) == 0
-    with pytest.raises(KeyError):
-        tracker.lost[("eth1", 0)]
+    assert tracker.lost == {a: 2, b: 2}
 
 
 # --------------------------------------------------------------------------- Subscriber

@@ -16,6 +16,7 @@ import netlab
 import pytest
 import zmq
 
+from fanoutd.client import StreamKey
 from fanoutd.client import Subscriber as ClientSubscriber
 from fanoutd.wire import ERROR_REASONS
 
@@ -316,7 +317,8 @@ def test_slow_subscriber_does_not_stall_capture(ns, injector, start_daemon, subs
             assert got and got[0] == 0, f"worker {w}: first batch seen {got[:1]}, want seq 0"
             assert got == sorted(set(got)), f"worker {w}: seqs out of order or repeated"
             # Every batch it did not get up to the last it saw is counted as lost.
-            assert stalled.lost.get((daemon.interface, w), 0) == got[-1] + 1 - len(got)
+            key = StreamKey(daemon.endpoint, daemon.interface, w)
+            assert stalled.lost.get(key, 0) == got[-1] + 1 - len(got)
         restarts = metric_per_worker(daemon.metrics(), "fanoutd_worker_restarts_total")
         assert restarts == {str(w): 0 for w in range(workers)}, restarts
     finally:
