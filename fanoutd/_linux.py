@@ -125,3 +125,20 @@ ETHTOOL_GET_TS_INFO = 0x41
 # struct ethtool_ts_info: cmd, so_timestamping, phc_index, tx_types, tx_reserved[3],
 #   rx_filters, rx_reserved[3]
 ETHTOOL_TS_INFO = struct.Struct("=IIiI12xI12x")
+
+# rtnetlink (<linux/netlink.h>, <linux/rtnetlink.h>, <linux/if_link.h>): link changes.
+IFF_LOWER_UP = 1 << 16  # carrier, as the driver reports it (not in SIOCGIFFLAGS' 16 bits)
+SO_RCVBUFFORCE = 33  # SO_RCVBUF beyond net.core.rmem_max (needs CAP_NET_ADMIN)
+NETLINK_ROUTE = 0
+RTMGRP_LINK = 0x1
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+NLM_F_REQUEST = 0x1
+RTM_NEWLINK = 16
+RTM_DELLINK = 17
+RTM_GETLINK = 18
+IFLA_IFNAME = 3
+NLMSGHDR = struct.Struct("=IHHII")  # nlmsg_len, nlmsg_type, nlmsg_flags, nlmsg_seq, nlmsg_pid
+IFINFOMSG = struct.Struct("=BxHiII")  # ifi_family, ifi_type, ifi_index, ifi_flags, ifi_change
+RTATTR = struct.Struct("=HH")  # rta_len, rta_type
+NLMSGERR_ERROR = struct.Struct("=i")  # struct nlmsgerr starts with the negative errno

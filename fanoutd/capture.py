@@ -174,13 +174,29 @@ class Capture:
         found = [s.child for s in self.slots if s.child is not None]
         return found + [old.child for old in self.retiring]
 
-    def watch_link(self, ioctl_sock: socket.socket) -> str | None:
-        """Probe the interface; log a change once; return the event."""
+    def watch_link(self) -> None:
+        """Follow the interface from its state now (the notifications tell the rest)."""
+        state = link.query(self.interface)
+        self.link_watch = link.LinkWatch(self.interface, state and state.ifindex,
+                                         bool(state and state.up))
+
+    def follow_link(self, states: list[link.LinkState], resync: bool) -> None:
+        """Apply the kernel's link notifications in order, logging each change once; with
+        resync (some were lost), then the state now."""
         if self.link_watch is None:
-            ifindex, up = link.probe(self.interface, ioctl_sock)
-            self.link_watch = link.LinkWatch(self.interface, ifindex or 0, up)
-            return None
-        event = self.link_watch.check(ioctl_sock)
+            return
+        for state in states:
+            self._link_event(self.link_watch.apply(state))
+        if resync:
+            try:
+                now = link.query(self.interface)
+            except OSError as e:
+                log.warning("cannot read the state of %s: %s", self.interface, e)
+                return
+            self._link_event(self.link_watch.resync(now))
+
+    def _link_event(self, event: str | None) -> None:
+        assert self.link_watch is not None
         if event == "down":
             log.warning("%s went down; capture resumes when it comes back up", self.interface)
         elif event == "up":
@@ -192,7 +208,6 @@ class Capture:
             log.warning("%s exists again (ifindex %d): opening new capture sockets",
                         self.interface, self.link_watch.ifindex)
             self.reopen_pending = True
-        return event
 
 
 _last_epoch = 0

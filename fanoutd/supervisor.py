@@ -21,7 +21,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import fields
 
-from fanoutd import fanout, privileges, publish, ring, wire, worker
+from fanoutd import fanout, link, privileges, publish, ring, wire, worker
 from fanoutd.capture import Capture, Child, Retiring, Slot
 from fanoutd.config import (
     CAPTURE_KEYS,
@@ -70,7 +70,7 @@ class Supervisor:
         """load_config reads the configuration again, for SIGHUP (None: reload is off)."""
         self.cfg = cfg
         self.load_config = load_config or (lambda: cfg)
-        self._ioctl_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # interface ioctls
+        self.links = link.LinkMonitor()  # before any capture: no change goes unseen
         # Shared memory, mapped before any fork so every child sees all of it.
         self.rings = RingTable(RING_IDS)
         self.free_ring_ids = list(range(RING_IDS))
@@ -136,12 +136,13 @@ class Supervisor:
         try:
             socks = capture.open_sockets(cfg)
             capture.open_up(socks, capture.program())
+            self._read_links()  # what is queued so far concerns the other captures
+            capture.watch_link()  # from the state now; notifications tell the rest
         except ring.CapturePermissionError as e:
             raise StartupError(str(e), EXIT_NOPERM) from None
         except (ring.CaptureError, fanout.FanoutError, FilterError, OSError) as e:
             raise StartupError(f"{cfg.interface}: {e}", EXIT_UNAVAILABLE) from None
         capture.set_slots(socks)
-        capture.watch_link(self._ioctl_sock)
         self.captures.append(capture)
         return capture
 
@@ -231,10 +232,19 @@ class Supervisor:
         self._wait_retired(capture)
         self.captures.remove(capture)
 
-    def _watch_links(self) -> None:
-        """Log and count each interface change once; reopen after a re-creation."""
+    def _read_links(self) -> None:
+        """Hand the kernel's link notifications to every capture, which logs and counts
+        each change once."""
+        states, resync = self.links.read()
+        if resync:
+            log.warning("link notifications were lost (the supervisor fell behind); "
+                        "reading the interfaces' state again")
         for capture in self.captures:
-            capture.watch_link(self._ioctl_sock)
+            capture.follow_link(states, resync)
+
+    def _watch_links(self) -> None:
+        """Reopen capture on an interface that was re-created."""
+        for capture in self.captures:
             watch = capture.link_watch
             if capture.reopen_pending and watch is not None and watch.ifindex is not None:
                 capture.reopen_pending = False
@@ -424,6 +434,7 @@ class Supervisor:
                 os.close(self._wake_w)
                 if self.metrics is not None:
                     self.metrics.socket.close()
+                self.links.close()
                 status = child.main()
             except BaseException:
                 traceback.print_exc()
@@ -440,7 +451,7 @@ class Supervisor:
         self.signals.append(signum)
 
     def _loop_once(self) -> None:
-        waiting = [self._wake_r]
+        waiting = [self._wake_r, self.links]
         if self.metrics is not None:
             waiting.append(self.metrics.socket)
         readable, _, _ = select.select(waiting, [], [], self._next_wakeup())
@@ -455,6 +466,8 @@ class Supervisor:
             self._handle_signal(self.signals.pop(0))
         if self.stopping:
             return
+        if self.links in readable:
+            self._read_links()
         if self.metrics is not None and self.metrics.socket in readable:
             self.metrics.handle_request()
         self._tick()
