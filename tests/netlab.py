@@ -654,6 +654,60 @@ def all_keys(keys: set, key: Callable[[dict], object]) -> Callable[[list[dict]],
     return lambda rows: keys <= {key(r) for r in rows}
 
 
+# --------------------------------------------------------------------------- sd_notify
+
+
+class DatagramSink:
+    """An AF_UNIX SOCK_DGRAM socket bound at `path`, drained by a thread.
+
+    Every datagram is kept with its arrival time (time.monotonic()). close() stops the
+    thread, closes the socket and removes the socket file.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            self.sock.bind(str(path))
+        except OSError:
+            self.sock.close()
+            raise
+        self.sock.settimeout(0.05)
+        self.received: list[tuple[float, bytes]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._pump, daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(1 << 20)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self._lock:
+                self.received.append((time.monotonic(), data))
+
+    def snapshot(self) -> list[tuple[float, bytes]]:
+        with self._lock:
+            return list(self.received)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    def __enter__(self) -> DatagramSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 # --------------------------------------------------------------------------- tail
 
 

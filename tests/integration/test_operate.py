@@ -13,10 +13,8 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import struct
 import subprocess
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -89,58 +87,7 @@ def write_config(directory: Path, **supervisor: int) -> Path:
     return path
 
 
-class DatagramSink:
-    """An AF_UNIX SOCK_DGRAM socket bound at `path`, drained by a thread.
-
-    Every datagram is kept with its arrival time (time.monotonic()). close() stops the
-    thread, closes the socket and removes the socket file.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        try:
-            self.sock.bind(str(path))
-        except OSError:
-            self.sock.close()
-            raise
-        self.sock.settimeout(0.05)
-        self.received: list[tuple[float, bytes]] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._pump, daemon=True)
-        self._thread.start()
-
-    def _pump(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self.sock.recv(1 << 20)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with self._lock:
-                self.received.append((time.monotonic(), data))
-
-    def snapshot(self) -> list[tuple[float, bytes]]:
-        with self._lock:
-            return list(self.received)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self.sock.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-
-    def __enter__(self) -> DatagramSink:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def notify_lines(sink: DatagramSink) -> list[tuple[float, str]]:
+def notify_lines(sink: netlab.DatagramSink) -> list[tuple[float, str]]:
     """Every sd_notify assignment received, as (arrival time, "KEY=VALUE")."""
     return [(t, line) for t, data in sink.snapshot()
             for line in data.decode(errors="replace").split("\n") if line]
@@ -391,7 +338,7 @@ def test_sd_notify_ready_status_watchdog_stopping(start_daemon):
     status_interval_ms, WATCHDOG=1 at half WATCHDOG_USEC while healthy; the pings stop
     while a worker is frozen (SIGSTOP) past heartbeat_timeout_ms and resume once it runs
     again; SIGTERM sends STOPPING=1 and the daemon exits 0 leaving no child."""
-    with netlab.workdir() as wd, DatagramSink(wd / "notify.sock") as sink:
+    with netlab.workdir() as wd, netlab.DatagramSink(wd / "notify.sock") as sink:
         config = write_config(wd, status_interval_ms=300, heartbeat_timeout_ms=500)
         daemon = start_daemon(ready=False, workers=2, fanout="lb", extra=["-c", str(config)],
                               env={"NOTIFY_SOCKET": str(sink.path), "WATCHDOG_USEC": "1000000"})
@@ -487,7 +434,7 @@ def test_journal_logging_with_fields(start_daemon):
                 directory.mkdir(mode=0o755)
                 created.append(directory)
         try:
-            sink = DatagramSink(JOURNAL_SOCKET)
+            sink = netlab.DatagramSink(JOURNAL_SOCKET)
         except OSError as e:  # bound meanwhile, e.g. by a concurrent run of this test
             pytest.skip(f"cannot bind {JOURNAL_SOCKET}: {e.strerror}")
         # As journald's: workers log after dropping to an unprivileged user.
