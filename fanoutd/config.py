@@ -67,6 +67,8 @@ class MetricsConfig:
     client_ca_file: str | None = None  # require client certificates it signed (mutual TLS)
     basic_auth_user: str | None = None
     basic_auth_password_sha256: str | None = None
+    max_connections: int = 16  # connections open at once (metrics_server.py)
+    request_timeout_ms: int = 5_000  # from accept to the answer sent, TLS handshake included
 
 
 @dataclass(frozen=True)
@@ -436,6 +438,12 @@ def _check(cfg: Config, captures: list[_Capture], labels: dict[str, str],
         parse_host_port(cfg.metrics.listen)
     except ValueError as e:
         bad("metrics.listen", str(e))
+    if not 1 <= cfg.metrics.max_connections <= 1024:
+        bad("metrics.max_connections", f"must be between 1 and 1024, got "
+                                       f"{cfg.metrics.max_connections}")
+    if not 100 <= cfg.metrics.request_timeout_ms <= 60_000:
+        bad("metrics.request_timeout_ms", f"must be between 100 and 60000 ms, got "
+                                          f"{cfg.metrics.request_timeout_ms}")
     if not 100 <= cfg.supervisor.heartbeat_timeout_ms <= 3_600_000:
         bad("supervisor.heartbeat_timeout_ms", f"must be between 100 and 3600000 ms, got "
                                                f"{cfg.supervisor.heartbeat_timeout_ms}")

@@ -1,29 +1,20 @@
-"""Prometheus exposition: a custom collector over the slot table, served from the
-supervisor's own loop (no threads: the supervisor forks, and a thread would not survive
-that cleanly).
+"""Prometheus exposition: a custom collector over the slot table, and the registry that
+the supervisor's metrics endpoint serves (metrics_server.py).
 
 Metric families are built fresh at each scrape from the shared slot counters, so totals
 belong to the slot and survive a worker restart, and every counter exists for every worker
 from the first scrape, at zero.
 """
 
-import base64
-import hashlib
-import hmac
-import socket
 import time
 from collections.abc import Iterator
-from http.server import HTTPServer
 from typing import Protocol
-from urllib.parse import urlsplit
 
 from prometheus_client import ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import MetricsHandler
 from prometheus_client.registry import CollectorRegistry
 
 from fanoutd import __version__, wire
-from fanoutd.config import MetricsConfig, parse_host_port, tls_context
 from fanoutd.link import LinkWatch
 from fanoutd.slotstats import StatsTable
 from fanoutd.wire import ERROR_REASONS
@@ -131,80 +122,33 @@ class SlotCollector:
         yield info
 
 
-REQUEST_TIMEOUT_S = 2.0  # a client that stalls cannot hold the supervisor's loop longer
-METRICS_PATH = "/metrics"
+# Why a connection to the metrics endpoint was closed without an answer.
+DROP_REASONS = ("limit", "timeout", "oversized", "tls")
 
 
-class _GuardedMetricsHandler(MetricsHandler):
-    """prometheus_client's handler, behind HTTP basic auth when it is configured."""
+class ConnectionCollector:
+    """The metrics endpoint's own counters, kept by its server (metrics_server.py)."""
 
-    credentials: tuple[str, bytes] | None = None  # (user, sha256 of the password)
+    def __init__(self, dropped: dict[str, int]) -> None:
+        self.dropped = dropped
 
-    def do_GET(self) -> None:
-        if self.credentials is not None and not self._authorized():
-            self.send_response(401)
-            self.send_header("WWW-Authenticate", 'Basic realm="fanoutd"')
-            self.end_headers()
-            return
-        if urlsplit(self.path).path != METRICS_PATH:  # the one thing served, on its path
-            body = f"fanoutd serves its metrics at {METRICS_PATH}\n".encode()
-            self.send_response(404)
-            self.send_header("Content-Type", "text/plain; charset=utf-8")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-            return
-        super().do_GET()
-
-    def _authorized(self) -> bool:
-        user, digest = self.credentials  # type: ignore[misc]
-        scheme, _, encoded = (self.headers.get("Authorization") or "").partition(" ")
-        if scheme.lower() != "basic":
-            return False
-        try:
-            given_user, _, password = base64.b64decode(encoded, validate=True).decode(
-                ).partition(":")
-        except (ValueError, UnicodeDecodeError):
-            return False
-        user_ok = hmac.compare_digest(given_user.encode(), user.encode())
-        password_ok = hmac.compare_digest(hashlib.sha256(password.encode()).digest(), digest)
-        return user_ok and password_ok
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "fanoutd_metrics_connections_dropped",
+            "Connections to the metrics endpoint closed without an answer: over "
+            "metrics.max_connections (limit), not done within metrics.request_timeout_ms "
+            "(timeout), a request head too large (oversized), a failed TLS handshake (tls).",
+            labels=("reason",))
+        for reason in DROP_REASONS:
+            family.add_metric((reason,), self.dropped[reason])
+        yield family
 
 
-class MetricsServer(HTTPServer):
-    """Answers one scrape whenever the supervisor's loop finds the listener readable,
-    over TLS (and asking for client certificates) and behind basic auth when configured.
-
-    prometheus_client's own HTTP server would run in a thread, which the supervisor does
-    not have; its handler, collector registry and exposition are used as they are.
-    """
-
-    timeout = 0  # handle_request() must never wait for a connection
-
-    def __init__(self, cfg: MetricsConfig, source: StatsSource) -> None:
-        host, port = parse_host_port(cfg.listen)
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(SlotCollector(source))
-        ProcessCollector(registry=registry)  # process_*: the supervisor's CPU, memory, fds
-        handler = type("FanoutdMetricsHandler", (_GuardedMetricsHandler,),
-                       {"registry": registry, "timeout": REQUEST_TIMEOUT_S})
-        if ":" in host:
-            self.address_family = socket.AF_INET6
-        super().__init__((host if host != "*" else "", port), handler)
-        self.configure(cfg)
-
-    def configure(self, cfg: MetricsConfig) -> None:
-        """TLS and basic auth as cfg says (on a reload, for the same listening socket)."""
-        credentials = None
-        if cfg.basic_auth_user is not None and cfg.basic_auth_password_sha256 is not None:
-            credentials = (cfg.basic_auth_user, bytes.fromhex(cfg.basic_auth_password_sha256))
-        self.RequestHandlerClass.credentials = credentials  # type: ignore[attr-defined]
-        self.tls = tls_context(cfg) if cfg.tls_cert_file is not None else None
-
-    def get_request(self) -> tuple[socket.socket, object]:
-        """Accept, and do the TLS handshake under the same time limit as the request."""
-        conn, addr = self.socket.accept()
-        conn.settimeout(REQUEST_TIMEOUT_S)
-        if self.tls is not None:
-            conn = self.tls.wrap_socket(conn, server_side=True)
-        return conn, addr
+def make_registry(source: StatsSource, dropped: dict[str, int]) -> CollectorRegistry:
+    """Everything /metrics serves: the slots' counters, the endpoint's own, and the
+    standard process_* metrics (the supervisor's CPU, memory, fds)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SlotCollector(source))
+    registry.register(ConnectionCollector(dropped))
+    ProcessCollector(registry=registry)
+    return registry

@@ -32,7 +32,7 @@ from fanoutd.config import (
     parse_host_port,
 )
 from fanoutd.filter import FilterError
-from fanoutd.metrics import MetricsServer
+from fanoutd.metrics_server import MetricsServer
 from fanoutd.slotstats import RingTable
 from fanoutd.systemd import Notifier, set_log_context
 
@@ -321,7 +321,7 @@ class Supervisor:
                       "metrics.listen: cannot listen on %s: %s", cfg.metrics.listen,
                       e.strerror)
             return False
-        self.metrics.server_close()
+        self.metrics.close()
         self.metrics = server
         return True
 
@@ -433,7 +433,7 @@ class Supervisor:
                 os.close(self._wake_r)
                 os.close(self._wake_w)
                 if self.metrics is not None:
-                    self.metrics.socket.close()
+                    self.metrics.close_inherited()
                 self.links.close()
                 status = child.main()
             except BaseException:
@@ -451,11 +451,17 @@ class Supervisor:
         self.signals.append(signum)
 
     def _loop_once(self) -> None:
-        waiting = [self._wake_r, self.links]
+        """Wait for a signal, a link notification, a metrics client or the next tick, then
+        do what is due. No socket here ever makes the loop wait: all are non-blocking.
+        poll, not select: descriptors above FD_SETSIZE (many capture sockets) are fine."""
+        poller = select.poll()
+        waiting = {self._wake_r: select.POLLIN, self.links.fileno(): select.POLLIN}
         if self.metrics is not None:
-            waiting.append(self.metrics.socket)
-        readable, _, _ = select.select(waiting, [], [], self._next_wakeup())
-        if self._wake_r in readable:
+            waiting.update(self.metrics.wanted())
+        for fd, events in waiting.items():
+            poller.register(fd, events)
+        ready = dict(poller.poll(self._next_wakeup() * 1000))
+        if self._wake_r in ready:
             while True:
                 try:
                     if not os.read(self._wake_r, 512):
@@ -466,10 +472,10 @@ class Supervisor:
             self._handle_signal(self.signals.pop(0))
         if self.stopping:
             return
-        if self.links in readable:
+        if self.links.fileno() in ready:
             self._read_links()
-        if self.metrics is not None and self.metrics.socket in readable:
-            self.metrics.handle_request()
+        if self.metrics is not None:
+            self.metrics.serve(ready)  # also closes connections past their deadline
         self._tick()
 
     def _next_wakeup(self) -> float:
@@ -641,7 +647,7 @@ class Supervisor:
             for sock in capture.sockets():
                 sock.close()
         if self.metrics is not None:
-            self.metrics.server_close()
+            self.metrics.close()
         if self.runtime_dir:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
 

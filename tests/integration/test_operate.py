@@ -187,7 +187,8 @@ def test_metrics_after_known_traffic(injector, start_daemon):
     special_labels = {"fanoutd_decode_errors_total": {"interface", "worker", "reason"},
                       "fanoutd_workers_up": {"interface"}, "fanoutd_build_info": {"version"},
                       "fanoutd_link_events_total": {"interface", "event"},
-                      "fanoutd_link_up": {"interface"}}
+                      "fanoutd_link_up": {"interface"},
+                      "fanoutd_metrics_connections_dropped_total": {"reason"}}
     for family in families.values():
         for s in family.samples:
             assert s.timestamp is None, f"{s.name}{s.labels} carries a timestamp"
