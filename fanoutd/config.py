@@ -22,6 +22,7 @@ from fanoutd.wire import FORMATS
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_WORKERS = fanout.MAX_MEMBERS  # the workers of one interface share a fanout group
+MAX_HWM = 2**31 - 1  # ZeroMQ takes its high-water marks as a C int
 
 
 @dataclass(frozen=True)
@@ -432,8 +433,9 @@ def _check(cfg: Config, captures: list[_Capture], labels: dict[str, str],
     if cfg.publish.format not in FORMATS:
         bad("publish.format", f"must be one of {', '.join(FORMATS)}, got "
                               f"{cfg.publish.format!r}")
-    if cfg.publish.sndhwm < 0:
-        bad("publish.sndhwm", f"must be 0 (no limit) or more, got {cfg.publish.sndhwm}")
+    if not 0 <= cfg.publish.sndhwm <= MAX_HWM:
+        bad("publish.sndhwm", f"must be between 0 (no limit) and {MAX_HWM} (ZeroMQ's "
+                              f"limit), got {cfg.publish.sndhwm}")
     try:
         parse_host_port(cfg.metrics.listen)
     except ValueError as e:
@@ -478,7 +480,8 @@ def _check_capture(c: CaptureConfig, where: Callable[[str], str],
             or not c.interface.isprintable()):
         bad(where("interface"), f"must be an interface name (1-15 characters) or auto, "
                                 f"got {c.interface!r}")
-    if c.workers is not None and not 1 <= c.workers <= MAX_WORKERS:
+    workers_ok = c.workers is None or 1 <= c.workers <= MAX_WORKERS
+    if not workers_ok:
         bad(where("workers"), f"must be between 1 and {MAX_WORKERS} (members of one fanout "
                               f"group) or auto, got {c.workers}")
     if c.fanout.mode not in fanout.MODES:
@@ -507,7 +510,7 @@ def _check_capture(c: CaptureConfig, where: Callable[[str], str],
     if c.timestamp not in TIMESTAMP_SOURCES:
         bad(where("timestamp"), f"must be one of {', '.join(TIMESTAMP_SOURCES)}, "
                                 f"got {c.timestamp!r}")
-    if geometry_problems or unknown or is_broken(where("workers")):
+    if geometry_problems or unknown or is_broken(where("workers")) or not workers_ok:
         return 0
     return (c.workers or os.cpu_count() or 1) * c.ring.geometry.size
 

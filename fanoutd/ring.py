@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from fanoutd import _linux, filter
 
 DEFAULT_MAX_ORDER = 10  # MAX_PAGE_ORDER on current kernels with 4 KiB pages
+MAX_U32 = 2**32 - 1
 
 
 class CaptureError(Exception):
@@ -82,16 +83,26 @@ class RingGeometry:
                                         f"(TPACKET3_HDRLEN = {_linux.TPACKET3_HDRLEN} bytes), "
                                         f"got {self.frame_size}"))
         elif block_ok and self.frame_size > self.block_size:
-            found.append(("frame_size", f"must fit in a block (block_size {self.block_size}), "
-                                        f"got {self.frame_size}"))
+            found.append(("frame_size", f"must fit in a block (at most block_size, "
+                                        f"{self.block_size}), got {self.frame_size}"))
+        elif self.frame_size > max_block:  # block_size unknown or broken: the largest block
+            found.append(("frame_size", f"must fit in a block (at most PAGE_SIZE << MAX_ORDER "
+                                        f"= {max_block} bytes), got {self.frame_size}"))
+        # The kernel counts the ring's frames in 32 bits (tp_frame_nr).
+        frames_known = block_ok and frame_ok and 0 < self.frame_size <= self.block_size
+        most = MAX_U32 // self.frames_per_block if frames_known else MAX_U32
         if "block_count" in unknown:
             pass
         elif self.block_count < 2:
             found.append(("block_count", f"must be at least 2, so the kernel can fill one block "
                                          f"while the worker reads another, got "
                                          f"{self.block_count}"))
-        elif block_ok and frame_ok and self.frame_size > 0 and self.frame_count >= 2**32:
-            found.append(("block_count", "frames per block times blocks must fit in 32 bits"))
+        elif self.block_count > most:
+            per_block = (f" with {self.frames_per_block} frames per block"
+                         if frames_known else "")
+            found.append(("block_count", f"must be at most {most}{per_block} (the kernel "
+                                         f"counts the ring's frames in 32 bits), got "
+                                         f"{self.block_count}"))
         if "block_timeout_ms" in unknown:
             pass
         elif not 1 <= self.block_timeout_ms <= 60_000:

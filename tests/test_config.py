@@ -1,9 +1,13 @@
 """Config: defaults, YAML and flag overrides, and one clear problem per broken rule."""
 
+import re
+
 import pytest
 import yaml
+from configkeys import int_keys, nested
 
 from fanoutd.config import (
+    CAPTURE_KEYS,
     CaptureConfig,
     ConfigError,
     InterfaceUnavailable,
@@ -127,7 +131,8 @@ def test_a_flag_does_not_hide_a_broken_section(tmp_path):
 
 def test_negative_flag_values_get_the_real_rule():
     assert problems(hwm="-1") == [("publish.sndhwm (--hwm)",
-                                   "must be 0 (no limit) or more, got -1")]
+                                   "must be between 0 (no limit) and 2147483647 (ZeroMQ's "
+                                   "limit), got -1")]
 
 
 @pytest.mark.parametrize("name", ["ca\0p0", "eth0:1", " eth0", "eth\t0"])
@@ -205,3 +210,30 @@ def test_an_inherited_problem_is_reported_once(tmp_path):
     assert keys_of(found) == ["ring.block_size (--block-size)", "workers (--workers)"], found
     assert load_config(path, {"block_size": "65536"}, resolve=False).interfaces[1] \
         .ring.block_size == 65536  # the flag still wins over the entry
+
+
+TOO_LARGE = (3_000_000_000, 2**64)
+
+
+def test_int_keys_are_found():
+    assert {"workers", "ring.block_count", "publish.sndhwm",
+            "supervisor.status_interval_ms"} <= set(int_keys())
+
+
+@pytest.mark.parametrize("value", TOO_LARGE)
+@pytest.mark.parametrize("key", int_keys())
+def test_every_integer_key_has_an_upper_bound(tmp_path, key, value):
+    """A value too large for any key is refused at validation, on one line that names the
+    key and its bound (not an OverflowError once running), at the top level and, for a
+    capture key, in an `interfaces` entry."""
+    texts = {key: nested(key, value)}
+    if key.split(".")[0] in CAPTURE_KEYS:
+        entry = {"interface": "lo", **nested(key, value)}
+        texts[f"interfaces[0].{key}"] = {"interfaces": [entry]}
+    for where, data in texts.items():
+        found = problems(write(tmp_path, yaml.safe_dump(data)))
+        assert len(found) == 1 and found[0][0] == where, found
+        reason = found[0][1]
+        assert reason.endswith(f"got {value}"), reason
+        bounds = [int(n) for n in re.findall(r"\d+", reason.removesuffix(f"got {value}"))]
+        assert any(n < value for n in bounds), f"{where}: no bound named: {reason}"

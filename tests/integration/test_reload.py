@@ -7,6 +7,8 @@ import signal
 
 import netlab
 import pytest
+import yaml
+from configkeys import int_keys, merged, nested
 
 pytestmark = pytest.mark.integration
 
@@ -120,3 +122,45 @@ def test_log_level_alone_restarts_nothing(config_daemon):
     netlab.wait_for(lambda: "reloaded the configuration (changed: log)" in daemon.logs(), 10,
                     "the reload", detail=daemon.logs)
     assert daemon.children_by_comm() == before
+
+
+TOO_LARGE = (3_000_000_000, 2**64)
+BASE = {"workers": 2, "fanout": {"mode": "lb"},
+        "ring": {"block_size": 65536, "block_count": 64, "block_timeout_ms": 5}}
+
+
+@pytest.mark.parametrize("value", TOO_LARGE)
+def test_check_config_refuses_every_too_large_number(ns, value):
+    """Each integer key set too large: check-config exits 78 with one line naming the key
+    and its bound, no traceback (publish.sndhwm: 3000000000 used to pass, and `run` then
+    died of an OverflowError)."""
+    with netlab.workdir() as wd:
+        config = wd / "fanoutd.yaml"
+        for key in int_keys():
+            config.write_text(yaml.safe_dump(merged(BASE, nested(key, value))))
+            res = netlab.run_cli(ns, "check-config", "-c", str(config), "--interface", "cap0")
+            lines = res.stderr.splitlines()
+            assert res.returncode == 78, (key, res.returncode, res.stdout, res.stderr)
+            assert len(lines) == 1 and lines[0].startswith(f"fanoutd: {key}: "), (key, lines)
+            assert lines[0].endswith(f"got {value}"), lines
+
+
+def test_a_reload_with_a_too_large_number_is_rejected(config_daemon, injector):
+    """Each integer key set too large in turn, by reload: each is rejected, naming the key;
+    the daemon keeps running on its configuration (a sndhwm too large for ZeroMQ used to
+    kill the restarted proxy again and again, and the daemon with it: exit 70)."""
+    daemon, config, sub = config_daemon
+    before = daemon.children_by_comm()
+    for n, key in enumerate(int_keys(), 1):
+        reload(daemon, config, yaml.safe_dump(merged(BASE, nested(key, TOO_LARGE[0]))))
+
+        def rejected(n=n) -> list[str]:
+            daemon.check_running()
+            found = [x for x in daemon.stderr_text().splitlines() if "reload rejected" in x]
+            return found if len(found) >= n else []
+        line = netlab.wait_for(rejected, 10, f"the rejection of {key}", detail=daemon.logs)[-1]
+        assert f"previous configuration: {key}: " in line, line
+    assert daemon.children_by_comm() == before  # nothing was touched
+    injector.send_all(netlab.numbered_frame(i) for i in range(100))
+    collect_all(sub, daemon, 100)
+    assert "Traceback" not in daemon.stderr_text()
