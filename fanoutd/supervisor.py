@@ -15,6 +15,7 @@ import select
 import shutil
 import signal
 import socket
+import stat
 import tempfile
 import time
 import traceback
@@ -57,6 +58,7 @@ QUICK_RESTARTS = 3  # a running child that dies is replaced at once this many ti
 PROXY_READY_TIMEOUT_S = 10.0
 HUNG_KILL_AFTER_S = 2.0  # SIGTERM to a worker that stopped heartbeating, then SIGKILL
 KILL_WAIT_S = 2.0  # how long stopping waits for a SIGKILLed child to be reaped
+RUNTIME_MARK = "fanoutd.pid"  # in each runtime directory a daemon makes: its pid
 
 
 class StartupError(Exception):
@@ -354,6 +356,7 @@ class Supervisor:
             os.makedirs(base, mode=0o755, exist_ok=True)
             _remove_stale_runtime_dirs(base)
             self.runtime_dir = tempfile.mkdtemp(prefix=f"{os.getpid()}-{first}-", dir=base)
+            _mark_runtime_dir(self.runtime_dir)
         except OSError as e:
             raise StartupError(f"runtime_dir: cannot create a directory in {base}: {e.strerror}",
                                EXIT_UNAVAILABLE) from None
@@ -708,13 +711,31 @@ def _is_loopback(host: str) -> bool:
         return False  # "*", a name or an interface: assume reachable from elsewhere
 
 
+def _mark_runtime_dir(path: str) -> None:
+    """Say in the directory that this daemon made it (see _remove_stale_runtime_dirs)."""
+    with open(os.path.join(path, RUNTIME_MARK), "x") as f:
+        f.write(f"{os.getpid()}\n")
+
+
 def _remove_stale_runtime_dirs(base: str) -> None:
     """Remove what daemons that were killed (no clean stop) left in base: directories
-    named PID-... whose PID no longer runs."""
+    PID-... that a fanoutd made (they are ours and hold RUNTIME_MARK naming that PID)
+    and whose PID no longer runs. base may be shared (the temp dir): nothing else in it
+    is touched, whatever its name."""
     for name in os.listdir(base):
         pid, sep, _ = name.partition("-")
-        if sep and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
-            shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+        path = os.path.join(base, name)
+        if not (sep and pid.isdigit()) or os.path.exists(f"/proc/{pid}"):
+            continue
+        try:
+            st = os.lstat(path)
+            fd = os.open(os.path.join(path, RUNTIME_MARK), os.O_RDONLY | os.O_NOFOLLOW)
+            with os.fdopen(fd) as f:
+                marked = f.read(32).strip() == pid
+        except (OSError, UnicodeDecodeError):
+            continue
+        if marked and stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _die_with_parent(parent: int) -> None:

@@ -118,21 +118,32 @@ def test_proxy_that_cannot_restart_goes_fatal(ns, start_daemon):
 
 def test_runtime_dirs_left_by_killed_daemons_are_removed(start_daemon):
     """A daemon that was SIGKILLed leaves its runtime directory behind; the next one
-    removes directories whose PID no longer runs, and only those."""
+    removes it, and only what a daemon made: the base may be a shared directory (the
+    temp dir is the default without root), where a directory that merely looks like one
+    (PID-..., its PID gone) belongs to someone else and stays."""
     with netlab.workdir() as wd:
         base = wd / "run"
         base.mkdir()
+        killed = start_daemon(workers=1, extra=("--runtime-dir", str(base)))
+        left = [d for d in base.iterdir() if d.name.startswith(f"{killed.pid}-cap0-")]
+        assert len(left) == 1, list(base.iterdir())
+        os.kill(killed.pid, signal.SIGKILL)
+        killed.proc.wait(timeout=10)  # reaped: its pid is gone
+        netlab.wait_for(lambda: not netlab.session_processes(killed.pid), 10,
+                        "the killed daemon's children to go", detail=killed.logs)
         dead_pid = int(Path("/proc/sys/kernel/pid_max").read_text()) - 1
         while os.path.exists(f"/proc/{dead_pid}"):
             dead_pid -= 1
-        stale = base / f"{dead_pid}-cap0-stale"
+        precious = base / f"{dead_pid}-precious-data"
+        lookalike = base / f"{dead_pid}-cap0-abcd1234"
         alive = base / f"{os.getpid()}-cap0-alive"
-        for d in (stale, alive):
+        for d in (precious, lookalike, alive):
             d.mkdir()
             (d / "workers.ipc").touch()
         daemon = start_daemon(workers=1, extra=("--runtime-dir", str(base)))
-        assert not stale.exists()
-        assert alive.exists()
+        assert not left[0].exists()
+        for d in (precious, lookalike, alive):
+            assert (d / "workers.ipc").exists(), d
         own = [d for d in base.iterdir() if d.name.startswith(f"{daemon.pid}-cap0-")]
         assert len(own) == 1, list(base.iterdir())
 
