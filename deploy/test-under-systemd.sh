@@ -302,6 +302,7 @@ probe_script() {
     cat <<'EOF'
 """Probes for deploy/test-under-systemd.sh, run inside the container."""
 import os
+import pwd
 import re
 import socket
 import struct
@@ -372,9 +373,12 @@ def leftovers():
 
 def privileges(scope="process"):
     """Workers and the proxy: no capability in any set, an empty bounding set,
-    no_new_privs, no root uid or gid. scope "process": /proc/PID/status (the main
-    thread); "threads": every thread. Prints the problems, one line per process and
-    finding with the number of threads it holds for; exit 1 if any."""
+    no_new_privs, every uid and gid those of the fanoutd account (which install.sh made).
+    scope "process": /proc/PID/status (the main thread); "threads": every thread. Prints
+    the problems, one line per process and finding with the number of threads it holds
+    for; exit 1 if any."""
+    account = pwd.getpwnam("fanoutd")
+    ids = {"Uid": str(account.pw_uid), "Gid": str(account.pw_gid)}
     problems, seen = {}, 0
     for pid, comm, _ in processes():
         if not re.fullmatch(r"fanoutd-(w\d+|proxy)|fd-.+-w\d+", comm):
@@ -392,7 +396,7 @@ def privileges(scope="process"):
             if st.get("NoNewPrivs") != "1":
                 found.append(f"NoNewPrivs={st.get('NoNewPrivs')}")
             found += [f"{key}={' '.join(st[key].split())}" for key in ("Uid", "Gid")
-                      if "0" in st[key].split()]
+                      if set(st[key].split()) != {ids[key]}]
             for finding in found:
                 key = f"{comm} (pid {pid}): {finding}"
                 problems[key] = problems.get(key, 0) + 1
@@ -556,7 +560,7 @@ check_privileges() {
     ensure_running || return 1
     local out
     out=$(probe privileges process 2>&1) || bad "$(paste -sd ';' <<<"$out")" || return 1
-    what="workers and proxy: CapInh/Prm/Eff/Bnd/Amb 0, NoNewPrivs 1, uid and gid not 0 ($out)"
+    what="workers and proxy: CapInh/Prm/Eff/Bnd/Amb 0, NoNewPrivs 1, uid and gid fanoutd's ($out)"
 }
 
 # The same in every thread (ZeroMQ's included), as README.md promises: capabilities and

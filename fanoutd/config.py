@@ -23,6 +23,9 @@ from fanoutd.wire import FORMATS
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_WORKERS = fanout.MAX_MEMBERS  # the workers of one interface share a fanout group
 MAX_HWM = 2**31 - 1  # ZeroMQ takes its high-water marks as a C int
+# An account of the daemon's own, not `nobody`: any other process running as nobody could
+# signal (SIGSTOP) or trace the workers and the proxy.
+DEFAULT_USER = "fanoutd"
 
 
 @dataclass(frozen=True)
@@ -116,7 +119,9 @@ class Config:
     # The captures, complete; in a file, entries only name what differs from the keys
     # above. Without it, one capture made of the keys above.
     interfaces: tuple[CaptureConfig, ...] = ()
-    user: str | None = "nobody"  # workers and the proxy drop to it; None: stay as started
+    # Workers and the proxy drop to it (scripts/install.sh creates the account); None: stay
+    # as started.
+    user: str | None = DEFAULT_USER
     runtime_dir: str | None = None  # None: $RUNTIME_DIRECTORY, /run/fanoutd or the temp dir
     fanout: FanoutConfig = field(default_factory=FanoutConfig)
     ring: RingConfig = field(default_factory=RingConfig)
@@ -457,7 +462,9 @@ def _check(cfg: Config, captures: list[_Capture], labels: dict[str, str],
         try:
             pwd.getpwnam(cfg.user)
         except KeyError:
-            bad("user", f"no such user {cfg.user!r} (or none to keep the user fanoutd starts as)")
+            made = " (scripts/install.sh creates it)" if cfg.user == DEFAULT_USER else ""
+            bad("user", f"no such user {cfg.user!r}{made}; or none to keep the user fanoutd "
+                        f"starts as")
     if cfg.log.level not in LOG_LEVELS:
         bad("log.level", f"must be one of {', '.join(LOG_LEVELS)}, got {cfg.log.level!r}")
     return problems

@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# Install fanoutd on Debian 12 into a virtual environment at .venv in this checkout.
+# Install fanoutd on Debian 12 into a virtual environment at .venv in this checkout, and
+# the system user its workers run as (fanoutd).
 #
 #   ./scripts/install.sh          what a sensor needs to run the daemon, and nothing more
 #   ./scripts/install.sh --test   that, plus what the tests and benchmarks need
 #
-# Run as root (it installs Debian packages). Safe to repeat. It starts no service.
+# Run as root (it installs Debian packages, adds a user). Safe to repeat. It starts no
+# service.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 usage() {
-    sed -n '2,7s/^# \{0,1\}//p' "$0" >&2
+    sed -n '2,9s/^# \{0,1\}//p' "$0" >&2
     exit "$1"
 }
 with_tests=no
@@ -49,6 +51,16 @@ if [ "${#missing[@]}" -gt 0 ] || [ "$need_promtool" = yes ]; then
 fi
 if [ "${#missing[@]}" -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# The account the workers and the proxy drop to (config `user: fanoutd`): a system user
+# of their own, so that no other process (another service running as nobody, say) may
+# signal or trace them. No home, no login shell; its group has its name.
+if ! getent passwd fanoutd >/dev/null; then
+    group=(--user-group)
+    if getent group fanoutd >/dev/null; then group=(--gid fanoutd); fi
+    useradd --system "${group[@]}" --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin --comment "fanoutd workers and proxy" fanoutd
 fi
 
 # Debian's Python, explicitly: a venv made from another one (pyenv's under /root, say)

@@ -155,11 +155,12 @@ def proc_status(pid: int, tid: int | None = None) -> dict[str, str]:
 
 
 def test_workers_and_proxy_run_unprivileged(start_daemon):
-    """Once set up, every worker (it parses hostile frames) and the proxy run as nobody,
-    with no capability in any set and no_new_privs, in every thread (ZeroMQ's I/O threads
-    read from the network too); the supervisor keeps root."""
+    """Once set up, every worker (it parses hostile frames) and the proxy run, by default,
+    as fanoutd, an account of their own (not nobody, whose other processes could SIGSTOP
+    them), with no capability in any set and no_new_privs, in every thread (ZeroMQ's I/O
+    threads read from the network too); the supervisor keeps root."""
     daemon = start_daemon(workers=2)
-    nobody = pwd.getpwnam("nobody")
+    account = pwd.getpwnam("fanoutd")  # scripts/install.sh made it
     children = daemon.children_by_comm()
     assert set(children) == {"fanoutd-w0", "fanoutd-w1", "fanoutd-proxy"}
     threads = [(name, pid, int(tid)) for name, pid in children.items()
@@ -167,8 +168,8 @@ def test_workers_and_proxy_run_unprivileged(start_daemon):
     assert len(threads) > len(children)  # the I/O threads are there to be checked
     for name, pid, tid in threads:
         status = proc_status(pid, tid)
-        assert status["Uid"].split() == [str(nobody.pw_uid)] * 4, (name, status["Uid"])
-        assert status["Gid"].split() == [str(nobody.pw_gid)] * 4, (name, status["Gid"])
+        assert status["Uid"].split() == [str(account.pw_uid)] * 4, (name, status["Uid"])
+        assert status["Gid"].split() == [str(account.pw_gid)] * 4, (name, status["Gid"])
         assert status["Groups"].strip() == "", (name, status["Groups"])
         for caps in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
             assert int(status[caps], 16) == 0, (name, caps, status[caps])

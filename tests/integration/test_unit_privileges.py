@@ -108,7 +108,7 @@ def test_stop(unit_daemon, injector):
 
 
 def test_reload_changing_the_worker_count(unit_daemon, injector):
-    """2 -> 3 workers: the old workers (nobody) are told to drain, new ones start, the
+    """2 -> 3 workers: the old workers (fanoutd) are told to drain, new ones start, the
     old ones exit; the supervisor keeps running and capture goes on."""
     daemon, config, sub = unit_daemon
     config.write_text(f"workers: 3\nfanout: {{mode: lb}}\n{RING}"
@@ -144,7 +144,7 @@ def test_hung_worker_is_replaced(unit_daemon, injector):
 
 
 def test_interface_recreated(ns, unit_daemon):
-    """cap0 deleted and re-created: the old workers (nobody) are stopped, new sockets
+    """cap0 deleted and re-created: the old workers (fanoutd) are stopped, new sockets
     opened (CAP_NET_RAW), capture resumes, the link counters carry on."""
     daemon, _, sub = unit_daemon
     ns.exec("ip", "link", "del", "cap0")
@@ -164,7 +164,7 @@ def test_interface_recreated(ns, unit_daemon):
 
 def test_refuses_to_start_without_cap_kill(ns, start_daemon):
     """Without CAP_KILL the supervisor could not stop or replace workers that run as
-    nobody: it says so and exits 77 before opening anything, leaving nothing behind."""
+    fanoutd: it says so and exits 77 before opening anything, leaving nothing behind."""
     daemon = start_daemon(ready=False, wrap=setpriv_argv(UNIT, drop={"kill"}))
     assert daemon.proc is not None
     status = daemon.proc.wait(timeout=15)
