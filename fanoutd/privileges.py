@@ -39,9 +39,13 @@ def _prctl(option: int, arg: int, arg3: int = 0) -> int:
 
 
 def die_with_parent() -> None:
-    """Have the kernel send SIGTERM when the parent dies (cleared by a credential change,
-    so call it again after drop())."""
-    _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    """Have the kernel send SIGKILL when the parent dies (cleared by a credential change,
+    so call it again after become()).
+
+    SIGKILL, not SIGTERM: a stopped child (SIGSTOP) acts on no other signal, and would
+    stay, stopped, holding its capture socket. A child whose supervisor is gone has
+    nobody to report to anyway: its ring goes with the supervisor's socket."""
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def resolve_user(name: str) -> tuple[int, int]:

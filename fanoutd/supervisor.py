@@ -739,10 +739,11 @@ def _remove_stale_runtime_dirs(base: str) -> None:
 
 
 def _die_with_parent(parent: int) -> None:
-    """Have the kernel send SIGTERM if the supervisor dies, so no child outlives it."""
+    """Have the kernel SIGKILL the child if the supervisor dies, so no child outlives it,
+    not even a stopped one."""
     privileges.die_with_parent()
     if os.getppid() != parent:  # it died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _kill(child: Child, signum: int) -> bool:

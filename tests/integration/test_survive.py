@@ -201,3 +201,22 @@ def test_killed_proxy_is_replaced_and_workers_reconnect(injector, start_daemon, 
     sub.collect(netlab.all_keys(want, lambda r: (r["src"], r["sport"])), timeout=15,
                 detail=daemon.logs)
     assert "fanoutd-w0 restarts to reconnect to the new proxy" in daemon.logs()
+
+
+def test_killed_supervisor_leaves_no_stopped_child(start_daemon):
+    """SIGKILL the supervisor while a worker and the proxy are stopped (SIGSTOP): a
+    stopped process acts on no signal but SIGKILL, so a gentler death signal would leave
+    them there, stopped, holding a capture socket. Nothing of the daemon may be left."""
+    daemon = start_daemon(workers=2)
+    children = daemon.children_by_comm()
+    for name in ("fanoutd-w0", "fanoutd-proxy"):
+        os.kill(children[name], signal.SIGSTOP)
+    netlab.wait_for(lambda: all(Path(f"/proc/{children[n]}/stat").read_text()
+                                .rsplit(")", 1)[1].split()[0] == "T"
+                                for n in ("fanoutd-w0", "fanoutd-proxy")),
+                    5, "the worker and the proxy to be stopped")
+    os.kill(daemon.pid, signal.SIGKILL)
+    daemon.proc.wait(timeout=10)
+    netlab.wait_for(lambda: not netlab.session_processes(daemon.pid), 10,
+                    "no process of the daemon left",
+                    detail=lambda: f"{netlab.session_processes(daemon.pid)}\n{daemon.logs()}")
