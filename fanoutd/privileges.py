@@ -61,7 +61,11 @@ def lock_down() -> None:
     """First thing in a forked child, before it starts any thread (ZeroMQ's I/O threads):
     no_new_privs, an empty capability bounding set, no ambient capabilities. These are
     per-thread attributes that threads inherit, so setting them before any thread exists
-    covers the whole process. The effective capabilities stay until become()."""
+    covers the whole process. As root, the effective capabilities stay until become()
+    (setuid() needs them, and then clears them in every thread); not root, every
+    capability goes here: such a child switches to no other user, needs no capability
+    for what it still does (map its ring, connect to or bind ZeroMQ sockets of its own
+    user), and a capset() after ZeroMQ has started its threads would miss them."""
     if _prctl(PR_SET_NO_NEW_PRIVS, 1) != 0:
         raise PrivilegeError(f"cannot set no_new_privs: {os.strerror(ctypes.get_errno())}")
     for cap in range(_last_cap() + 1):  # needs CAP_SETPCAP; without it, best effort
@@ -76,11 +80,13 @@ def lock_down() -> None:
     data = (_CapData * 2)()
     if _libc.capget(ctypes.byref(header), data) != 0:
         raise PrivilegeError(f"cannot read capabilities: {os.strerror(ctypes.get_errno())}")
+    keep = os.geteuid() == 0
     for half in data:
         half.inheritable = 0
+        if not keep:
+            half.permitted = half.effective = 0
     if _libc.capset(ctypes.byref(header), data) != 0:
-        raise PrivilegeError(f"cannot clear inheritable capabilities: "
-                             f"{os.strerror(ctypes.get_errno())}")
+        raise PrivilegeError(f"cannot clear capabilities: {os.strerror(ctypes.get_errno())}")
 
 
 def become(user: str | None) -> None:
@@ -88,8 +94,9 @@ def become(user: str | None) -> None:
     is given) and give up every capability.
 
     glibc applies setuid() to every thread, and from uid 0 to another uid the kernel then
-    clears each thread's permitted and effective capabilities. The explicit capset covers
-    a supervisor started as a non-root user with ambient capabilities.
+    clears each thread's permitted and effective capabilities. Not root, lock_down()
+    cleared them before any thread existed (see switch_problem); the capset here is a
+    second guard for the calling thread.
     """
     if user and os.geteuid() == 0:
         uid, gid = resolve_user(user)
@@ -122,6 +129,30 @@ def signalling_problem(user: str | None) -> str | None:
     return (f"user: the workers and the proxy would run as {user!r}, but fanoutd lacks "
             f"CAP_KILL, so it could not stop or replace them; grant CAP_KILL (the units "
             f"in deploy/systemd do) or set user: none")
+
+
+def switch_problem(user: str | None) -> str | None:
+    """Why the children could not become `user`, or None.
+
+    Only root switches them to another user (setuid() from uid 0 clears every thread's
+    capabilities). A supervisor started as another user (with ambient capabilities, say)
+    keeps its own uid for them: `user` must then be that user, or none.
+    """
+    euid = os.geteuid()
+    if not user or euid == 0:
+        return None
+    try:
+        if resolve_user(user)[0] == euid:
+            return None
+    except PrivilegeError:
+        return None  # the configuration check reports an unknown user
+    try:
+        me = pwd.getpwuid(euid).pw_name
+    except KeyError:
+        me = f"uid {euid}"
+    return (f"user: fanoutd runs as {me}, not root, so its workers and the proxy cannot "
+            f"become {user!r}; run it as root (the units in deploy/systemd do) or set "
+            f"user: none (they stay {me}, with no capability)")
 
 
 def has_capability(cap: int) -> bool:

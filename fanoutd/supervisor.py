@@ -109,6 +109,10 @@ class Supervisor:
                 raise StartupError(problem, EXIT_NOPERM)
             for capture_cfg in self.cfg.interfaces:
                 self._open_capture(capture_cfg)
+            # Once capture is known to work: without CAP_NET_RAW, that is the problem.
+            problem = privileges.switch_problem(self.cfg.user)
+            if problem:
+                raise StartupError(problem, EXIT_NOPERM)
             self._warn_if_exposed()
             self._open_metrics()
             self._make_runtime_dir()
@@ -267,7 +271,7 @@ class Supervisor:
         if cfg == old:
             log.info("reload: the configuration is unchanged")
             return
-        problem = privileges.signalling_problem(cfg.user)
+        problem = privileges.signalling_problem(cfg.user) or privileges.switch_problem(cfg.user)
         if problem:
             log.error("reload rejected, still running on the previous configuration: %s",
                       problem)

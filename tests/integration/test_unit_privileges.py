@@ -12,6 +12,7 @@ real systemd by deploy/test-under-systemd.sh.
 from __future__ import annotations
 
 import os
+import pwd
 import signal
 import subprocess
 import sys
@@ -213,3 +214,79 @@ def test_a_refused_signal_is_logged_not_raised():
     assert res.stdout.splitlines()[-1] == "refused", res.stdout
     assert "cannot send SIGTERM to fanoutd-w0" in res.stdout
     assert "needs CAP_KILL" in res.stdout
+
+
+# A drop-in that switches the unit's User= to an unprivileged account keeps capture
+# working through AmbientCapabilities=; setpriv gives the daemon the same: uid nobody with
+# CAP_NET_RAW, CAP_SETUID and CAP_SETGID in its ambient (so permitted, effective and
+# inheritable) set.
+AS_NOBODY_WITH_CAPS = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                       "--inh-caps=-all,+net_raw,+setuid,+setgid",
+                       "--ambient-caps=-all,+net_raw,+setuid,+setgid", "--")
+
+
+def nobody_workdir(wd: Path) -> None:
+    """Let nobody make the runtime directory and bind the publish endpoint in wd."""
+    os.chown(wd, pwd.getpwnam("nobody").pw_uid, -1)
+
+
+def can_run_as_nobody() -> str | None:
+    probe = subprocess.run([*AS_NOBODY_WITH_CAPS, sys.executable, "-c",
+                            "import fanoutd.supervisor, zmq"], cwd=netlab.REPO,
+                           env=netlab.base_env(), capture_output=True, text=True,
+                           timeout=30, check=False)
+    if probe.returncode != 0:
+        return f"cannot run fanoutd as nobody here: {probe.stderr.strip()[-300:]}"
+    return None
+
+
+@pytest.mark.parametrize("user", ["nobody", "none"])
+def test_not_root_with_ambient_capabilities(ns, injector, subscribe, user):
+    """Started as nobody with capabilities: `user` names that same user (or none), so it
+    is honoured; and no thread of any child keeps a capability: ZeroMQ's threads start
+    after the fork, and a capset() in the main thread would not reach them (setuid() is
+    not done, the process is not root)."""
+    reason = can_run_as_nobody()
+    if reason:
+        pytest.skip(reason)
+    with netlab.workdir() as wd:
+        nobody_workdir(wd)
+        extra = ("--runtime-dir", str(wd / "run"), "--user", user)
+        with netlab.Daemon(ns, wd, workers=2, extra=extra, wrap=AS_NOBODY_WITH_CAPS) as daemon:
+            daemon.wait_ready()
+            uid = str(pwd.getpwnam("nobody").pw_uid)
+            assert proc_status(daemon.pid)["CapEff"] != "0" * 16  # the supervisor's caps
+            children = daemon.children_by_comm()
+            assert {"fanoutd-proxy", "fanoutd-w0", "fanoutd-w1"} <= set(children)
+            for name, pid in children.items():
+                threads = os.listdir(f"/proc/{pid}/task")
+                assert len(threads) > 1, f"{name}: ZeroMQ's threads should be running"
+                for tid in threads:
+                    status = proc_status(f"{pid}/task/{tid}")
+                    for caps in ("CapInh", "CapPrm", "CapEff", "CapAmb"):
+                        assert int(status[caps], 16) == 0, \
+                            f"{name} thread {tid}: {caps} {status[caps]}"
+                    assert status["Uid"].split() == [uid] * 4, (name, status["Uid"])
+            sub = subscribe(daemon)
+            deliver(injector, sub, daemon, 5000)
+            assert_stops_cleanly(daemon)
+
+
+def test_not_root_refuses_another_user(ns):
+    """Started as nobody with capabilities and `user: fanoutd` (the default): it cannot
+    switch its children to fanoutd (from a non-root uid, setuid() would keep their
+    capabilities), so it says so and exits 77, leaving nothing behind."""
+    reason = can_run_as_nobody()
+    if reason:
+        pytest.skip(reason)
+    with netlab.workdir() as wd:
+        nobody_workdir(wd)
+        extra = ("--runtime-dir", str(wd / "run"))
+        with netlab.Daemon(ns, wd, workers=1, extra=extra, wrap=AS_NOBODY_WITH_CAPS) as daemon:
+            assert daemon.proc is not None
+            assert daemon.proc.wait(timeout=15) == 77, daemon.logs()
+            lines = daemon.stderr_text().splitlines()
+            assert len(lines) == 1, lines
+            assert "user: fanoutd runs as nobody, not root" in lines[0], lines
+            assert "cannot become 'fanoutd'" in lines[0] and "user: none" in lines[0]
+            assert not netlab.session_processes(daemon.pid)
