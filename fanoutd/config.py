@@ -417,6 +417,7 @@ def _check(cfg: Config, captures: list[_Capture], labels: dict[str, str],
 
     total_memory, workers_total = 0, 0
     names: dict[str, str] = {}
+    groups: dict[int, str] = {}  # explicit fanout group id -> the interface that has it
     where: Callable[[str], str] = str  # after the loop: the last capture's
     for capture in captures:
         where = _capture_keys(capture)
@@ -426,6 +427,11 @@ def _check(cfg: Config, captures: list[_Capture], labels: dict[str, str],
             bad(where("interface"), f"{c.interface} is captured already by "
                                     f"{names[c.interface]}")
         names.setdefault(c.interface, where("interface"))
+        group = c.fanout.group_id
+        if group is not None and groups.setdefault(group, c.interface) != c.interface:
+            bad(where("fanout.group_id"), f"fanout group {group} is {groups[group]}'s "
+                                          f"already: a group belongs to one interface "
+                                          f"(group ids are per network namespace)")
         workers_total += c.workers or os.cpu_count() or 1
     memory = _memory_total()
     if memory and total_memory > memory // 2:

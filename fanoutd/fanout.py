@@ -12,7 +12,7 @@ import errno
 import socket
 import struct
 
-from fanoutd import _linux
+from fanoutd import _linux, filter
 
 MODES = {
     "hash": _linux.PACKET_FANOUT_HASH,
@@ -48,8 +48,10 @@ def join_group(socks: list[socket.socket], mode: str, flags: tuple[str, ...],
 
     With group_id None the first socket asks the kernel for an unused id
     (PACKET_FANOUT_FLAG_UNIQUEID), so two daemons on one interface never share a group;
-    the others join that id.
+    the others join that id. An explicit group_id must not be in use yet (check_unused).
     """
+    if group_id is not None and socks:
+        check_unused(socks[0].getsockname()[0], group_id, mode)
     word = type_word(mode, flags)
     for i, sock in enumerate(socks):
         if group_id is None:
@@ -67,11 +69,40 @@ def join_group(socks: list[socket.socket], mode: str, flags: tuple[str, ...],
     return group_id
 
 
+def check_unused(ifname: str, group_id: int, mode: str) -> None:
+    """Raise FanoutError if fanout group group_id exists already.
+
+    Joining an existing group with the same mode and flags just works, and its members
+    then share the traffic: a second daemon given the same id would silently see part of
+    it, and so would the first. The kernel refuses (EINVAL) to join an existing group
+    with another mode, so a throw-away socket that receives nothing (drop-all filter
+    before bind) joins group_id with another mode: accepted, there was no such group (it
+    made one, gone as it closes); refused, someone holds it. Group ids are per network
+    namespace, so the holder may capture on another interface.
+    """
+    other = MODES["lb" if mode != "lb" else "hash"]
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0) as probe:
+        try:
+            filter.attach(probe, filter.DROP_ALL)
+            probe.bind((ifname, _linux.ETH_P_ALL))
+            probe.setsockopt(_linux.SOL_PACKET, _linux.PACKET_FANOUT,
+                             struct.pack("=I", group_id | other << 16))
+        except OSError as e:
+            if e.errno == errno.EINVAL:
+                raise FanoutError(
+                    f"fanout group {group_id} is in use already (another capture joined it, "
+                    f"on {ifname} or another interface); sharing it, each would see only "
+                    f"part of {ifname}'s traffic: choose another fanout.group_id or use "
+                    f"auto") from None
+            raise FanoutError(f"cannot check whether fanout group {group_id} is in use: "
+                              f"{e.strerror}") from None
+
+
 def _explain(e: OSError, mode: str, flags: tuple[str, ...], group_id: int | None) -> str:
     what = f"fanout group {group_id}" if group_id is not None else "a new fanout group"
     if e.errno == errno.EINVAL and group_id is not None:
         return (f"cannot join {what} (mode {mode}, flags {','.join(flags) or 'none'}): "
-                f"that id is in use on this interface with another mode or flags; "
+                f"that id is in use with another mode or flags, or on another interface; "
                 f"choose another fanout.group_id or use auto")
     if e.errno == errno.ENOSPC:
         return f"cannot join {what}: the group is full (the kernel allows at most 256 members)"

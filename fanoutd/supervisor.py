@@ -107,8 +107,12 @@ class Supervisor:
             problem = privileges.signalling_problem(self.cfg.user)
             if problem:
                 raise StartupError(problem, EXIT_NOPERM)
-            for capture_cfg in self.cfg.interfaces:
+            # Explicit group ids first: an auto group could be given one of them.
+            for capture_cfg in sorted(self.cfg.interfaces,
+                                      key=lambda c: c.fanout.group_id is None):
                 self._open_capture(capture_cfg)
+            names = [c.interface for c in self.cfg.interfaces]
+            self.captures.sort(key=lambda c: names.index(c.interface))
             # Once capture is known to work: without CAP_NET_RAW, that is the problem.
             problem = privileges.switch_problem(self.cfg.user)
             if problem:

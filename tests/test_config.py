@@ -237,3 +237,20 @@ def test_every_integer_key_has_an_upper_bound(tmp_path, key, value):
         assert reason.endswith(f"got {value}"), reason
         bounds = [int(n) for n in re.findall(r"\d+", reason.removesuffix(f"got {value}"))]
         assert any(n < value for n in bounds), f"{where}: no bound named: {reason}"
+
+
+def test_two_interfaces_cannot_have_one_fanout_group(tmp_path):
+    """Fanout group ids are per network namespace: the kernel refuses a second interface
+    in a group, so the configuration does."""
+    found = problems(write(tmp_path, "interfaces:\n  - interface: lo\n"
+                                     "    fanout: {group_id: 5}\n  - interface: lo2\n"
+                                     "    fanout: {group_id: 5}\n"))
+    assert found == [("interfaces[1].fanout.group_id", "fanout group 5 is lo's already: a "
+                      "group belongs to one interface (group ids are per network "
+                      "namespace)")], found
+    found = problems(write(tmp_path, "fanout: {group_id: 5}\ninterfaces:\n"
+                                     "  - interface: lo\n  - interface: lo2\n"))
+    assert keys_of(found) == ["fanout.group_id"], found
+    path = write(tmp_path, "fanout: {group_id: 5}\ninterfaces:\n  - interface: lo\n"
+                           "  - interface: lo2\n    fanout: {group_id: 6}\n")
+    assert [c.fanout.group_id for c in load_config(path, resolve=False).interfaces] == [5, 6]

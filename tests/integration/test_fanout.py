@@ -3,6 +3,8 @@
 Frames are UDP or TCP with a unique source port, so each row names its frame.
 """
 
+import os
+import signal
 from collections import Counter
 
 import frames as F
@@ -104,3 +106,44 @@ def test_hash_with_defrag_and_rollover_flags(injector, start_daemon, subscribe):
     whole = next(r for r in cap.rows if r["sport"] == 31000)
     assert (whole["frag"], whole["len"], whole["dport"]) == (False, 14 + 20 + 48, 53), whole
     assert len(cap.rows) == len(frames), cap.summary()
+
+
+GROUP = "4242"
+
+
+def test_a_second_daemon_in_the_same_group_is_refused(injector, start_daemon, subscribe):
+    """Two daemons given the same --group-id on one interface would join one group, each
+    seeing about half of the traffic, without a word. The second is refused: exit 69
+    with one line naming the group and the interface; the first sees every frame."""
+    first = start_daemon(workers=2, extra=("--group-id", GROUP))
+    sub = subscribe(first)
+    second = start_daemon(ready=False, workers=2, extra=("--group-id", GROUP))
+    status = netlab.wait_for(lambda: second.proc.poll(), 20, "the second daemon to exit",
+                             detail=second.logs)
+    assert status == 69, second.logs()
+    lines = second.stderr_text().splitlines()
+    assert len(lines) == 1, lines
+    assert f"cap0: fanout group {GROUP} is in use already" in lines[0], lines
+    deliver_once(injector, sub, first, udp_frames(200))
+    assert f"fanout hash (group {GROUP})" in first.logs()
+
+
+def test_a_reload_keeps_its_own_explicit_group(injector, start_daemon, subscribe):
+    """fanoutd's own reload with the same explicit group id leaves the group before it
+    joins it again: the check for a group in use must not refuse it."""
+    with netlab.workdir() as wd:
+        config = wd / "fanoutd.yaml"
+        ring = "ring: {block_size: 65536, block_count: 8, block_timeout_ms: 5}\n"
+        config.write_text(f"workers: 2\nfanout: {{mode: lb, group_id: {GROUP}}}\n{ring}")
+        daemon = start_daemon(workers=2, config=config)
+        sub = subscribe(daemon)
+        config.write_text(f"workers: 3\nfanout: {{mode: lb, group_id: {GROUP}}}\n{ring}")
+        os.kill(daemon.pid, signal.SIGHUP)
+        netlab.wait_for(lambda: "reloaded the configuration (changed: workers)"
+                        in daemon.stderr_text(), 15, "the reload", detail=daemon.logs)
+        daemon.workers = 3
+        daemon.wait_ready()
+        cap = deliver_once(injector, sub, daemon, udp_frames(300))
+        assert set(per_worker(cap)) == {0, 1, 2}
+        assert daemon.stderr_text().count(f"fanout lb (group {GROUP})") == 2
+        assert "ERROR" not in daemon.stderr_text()
