@@ -650,8 +650,20 @@ def at_least(n: int) -> Callable[[list[dict]], bool]:
 
 
 def all_keys(keys: set, key: Callable[[dict], object]) -> Callable[[list[dict]], bool]:
-    """until-condition: every key in `keys` has been seen among the rows."""
-    return lambda rows: keys <= {key(r) for r in rows}
+    """until-condition: every key in `keys` has been seen among the rows. Rows only grow,
+    so each call looks at the new ones alone (collect calls it for every batch)."""
+    seen: set = set()
+    done = 0
+
+    def until(rows: list[dict]) -> bool:
+        nonlocal done
+        if len(rows) < done:  # another list: start again
+            seen.clear()
+            done = 0
+        seen.update(key(r) for r in rows[done:])
+        done = len(rows)
+        return keys <= seen
+    return until
 
 
 # --------------------------------------------------------------------------- sd_notify
