@@ -1,7 +1,10 @@
 """Dropping privileges in the supervisor's children. lock_down() right after the fork
 takes away every way to gain privilege; become() takes the rest once the child holds what
 it needs (a mapped ring, bound or connected sockets): from then on it parses hostile input,
-or talks to the network, as an unprivileged user with no capabilities."""
+or talks to the network, as an unprivileged user with no capabilities.
+
+Also the signals a child handles itself (CHILD_SIGNALS): blocked across the fork, until
+the child has installed its handlers (handlers_installed())."""
 
 import ctypes
 import errno
@@ -16,6 +19,18 @@ PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 CAP_KILL = 5
+
+
+# Signals a child handles (or ignores) itself. The supervisor blocks them across fork()
+# and the child unblocks them once its handlers are in place: until then their default
+# action, death, would take a SIGUSR1 (drain) or SIGTERM sent the instant it exists.
+CHILD_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1})
+
+
+def handlers_installed() -> None:
+    """In a child, once its handlers for CHILD_SIGNALS are set: let those signals in (one
+    sent meanwhile is delivered now)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, CHILD_SIGNALS)
 
 
 class PrivilegeError(Exception):

@@ -278,6 +278,7 @@ def run_proxy(plan: ProxyPlan, ready_fd: int, tables: list[tuple[str, StatsTable
     signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    privileges.handlers_installed()  # blocked since the fork (supervisor._spawn)
     ctx = zmq.Context(1)
     try:
         proxy = Proxy(ctx, plan.backend, plan.frontend, plan.sndhwm, plan.curve)

@@ -222,17 +222,66 @@ class Supervisor:
 
     def _retire_slots(self, capture: Capture) -> None:
         """Cut the capture's current sockets off from traffic and have their workers drain
-        them (SIGUSR1); each socket closes when its worker exits (_child_exited)."""
-        deadline = time.monotonic() + capture.cfg.ring.block_timeout_ms / 500 + STOP_GRACE_S
+        them (SIGUSR1); each socket closes once its worker has drained it
+        (_drainer_exited). A slot whose worker is between restarts gets one to drain it:
+        its ring may hold blocks."""
+        deadline = self._drain_deadline(capture)
         capture.close_off()
         for slot in capture.slots:
-            if slot.child is not None and slot.child.pid is not None:
-                slot.child.state = "DRAINING"
-                _kill(slot.child, signal.SIGUSR1)
-                capture.retiring.append(Retiring(slot.child, slot.sock, slot.ring_id,
-                                                 slot.stats, deadline))
-            else:
+            child = slot.child
+            if child is None:
                 capture.close_ring(slot.sock, slot.ring_id, slot.stats)
+                continue
+            child.failures = 0  # now counts failed drains
+            child.main = self._worker_main(capture, slot, drain=True)  # for any successor
+            if child.pid is None:
+                self._spawn(child)
+            self._drain(child)
+            capture.retiring.append(Retiring(child, slot.sock, slot.ring_id, slot.stats,
+                                             deadline))
+
+    @staticmethod
+    def _drain_deadline(capture: Capture) -> float:
+        return time.monotonic() + capture.cfg.ring.block_timeout_ms / 500 + STOP_GRACE_S
+
+    @staticmethod
+    def _drain(child: Child) -> None:
+        """Tell a worker (maybe just forked: it takes the signal once its handler is in
+        place) to publish what its ring holds, then exit. One forked to drain knows it
+        from its plan already."""
+        child.state = "DRAINING"
+        _kill(child, signal.SIGUSR1)
+
+    def _drainer_exited(self, capture: Capture, old: Retiring, status: int) -> None:
+        """A worker draining an old ring exited. Status 0: the ring is drained, it closes.
+        Anything else (killed, failed to start, left to reconnect to a new proxy) leaves
+        blocks in the ring: another worker drains it, so that every block is published,
+        up to FATAL_AFTER failures in a row; only then is the ring closed as it is."""
+        child = old.child
+        child.pid = None
+        drained = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        reconnect = os.WIFEXITED(status) and os.WEXITSTATUS(status) == worker.EXIT_RECONNECT
+        if not (drained or reconnect or self.stopping):
+            child.failures += 1
+            old.stats.add("restarts")
+        if drained or self.stopping or child.failures >= FATAL_AFTER:
+            if not (drained or self.stopping):
+                log.error("%s failed to drain its old ring %d times in a row (last: %s); "
+                          "closing it with what it still holds", child.name, child.failures,
+                          _describe_status(status))
+            capture.retiring.remove(old)
+            capture.close_ring(old.sock, old.ring_id, old.stats)
+            child.state = "STOPPED"
+            return
+        if reconnect:
+            log.info("%s restarts to reconnect to the new proxy and go on draining its old "
+                     "ring", child.name)
+        else:
+            log.warning("%s %s while draining its old ring; starting another worker to "
+                        "drain it", child.name, _describe_status(status))
+        self._spawn(child)
+        self._drain(child)
+        old.kill_at = self._drain_deadline(capture)
 
     def _retire_capture(self, capture: Capture) -> None:
         """Stop capturing on an interface taken out of the configuration: its workers
@@ -410,15 +459,22 @@ class Supervisor:
         else:
             log.error("fanoutd-proxy could not start: %s", answer or "no answer")
 
-    def _worker_main(self, capture: Capture, slot: Slot) -> Callable[[], int]:
-        def main() -> int:  # in the child: the configuration current at the fork
-            self._close_rings_in_child(keep=slot.sock)  # a worker touches its own ring only
-            cfg = capture.cfg
-            plan = worker.WorkerPlan(capture.interface, slot.ring_id, cfg.ring.geometry,
+    def _worker_main(self, capture: Capture, slot: Slot,
+                     drain: bool = False) -> Callable[[], int]:
+        """A worker's main for the slot's current ring (drain: only to drain it). The
+        ring's own settings are taken now: after a reload the slot holds a new ring while
+        this one may still need a worker to drain it (_drainer_exited)."""
+        index, sock, ring_id, epoch, stats = (slot.index, slot.sock, slot.ring_id,
+                                              slot.epoch, slot.stats)
+        cfg, name = capture.cfg, capture.process_name(slot.index)
+
+        def main() -> int:  # in the child: the daemon's settings current at the fork
+            self._close_rings_in_child(keep=sock)  # a worker touches its own ring only
+            plan = worker.WorkerPlan(capture.interface, ring_id, cfg.ring.geometry,
                                      self.backend, self.cfg.publish.sndhwm, self.cfg.user,
-                                     cfg.payload_bytes, capture.process_name(slot.index),
-                                     wire.FORMATS[self.cfg.publish.format], slot.epoch)
-            return worker.run_worker(slot.index, slot.sock, slot.stats, self.rings, plan)
+                                     cfg.payload_bytes, name,
+                                     wire.FORMATS[self.cfg.publish.format], epoch, drain)
+            return worker.run_worker(index, sock, stats, self.rings, plan)
 
         return main
 
@@ -432,7 +488,14 @@ class Supervisor:
 
     def _spawn(self, child: Child) -> None:
         parent = os.getpid()
-        pid = os.fork()
+        # Blocked across the fork: the child unblocks them once its handlers are in place,
+        # so a drain or stop request sent at once is not taken with the default action.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, privileges.CHILD_SIGNALS)
+        try:
+            pid = os.fork()
+        finally:
+            if os.getpid() == parent:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         if pid == 0:  # the child never returns into the supervisor's code
             status = 1
             try:
@@ -524,10 +587,8 @@ class Supervisor:
     def _child_exited(self, child: Child, status: int) -> None:
         for capture in self.captures:
             for old in capture.retiring:
-                if old.child is child:  # an old worker done draining: close its ring
-                    capture.retiring.remove(old)
-                    capture.close_ring(old.sock, old.ring_id, old.stats)
-                    child.pid, child.state = None, "STOPPED"
+                if old.child is child:
+                    self._drainer_exited(capture, old, status)
                     return
         child.pid = None
         child.kill_at = None

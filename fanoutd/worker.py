@@ -64,6 +64,7 @@ class WorkerPlan:
     name: str  # process name: fanoutd-w0, or fd-eth1-w0 with several interfaces
     version: int  # wire-format version of the batches (wire.FORMATS)
     epoch: int  # the ring's epoch: changes whenever its seq numbering starts again
+    drain: bool = False  # started to drain an old ring: as if told so (SIGUSR1) at once
 
 
 def run_worker(index: int, sock: socket.socket, stats: slotstats.SlotStats,
@@ -78,6 +79,9 @@ def run_worker(index: int, sock: socket.socket, stats: slotstats.SlotStats,
     signal.signal(signal.SIGUSR1, stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group: the supervisor decides
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    privileges.handlers_installed()  # blocked since the fork (supervisor._spawn)
+    if plan.drain:
+        stop(signal.SIGUSR1, None)
     try:
         rx = RxRing(sock, plan.geometry)
     except OSError as e:
@@ -100,7 +104,8 @@ def run_worker(index: int, sock: socket.socket, stats: slotstats.SlotStats,
                 log.error("worker %d: cannot drop privileges to %s: %s", index, plan.user, e)
                 return EXIT_BOOT_FAILED
         stats["pid"] = os.getpid()
-        stats["capturing"] = os.getpid()
+        if stop.drain_since is None:  # one started to drain an old ring leaves the slot's
+            stats["capturing"] = os.getpid()  # flag to the worker of its new ring
         log.info("worker %d capturing on %s from ring block %d (%s decoder)", index,
                  plan.iface, rx.cursor, IMPLEMENTATION)
         encoder = BlockEncoder(plan.version, plan.iface, index, plan.epoch, plan.payload_bytes)
