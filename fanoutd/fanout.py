@@ -51,7 +51,7 @@ def join_group(socks: list[socket.socket], mode: str, flags: tuple[str, ...],
     the others join that id. An explicit group_id must not be in use yet (check_unused).
     """
     if group_id is not None and socks:
-        check_unused(socks[0].getsockname()[0], group_id, mode)
+        check_unused(socks[0].getsockname()[0], group_id)
     word = type_word(mode, flags)
     for i, sock in enumerate(socks):
         if group_id is None:
@@ -69,33 +69,41 @@ def join_group(socks: list[socket.socket], mode: str, flags: tuple[str, ...],
     return group_id
 
 
-def check_unused(ifname: str, group_id: int, mode: str) -> None:
+def check_unused(ifname: str, group_id: int) -> None:
     """Raise FanoutError if fanout group group_id exists already.
 
     Joining an existing group with the same mode and flags just works, and its members
     then share the traffic: a second daemon given the same id would silently see part of
-    it, and so would the first. The kernel refuses (EINVAL) to join an existing group
-    with another mode, so a throw-away socket that receives nothing (drop-all filter
-    before bind) joins group_id with another mode: accepted, there was no such group (it
-    made one, gone as it closes); refused, someone holds it. Group ids are per network
-    namespace, so the holder may capture on another interface.
+    it, and so would the first. So a throw-away socket that receives nothing (drop-all
+    filter before bind) joins group_id asking for a group of at most one member
+    (struct fanout_args, Linux 5.12): the kernel refuses that for any existing group,
+    EINVAL when the group was made for more members (or another mode or flags), ENOSPC
+    when its one place is taken, and never adds the probe to someone's group. Accepted,
+    there was no such group: the probe made one, gone as it closes. Group ids are per
+    network namespace, so the holder may capture on another interface.
     """
-    other = MODES["lb" if mode != "lb" else "hash"]
+    if _probe(ifname, group_id, 0) is None:
+        return
+    if _probe(ifname, 0, _linux.PACKET_FANOUT_FLAG_UNIQUEID) is not None:
+        return  # not even a new group with fanout_args: a kernel too old to tell
+    raise FanoutError(f"fanout group {group_id} is in use already (another capture joined "
+                      f"it, on {ifname} or another interface); sharing it, each would see "
+                      f"only part of {ifname}'s traffic: choose another fanout.group_id or "
+                      f"use auto")
+
+
+def _probe(ifname: str, group_id: int, flags: int) -> OSError | None:
+    """Join group_id (mode hash, at most one member) with a socket that receives
+    nothing, then close it: None if the kernel accepted it, else its error."""
     with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0) as probe:
+        filter.attach(probe, filter.DROP_ALL)
+        probe.bind((ifname, _linux.ETH_P_ALL))
+        args = struct.pack("=HHI", group_id, _linux.PACKET_FANOUT_HASH | flags, 1)
         try:
-            filter.attach(probe, filter.DROP_ALL)
-            probe.bind((ifname, _linux.ETH_P_ALL))
-            probe.setsockopt(_linux.SOL_PACKET, _linux.PACKET_FANOUT,
-                             struct.pack("=I", group_id | other << 16))
+            probe.setsockopt(_linux.SOL_PACKET, _linux.PACKET_FANOUT, args)
         except OSError as e:
-            if e.errno == errno.EINVAL:
-                raise FanoutError(
-                    f"fanout group {group_id} is in use already (another capture joined it, "
-                    f"on {ifname} or another interface); sharing it, each would see only "
-                    f"part of {ifname}'s traffic: choose another fanout.group_id or use "
-                    f"auto") from None
-            raise FanoutError(f"cannot check whether fanout group {group_id} is in use: "
-                              f"{e.strerror}") from None
+            return e
+    return None
 
 
 def _explain(e: OSError, mode: str, flags: tuple[str, ...], group_id: int | None) -> str:

@@ -22,6 +22,7 @@ import queue
 import secrets
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -210,6 +211,25 @@ class Injector:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def fanout_holder(ns: NetNS, group: int, ifname: str = "cap0") -> socket.socket:
+    """A socket of the test's own in fanout group `group` on ifname (mode hash), receiving
+    nothing (a drop-all filter before bind): the group is taken for as long as it is open."""
+    from fanoutd import _linux
+    from fanoutd.filter import DROP_ALL, attach
+
+    with in_netns(ns.name):
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+    try:
+        attach(sock, DROP_ALL)
+        sock.bind((ifname, _linux.ETH_P_ALL))
+        sock.setsockopt(_linux.SOL_PACKET, _linux.PACKET_FANOUT,
+                        struct.pack("=I", group | _linux.PACKET_FANOUT_HASH << 16))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 # --------------------------------------------------------------------------- metrics

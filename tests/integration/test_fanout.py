@@ -128,6 +128,22 @@ def test_a_second_daemon_in_the_same_group_is_refused(injector, start_daemon, su
     assert f"fanout hash (group {GROUP})" in first.logs()
 
 
+@pytest.mark.parametrize("mode", ["hash", "lb"])
+def test_a_group_in_use_by_another_capture_is_refused(ns, start_daemon, mode):
+    """The group is held by another program's socket (mode hash): refused, whatever the
+    mode asked for, and the check itself never joins that group (it would take packets
+    from its holder meanwhile)."""
+    with netlab.fanout_holder(ns, int(GROUP)):
+        daemon = start_daemon(ready=False, workers=2, fanout=mode,
+                              extra=("--group-id", GROUP))
+        status = netlab.wait_for(lambda: daemon.proc.poll(), 20, "the daemon to exit",
+                                 detail=daemon.logs)
+    assert status == 69, daemon.logs()
+    lines = daemon.stderr_text().splitlines()
+    assert len(lines) == 1 and f"cap0: fanout group {GROUP} is in use already" in lines[0], \
+        lines
+
+
 def test_a_reload_keeps_its_own_explicit_group(injector, start_daemon, subscribe):
     """fanoutd's own reload with the same explicit group id leaves the group before it
     joins it again: the check for a group in use must not refuse it."""
