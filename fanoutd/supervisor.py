@@ -20,12 +20,11 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import fields, replace
 
 from fanoutd import fanout, link, privileges, publish, ring, wire, worker
 from fanoutd.capture import Capture, Child, Retiring, Slot
 from fanoutd.config import (
-    CAPTURE_KEYS,
     MAX_WORKERS,
     CaptureConfig,
     Config,
@@ -90,6 +89,7 @@ class Supervisor:
         self.status_at = 0.0
         self.status_packets = 0
         self.capturing = False  # the loop ran: on exit, say what was captured
+        self.reload_failed: set[str] = set()  # interfaces the last reload could not move
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -165,8 +165,8 @@ class Supervisor:
         the new rings at once while the old ones drain theirs (SIGUSR1) and exit. With an
         explicit fanout.group_id that stays the same, the old sockets must leave the
         group before the new ones can join it, so capture pauses while they drain.
-        Returns False when the new sockets cannot be opened; capture then goes on as
-        before.
+        Returns False when the new sockets cannot be opened: capture then goes on as
+        before, or, in the same group, stays paused and retries on its own.
         """
         same_group = (cfg.fanout.group_id is not None
                       and cfg.fanout.group_id == capture.group_id)
@@ -191,7 +191,7 @@ class Supervisor:
                 log.error("cannot capture on %s: %s; retrying", cfg.interface, e)
                 capture.set_slots([])
                 capture.reopen_pending = True
-                return True
+                return False
         capture.set_slots(socks)
         self._start_workers(capture)
         self.announced_ready = False  # logs (and tells systemd) when capture is back
@@ -321,7 +321,7 @@ class Supervisor:
                           "%s: %s", key, reason)
             return
         old = self.cfg
-        if cfg == old:
+        if cfg == old and not self.reload_failed:
             log.info("reload: the configuration is unchanged")
             return
         problem = privileges.signalling_problem(cfg.user) or privileges.switch_problem(cfg.user)
@@ -332,19 +332,26 @@ class Supervisor:
         if cfg.metrics != old.metrics and not self._swap_metrics(cfg):
             return
         logging.getLogger().setLevel(cfg.log.level.upper())
-        self.cfg = cfg
+        self.cfg = cfg  # what children forked from now on see
         by_name = {c.interface: c for c in self.captures}
         wanted = {c.interface for c in cfg.interfaces}
         for capture in [c for c in self.captures if c.interface not in wanted]:
             log.info("no longer capturing on %s", capture.interface)
             self._retire_capture(capture)
+        failed = []  # interfaces whose capture could not take the new settings
         for capture_cfg in cfg.interfaces:
             capture = by_name.get(capture_cfg.interface)
             if capture is None:
-                self._reload_new_capture(capture_cfg)
-            elif (capture_cfg != capture.cfg or cfg.user != old.user
+                applied = self._reload_new_capture(capture_cfg)
+            elif (capture_cfg != capture.cfg or capture.interface in self.reload_failed
+                  or cfg.user != old.user
                   or cfg.publish.format != old.publish.format):  # workers see these
-                self._replace_rings(capture, capture_cfg)
+                applied = self._replace_rings(capture, capture_cfg)
+            else:
+                applied = True
+            if not applied:
+                failed.append(capture_cfg.interface)
+        self.reload_failed = set(failed)
         for capture in self.captures:
             capture.several = len(self.captures) > 1
         proxy = (cfg.publish, cfg.user, cfg.supervisor.status_interval_ms) != (
@@ -353,19 +360,32 @@ class Supervisor:
         if proxy and self.proxy is not None:
             self._stop_children([self.proxy])
             self._spawn_proxy()  # workers that dropped privileges reconnect by restarting
-        changed = [f.name for f in fields(cfg) if getattr(cfg, f.name) != getattr(old, f.name)]
-        if any(name in CAPTURE_KEYS for name in changed):
-            changed.remove("interfaces")  # derived from the keys named already
-        log.info("reloaded the configuration (changed: %s)", ", ".join(changed))
+        # The configuration in force is what runs: each interface's capture as applied
+        # (a failed one keeps its previous settings, or is not there), so that the same
+        # file reloaded again is not "unchanged" but tried again.
+        running = {c.interface: c.cfg for c in self.captures}
+        self.cfg = replace(cfg, interfaces=tuple(running[c.interface] for c in cfg.interfaces
+                                                 if c.interface in running))
+        if failed:
+            log.error("reload incomplete: the new capture settings of %s could not be "
+                      "applied (see above), so %s as before; the rest of the configuration "
+                      "is applied; another reload tries again", ", ".join(failed),
+                      "it goes on" if len(failed) == 1 else "they go on")
+            return
+        log.info("reloaded the configuration (changed: %s)",
+                 ", ".join(_changes(old, self.cfg)))
 
-    def _reload_new_capture(self, cfg: CaptureConfig) -> None:
+    def _reload_new_capture(self, cfg: CaptureConfig) -> bool:
+        """Start capturing on an interface a reload added; False if it cannot."""
         try:
             capture = self._open_capture(cfg)
         except StartupError as e:
-            log.error("cannot capture on %s: %s", cfg.interface, e)
-            return
+            log.error("cannot capture on %s: %s", cfg.interface,
+                      str(e).removeprefix(f"{cfg.interface}: "))
+            return False
         self._start_workers(capture)
         self.announced_ready = False
+        return True
 
     def _swap_metrics(self, cfg: Config) -> bool:
         """Serve metrics with cfg's settings; False (reload rejected) if it cannot."""
@@ -769,6 +789,22 @@ class Supervisor:
                 killed, deadline = True, time.monotonic() + KILL_WAIT_S
             self._reap()
             time.sleep(0.01)
+
+
+def _changes(old: Config, new: Config) -> list[str]:
+    """The keys a reload changed, in their order in the file: top-level keys, and the keys
+    of a capture whose running settings changed (also after a reload that could not move
+    it); `interfaces` when an interface was added or removed."""
+    changed = {f.name for f in fields(new) if getattr(new, f.name) != getattr(old, f.name)}
+    before = {c.interface: c for c in old.interfaces}
+    after = {c.interface: c for c in new.interfaces}
+    changed.discard("interfaces")
+    if before.keys() != after.keys():
+        changed.add("interfaces")
+    for name in before.keys() & after.keys():
+        changed |= {f.name for f in fields(CaptureConfig)
+                    if getattr(before[name], f.name) != getattr(after[name], f.name)}
+    return [f.name for f in fields(Config) if f.name in changed]
 
 
 def _is_loopback(host: str) -> bool:

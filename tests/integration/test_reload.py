@@ -225,3 +225,57 @@ def test_an_old_worker_that_dies_while_draining_is_replaced(config_daemon, injec
     m = daemon.metrics()
     assert netlab.metric_sum(m, "fanoutd_worker_restarts_total", worker="0") == 1
     assert netlab.metric_sum(m, "fanoutd_worker_restarts_total") == 1
+
+
+def test_a_reload_whose_capture_part_fails_is_reported_and_tried_again(ns, config_daemon,
+                                                                       injector):
+    """The new capture settings cannot be applied (the fanout group is someone else's):
+    the reload says it is incomplete, not "reloaded"; capture goes on as before, on the
+    settings that run; the same file reloaded again is tried again, not "unchanged", and
+    applies once it can."""
+    daemon, config, sub = config_daemon
+    before = daemon.children_by_comm()
+    wanted = f"workers: 2\nfanout: {{mode: lb, group_id: 77}}\n{RING}"
+
+    def incomplete(n: int) -> bool:
+        return daemon.stderr_text().count("reload incomplete: the new capture settings "
+                                          "of cap0 could not be applied") >= n
+    with netlab.fanout_holder(ns, 77):
+        reload(daemon, config, wanted)
+        netlab.wait_for(lambda: incomplete(1), 10, "the failure", detail=daemon.logs)
+        assert "cannot capture on cap0 with the new settings: fanout group 77" \
+            in daemon.stderr_text()
+        assert daemon.children_by_comm() == before  # the same workers, the same rings
+        injector.send_all(netlab.numbered_frame(i) for i in range(200))
+        collect_all(sub, daemon, 200)
+        os.kill(daemon.pid, signal.SIGHUP)  # the same file again
+        netlab.wait_for(lambda: incomplete(2), 10, "the second try", detail=daemon.logs)
+        assert daemon.children_by_comm() == before
+    os.kill(daemon.pid, signal.SIGHUP)  # the group is free now
+    netlab.wait_for(lambda: "reloaded the configuration (changed: fanout)"
+                    in daemon.stderr_text(), 15, "the reload", detail=daemon.logs)
+    daemon.wait_ready()
+    injector.send_all(netlab.numbered_frame(i) for i in range(200, 400))
+    collect_all(sub, daemon, 400)
+    text = daemon.stderr_text()
+    assert "fanout lb (group 77)" in text
+    assert "unchanged" not in text and "Traceback" not in text
+
+
+def test_a_reload_of_an_overridden_top_level_key(config_daemon):
+    """With interfaces entries that set a key themselves, changing the top-level key
+    changes no capture: it is applied (nothing to do), the daemon goes on."""
+    daemon, config, _ = config_daemon
+    entry = "interfaces:\n  - interface: cap0\n    filter: udp\n"
+
+    def reloaded(n: int) -> list[str]:
+        daemon.check_running()
+        found = [x for x in daemon.stderr_text().splitlines() if "reloaded the config" in x]
+        return found if len(found) >= n else []
+    reload(daemon, config, f"workers: 2\nfanout: {{mode: lb}}\n{RING}{entry}")
+    netlab.wait_for(lambda: reloaded(1), 15, "the first reload", detail=daemon.logs)
+    reload(daemon, config, f"workers: 2\nfanout: {{mode: lb}}\n{RING}filter: tcp\n{entry}")
+    lines = netlab.wait_for(lambda: reloaded(2), 15, "the second reload", detail=daemon.logs)
+    assert [line.split(": INFO: ")[1] for line in lines] == [
+        "reloaded the configuration (changed: filter)"] * 2  # the capture's, the file's
+    assert "Traceback" not in daemon.stderr_text()
