@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 import yaml
 
-from fanoutd import fanout, ring
+from fanoutd import fanout, netdev, ring
 from fanoutd.filter import FilterError, compile_expression
 from fanoutd.wire import FORMATS
 
@@ -433,7 +433,7 @@ def _check(cfg: Config, captures: list[_Capture], labels: dict[str, str],
                                           f"already: a group belongs to one interface "
                                           f"(group ids are per network namespace)")
         workers_total += c.workers or os.cpu_count() or 1
-    memory = _memory_total()
+    memory = ring.memory_total()
     if memory and total_memory > memory // 2:
         bad(where("ring.block_count"),
             f"{workers_total} workers' rings take {total_memory >> 20} MiB of kernel memory, "
@@ -583,18 +583,6 @@ def tls_context(m: MetricsConfig) -> ssl.SSLContext:
     return context
 
 
-def _memory_total() -> int | None:
-    """MemTotal in bytes, from /proc/meminfo."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return None
-
-
 def endpoint_problem(endpoint: str) -> str | None:
     """Why a ZeroMQ bind endpoint is unusable, or None."""
     scheme, sep, rest = endpoint.partition("://")
@@ -643,7 +631,7 @@ def _resolve(cfg: Config, captures: list[_Capture], labels: dict[str, str]) -> C
                 missing.append((labels.get(key, key), f"interface {interface!r} does not "
                                                       f"exist"))
                 continue
-        if capture.timestamp == "hardware" and not ring.hardware_rx_timestamps(interface):
+        if capture.timestamp == "hardware" and not netdev.hardware_rx_timestamps(interface):
             tkey = f"{prefix}timestamp"
             unsupported.append((labels.get(tkey, tkey), f"hardware: {interface} cannot "
                                 f"timestamp received packets in hardware (see ethtool -T "

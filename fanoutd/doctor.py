@@ -13,25 +13,21 @@ picks unused ids), and are closed at once: they receive nothing and touch no oth
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import errno
-import fcntl
 import json
 import math
 import os
 import re
 import shutil
 import socket
-import struct
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from fanoutd import _linux, fanout, filter, ring
-from fanoutd._linux import IFF_RUNNING, IFF_UP, SIOCETHTOOL, SIOCGIFFLAGS, SIOCGIFMTU
+from fanoutd import fanout, netdev, ring
+from fanoutd._linux import IFF_RUNNING, IFF_UP
 from fanoutd.config import CAPTURE_KEYS, CaptureConfig, Config, RingConfig
 
 OK, NOTE, CHANGE, UNKNOWN = "ok", "note", "change", "unknown"
@@ -45,10 +41,6 @@ EXIT_NOPERM = 77
 NEEDS_CAP_NET_RAW = "AF_PACKET sockets need CAP_NET_RAW: run doctor as root or with CAP_NET_RAW"
 UNREADABLE = "neither ethtool nor the driver's ethtool ioctls answered"
 
-# ioctls on a socket (the constants are in _linux): they answer for the caller's network
-# namespace.
-IFNAMSIZ = 16
-IFREQ_SIZE = 40  # struct ifreq on 64-bit Linux
 # Legacy ethtool commands (struct ethtool_value), used when the ethtool tool is missing.
 ETHTOOL_GFLAGS = 0x25
 ETHTOOL_GGRO = 0x2B
@@ -134,22 +126,6 @@ class Offloads:
 # --------------------------------------------------------------------------- probes
 
 
-def _ifreq(ifname: str, request: int, payload: bytes = b"") -> bytes:
-    buf = ifname.encode()[:IFNAMSIZ - 1].ljust(IFNAMSIZ, b"\0") + payload
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        return fcntl.ioctl(s, request, buf.ljust(IFREQ_SIZE, b"\0"))
-
-
-def interface_mtu(ifname: str) -> int:
-    """The interface's MTU (SIOCGIFMTU)."""
-    return struct.unpack_from("i", _ifreq(ifname, SIOCGIFMTU), IFNAMSIZ)[0]
-
-
-def interface_flags(ifname: str) -> int:
-    """The interface's IFF_* flags (SIOCGIFFLAGS)."""
-    return struct.unpack_from("H", _ifreq(ifname, SIOCGIFFLAGS), IFNAMSIZ)[0]
-
-
 def find_ethtool() -> str | None:
     """The ethtool program on PATH (Debian: /usr/sbin/ethtool, package ethtool)."""
     return shutil.which("ethtool")
@@ -184,24 +160,14 @@ def parse_ethtool_features(text: str) -> dict[str, tuple[bool, bool]]:
     return out
 
 
-def _ethtool_value(ifname: str, cmd: int) -> int | None:
-    """One legacy SIOCETHTOOL command (struct ethtool_value {u32 cmd; u32 data})."""
-    value = ctypes.create_string_buffer(struct.pack("II", cmd, 0), 8)
-    try:
-        _ifreq(ifname, SIOCETHTOOL, struct.pack("P", ctypes.addressof(value)))
-    except OSError:
-        return None
-    return struct.unpack("II", value.raw)[1]
-
-
 def read_offloads_ioctl(ifname: str) -> dict[str, tuple[bool, bool]]:
     """VLAN offload, LRO and GRO from the legacy ioctls; `fixed` is not known here."""
     out = {}
-    flags = _ethtool_value(ifname, ETHTOOL_GFLAGS)
+    flags = netdev.ethtool_value(ifname, ETHTOOL_GFLAGS)
     if flags is not None:
         out["rx-vlan-offload"] = (bool(flags & ETH_FLAG_RXVLAN), False)
         out["large-receive-offload"] = (bool(flags & ETH_FLAG_LRO), False)
-    gro = _ethtool_value(ifname, ETHTOOL_GGRO)
+    gro = netdev.ethtool_value(ifname, ETHTOOL_GGRO)
     if gro is not None:
         out["generic-receive-offload"] = (bool(gro), False)
     return out
@@ -219,48 +185,16 @@ def gro_max_size(ifname: str) -> int:
 
 def line_rate(ifname: str) -> tuple[int, str]:
     """(Mb/s, where that figure comes from) for rating the ring."""
-    speed = link_speed_mbps(ifname)
+    speed = netdev.speed_mbps(ifname)
     if speed is None:
         return ASSUMED_SPEED_MBPS, f"assumed: {ifname} reports no link speed"
     return speed, f"the speed {ifname} reports"
 
 
-def link_speed_mbps(ifname: str) -> int | None:
-    """Link speed from sysfs (right under `ip netns exec`, which remounts /sys)."""
-    try:
-        with open(f"/sys/class/net/{ifname}/speed") as f:
-            speed = int(f.read().strip())
-    except (OSError, ValueError):
-        return None
-    return speed if speed > 0 else None
-
-
-@contextlib.contextmanager
-def _silent_socket(ifname: str) -> Iterator[socket.socket]:
-    """An AF_PACKET socket bound to ifname that receives nothing: the drop-all filter is
-    attached before bind() starts delivery. PACKET_FANOUT needs a bound, running socket."""
-    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
-    try:
-        filter.attach(sock, filter.DROP_ALL)
-        sock.bind((ifname, _linux.ETH_P_ALL))
-        yield sock
-    finally:
-        sock.close()
-
-
 def try_fanout(ifname: str, word: int) -> str | None:
-    """Join a new fanout group of type `word` (mode | flags) with a silent socket: None
-    when the kernel accepts it, else its reason. The kernel picks an unused group id
-    (PACKET_FANOUT_FLAG_UNIQUEID), so no existing group is ever joined."""
-    try:
-        with _silent_socket(ifname) as sock:
-            arg = (word | _linux.PACKET_FANOUT_FLAG_UNIQUEID) << 16
-            sock.setsockopt(_linux.SOL_PACKET, _linux.PACKET_FANOUT, struct.pack("=I", arg))
-    except PermissionError:
-        raise
-    except OSError as e:
-        return e.strerror or str(e)
-    return None
+    """None when the kernel accepts a new fanout group of type `word`, else its reason."""
+    error = fanout.try_new_group(ifname, word)
+    return None if error is None else error.strerror or str(error)
 
 
 # --------------------------------------------------------------------------- sections
@@ -277,14 +211,6 @@ def _size(n: float) -> str:
 
 def _next_power_of_two(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
-
-
-def _mem_total() -> int | None:
-    with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    return None
 
 
 def frames_per_block(block_size: int, frame: int) -> int:
@@ -354,7 +280,7 @@ def ring_section(cfg: CaptureConfig, mtu: int, speed: int, speed_source: str) ->
         s.found.append(f"ring.{name}: {rule}")
     if not problems:
         s.found.append("it follows every rule of this kernel")
-    memory = _mem_total()
+    memory = ring.memory_total()
     share = f" ({100 * geo.size * workers / memory:.1f}% of {_size(memory)} of RAM)" \
         if memory else ""
     s.found.append(f"memory: {_size(geo.size)} per worker, {_size(geo.size * workers)} for "
@@ -608,12 +534,12 @@ def examine(config: Config) -> tuple[str, list[Section]]:
     cfg = capture_to_examine(config)
     ifname = cfg.interface
     index = socket.if_nametoindex(ifname)
-    flags = interface_flags(ifname)
-    mtu = interface_mtu(ifname)
+    flags = netdev.flags(ifname)
+    mtu = netdev.mtu(ifname)
     up = bool(flags & IFF_UP)
     state = ("up" if up else "down") + ("" if flags & IFF_RUNNING or not up else ", no carrier")
     offloads = read_offloads(ifname)
-    speed = link_speed_mbps(ifname)
+    speed = netdev.speed_mbps(ifname)
     rate, rate_source = line_rate(ifname)
     headline = (f"fanoutd doctor: {ifname} (index {index}, {state}, MTU {mtu}"
                 f"{f', {speed} Mb/s' if speed else ''}); {cfg.workers} workers, fanout "

@@ -8,9 +8,11 @@ fragmented datagram lands in one worker; rollover moves packets to another socke
 chosen one's ring is full.
 """
 
+import contextlib
 import errno
 import socket
 import struct
+from collections.abc import Iterator
 
 from fanoutd import _linux, filter
 
@@ -92,17 +94,45 @@ def check_unused(ifname: str, group_id: int) -> None:
                       f"use auto")
 
 
+@contextlib.contextmanager
+def silent_socket(ifname: str) -> Iterator[socket.socket]:
+    """An AF_PACKET socket bound to ifname that receives nothing (the drop-all filter is
+    attached before bind() starts delivery), for probing the kernel's fanout: joining
+    needs a bound socket. Closed on leaving, and with it any group it made."""
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+    try:
+        filter.attach(sock, filter.DROP_ALL)
+        sock.bind((ifname, _linux.ETH_P_ALL))
+        yield sock
+    finally:
+        sock.close()
+
+
 def _probe(ifname: str, group_id: int, flags: int) -> OSError | None:
     """Join group_id (mode hash, at most one member) with a socket that receives
     nothing, then close it: None if the kernel accepted it, else its error."""
-    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0) as probe:
-        filter.attach(probe, filter.DROP_ALL)
-        probe.bind((ifname, _linux.ETH_P_ALL))
+    with silent_socket(ifname) as probe:
         args = struct.pack("=HHI", group_id, _linux.PACKET_FANOUT_HASH | flags, 1)
         try:
             probe.setsockopt(_linux.SOL_PACKET, _linux.PACKET_FANOUT, args)
         except OSError as e:
             return e
+    return None
+
+
+def try_new_group(ifname: str, word: int) -> OSError | None:
+    """Make a new fanout group of type `word` (mode | flags) with a silent socket: None
+    when the kernel accepts it, else its error (PermissionError without CAP_NET_RAW).
+    The kernel picks an unused id (PACKET_FANOUT_FLAG_UNIQUEID), so no existing group
+    is ever joined."""
+    try:
+        with silent_socket(ifname) as sock:
+            arg = (word | _linux.PACKET_FANOUT_FLAG_UNIQUEID) << 16
+            sock.setsockopt(_linux.SOL_PACKET, _linux.PACKET_FANOUT, struct.pack("=I", arg))
+    except PermissionError:
+        raise
+    except OSError as e:
+        return e
     return None
 
 

@@ -7,13 +7,10 @@ document), checked up front by `RingGeometry.problems` so a bad value is reporte
 name instead of as EINVAL from setsockopt.
 """
 
-import ctypes
 import errno
-import fcntl
 import mmap
 import select
 import socket
-import struct
 from dataclasses import dataclass
 
 from fanoutd import _linux, filter
@@ -276,17 +273,13 @@ class RxRing:
                                       + _linux.BLOCK_STATUS_OFFSET, _linux.TP_STATUS_KERNEL)
 
 
-def hardware_rx_timestamps(ifname: str) -> bool:
-    """Whether the interface's driver can timestamp received packets in hardware
-    (ETHTOOL_GET_TS_INFO: SOF_TIMESTAMPING_RAW_HARDWARE and an rx filter)."""
-    info = bytearray(_linux.ETHTOOL_TS_INFO.size)
-    _linux.ETHTOOL_TS_INFO.pack_into(info, 0, _linux.ETHTOOL_GET_TS_INFO, 0, -1, 0, 0)
-    buf = ctypes.create_string_buffer(bytes(info))
-    ifreq = struct.pack("16sP", ifname.encode(), ctypes.addressof(buf))
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        try:
-            fcntl.ioctl(sock.fileno(), _linux.SIOCETHTOOL, ifreq)
-        except OSError:
-            return False
-    _, so_timestamping, _, _, rx_filters = _linux.ETHTOOL_TS_INFO.unpack_from(buf.raw)
-    return bool(so_timestamping & _linux.SOF_TIMESTAMPING_RAW_HARDWARE and rx_filters)
+def memory_total() -> int | None:
+    """The machine's memory (MemTotal of /proc/meminfo) in bytes: what rings may take."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None

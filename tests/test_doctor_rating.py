@@ -128,11 +128,11 @@ def test_ring_at_line_rate_ok_on_a_slower_link():
 
 
 def test_a_link_without_a_speed_is_rated_at_the_assumed_speed(monkeypatch):
-    monkeypatch.setattr(doctor, "link_speed_mbps", lambda ifname: None)
+    monkeypatch.setattr(doctor.netdev, "speed_mbps", lambda ifname: None)
     speed, source = doctor.line_rate("veth9")
     assert speed == doctor.ASSUMED_SPEED_MBPS == TEN_GBPS
     assert source == "assumed: veth9 reports no link speed"
-    monkeypatch.setattr(doctor, "link_speed_mbps", lambda ifname: 25_000)
+    monkeypatch.setattr(doctor.netdev, "speed_mbps", lambda ifname: 25_000)
     assert doctor.line_rate("eth0") == (25_000, "the speed eth0 reports")
 
 
