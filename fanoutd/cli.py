@@ -8,16 +8,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from fanoutd import __version__
+from fanoutd import __version__, settings
 from fanoutd.config import (
     Config,
     ConfigError,
     InterfaceUnavailable,
+    default_text,
     dump,
     endpoint_problem,
     load_config,
     parse_host_port,
-    to_dict,
 )
 
 # Exit statuses; the supervisor's own are in supervisor.py. All are listed in the README,
@@ -183,10 +183,7 @@ def _parser() -> argparse.ArgumentParser:
                     "under 5 ms change, under 50 ms note. Sends no traffic.")
     doctor.add_argument("-c", "--config", metavar="FILE",
                         help="YAML configuration file (default: none, the defaults apply)")
-    doctor.add_argument("--interface", metavar="IF",
-                        help="interface to examine, with its interfaces entry in the "
-                             "configuration (default: the first entry)")
-    _capture_flags(doctor)
+    settings.add_flags(doctor, default_text, doctor=True)
 
     keygen = _command(sub, "keygen", _cmd_keygen,
                       "create a CURVE key pair for the publisher or a subscriber", (
@@ -254,89 +251,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _from_file(key: str, meaning: str = "") -> str:
-    """' (default: from the file, else VALUE)': a config flag's own default is None,
-    which means "as the file says", and the file's default is the key's."""
-    value: Any = to_dict(Config())
-    for part in key.split("."):
-        value = value[part]
-    value = {"": '""', "[]": "none", "True": "true", "False": "false"}.get(str(value),
-                                                                          str(value))
-    return f" (default: from the file, else {value}{meaning})"
-
-
 def _config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", metavar="FILE",
                    help="YAML configuration file (default: none, the defaults apply)")
-    p.add_argument("--interface", metavar="IF", action="append",
-                   help="interface to capture on (or auto); repeat for several" +
-                        _from_file("interface", ": the default route's"))
-    p.add_argument("--filter", metavar="EXPR",
-                   help="capture filter in tcpdump syntax (compiled by libpcap)" +
-                        _from_file("filter", ": capture everything"))
-    p.add_argument("--no-promisc", dest="promisc", action="store_const", const="false",
-                   help="do not put the interface in promiscuous mode" +
-                        _from_file("promisc", ": promiscuous"))
-    p.add_argument("--payload-bytes", metavar="N",
-                   help="add a `payload` field with the first N bytes after the headers" +
-                        _from_file("payload_bytes", ": off"))
-    p.add_argument("--timestamp", metavar="SOURCE",
-                   help="software or hardware" + _from_file("timestamp"))
-    _capture_flags(p)
-    p.add_argument("--group-id", metavar="ID", help="fanout group id 0-65535, or auto" +
-                   _from_file("fanout.group_id", ": the kernel picks an unused one"))
-    p.add_argument("--publish", metavar="ENDPOINT",
-                   help="ZeroMQ endpoint to bind, tcp://HOST:PORT or ipc://PATH" +
-                        _from_file("publish.endpoint"))
-    p.add_argument("--hwm", metavar="N", help="publish high-water mark, in batches" +
-                   _from_file("publish.sndhwm"))
-    p.add_argument("--format", metavar="FORMAT",
-                   help="wire format of batches: columns (version 2) or rows (1)" +
-                        _from_file("publish.format"))
-    p.add_argument("--metrics", metavar="HOST:PORT",
-                   help="Prometheus listen address" + _from_file("metrics.listen"))
-    p.add_argument("--log-level", metavar="LEVEL",
-                   help="debug, info, warning or error" + _from_file("log.level"))
-    p.add_argument("--runtime-dir", metavar="DIR",
-                   help="where the workers' ipc socket lives (or auto)" +
-                        _from_file("runtime_dir", ": $RUNTIME_DIRECTORY, /run/fanoutd or "
-                                                  "the temp directory"))
-    p.add_argument("--user", metavar="USER",
-                   help="user the workers and the proxy drop to (none: stay)" +
-                        _from_file("user"))
-
-
-def _capture_flags(p: argparse.ArgumentParser) -> None:
-    """The worker, fanout and ring flags, which `doctor` takes too."""
-    p.add_argument("--workers", metavar="N",
-                   help="worker processes (or auto)" + _from_file("workers", ": one per CPU"))
-    p.add_argument("--fanout", metavar="MODE",
-                   help="hash, lb, cpu, rnd, qm or rollover" + _from_file("fanout.mode"))
-    p.add_argument("--fanout-flags", metavar="FLAGS",
-                   help="comma-separated: defrag, rollover, ignore-outgoing (none for none)" +
-                        _from_file("fanout.flags"))
-    p.add_argument("--block-size", metavar="BYTES",
-                   help="ring block size" + _from_file("ring.block_size"))
-    p.add_argument("--block-count", metavar="N",
-                   help="ring blocks per worker" + _from_file("ring.block_count"))
-    p.add_argument("--frame-size", metavar="BYTES",
-                   help="ring frame size" + _from_file("ring.frame_size"))
-    p.add_argument("--block-timeout", metavar="MS",
-                   help="block retire timeout, in ms" + _from_file("ring.block_timeout_ms"))
-
-
-def _overrides(args: argparse.Namespace) -> dict:
-    keys = ("interface", "workers", "fanout", "fanout_flags", "group_id", "publish", "hwm",
-            "format",
-            "metrics", "block_size", "block_count", "frame_size", "block_timeout", "log_level",
-            "runtime_dir", "user", "filter", "promisc", "payload_bytes", "timestamp")
-    return {k: getattr(args, k) for k in keys}
+    settings.add_flags(p, default_text)
 
 
 def _load(args: argparse.Namespace) -> Config | int:
     """The effective configuration, or the exit status after reporting its problems."""
     try:
-        return load_config(args.config, _overrides(args))
+        return load_config(args.config, settings.overrides(args))
     except ConfigError as e:
         for key, reason in e.problems:
             print(f"fanoutd: {key}: {reason}", file=sys.stderr)
@@ -354,7 +278,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from fanoutd.systemd import setup_logging
 
     setup_logging(cfg.log.level)
-    return Supervisor(cfg, lambda: load_config(args.config, _overrides(args))).run()
+    return Supervisor(cfg, lambda: load_config(args.config, settings.overrides(args))).run()
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
@@ -576,10 +500,8 @@ def _tail_summary(sub, stats: bool) -> None:
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from fanoutd.doctor import run_doctor
 
-    keys = ("interface", "workers", "fanout", "fanout_flags", "block_size", "block_count",
-            "frame_size", "block_timeout")
     try:
-        cfg = load_config(args.config, {k: getattr(args, k) for k in keys})
+        cfg = load_config(args.config, settings.overrides(args))
     except ConfigError as e:
         for key, reason in e.problems:
             print(f"fanoutd doctor: {key}: {reason}", file=sys.stderr)

@@ -2,7 +2,13 @@
 
 Everything is validated before any socket is opened. Each problem names its key path (and
 the flag, when the value came from one) and the rule it breaks; all problems are reported
-together. config/fanoutd.yaml documents every key.
+together. config/fanoutd.yaml documents every key; settings.py declares each flag, bound
+and choice once.
+
+One shape once loaded: the capture keys (interface, workers, filter, ..., fanout, ring)
+live only in `interfaces`, one complete CaptureConfig per captured interface. At the top
+level of the file they are the defaults every entry inherits (and without `interfaces`,
+the one capture).
 """
 
 import os
@@ -16,13 +22,11 @@ from typing import Any, NamedTuple
 
 import yaml
 
-from fanoutd import fanout, netdev, ring
+from fanoutd import fanout, netdev, ring, settings
 from fanoutd.filter import FilterError, compile_expression
-from fanoutd.wire import FORMATS
+from fanoutd.settings import AUTO_KEYS, BY_DEST, BY_KEY, CAPTURE_KEYS, NONE_KEYS, SETTINGS
 
-LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_WORKERS = fanout.MAX_MEMBERS  # the workers of one interface share a fanout group
-MAX_HWM = 2**31 - 1  # ZeroMQ takes its high-water marks as a C int
 # An account of the daemon's own, not `nobody`: any other process running as nobody could
 # signal (SIGSTOP) or trace the workers and the proxy.
 DEFAULT_USER = "fanoutd"
@@ -86,10 +90,6 @@ class SupervisorConfig:
     status_interval_ms: int = 5_000
 
 
-TIMESTAMP_SOURCES = ("software", "hardware")
-MAX_PAYLOAD_BYTES = 65535
-
-
 @dataclass(frozen=True)
 class CaptureConfig:
     """One interface's capture: the top-level keys of the same names are the defaults that
@@ -105,59 +105,23 @@ class CaptureConfig:
     ring: RingConfig = field(default_factory=RingConfig)
 
 
-CAPTURE_KEYS = tuple(f.name for f in fields(CaptureConfig))
+assert tuple(f.name for f in fields(CaptureConfig)) == CAPTURE_KEYS
 
 
 @dataclass(frozen=True)
 class Config:
-    interface: str = "auto"
-    workers: int | None = None  # None: one per CPU
-    filter: str = ""
-    promisc: bool = True
-    payload_bytes: int = 0
-    timestamp: str = "software"
-    # The captures, complete; in a file, entries only name what differs from the keys
-    # above. Without it, one capture made of the keys above.
+    # The captures, complete. In a file, the capture keys at the top level are the
+    # defaults of every entry (an entry names only what differs); without `interfaces`,
+    # they make the one capture.
     interfaces: tuple[CaptureConfig, ...] = ()
     # Workers and the proxy drop to it (scripts/install.sh creates the account); None: stay
     # as started.
     user: str | None = DEFAULT_USER
     runtime_dir: str | None = None  # None: $RUNTIME_DIRECTORY, /run/fanoutd or the temp dir
-    fanout: FanoutConfig = field(default_factory=FanoutConfig)
-    ring: RingConfig = field(default_factory=RingConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
-
-
-# Command-line flags that override a key; used to name the flag in error messages too.
-FLAG_KEYS = {
-    "interface": "interface",
-    "filter": "filter",
-    "promisc": "promisc",
-    "payload_bytes": "payload_bytes",
-    "timestamp": "timestamp",
-    "workers": "workers",
-    "fanout": "fanout.mode",
-    "fanout_flags": "fanout.flags",
-    "group_id": "fanout.group_id",
-    "publish": "publish.endpoint",
-    "hwm": "publish.sndhwm",
-    "format": "publish.format",
-    "metrics": "metrics.listen",
-    "block_size": "ring.block_size",
-    "block_count": "ring.block_count",
-    "frame_size": "ring.frame_size",
-    "block_timeout": "ring.block_timeout_ms",
-    "log_level": "log.level",
-    "runtime_dir": "runtime_dir",
-    "user": "user",
-}
-AUTO_KEYS = {"workers", "runtime_dir", "fanout.group_id"}  # keys where "auto" means None
-NONE_KEYS = {"user", "publish.curve.secret_key_file", "publish.curve.clients_dir",
-             "metrics.tls_cert_file", "metrics.tls_key_file", "metrics.client_ca_file",
-             "metrics.basic_auth_user", "metrics.basic_auth_password_sha256"}  # "none": None
 
 
 class ConfigError(Exception):
@@ -196,7 +160,7 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
     for dest, value in (overrides or {}).items():
         if value is not None:
             _apply_flag(raw, dest, value, labels)
-    cfg = _build(Config, raw, "", labels, problems, broken)
+    cfg = _build(Config, raw, "", labels, problems, broken, also_known=CAPTURE_KEYS)
     captures = _build_captures(raw, labels, problems, broken)
     cfg = replace(cfg, interfaces=tuple(c.config for c in captures))
     # The rules too, so that one run reports every problem; but not against a default
@@ -211,8 +175,8 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
 
 def _apply_flag(raw: dict, dest: str, value: Any, labels: dict[str, str]) -> None:
     """Put a flag's value into the raw file data: flags win over the file."""
-    key = FLAG_KEYS[dest]
-    flag = f"--{dest.replace('_', '-')}"
+    setting = BY_DEST[dest]
+    key, flag = setting.key, setting.flag
     entries = raw.get("interfaces")
     if dest == "interface":  # --interface IF, repeatable: capture on these, in this order
         names = value if isinstance(value, list) else [value]
@@ -238,11 +202,11 @@ def _build_captures(raw: dict, labels: dict[str, str], problems: list[tuple[str,
     entry merged onto the top-level keys. A problem in an inherited value is reported
     once, at the top level."""
     defaults = {k: raw[k] for k in CAPTURE_KEYS if k in raw}
+    # The top-level keys themselves, once (an entry reports only what it sets itself).
+    top = _build(CaptureConfig, defaults, "", labels, problems, broken)
     entries = raw.get("interfaces")
     if entries is None:
-        found: list[tuple[str, str]] = []
-        capture = _build(CaptureConfig, defaults, "", labels, found, broken)
-        return [_Capture("", capture, {})]
+        return [_Capture("", top, {})]
     if not isinstance(entries, list) or not entries:
         problems.append(("interfaces", "must be a list of mappings, each with at least "
                                        "`interface`"))
@@ -330,9 +294,11 @@ def _set_path(raw: dict, key: str, value: Any) -> None:
 
 
 def _build(cls: type, raw: Any, prefix: str, labels: dict[str, str],
-           problems: list[tuple[str, str]], broken: set[str]) -> Any:
-    """Type-check one section against its dataclass; unknown keys are problems. The keys
-    of values that fail (or of the section) go into broken: they keep their defaults."""
+           problems: list[tuple[str, str]], broken: set[str],
+           also_known: tuple[str, ...] = ()) -> Any:
+    """Type-check one section against its dataclass; unknown keys are problems (but for
+    also_known, checked elsewhere). The keys of values that fail (or of the section) go
+    into broken: they keep their defaults."""
     section = prefix.rstrip(".") or "config"
     if not isinstance(raw, dict):
         problems.append((section, f"must be a mapping, got {_kind(raw)}"))
@@ -340,8 +306,9 @@ def _build(cls: type, raw: Any, prefix: str, labels: dict[str, str],
         return cls()
     known = {f.name: f for f in fields(cls)}
     for key in raw:
-        if key not in known:
-            problems.append((f"{prefix}{key}", f"unknown key (known: {', '.join(known)})"))
+        if key not in known and key not in also_known:
+            names = [*also_known, *(k for k in known if k not in also_known)]
+            problems.append((f"{prefix}{key}", f"unknown key (known: {', '.join(names)})"))
     values = {}
     for name, f in known.items():
         if name not in raw or name == "interfaces":  # interfaces: see _build_captures
@@ -441,28 +408,16 @@ def _check(cfg: Config, captures: list[_Capture], labels: dict[str, str],
     reason = endpoint_problem(cfg.publish.endpoint)
     if reason:
         bad("publish.endpoint", reason)
-    if cfg.publish.format not in FORMATS:
-        bad("publish.format", f"must be one of {', '.join(FORMATS)}, got "
-                              f"{cfg.publish.format!r}")
-    if not 0 <= cfg.publish.sndhwm <= MAX_HWM:
-        bad("publish.sndhwm", f"must be between 0 (no limit) and {MAX_HWM} (ZeroMQ's "
-                              f"limit), got {cfg.publish.sndhwm}")
+    for setting in SETTINGS:  # the daemon's bounds and choices (settings.py)
+        if not setting.capture:
+            value = _get(cfg, setting.key)
+            reason = setting.bounds_problem(value) or setting.choice_problem(value)
+            if reason:
+                bad(setting.key, reason)
     try:
         parse_host_port(cfg.metrics.listen)
     except ValueError as e:
         bad("metrics.listen", str(e))
-    if not 1 <= cfg.metrics.max_connections <= 1024:
-        bad("metrics.max_connections", f"must be between 1 and 1024, got "
-                                       f"{cfg.metrics.max_connections}")
-    if not 100 <= cfg.metrics.request_timeout_ms <= 60_000:
-        bad("metrics.request_timeout_ms", f"must be between 100 and 60000 ms, got "
-                                          f"{cfg.metrics.request_timeout_ms}")
-    if not 100 <= cfg.supervisor.heartbeat_timeout_ms <= 3_600_000:
-        bad("supervisor.heartbeat_timeout_ms", f"must be between 100 and 3600000 ms, got "
-                                               f"{cfg.supervisor.heartbeat_timeout_ms}")
-    if not 100 <= cfg.supervisor.status_interval_ms <= 3_600_000:
-        bad("supervisor.status_interval_ms", f"must be between 100 and 3600000 ms, got "
-                                             f"{cfg.supervisor.status_interval_ms}")
     _check_security(cfg, bad)
     if cfg.user is not None:
         try:
@@ -471,9 +426,14 @@ def _check(cfg: Config, captures: list[_Capture], labels: dict[str, str],
             made = " (scripts/install.sh creates it)" if cfg.user == DEFAULT_USER else ""
             bad("user", f"no such user {cfg.user!r}{made}; or none to keep the user fanoutd "
                         f"starts as")
-    if cfg.log.level not in LOG_LEVELS:
-        bad("log.level", f"must be one of {', '.join(LOG_LEVELS)}, got {cfg.log.level!r}")
     return problems
+
+
+def _get(cfg: Any, key: str) -> Any:
+    """The value at a dotted key of a config dataclass."""
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
 
 
 def _capture_keys(capture: _Capture) -> Callable[[str], str]:
@@ -493,20 +453,17 @@ def _check_capture(c: CaptureConfig, where: Callable[[str], str],
             or not c.interface.isprintable()):
         bad(where("interface"), f"must be an interface name (1-15 characters) or auto, "
                                 f"got {c.interface!r}")
-    workers_ok = c.workers is None or 1 <= c.workers <= MAX_WORKERS
-    if not workers_ok:
-        bad(where("workers"), f"must be between 1 and {MAX_WORKERS} (members of one fanout "
-                              f"group) or auto, got {c.workers}")
-    if c.fanout.mode not in fanout.MODES:
-        bad(where("fanout.mode"), f"must be one of {', '.join(fanout.MODES)}, "
-                                  f"got {c.fanout.mode!r}")
+    for setting in SETTINGS:  # bounds and choices (settings.py)
+        if setting.capture and setting.key != "interface":
+            value = _get(c, setting.key)
+            reason = setting.bounds_problem(value) or setting.choice_problem(value)
+            if reason:
+                bad(where(setting.key), reason)
+    workers_ok = BY_KEY["workers"].bounds_problem(c.workers) is None
     for flag in c.fanout.flags:
         if flag not in fanout.FLAGS:
             bad(where("fanout.flags"), f"unknown flag {flag!r} (known: "
                                        f"{', '.join(fanout.FLAGS)})")
-    if c.fanout.group_id is not None and not 0 <= c.fanout.group_id <= fanout.MAX_GROUP_ID:
-        bad(where("fanout.group_id"), f"must be between 0 and {fanout.MAX_GROUP_ID} or "
-                                      f"auto, got {c.fanout.group_id}")
     unknown = frozenset(f.name for f in fields(RingConfig) if is_broken(where(f"ring.{f.name}")))
     geometry_problems = c.ring.geometry.problems(ring.page_size(), ring.max_page_order(),
                                                  unknown)
@@ -517,12 +474,6 @@ def _check_capture(c: CaptureConfig, where: Callable[[str], str],
             compile_expression(c.filter)
         except FilterError as e:
             bad(where("filter"), f"{c.filter!r} does not compile: {e}")
-    if not 0 <= c.payload_bytes <= MAX_PAYLOAD_BYTES:
-        bad(where("payload_bytes"), f"must be between 0 (off) and {MAX_PAYLOAD_BYTES}, "
-                                    f"got {c.payload_bytes}")
-    if c.timestamp not in TIMESTAMP_SOURCES:
-        bad(where("timestamp"), f"must be one of {', '.join(TIMESTAMP_SOURCES)}, "
-                                f"got {c.timestamp!r}")
     if geometry_problems or unknown or is_broken(where("workers")) or not workers_ok:
         return 0
     return (c.workers or os.cpu_count() or 1) * c.ring.geometry.size
@@ -646,10 +597,7 @@ def _resolve(cfg: Config, captures: list[_Capture], labels: dict[str, str]) -> C
     if len(set(names)) < len(names):
         raise ConfigError([("interfaces", f"an interface is listed twice once auto is "
                                           f"resolved: {', '.join(names)}")])
-    first = resolved[0]
-    return replace(cfg, interfaces=tuple(resolved),
-                   interface=first.interface if len(resolved) == 1 else cfg.interface,
-                   workers=first.workers if len(resolved) == 1 else cfg.workers)
+    return replace(cfg, interfaces=tuple(resolved))
 
 
 def default_interface() -> str | None:
@@ -690,3 +638,14 @@ def to_dict(cfg: Any, prefix: str = "") -> dict:
 
 def dump(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def default_text(setting: settings.Setting) -> str:
+    """' (default: from the file, else VALUE)' for a flag's --help: a flag's own default
+    is None, which means "as the file says", and the file's default is the key's."""
+    value: Any = to_dict(CaptureConfig() if setting.capture else Config())
+    for part in setting.key.split("."):
+        value = value[part]
+    value = {"": '""', "[]": "none", "True": "true", "False": "false"}.get(str(value),
+                                                                          str(value))
+    return f" (default: from the file, else {value}{setting.default_text})"

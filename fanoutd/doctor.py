@@ -28,7 +28,7 @@ from typing import TextIO
 
 from fanoutd import fanout, netdev, ring
 from fanoutd._linux import IFF_RUNNING, IFF_UP
-from fanoutd.config import CAPTURE_KEYS, CaptureConfig, Config, RingConfig
+from fanoutd.config import CaptureConfig, Config, RingConfig
 
 OK, NOTE, CHANGE, UNKNOWN = "ok", "note", "change", "unknown"
 
@@ -523,10 +523,8 @@ def _onoff(state: tuple[bool, bool]) -> str:
 def capture_to_examine(cfg: Config) -> CaptureConfig:
     """The capture doctor examines, with its own ring, fanout and workers. load_config
     keeps only the `interfaces` entry that --interface names, so it is the first (or
-    only) one; the top-level keys are merely the entries' defaults."""
-    if cfg.interfaces:
-        return cfg.interfaces[0]
-    return CaptureConfig(**{key: getattr(cfg, key) for key in CAPTURE_KEYS})
+    only) one."""
+    return cfg.interfaces[0]
 
 
 def examine(config: Config) -> tuple[str, list[Section]]:

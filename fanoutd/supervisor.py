@@ -25,6 +25,7 @@ from dataclasses import fields, replace
 from fanoutd import fanout, link, privileges, publish, ring, wire, worker
 from fanoutd.capture import Capture, Child, Retiring, Slot
 from fanoutd.config import (
+    CAPTURE_KEYS,
     MAX_WORKERS,
     CaptureConfig,
     Config,
@@ -804,7 +805,8 @@ def _changes(old: Config, new: Config) -> list[str]:
     for name in before.keys() & after.keys():
         changed |= {f.name for f in fields(CaptureConfig)
                     if getattr(before[name], f.name) != getattr(after[name], f.name)}
-    return [f.name for f in fields(Config) if f.name in changed]
+    order = [*CAPTURE_KEYS, *(f.name for f in fields(Config))]  # as a file lists them
+    return [name for name in order if name in changed]
 
 
 def _is_loopback(host: str) -> bool:

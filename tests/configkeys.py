@@ -6,11 +6,14 @@ from __future__ import annotations
 from dataclasses import fields, is_dataclass
 from typing import Any
 
-from fanoutd.config import Config
+from fanoutd.config import CaptureConfig, Config
 
 
-def int_keys(cls: type = Config, prefix: str = "") -> list[str]:
-    """Every integer key (dotted: ring.block_count)."""
+def int_keys(cls: type | None = None, prefix: str = "") -> list[str]:
+    """Every integer key (dotted: ring.block_count): the daemon's, and the capture keys
+    (which the file sets at its top level too)."""
+    if cls is None:
+        return int_keys(CaptureConfig) + int_keys(Config)
     keys = []
     for f in fields(cls):
         default = getattr(cls(), f.name)

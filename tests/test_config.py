@@ -37,8 +37,10 @@ def test_shipped_config_is_valid_and_equals_the_defaults():
 def test_yaml_values_and_flag_overrides(tmp_path):
     path = write(tmp_path, "interface: lo\nworkers: 3\nfanout: {mode: lb, flags: []}\n"
                            "ring: {block_size: 65536}\n")
-    cfg = load_config(path, {"workers": "5", "block_count": "4", "group_id": "77",
-                             "fanout_flags": "defrag,rollover"}, resolve=False)
+    loaded = load_config(path, {"workers": "5", "block_count": "4", "group_id": "77",
+                                "fanout_flags": "defrag,rollover"}, resolve=False)
+    (cfg,) = loaded.interfaces  # the one capture: the capture keys live there only
+    assert not hasattr(loaded, "workers") and not hasattr(loaded, "ring")
     assert (cfg.interface, cfg.workers, cfg.fanout.mode) == ("lo", 5, "lb")
     assert cfg.fanout.flags == ("defrag", "rollover")
     assert cfg.fanout.group_id == 77
@@ -46,10 +48,11 @@ def test_yaml_values_and_flag_overrides(tmp_path):
 
 
 def test_auto_values_resolve_to_this_machine():
-    cfg = load_config(None, {"interface": "lo"})
+    (cfg,) = load_config(None, {"interface": "lo"}).interfaces
     assert cfg.interface == "lo"
     assert cfg.workers >= 1
-    assert load_config(None, {"interface": "lo", "workers": "auto"}).workers == cfg.workers
+    assert load_config(None, {"interface": "lo", "workers": "auto"}).interfaces[0].workers \
+        == cfg.workers
 
 
 def test_print_config_round_trips(tmp_path):
@@ -107,7 +110,7 @@ def test_every_problem_is_reported_at_once():
 def test_bad_files_name_the_key(tmp_path, text, key, words):
     path = write(tmp_path, text)
     if key == "fanout.flags":  # a single string is accepted as a comma-separated list
-        assert load_config(path, resolve=False).fanout.flags == ("defrag",)
+        assert load_config(path, resolve=False).interfaces[0].fanout.flags == ("defrag",)
         return
     found = problems(path)
     expected_key = path if key is None else key  # file-level problems name the file
