@@ -9,10 +9,11 @@ silently discards what it sends before the proxy's subscription reaches it (ever
 replaced worker, every proxy restart), which would lose batches at the very moments a
 worker is replaced. PUSH queues them until the proxy is there. Sends are NOBLOCK, so a full
 queue (the high-water mark) refuses the batch instead of stalling capture, and the worker
-counts it; `seq` shows subscribers the gap. Each message carries an envelope frame
-(worker, block seq) that the proxy strips: it reports back through the shared slot page
-which blocks it has passed on, and only then does the worker hand the block back to the
-kernel (see worker.py).
+counts it; `seq` shows subscribers the gap. Each message carries an envelope frame (ring
+id, block seq) that the proxy checks (only the ring's worker may send for it, on its
+topic) and strips: it reports back through the shared RingTable which blocks it has
+passed on, and only then does the worker hand the block back to the kernel (see
+worker.py).
 
 The proxy's public XPUB keeps ZeroMQ's per-subscriber drop at the high-water mark, so one
 slow subscriber never holds back the others.
@@ -23,6 +24,7 @@ import os
 import signal
 import struct
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,7 +39,7 @@ from fanoutd.config import CurveConfig
 from fanoutd.memory import keep_large_allocations
 from fanoutd.metrics import stats_message
 from fanoutd.proctitle import set_process_name
-from fanoutd.slotstats import RingTable, StatsTable
+from fanoutd.slotstats import ProxyStats, RingTable, StatsTable
 from fanoutd.wire import HELLO, STATS_TOPIC, SUBSCRIBE_HELLO, batch_topic
 
 ENVELOPE = struct.Struct("<HQ")  # ring id, kernel block seq: worker -> proxy only
@@ -179,11 +181,34 @@ class _Authenticator(ThreadAuthenticator):
         return False
 
 
+class RateLimitedLog:
+    """At most one warning per key every period_s, telling how many were held back."""
+
+    def __init__(self, period_s: float = 60.0) -> None:
+        self.period_s = period_s
+        self._last: dict[str, float] = {}
+        self._held: Counter = Counter()
+
+    def warn(self, key: str, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last.get(key, float("-inf")) < self.period_s:
+            self._held[key] += 1
+            return
+        self._last[key] = now
+        held = self._held.pop(key, 0)
+        suffix = f" ({held} more since the last warning)" if held else ""
+        log.warning(message + suffix, *args)
+
+
 class Proxy:
     """PULL (ipc, from the workers) -> XPUB (the public endpoint)."""
 
     def __init__(self, ctx: zmq.Context, backend: str, frontend: str, sndhwm: int,
-                 curve: CurveConfig | None = None) -> None:
+                 rings: RingTable, stats: ProxyStats, curve: CurveConfig | None = None) -> None:
+        self.rings = rings
+        self.stats = stats
+        self._pids: dict[str, int] = {}  # Peer-Address -> pid
+        self.warnings = RateLimitedLog()
         self.authenticator: _Authenticator | None = None
         self.pull = ctx.socket(zmq.PULL)
         self.pull.setsockopt(zmq.RCVHWM, sndhwm)
@@ -215,9 +240,9 @@ class Proxy:
         self.xpub.curve_publickey = public
         self.xpub.curve_server = True
 
-    def run_once(self, timeout_ms: int, forwarded: Callable[[int, int], None]) -> None:
-        """Forward what is waiting, without copying the frames, and report each batch
-        passed on with forwarded(ring_id, block_seq)."""
+    def run_once(self, timeout_ms: int) -> None:
+        """Forward what is waiting, without copying the frames, and tell each ring's
+        worker which blocks were passed on."""
         events = dict(self.poller.poll(timeout_ms))
         if self.pull in events:
             for _ in range(1000):  # bounded, so the caller's loop keeps its pace
@@ -225,10 +250,7 @@ class Proxy:
                     frames = self.pull.recv_multipart(flags=zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     break
-                if len(frames) != 3 or len(frames[0]) != ENVELOPE.size:
-                    continue  # not from a worker of ours
-                self.xpub.send_multipart(frames[1:], copy=False)
-                forwarded(*ENVELOPE.unpack(frames[0].buffer))
+                self._forward(frames)
         if self.xpub in events:
             while True:
                 try:
@@ -242,6 +264,50 @@ class Proxy:
                 if message == SUBSCRIBE_HELLO:
                     self.xpub.send(HELLO, flags=zmq.NOBLOCK)
 
+    def _forward(self, frames: list[zmq.Frame]) -> None:
+        reason = self._rejected(frames)
+        if reason is not None:
+            self.stats.add(f"rejected:{reason}")
+            self.warnings.warn(reason, "dropped a message on the workers' socket: %s",
+                               REJECTED_BECAUSE[reason])
+            return
+        self.xpub.send_multipart(frames[1:], copy=False)
+        ring_id, block_seq = ENVELOPE.unpack(frames[0].buffer)
+        if block_seq > self.rings.forwarded[ring_id]:
+            self.rings.forwarded[ring_id] = block_seq
+
+    def _rejected(self, frames: list[zmq.Frame]) -> str | None:
+        """Why a message from the ipc socket is not a batch to forward, or None. Only the
+        ring's worker may send for its ring: the process at the other end of the
+        connection is the kernel's word (SO_PEERCRED, which libzmq reads when it accepts
+        the connection and gives as Peer-Address, uid:gid:pid), and the supervisor names
+        each ring's worker in the RingTable, out of the workers' reach."""
+        if len(frames) != 3 or len(frames[0]) != ENVELOPE.size:
+            return "malformed"
+        ring_id, _ = ENVELOPE.unpack(frames[0].buffer)
+        if ring_id >= self.rings.count or self.rings.pid[ring_id] == 0:
+            return "malformed"
+        if self._sender(frames[0]) != self.rings.pid[ring_id]:
+            return "sender"
+        if frames[1].bytes != self.rings.topic(ring_id):
+            return "topic"
+        return None
+
+    def _sender(self, frame: zmq.Frame) -> int:
+        """The pid of the process that sent frame (0 when unknown)."""
+        try:
+            address = frame.get("Peer-Address")
+        except zmq.ZMQError:
+            return 0
+        pid = self._pids.get(address)
+        if pid is None:
+            tail = address.rsplit(":", 1)[-1]
+            pid = int(tail) if tail.isdigit() else 0
+            if len(self._pids) >= 4096:  # one entry per worker connection in practice
+                self._pids.clear()
+            self._pids[address] = pid
+        return pid
+
     def send(self, topic: bytes, body: bytes) -> None:
         self.xpub.send_multipart((topic, body), flags=zmq.NOBLOCK)
 
@@ -250,6 +316,13 @@ class Proxy:
         self.xpub.close()
         if self.authenticator is not None:
             self.authenticator.stop()
+
+
+REJECTED_BECAUSE = {
+    "malformed": "not a batch of a ring in use",
+    "sender": "sent by a process that is not the ring's worker",
+    "topic": "not on the ring's topic",
+}
 
 
 @dataclass(frozen=True)
@@ -263,15 +336,11 @@ class ProxyPlan:
 
 
 def run_proxy(plan: ProxyPlan, ready_fd: int, tables: list[tuple[str, StatsTable]],
-              rings: RingTable) -> int:
+              rings: RingTable, stats: ProxyStats) -> int:
     """The proxy process's main. Binds both endpoints and writes b"ok" (or the reason it
     could not) to ready_fd, drops privileges, then forwards batches (telling each ring's
-    worker, through `rings`, what it passed on) and publishes the slots' counters on the
-    `stats` topic every stats_interval_s."""
-
-    def forwarded(ring_id: int, block_seq: int) -> None:
-        rings.forwarded[ring_id] = block_seq
-
+    worker, through `rings`, what it passed on) and publishes the slots' counters and its
+    own on the `stats` topic every stats_interval_s."""
     set_process_name("fanoutd-proxy")
     keep_large_allocations()  # batches pass through here too
     stopping = []
@@ -280,7 +349,8 @@ def run_proxy(plan: ProxyPlan, ready_fd: int, tables: list[tuple[str, StatsTable
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     ctx = zmq.Context(1)
     try:
-        proxy = Proxy(ctx, plan.backend, plan.frontend, plan.sndhwm, plan.curve)
+        proxy = Proxy(ctx, plan.backend, plan.frontend, plan.sndhwm, rings, stats,
+                      plan.curve)
         if plan.user:
             privileges.become(plan.user)
     except (BindError, privileges.PrivilegeError, OSError) as e:
@@ -293,15 +363,16 @@ def run_proxy(plan: ProxyPlan, ready_fd: int, tables: list[tuple[str, StatsTable
     supervisor = os.getppid()
     try:
         while not stopping and os.getppid() == supervisor:  # no orphan outlives it
-            proxy.run_once(200, forwarded)
+            proxy.run_once(200)
             if time.monotonic() >= next_stats:
                 for iface, table in tables:  # one message per interface
-                    body = msgpack.packb(stats_message(iface, table), use_bin_type=True)
+                    body = msgpack.packb(stats_message(iface, table, stats),
+                                         use_bin_type=True)
                     proxy.send(STATS_TOPIC, body)
                 next_stats = time.monotonic() + plan.stats_interval_s
         # The workers stop first and flush to us; pass on what they sent.
         for _ in range(10):
-            proxy.run_once(20, forwarded)
+            proxy.run_once(20)
     finally:
         proxy.close()
         ctx.term()

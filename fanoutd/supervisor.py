@@ -33,7 +33,7 @@ from fanoutd.config import (
 )
 from fanoutd.filter import FilterError
 from fanoutd.metrics import MetricsServer
-from fanoutd.slotstats import RingTable
+from fanoutd.slotstats import ProxyStats, RingTable
 from fanoutd.systemd import Notifier, set_log_context
 
 log = logging.getLogger("fanoutd")
@@ -73,6 +73,7 @@ class Supervisor:
         self._ioctl_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # interface ioctls
         # Shared memory, mapped before any fork so every child sees all of it.
         self.rings = RingTable(RING_IDS)
+        self.proxy_stats = ProxyStats()
         self.free_ring_ids = list(range(RING_IDS))
         self.captures: list[Capture] = []
         self.proxy: Child | None = None
@@ -207,7 +208,14 @@ class Supervisor:
             if slot.child is None:
                 slot.child = Child(capture.process_name(slot.index),
                                    self._worker_main(capture, slot))
-            self._spawn(slot.child)
+            self._spawn_worker(slot)
+
+    def _spawn_worker(self, slot: Slot) -> None:
+        """Fork the slot's worker and name it the ring's worker: the proxy takes the ring's
+        batches from this process only (the worker waits for this before publishing)."""
+        assert slot.child is not None
+        self._spawn(slot.child)
+        self.rings.pid[slot.ring_id] = slot.child.pid or 0
 
     def _retire_slots(self, capture: Capture) -> None:
         """Cut the capture's current sockets off from traffic and have their workers drain
@@ -359,7 +367,8 @@ class Supervisor:
                                      self.cfg.supervisor.status_interval_ms / 1000,
                                      self.cfg.user, cfg.curve)
             tables = [(c.interface, c.table) for c in self.captures]
-            return publish.run_proxy(plan, self._proxy_ready_w, tables, self.rings)
+            return publish.run_proxy(plan, self._proxy_ready_w, tables, self.rings,
+                                     self.proxy_stats)
 
         self.proxy = Child("fanoutd-proxy", main)
         self._spawn_proxy(startup=True)
@@ -372,6 +381,8 @@ class Supervisor:
         FATAL if it keeps failing.
         """
         assert self.proxy is not None
+        if not startup:
+            self.proxy_stats.add("restarts")
         ready_r, self._proxy_ready_w = os.pipe()
         try:
             self._spawn(self.proxy)
@@ -392,6 +403,8 @@ class Supervisor:
     def _worker_main(self, capture: Capture, slot: Slot) -> Callable[[], int]:
         def main() -> int:  # in the child: the configuration current at the fork
             self._close_rings_in_child(keep=slot.sock)  # a worker touches its own ring only
+            self.rings.read_only()  # written by the proxy and the supervisor only
+            self.proxy_stats.read_only()
             cfg = capture.cfg
             plan = worker.WorkerPlan(capture.interface, slot.ring_id, cfg.ring.geometry,
                                      self.backend, self.cfg.publish.sndhwm, self.cfg.user,
@@ -543,7 +556,7 @@ class Supervisor:
             elif child.state == "BACKOFF" and now >= child.restart_at:
                 slot.stats.add("restarts")
                 slot.stats["capturing"] = 0  # the dead worker's flag; the new one sets it
-                self._spawn(child)
+                self._spawn_worker(slot)
             elif child.state == "RUNNING":
                 self._check_heartbeat(slot, child, now)
             slot.stats["up"] = int(child.state == "RUNNING")

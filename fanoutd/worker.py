@@ -99,6 +99,10 @@ def run_worker(index: int, sock: socket.socket, stats: slotstats.SlotStats,
             except (privileges.PrivilegeError, OSError) as e:
                 log.error("worker %d: cannot drop privileges to %s: %s", index, plan.user, e)
                 return EXIT_BOOT_FAILED
+        if not _named_the_rings_worker(rings, plan.ring_id, stats):
+            log.error("worker %d: the supervisor did not name this process the worker of "
+                      "ring %d", index, plan.ring_id)
+            return EXIT_BOOT_FAILED
         stats["pid"] = os.getpid()
         stats["capturing"] = os.getpid()
         log.info("worker %d capturing on %s from ring block %d (%s decoder)", index,
@@ -111,6 +115,20 @@ def run_worker(index: int, sock: socket.socket, stats: slotstats.SlotStats,
         pub.close()
         ctx.term()
         rx.close()
+
+
+def _named_the_rings_worker(rings: slotstats.RingTable, ring_id: int,
+                            stats: slotstats.SlotStats) -> bool:
+    """Wait until the supervisor has named this process the ring's worker (it does so
+    right after fork, long before a worker is ready): the proxy takes the ring's batches
+    from that process only."""
+    deadline = time.monotonic() + CONNECT_TIMEOUT_S
+    while rings.pid[ring_id] != os.getpid():
+        if time.monotonic() >= deadline:
+            return False
+        stats.beat()
+        time.sleep(0.001)
+    return True
 
 
 def _capture(rx: RxRing, pub: BatchPublisher, encoder: BlockEncoder,

@@ -1,10 +1,14 @@
-"""The proxy's log of refused subscribers, without a daemon: once per client, rate-limited."""
+"""The proxy without a daemon: its log of refused subscribers (once per client,
+rate-limited), the checks of the ipc socket."""
 
 import logging
+import os
 
 import pytest
+import zmq
 
-from fanoutd.publish import RefusalLog
+from fanoutd.publish import ENVELOPE, Proxy, RefusalLog
+from fanoutd.slotstats import ProxyStats, RingTable
 
 
 class Clock:
@@ -57,3 +61,40 @@ def test_the_memory_of_warned_clients_is_bounded():
     for i in range(5000):
         refusals.refused("10.0.0.1", f"KEY-{i}", "not admitted")
     assert len(refusals._warned) <= 4096
+
+
+# --------------------------------------------------------------------------- the ipc socket
+
+
+def test_batches_are_taken_only_from_the_rings_worker_on_its_topic(tmp_path):
+    """The proxy's checks of what arrives on the workers' socket, with this process as
+    the worker of ring 3."""
+    rings = RingTable(8)
+    rings.assign(3, b"pkt.eth0.1")
+    rings.pid[3] = os.getpid()
+    backend = f"ipc://{tmp_path}/w.ipc"
+    ctx = zmq.Context()
+    try:
+        proxy = Proxy(ctx, backend, f"ipc://{tmp_path}/p.ipc", 16, rings, ProxyStats())
+        push = ctx.socket(zmq.PUSH)
+        push.connect(backend)
+        envelope = ENVELOPE.pack
+        cases = {
+            "ours": [envelope(3, 9), b"pkt.eth0.1", b"body"],
+            "topic": [envelope(3, 10), b"pkt.eth0.2", b"body"],
+            "malformed": [envelope(4, 1), b"pkt.eth0.1", b"body"],
+        }
+        got = {}
+        for name, message in cases.items():
+            push.send_multipart(message)
+            assert proxy.pull.poll(5000)
+            got[name] = proxy._rejected(proxy.pull.recv_multipart(copy=False))
+        assert got == {"ours": None, "topic": "topic", "malformed": "malformed"}
+        rings.pid[3] = os.getpid() + 1  # the ring has another worker now
+        push.send_multipart(cases["ours"])
+        assert proxy.pull.poll(5000)
+        assert proxy._rejected(proxy.pull.recv_multipart(copy=False)) == "sender"
+        push.close(linger=0)
+        proxy.close()
+    finally:
+        ctx.destroy(linger=0)
