@@ -21,6 +21,12 @@ from fanoutd.filter import FilterError, compile_expression
 from fanoutd.wire import FORMATS
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# publish keys that bound the proxy's memory: (key, lowest, highest, unit)
+PUBLISH_LIMITS = (
+    ("subscriber_queue_bytes", 1 << 16, 1 << 34, " bytes"),
+    ("max_subscribers", 1, 10_000, ""),
+    ("max_subscriptions", 1, 10_000, ""),
+)
 MAX_WORKERS = fanout.MAX_MEMBERS  # the workers of one interface share a fanout group
 
 
@@ -57,6 +63,9 @@ class PublishConfig:
     sndhwm: int = 256
     format: str = "columns"  # wire format of batches: columns (version 2) or rows (1)
     curve: CurveConfig = field(default_factory=CurveConfig)
+    subscriber_queue_bytes: int = 32 << 20  # each subscriber's queue, at most
+    max_subscribers: int = 32  # connections to the public endpoint
+    max_subscriptions: int = 64  # per connection
 
 
 @dataclass(frozen=True)
@@ -432,6 +441,10 @@ def _check(cfg: Config, captures: list[_Capture], labels: dict[str, str],
                               f"{cfg.publish.format!r}")
     if cfg.publish.sndhwm < 0:
         bad("publish.sndhwm", f"must be 0 (no limit) or more, got {cfg.publish.sndhwm}")
+    for key, low, high, unit in PUBLISH_LIMITS:
+        value = getattr(cfg.publish, key)
+        if not low <= value <= high:
+            bad(f"publish.{key}", f"must be between {low} and {high}{unit}, got {value}")
     try:
         parse_host_port(cfg.metrics.listen)
     except ValueError as e:

@@ -54,9 +54,20 @@ SLOT_COUNTERS = (
 PROXY_COUNTERS = (
     ("fanoutd_proxy_restarts", "restarts",
      "Times the proxy was replaced (it died, or a reload changed publish settings)."),
+    ("fanoutd_subscriber_connections_refused", "connections_refused",
+     "Subscriber connections closed at once because publish.max_subscribers were "
+     "connected."),
+    ("fanoutd_subscriptions_refused", "subscriptions_refused",
+     "Subscriptions to a topic nothing published matches, not applied."),
+    ("fanoutd_subscribers_closed", "subscribers_closed",
+     "Subscriber connections closed for sending more than publish.max_subscriptions "
+     "subscriptions."),
 )
 # (metric name, word, help) of the publisher's gauges.
-PROXY_GAUGES: tuple[tuple[str, str, str], ...] = ()
+PROXY_GAUGES = (
+    ("fanoutd_subscribers", "subscribers",
+     "Subscriber connections with a subscription to a published topic."),
+)
 REJECTED_HELP = ("Messages on the workers' ipc socket the proxy dropped: malformed (not a "
                  "batch of a ring in use), sender (not from that ring's worker), topic (not "
                  "the ring's topic).")

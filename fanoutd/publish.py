@@ -15,18 +15,22 @@ topic) and strips: it reports back through the shared RingTable which blocks it 
 passed on, and only then does the worker hand the block back to the kernel (see
 worker.py).
 
-The proxy's public XPUB keeps ZeroMQ's per-subscriber drop at the high-water mark, so one
-slow subscriber never holds back the others.
+The public XPUB keeps ZeroMQ's per-subscriber drop at a full queue, so one slow subscriber
+never holds back the others; the proxy bounds that queue in bytes. It applies every
+subscription itself (manual mode), so it refuses topics it never publishes, sends the
+welcome to the connection that asked for it only, and closes connections past the limits.
 """
 
+import contextlib
 import logging
 import os
 import signal
+import socket
 import struct
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgpack
 import zmq
@@ -35,12 +39,12 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import monitor as zmq_monitor
 
 from fanoutd import privileges
-from fanoutd.config import CurveConfig
+from fanoutd.config import MAX_WORKERS, CurveConfig
 from fanoutd.memory import keep_large_allocations
 from fanoutd.metrics import stats_message
 from fanoutd.proctitle import set_process_name
 from fanoutd.slotstats import ProxyStats, RingTable, StatsTable
-from fanoutd.wire import HELLO, STATS_TOPIC, SUBSCRIBE_HELLO, batch_topic
+from fanoutd.wire import BATCH_OVERHEAD, BATCH_TOPIC_PREFIX, HELLO, STATS_TOPIC, batch_topic
 
 ENVELOPE = struct.Struct("<HQ")  # ring id, kernel block seq: worker -> proxy only
 EXIT_BOOT_FAILED = 3
@@ -181,6 +185,160 @@ class _Authenticator(ThreadAuthenticator):
         return False
 
 
+# ---------------------------------------------------------------------------- subscribers
+
+# The longest message a subscriber may send: a subscription is a topic (at most ~25 bytes
+# for anything published), and the CURVE handshake's largest command (INITIATE) is under
+# 300 bytes. libzmq drops a connection that sends a longer one.
+MAX_INCOMING_BYTES = 512
+SUBSCRIBER_RCVHWM = 100  # subscriptions queued from one connection before it must wait
+
+
+def subscription_topics(topic: bytes, interfaces: list[bytes]) -> tuple[bytes, ...] | None:
+    """What a subscription to `topic` is applied as: the topic itself when it is a prefix
+    of a topic the proxy publishes (pkt.IF.N for the interfaces and worker indexes, stats),
+    `pkt.` and `stats` for the empty prefix (everything but the welcome, which goes only
+    to the connection that asks for it), None when nothing published would ever match it.
+    The welcome itself (fanoutd.hello) is not a subscription: see Subscribers.message."""
+    if topic == b"":
+        return (BATCH_TOPIC_PREFIX, STATS_TOPIC)
+    if STATS_TOPIC.startswith(topic) or BATCH_TOPIC_PREFIX.startswith(topic):
+        return (topic,)
+    for iface in interfaces:
+        stem = BATCH_TOPIC_PREFIX + iface + b"."
+        if stem.startswith(topic):
+            return (topic,)
+        if topic.startswith(stem) and _worker_number_prefix(topic[len(stem):]):
+            return (topic,)
+    return None
+
+
+def _worker_number_prefix(text: bytes) -> bool:
+    """Whether text starts some worker index, 0 .. MAX_WORKERS - 1, in decimal."""
+    if not text.isdigit() or (len(text) > 1 and text[0] == ord("0")):
+        return False
+    return len(text) < len(str(MAX_WORKERS - 1)) or int(text) < MAX_WORKERS
+
+
+@dataclass
+class _Connection:
+    applied: Counter = field(default_factory=Counter)  # topic -> subscriptions needing it
+    subscriptions: int = 0  # subscribe messages less unsubscribe ones
+    closed: bool = False
+
+
+@dataclass
+class SubscriptionChange:
+    """What the proxy does for one message from a subscriber's connection: subscribe and
+    unsubscribe that connection (ZMQ_XPUB_MANUAL applies them to the connection the
+    message came from), send it the welcome."""
+
+    subscribe: list[bytes] = field(default_factory=list)
+    unsubscribe: list[bytes] = field(default_factory=list)
+    welcome: bool = False
+
+
+class Subscribers:
+    """The subscriber connections of the public endpoint, by file descriptor, with the
+    limits that bound the proxy's memory: connections (publish.max_subscribers, refused
+    at once), subscriptions per connection (publish.max_subscriptions: the connection is
+    closed beyond it; libzmq keeps every subscription a connection sends until the
+    connection ends, applied or not) and topics (only those that match something
+    published are applied). Each refusal is counted in `stats`.
+
+    A connection is known by its file descriptor from the socket monitor's accepted
+    event to its disconnected one; each message names its connection's descriptor in
+    its metadata (ZMQ_SRCFD). A message from a descriptor not known (the connection has
+    ended; its last messages can come after its disconnected event) is ignored: libzmq
+    too forgets a connection's subscriptions when it ends. `close` shuts a connection
+    down by its descriptor. (Not a ZAP refusal: libzmq's SUB never reconnects after a
+    failed handshake, while it does after a lost connection, so a subscriber turned away
+    because the proxy was full gets in once there is room.)"""
+
+    def __init__(self, interfaces: list[bytes], max_connections: int,
+                 max_subscriptions: int, stats: ProxyStats,
+                 close: Callable[[int], None]) -> None:
+        self.interfaces = interfaces
+        self.max_connections = max_connections
+        self.max_subscriptions = max_subscriptions
+        self.stats = stats
+        self.close = close
+        self.connections: dict[int, _Connection] = {}
+        self.refused: set[int] = set()  # shut down at once, not yet disconnected
+
+    @property
+    def subscribed(self) -> int:
+        """Connections with at least one subscription applied: the subscribers."""
+        return sum(1 for c in self.connections.values() if c.applied and not c.closed)
+
+    def knows(self, fd: int | None) -> bool:
+        return fd is not None and (fd in self.connections or fd in self.refused)
+
+    def accepted(self, fd: int) -> None:
+        self.connections.pop(fd, None)  # a descriptor used again: a new connection
+        if len(self.connections) >= self.max_connections:
+            self.stats.add("connections_refused")
+            self.refused.add(fd)
+            self.close(fd)
+            return
+        self.connections[fd] = _Connection()
+
+    def disconnected(self, fd: int) -> None:
+        self.refused.discard(fd)
+        if self.connections.pop(fd, None) is not None:
+            self.stats["subscribers"] = self.subscribed
+
+    def message(self, fd: int | None, message: bytes) -> SubscriptionChange:
+        """A (un)subscription message from connection fd (None: from libzmq itself, for a
+        connection that has ended), as the XPUB hands it up."""
+        change = SubscriptionChange()
+        conn = self.connections.get(fd) if fd is not None else None
+        if conn is None or conn.closed or not message or message[0] > 1:
+            return change  # not from a live connection, or not a subscription
+        topic, subscribe = message[1:], message[0] == 1
+        if subscribe:
+            conn.subscriptions += 1
+            if conn.subscriptions > self.max_subscriptions:
+                log.warning("closed a subscriber connection that sent more than %d "
+                            "subscriptions (publish.max_subscriptions)",
+                            self.max_subscriptions)
+                self.stats.add("subscribers_closed")
+                conn.closed = True
+                self.close(fd)
+                self.stats["subscribers"] = self.subscribed
+                return change
+        else:
+            conn.subscriptions = max(0, conn.subscriptions - 1)
+        if topic == HELLO:
+            change.welcome = subscribe
+            return change
+        topics = subscription_topics(topic, self.interfaces)
+        if topics is None:
+            if subscribe:
+                self.stats.add("subscriptions_refused")
+            return change
+        for t in topics:
+            if subscribe:
+                conn.applied[t] += 1
+                if conn.applied[t] == 1:
+                    change.subscribe.append(t)
+            elif conn.applied[t] > 0:
+                conn.applied[t] -= 1
+                if conn.applied[t] == 0:
+                    del conn.applied[t]
+                    change.unsubscribe.append(t)
+        self.stats["subscribers"] = self.subscribed
+        return change
+
+
+def shut_down(fd: int) -> None:
+    """End the connection on fd (a socket libzmq's I/O thread owns): its engine sees the
+    end of the stream, closes the socket and ends the connection's pipe, which frees the
+    subscriptions libzmq keeps for it."""
+    with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as sock:
+        sock.shutdown(socket.SHUT_RDWR)
+
+
 class RateLimitedLog:
     """At most one warning per key every period_s, telling how many were held back."""
 
@@ -200,32 +358,94 @@ class RateLimitedLog:
         log.warning(message + suffix, *args)
 
 
-class Proxy:
-    """PULL (ipc, from the workers) -> XPUB (the public endpoint)."""
+# ---------------------------------------------------------------------------- the proxy
 
-    def __init__(self, ctx: zmq.Context, backend: str, frontend: str, sndhwm: int,
-                 rings: RingTable, stats: ProxyStats, curve: CurveConfig | None = None) -> None:
+
+@dataclass(frozen=True)
+class ProxyPlan:
+    backend: str  # ipc endpoint the workers push to
+    frontend: str  # the public endpoint
+    sndhwm: int  # the workers' queues to the proxy, in batches; caps subscriber queues too
+    subscriber_queue_bytes: int  # each subscriber's queue, at most (see subscriber_hwm())
+    max_subscribers: int
+    max_subscriptions: int
+    stats_interval_s: float
+    user: str | None  # drop to this user once both endpoints are bound
+    curve: CurveConfig
+
+
+def subscriber_hwm(queue_bytes: int, block_size: int, sndhwm: int) -> int:
+    """A subscriber's queue in messages, from its budget in bytes: what fits of the
+    largest message the proxy sends (a batch is never larger than its ring block plus
+    wire.BATCH_OVERHEAD, tests/test_wire.py), and at most sndhwm (0: no such cap)."""
+    fitting = max(1, queue_bytes // (block_size + BATCH_OVERHEAD + MESSAGE_OVERHEAD))
+    return min(fitting, sndhwm) if sndhwm else fitting
+
+
+MESSAGE_OVERHEAD = 256  # the topic frame and ZeroMQ's bookkeeping of a queued message
+
+
+class Proxy:
+    """PULL (ipc, from the workers) -> XPUB (the public endpoint).
+
+    The XPUB runs in manual mode (ZMQ_XPUB_MANUAL): each subscription reaches the proxy,
+    which applies it to the connection it came from, or refuses it (Subscribers).
+    """
+
+    def __init__(self, ctx: zmq.Context, plan: ProxyPlan, rings: RingTable,
+                 stats: ProxyStats, interfaces: list[str]) -> None:
         self.rings = rings
         self.stats = stats
-        self._pids: dict[str, int] = {}  # Peer-Address -> pid
-        self.warnings = RateLimitedLog()
         self.authenticator: _Authenticator | None = None
         self.pull = ctx.socket(zmq.PULL)
-        self.pull.setsockopt(zmq.RCVHWM, sndhwm)
+        self.pull.setsockopt(zmq.RCVHWM, plan.sndhwm)
         self.pull.setsockopt(zmq.LINGER, 0)
-        _bind(self.pull, backend, "runtime_dir")
+        _bind(self.pull, plan.backend, "runtime_dir")
         self.xpub = ctx.socket(zmq.XPUB)
-        self.xpub.setsockopt(zmq.SNDHWM, sndhwm)
+        self.plan = plan
+        self.block_size = 0
+        self.subscriber_hwm = 0
+        self._size_queues()
+        self.xpub.setsockopt(zmq.RCVHWM, SUBSCRIBER_RCVHWM)
+        self.xpub.setsockopt(zmq.MAXMSGSIZE, MAX_INCOMING_BYTES)
         self.xpub.setsockopt(zmq.LINGER, 1000)
-        # Every subscription reaches run_once (verbose), so a subscription to HELLO can be
-        # answered with a HELLO once it is in effect (see run_once).
-        self.xpub.setsockopt(zmq.XPUB_VERBOSE, 1)
-        if curve is not None and curve.secret_key_file is not None:
-            self._serve_curve(ctx, curve)
-        _bind(self.xpub, frontend, "publish.endpoint")
+        self.xpub.setsockopt(zmq.XPUB_MANUAL, 1)
+        if plan.curve is not None and plan.curve.secret_key_file is not None:
+            self._serve_curve(ctx, plan.curve)
+        self.monitor = self.xpub.get_monitor_socket(zmq.EVENT_ACCEPTED
+                                                    | zmq.EVENT_DISCONNECTED)
+        _bind(self.xpub, plan.frontend, "publish.endpoint")
+        self.subscribers = Subscribers([i.encode() for i in interfaces],
+                                       plan.max_subscribers, plan.max_subscriptions, stats,
+                                       shut_down)
+        stats["subscribers"] = 0
         self.poller = zmq.Poller()
         self.poller.register(self.pull, zmq.POLLIN)
         self.poller.register(self.xpub, zmq.POLLIN)
+        self.poller.register(self.monitor, zmq.POLLIN)
+        self._pids: dict[str, int] = {}  # Peer-Address -> pid
+        self.warnings = RateLimitedLog()
+
+    def _size_queues(self) -> None:
+        """Each subscriber's queue, in messages, from its budget in bytes and the largest
+        batch; again after a reload changed the rings (libzmq applies a new SNDHWM to the
+        connections it has too)."""
+        block_size = self.stats["block_size"]
+        if block_size == self.block_size:
+            return
+        self.block_size = block_size
+        hwm = subscriber_hwm(self.plan.subscriber_queue_bytes, block_size, self.plan.sndhwm)
+        if hwm != self.subscriber_hwm:
+            starting = not self.subscriber_hwm  # run_proxy says it once bound
+            self.subscriber_hwm = hwm
+            self.xpub.setsockopt(zmq.SNDHWM, hwm)
+            if not starting:
+                self.log_queue_size()
+
+    def log_queue_size(self) -> None:
+        log.info("each subscriber's queue holds at most %d batches (publish.sndhwm, "
+                 "publish.subscriber_queue_bytes, ring blocks of %d bytes)",
+                 self.subscriber_hwm, self.block_size)
 
     def _serve_curve(self, ctx: zmq.Context, curve: CurveConfig) -> None:
         """Encrypt the public endpoint with CURVE; with clients_dir, admit only the
@@ -241,9 +461,14 @@ class Proxy:
         self.xpub.curve_server = True
 
     def run_once(self, timeout_ms: int) -> None:
-        """Forward what is waiting, without copying the frames, and tell each ring's
-        worker which blocks were passed on."""
+        """Take in subscriber connections and subscriptions, then forward what the workers
+        sent, without copying the frames, and tell each ring's worker which blocks were
+        passed on."""
         events = dict(self.poller.poll(timeout_ms))
+        self._size_queues()
+        self._connections()
+        if self.xpub in events:
+            self._subscriptions()
         if self.pull in events:
             for _ in range(1000):  # bounded, so the caller's loop keeps its pace
                 try:
@@ -251,18 +476,46 @@ class Proxy:
                 except zmq.Again:
                     break
                 self._forward(frames)
-        if self.xpub in events:
-            while True:
-                try:
-                    message = self.xpub.recv(flags=zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                # XPUB hands a subscription up only once it is in its subscription tree:
-                # a subscriber that subscribed to HELLO last (as fanoutd.client does) and
-                # receives it knows that all its subscriptions are in effect. Others that
-                # subscribed to HELLO get one more; they ignore it.
-                if message == SUBSCRIBE_HELLO:
-                    self.xpub.send(HELLO, flags=zmq.NOBLOCK)
+
+    def _connections(self) -> None:
+        while True:
+            try:
+                event = zmq_monitor.recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_ACCEPTED:
+                self.subscribers.accepted(event["value"])
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
+                self.subscribers.disconnected(event["value"])
+
+    def _subscriptions(self) -> None:
+        for _ in range(1000):  # bounded, like forwarding
+            try:
+                message = self.xpub.recv(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                fd: int | None = message.get(zmq.SRCFD)
+            except zmq.ZMQError:  # no metadata: libzmq's own, for an ended connection
+                fd = None
+            if fd is not None and fd < 0:
+                fd = None
+            if fd is not None and not self.subscribers.knows(fd):
+                self._connections()  # its accepted event was sent before it: take it in
+            change = self.subscribers.message(fd, message.bytes)
+            # Manual mode: these act on the connection the message just received came
+            # from (libzmq forgets it when that connection ends: they are then no-ops).
+            for topic in change.subscribe:
+                self.xpub.setsockopt(zmq.SUBSCRIBE, topic)
+            for topic in change.unsubscribe:
+                self.xpub.setsockopt(zmq.UNSUBSCRIBE, topic)
+            if change.welcome:
+                # Subscribed for the moment it takes to send it: no other connection has
+                # a subscription that matches the welcome (subscription_topics), so it
+                # reaches the one that asked, and only once per request.
+                self.xpub.setsockopt(zmq.SUBSCRIBE, HELLO)
+                self._send((HELLO,))
+                self.xpub.setsockopt(zmq.UNSUBSCRIBE, HELLO)
 
     def _forward(self, frames: list[zmq.Frame]) -> None:
         reason = self._rejected(frames)
@@ -271,7 +524,7 @@ class Proxy:
             self.warnings.warn(reason, "dropped a message on the workers' socket: %s",
                                REJECTED_BECAUSE[reason])
             return
-        self.xpub.send_multipart(frames[1:], copy=False)
+        self._send(frames[1:])
         ring_id, block_seq = ENVELOPE.unpack(frames[0].buffer)
         if block_seq > self.rings.forwarded[ring_id]:
             self.rings.forwarded[ring_id] = block_seq
@@ -308,10 +561,16 @@ class Proxy:
             self._pids[address] = pid
         return pid
 
-    def send(self, topic: bytes, body: bytes) -> None:
-        self.xpub.send_multipart((topic, body), flags=zmq.NOBLOCK)
+    def _send(self, frames: tuple | list) -> None:
+        """Send to every matching subscriber (one whose queue is full loses it)."""
+        self.xpub.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+
+    def send_stats(self, topic: bytes, body: bytes) -> None:
+        self._send((topic, body))
 
     def close(self) -> None:
+        self.xpub.disable_monitor()
+        self.monitor.close()
         self.pull.close()
         self.xpub.close()
         if self.authenticator is not None:
@@ -323,16 +582,6 @@ REJECTED_BECAUSE = {
     "sender": "sent by a process that is not the ring's worker",
     "topic": "not on the ring's topic",
 }
-
-
-@dataclass(frozen=True)
-class ProxyPlan:
-    backend: str  # ipc endpoint the workers push to
-    frontend: str  # the public endpoint
-    sndhwm: int
-    stats_interval_s: float
-    user: str | None  # drop to this user once both endpoints are bound
-    curve: CurveConfig
 
 
 def run_proxy(plan: ProxyPlan, ready_fd: int, tables: list[tuple[str, StatsTable]],
@@ -349,8 +598,7 @@ def run_proxy(plan: ProxyPlan, ready_fd: int, tables: list[tuple[str, StatsTable
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     ctx = zmq.Context(1)
     try:
-        proxy = Proxy(ctx, plan.backend, plan.frontend, plan.sndhwm, rings, stats,
-                      plan.curve)
+        proxy = Proxy(ctx, plan, rings, stats, [iface for iface, _ in tables])
         if plan.user:
             privileges.become(plan.user)
     except (BindError, privileges.PrivilegeError, OSError) as e:
@@ -359,6 +607,7 @@ def run_proxy(plan: ProxyPlan, ready_fd: int, tables: list[tuple[str, StatsTable
         return EXIT_BOOT_FAILED
     os.write(ready_fd, b"ok")
     os.close(ready_fd)
+    proxy.log_queue_size()
     next_stats = time.monotonic()
     supervisor = os.getppid()
     try:
@@ -368,7 +617,7 @@ def run_proxy(plan: ProxyPlan, ready_fd: int, tables: list[tuple[str, StatsTable
                 for iface, table in tables:  # one message per interface
                     body = msgpack.packb(stats_message(iface, table, stats),
                                          use_bin_type=True)
-                    proxy.send(STATS_TOPIC, body)
+                    proxy.send_stats(STATS_TOPIC, body)
                 next_stats = time.monotonic() + plan.stats_interval_s
         # The workers stop first and flush to us; pass on what they sent.
         for _ in range(10):

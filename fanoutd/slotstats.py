@@ -163,7 +163,12 @@ class RingTable(SharedWords):
 
 
 PROXY_FIELDS = (
+    "subscribers",             # connections with a subscription to a published topic, now
     "restarts",                # times the proxy was replaced (the supervisor counts them)
+    "block_size",              # the largest ring block in use: sizes subscriber queues
+    "connections_refused",     # subscriber connections closed at once: publish.max_subscribers
+    "subscriptions_refused",   # subscriptions to a topic that is never published
+    "subscribers_closed",      # connections closed for publish.max_subscriptions
     "rejected:malformed",      # ipc messages that are no batch of a known ring
     "rejected:sender",         # ... sent by a process that is not the ring's worker
     "rejected:topic",          # ... on another topic than the ring's

@@ -144,7 +144,13 @@ class Supervisor:
         capture.set_slots(socks)
         capture.watch_link(self._ioctl_sock)
         self.captures.append(capture)
+        self._tell_proxy_block_size()
         return capture
+
+    def _tell_proxy_block_size(self) -> None:
+        """The proxy sizes subscriber queues by the largest batch: that of the largest
+        ring block in use (it re-reads this after a reload)."""
+        self.proxy_stats["block_size"] = max(c.cfg.ring.block_size for c in self.captures)
 
     def _replace_rings(self, capture: Capture, cfg: CaptureConfig) -> bool:
         """Move a capture to new sockets, rings and fanout group for cfg, losing nothing.
@@ -183,6 +189,7 @@ class Supervisor:
                 capture.reopen_pending = True
                 return True
         capture.set_slots(socks)
+        self._tell_proxy_block_size()
         self._start_workers(capture)
         self.announced_ready = False  # logs (and tells systemd) when capture is back
         return True
@@ -363,9 +370,10 @@ class Supervisor:
         def main() -> int:  # in the child: the configuration current at the fork
             self._close_rings_in_child(keep=None)  # the proxy reads counters, never rings
             cfg = self.cfg.publish
-            plan = publish.ProxyPlan(self.backend, cfg.endpoint, cfg.sndhwm,
-                                     self.cfg.supervisor.status_interval_ms / 1000,
-                                     self.cfg.user, cfg.curve)
+            plan = publish.ProxyPlan(
+                self.backend, cfg.endpoint, cfg.sndhwm, cfg.subscriber_queue_bytes,
+                cfg.max_subscribers, cfg.max_subscriptions,
+                self.cfg.supervisor.status_interval_ms / 1000, self.cfg.user, cfg.curve)
             tables = [(c.interface, c.table) for c in self.captures]
             return publish.run_proxy(plan, self._proxy_ready_w, tables, self.rings,
                                      self.proxy_stats)

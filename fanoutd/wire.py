@@ -48,6 +48,14 @@ def stats_message(iface: str, workers: list[dict[str, Any]], version: str,
     return body
 
 
+# A batch is never larger than its ring block plus this (tests/test_wire.py fills blocks
+# with the frames that encode largest): each frame takes at least 96 bytes of its block
+# (header and alignment) and every row, payload included, encodes in fewer bytes than its
+# frame takes in the block; this covers the batch's header. Subscriber queues are sized
+# by it (publish.subscriber_queue_bytes).
+BATCH_OVERHEAD = 4096
+
+
 def batch_topic(iface: str, worker: int) -> bytes:
     return b"%s%s.%d" % (BATCH_TOPIC_PREFIX, iface.encode(), worker)
 

@@ -202,3 +202,17 @@ def test_an_inherited_problem_is_reported_once(tmp_path):
     assert keys_of(found) == ["ring.block_size (--block-size)", "workers (--workers)"], found
     assert load_config(path, {"block_size": "65536"}, resolve=False).interfaces[1] \
         .ring.block_size == 65536  # the flag still wins over the entry
+
+
+@pytest.mark.parametrize("key, low, high", [
+    ("subscriber_queue_bytes", 65536, 2**34), ("max_subscribers", 1, 10_000),
+    ("max_subscriptions", 1, 10_000)])
+def test_publisher_limits_are_bounded(tmp_path, key, low, high):
+    for value in (low, high):
+        cfg = load_config(write(tmp_path, f"publish: {{{key}: {value}}}\n"), resolve=False)
+        assert getattr(cfg.publish, key) == value
+    for value in (low - 1, high + 1):
+        found = problems(write(tmp_path, f"publish: {{{key}: {value}}}\n"))
+        assert found == [(f"publish.{key}", f"must be between {low} and {high}"
+                          + {"subscriber_queue_bytes": " bytes"}.get(key, "")
+                          + f", got {value}")]

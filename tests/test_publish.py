@@ -1,5 +1,5 @@
-"""The proxy without a daemon: its log of refused subscribers (once per client,
-rate-limited), the checks of the ipc socket."""
+"""The proxy without a daemon: its log of refused subscribers (once per client, rate-limited),
+the limits on subscribers, queue sizes, the checks of the ipc socket."""
 
 import logging
 import os
@@ -7,8 +7,20 @@ import os
 import pytest
 import zmq
 
-from fanoutd.publish import ENVELOPE, Proxy, RefusalLog
+from fanoutd.config import CurveConfig
+from fanoutd.publish import (
+    ENVELOPE,
+    MESSAGE_OVERHEAD,
+    Proxy,
+    ProxyPlan,
+    RefusalLog,
+    Subscribers,
+    SubscriptionChange,
+    subscriber_hwm,
+    subscription_topics,
+)
 from fanoutd.slotstats import ProxyStats, RingTable
+from fanoutd.wire import BATCH_OVERHEAD
 
 
 class Clock:
@@ -63,6 +75,124 @@ def test_the_memory_of_warned_clients_is_bounded():
     assert len(refusals._warned) <= 4096
 
 
+# --------------------------------------------------------------------------- subscribers
+
+IFACES = [b"eth0", b"cap1"]
+
+
+@pytest.mark.parametrize("topic", [b"", b"p", b"pkt", b"pkt.", b"pkt.e", b"pkt.eth0",
+                                   b"pkt.eth0.", b"pkt.eth0.0", b"pkt.eth0.1",
+                                   b"pkt.eth0.25", b"pkt.eth0.255", b"pkt.cap1.7", b"s",
+                                   b"stats"])
+def test_subscriptions_to_what_is_published_are_applied(topic):
+    applied = subscription_topics(topic, IFACES)
+    assert applied == ((b"pkt.", b"stats") if topic == b"" else (topic,))
+
+
+@pytest.mark.parametrize("topic", [b"f", b"fanoutd.", b"fanoutd.hello.x", b"x",
+                                   b"pkt.eth1", b"pkt.eth0.256", b"pkt.eth0.01",
+                                   b"pkt.eth0.1000", b"pkt.eth0.a", b"statsx",
+                                   bytes(range(256))])
+def test_subscriptions_nothing_published_matches_are_refused(topic):
+    assert subscription_topics(topic, IFACES) is None
+
+
+def subscribers(max_connections: int = 3, max_subscriptions: int = 4):
+    closed: list[int] = []
+    stats = ProxyStats()
+    return Subscribers(IFACES, max_connections, max_subscriptions, stats, closed.append), \
+        stats, closed
+
+
+def test_a_subscription_applies_to_its_connection_and_counts_it_as_a_subscriber():
+    subs, stats, closed = subscribers()
+    subs.accepted(10)
+    assert subs.message(10, b"\x01pkt.").subscribe == [b"pkt."]
+    assert stats["subscribers"] == 1
+    welcome = subs.message(10, b"\x01fanoutd.hello")
+    assert welcome.welcome and not welcome.subscribe
+    assert subs.message(10, b"\x00pkt.").unsubscribe == [b"pkt."]
+    assert stats["subscribers"] == 0 and not closed
+
+
+def test_the_empty_prefix_and_an_explicit_topic_overlap():
+    """`` means pkt. and stats; unsubscribing it keeps an explicit pkt. in effect."""
+    subs, _, _ = subscribers()
+    subs.accepted(10)
+    assert subs.message(10, b"\x01").subscribe == [b"pkt.", b"stats"]
+    assert subs.message(10, b"\x01pkt.").subscribe == []
+    assert subs.message(10, b"\x00").unsubscribe == [b"stats"]
+    assert subs.message(10, b"\x00pkt.").unsubscribe == [b"pkt."]
+
+
+def test_refused_topics_are_counted_and_not_applied():
+    subs, stats, _ = subscribers()
+    subs.accepted(10)
+    change = subs.message(10, b"\x01garbage")
+    assert change.subscribe == [] and not change.welcome
+    assert stats["subscriptions_refused"] == 1 and stats["subscribers"] == 0
+
+
+def test_a_connection_past_max_subscriptions_is_closed():
+    subs, stats, closed = subscribers(max_subscriptions=4)
+    subs.accepted(10)
+    for i in range(4):
+        subs.message(10, b"\x01x%d" % i)
+    assert closed == []
+    subs.message(10, b"\x01x4")
+    assert closed == [10] and stats["subscribers_closed"] == 1
+    assert subs.message(10, b"\x01pkt.").subscribe == []  # nothing more from it
+    subs.disconnected(10)
+    subs.accepted(10)  # a new connection on the same descriptor starts afresh
+    assert subs.message(10, b"\x01pkt.").subscribe == [b"pkt."]
+
+
+def test_unsubscribing_gives_room_for_more_subscriptions():
+    subs, _, closed = subscribers(max_subscriptions=2)
+    subs.accepted(10)
+    for _ in range(10):
+        subs.message(10, b"\x01pkt.")
+        subs.message(10, b"\x00pkt.")
+    assert closed == []
+
+
+def test_connections_past_max_subscribers_are_refused():
+    subs, stats, closed = subscribers(max_connections=2)
+    subs.accepted(10)
+    subs.accepted(11)
+    subs.accepted(12)
+    assert closed == [12] and stats["connections_refused"] == 1
+    assert subs.message(12, b"\x01pkt.").subscribe == []  # queued before it ended
+    subs.disconnected(12)
+    subs.disconnected(10)
+    subs.accepted(13)
+    assert closed == [12]
+
+
+def test_messages_without_a_live_connection_are_ignored():
+    """libzmq hands up unsubscriptions of its own for a connection that ended (without a
+    descriptor), and a connection's last messages may come after it ended."""
+    subs, stats, _ = subscribers()
+    assert subs.message(None, b"\x00pkt.") == SubscriptionChange()
+    assert subs.message(None, b"\x01pkt.") == SubscriptionChange()
+    subs.accepted(10)
+    subs.disconnected(10)
+    assert not subs.knows(10)
+    assert subs.message(10, b"\x01pkt.") == SubscriptionChange()
+    assert stats["subscribers"] == 0
+
+
+# --------------------------------------------------------------------------- queues
+
+
+def test_subscriber_queues_follow_their_byte_budget():
+    block = 1 << 19
+    per_message = block + BATCH_OVERHEAD + MESSAGE_OVERHEAD
+    assert subscriber_hwm(32 << 20, block, 0) == (32 << 20) // per_message
+    assert subscriber_hwm(32 << 20, block, 10) == 10  # sndhwm caps it
+    assert subscriber_hwm(1 << 16, block, 256) == 1  # never 0 (which means no limit)
+
+
 # --------------------------------------------------------------------------- the ipc socket
 
 
@@ -72,12 +202,15 @@ def test_batches_are_taken_only_from_the_rings_worker_on_its_topic(tmp_path):
     rings = RingTable(8)
     rings.assign(3, b"pkt.eth0.1")
     rings.pid[3] = os.getpid()
-    backend = f"ipc://{tmp_path}/w.ipc"
+    stats = ProxyStats()
+    stats["block_size"] = 65536
+    plan = ProxyPlan(f"ipc://{tmp_path}/w.ipc", f"ipc://{tmp_path}/p.ipc", 16, 1 << 20, 4,
+                     4, 1.0, None, CurveConfig())
     ctx = zmq.Context()
     try:
-        proxy = Proxy(ctx, backend, f"ipc://{tmp_path}/p.ipc", 16, rings, ProxyStats())
+        proxy = Proxy(ctx, plan, rings, stats, ["eth0"])
         push = ctx.socket(zmq.PUSH)
-        push.connect(backend)
+        push.connect(plan.backend)
         envelope = ENVELOPE.pack
         cases = {
             "ours": [envelope(3, 9), b"pkt.eth0.1", b"body"],
