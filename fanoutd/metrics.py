@@ -62,6 +62,9 @@ PROXY_COUNTERS = (
     ("fanoutd_subscribers_closed", "subscribers_closed",
      "Subscriber connections closed for sending more than publish.max_subscriptions "
      "subscriptions."),
+    ("fanoutd_subscriber_overflows", "subscriber_overflows",
+     "Batches passed on while a subscriber's queue was full: that subscriber lost the "
+     "batch, and the next ones until it had read part of its queue (seq gaps show them)."),
 )
 # (metric name, word, help) of the publisher's gauges.
 PROXY_GAUGES = (

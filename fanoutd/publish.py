@@ -16,9 +16,10 @@ passed on, and only then does the worker hand the block back to the kernel (see
 worker.py).
 
 The public XPUB keeps ZeroMQ's per-subscriber drop at a full queue, so one slow subscriber
-never holds back the others; the proxy bounds that queue in bytes. It applies every
-subscription itself (manual mode), so it refuses topics it never publishes, sends the
-welcome to the connection that asked for it only, and closes connections past the limits.
+never holds back the others; the proxy bounds that queue in bytes and counts what it
+drops. It applies every subscription itself (manual mode), so it refuses topics it never
+publishes, sends the welcome to the connection that asked for it only, and closes
+connections past the limits.
 """
 
 import contextlib
@@ -389,7 +390,10 @@ class Proxy:
     """PULL (ipc, from the workers) -> XPUB (the public endpoint).
 
     The XPUB runs in manual mode (ZMQ_XPUB_MANUAL): each subscription reaches the proxy,
-    which applies it to the connection it came from, or refuses it (Subscribers).
+    which applies it to the connection it came from, or refuses it (Subscribers). With
+    ZMQ_XPUB_NODROP, a send fails (EAGAIN) when a subscriber's queue is full; the batch is
+    then counted as dropped for a subscriber and sent again without NODROP, so the others
+    still get it (which subscriber is not visible through an XPUB).
     """
 
     def __init__(self, ctx: zmq.Context, plan: ProxyPlan, rings: RingTable,
@@ -410,6 +414,7 @@ class Proxy:
         self.xpub.setsockopt(zmq.MAXMSGSIZE, MAX_INCOMING_BYTES)
         self.xpub.setsockopt(zmq.LINGER, 1000)
         self.xpub.setsockopt(zmq.XPUB_MANUAL, 1)
+        self.xpub.setsockopt(zmq.XPUB_NODROP, 1)
         if plan.curve is not None and plan.curve.secret_key_file is not None:
             self._serve_curve(ctx, plan.curve)
         self.monitor = self.xpub.get_monitor_socket(zmq.EVENT_ACCEPTED
@@ -524,7 +529,8 @@ class Proxy:
             self.warnings.warn(reason, "dropped a message on the workers' socket: %s",
                                REJECTED_BECAUSE[reason])
             return
-        self._send(frames[1:])
+        if not self._send(frames[1:]):
+            self.stats.add("subscriber_overflows")
         ring_id, block_seq = ENVELOPE.unpack(frames[0].buffer)
         if block_seq > self.rings.forwarded[ring_id]:
             self.rings.forwarded[ring_id] = block_seq
@@ -561,9 +567,20 @@ class Proxy:
             self._pids[address] = pid
         return pid
 
-    def _send(self, frames: tuple | list) -> None:
-        """Send to every matching subscriber (one whose queue is full loses it)."""
-        self.xpub.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+    def _send(self, frames: tuple | list) -> bool:
+        """Send to every matching subscriber; False when a subscriber's queue was full,
+        so that it lost this message (the others got it)."""
+        try:
+            self.xpub.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.Again:
+            pass
+        self.xpub.setsockopt(zmq.XPUB_NODROP, 0)
+        try:
+            self.xpub.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        finally:
+            self.xpub.setsockopt(zmq.XPUB_NODROP, 1)
+        return False
 
     def send_stats(self, topic: bytes, body: bytes) -> None:
         self._send((topic, body))

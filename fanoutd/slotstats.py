@@ -169,6 +169,7 @@ PROXY_FIELDS = (
     "connections_refused",     # subscriber connections closed at once: publish.max_subscribers
     "subscriptions_refused",   # subscriptions to a topic that is never published
     "subscribers_closed",      # connections closed for publish.max_subscriptions
+    "subscriber_overflows",    # batches dropped for a subscriber whose queue was full
     "rejected:malformed",      # ipc messages that are no batch of a known ring
     "rejected:sender",         # ... sent by a process that is not the ring's worker
     "rejected:topic",          # ... on another topic than the ring's

@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 import frames as F
+import msgpack
 import netlab
 import pytest
 import zmq
@@ -421,3 +422,56 @@ def test_subscribers_past_max_subscribers_are_refused(start_daemon):
             assert netlab.metric_sum(m, "fanoutd_subscribers") == 2
             second.close()
             third.wait_hello(timeout=10, detail=daemon.logs)
+
+
+def test_batches_dropped_for_a_full_subscriber_queue_are_counted(injector, start_daemon):
+    """A subscriber that stops reading loses batches at its queue in the proxy (1 MiB of
+    8 KiB blocks here: about 80 batches), all of them acknowledged to the workers, so no
+    worker counts them: the proxy does, on /metrics and on the stats topic."""
+    with netlab.workdir() as wd:
+        config = wd / "fanoutd.yaml"
+        config.write_text("publish:\n  subscriber_queue_bytes: 1048576\n"
+                          "supervisor:\n  status_interval_ms: 200\n")
+        daemon = start_daemon(workers=2, fanout="lb", extra=(
+            "-c", str(config), "--block-size", str(SLOW_BLOCK_SIZE), "--block-count", "64",
+            "--block-timeout", "2"))
+        ctx = zmq.Context()
+        try:
+            stalled = ClientSubscriber(daemon.endpoint, rcvhwm=4, context=ctx)
+            stats = ctx.socket(zmq.SUB)
+            stats.setsockopt(zmq.LINGER, 0)
+            stats.subscribe(b"stats")
+            stats.connect(daemon.endpoint)
+            assert stalled.wait_ready(timeout=10), daemon.logs()
+            with Pump(injector, 0, 20_000):
+                pass
+            m = metrics_once_decoded(daemon, 20_000)
+            for name in ("fanoutd_kernel_drops_total", "fanoutd_publish_drops_total"):
+                assert netlab.metric_sum(m, name) == 0, (name, daemon.logs())
+            # It reads again: what its queue held, then newer batches after a gap.
+            queued = len(list(stalled.batches(timeout=0.5)))
+            tail = {F.mac(i) for i in range(20_000, 20_100)}
+            got: set[bytes] = set()
+            with Pump(injector, 20_000, 20_100):
+                deadline = time.monotonic() + 15
+                while not tail <= got and time.monotonic() < deadline:
+                    for batch in stalled.batches(timeout=0.5):
+                        got |= {pkt["eth_src"] for pkt in batch.rows()} & tail
+            assert tail <= got, daemon.logs()
+            lost = sum(stalled.lost.values())
+            assert lost > 0, f"the stalled subscriber lost nothing (it got {queued} queued)"
+            overflows = netlab.metric_sum(m, "fanoutd_subscriber_overflows_total")
+            assert overflows >= 1, daemon.logs()
+
+            def counted_in_stats() -> bool:
+                while stats.poll(100):
+                    _, body = stats.recv_multipart()
+                    publisher = msgpack.unpackb(body)["publisher"]
+                    if publisher["subscriber_overflows_total"] >= overflows:
+                        return True
+                return False
+            netlab.wait_for(counted_in_stats, 10, "the count on the stats topic",
+                            detail=daemon.logs)
+            stalled.close()
+        finally:
+            ctx.destroy(linger=0)
