@@ -21,11 +21,12 @@ from fanoutd.filter import FilterError, compile_expression
 from fanoutd.wire import FORMATS
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
-# publish keys that bound the proxy's memory: (key, lowest, highest, unit)
+# publish keys that bound the proxy's memory and its restart: (key, lowest, highest, unit)
 PUBLISH_LIMITS = (
     ("subscriber_queue_bytes", 1 << 16, 1 << 34, " bytes"),
     ("max_subscribers", 1, 10_000, ""),
     ("max_subscriptions", 1, 10_000, ""),
+    ("restart_grace_ms", 0, 60_000, " ms"),
 )
 MAX_WORKERS = fanout.MAX_MEMBERS  # the workers of one interface share a fanout group
 
@@ -66,6 +67,7 @@ class PublishConfig:
     subscriber_queue_bytes: int = 32 << 20  # each subscriber's queue, at most
     max_subscribers: int = 32  # connections to the public endpoint
     max_subscriptions: int = 64  # per connection
+    restart_grace_ms: int = 1000  # a new proxy waits this long for the old one's subscribers
 
 
 @dataclass(frozen=True)

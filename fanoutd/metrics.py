@@ -65,11 +65,17 @@ PROXY_COUNTERS = (
     ("fanoutd_subscriber_overflows", "subscriber_overflows",
      "Batches passed on while a subscriber's queue was full: that subscriber lost the "
      "batch, and the next ones until it had read part of its queue (seq gaps show them)."),
+    ("fanoutd_restart_unwatched_batches", "restart_unwatched",
+     "Batches passed on after a proxy restart while fewer subscribers than before it were "
+     "back: lost to those not back yet."),
 )
 # (metric name, word, help) of the publisher's gauges.
 PROXY_GAUGES = (
     ("fanoutd_subscribers", "subscribers",
      "Subscriber connections with a subscription to a published topic."),
+    ("fanoutd_proxy_forwarding", "forwarding",
+     "1 while the proxy passes batches on; 0 while a new proxy waits for the subscribers "
+     "of the one it replaced (publish.restart_grace_ms) and while none runs."),
 )
 REJECTED_HELP = ("Messages on the workers' ipc socket the proxy dropped: malformed (not a "
                  "batch of a ring in use), sender (not from that ring's worker), topic (not "

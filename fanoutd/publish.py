@@ -19,7 +19,8 @@ The public XPUB keeps ZeroMQ's per-subscriber drop at a full queue, so one slow 
 never holds back the others; the proxy bounds that queue in bytes and counts what it
 drops. It applies every subscription itself (manual mode), so it refuses topics it never
 publishes, sends the welcome to the connection that asked for it only, and closes
-connections past the limits.
+connections past the limits. After a restart it passes nothing on until the subscribers
+of the proxy it replaced are back, or publish.restart_grace_ms is over (StartGate).
 """
 
 import contextlib
@@ -193,6 +194,7 @@ class _Authenticator(ThreadAuthenticator):
 # 300 bytes. libzmq drops a connection that sends a longer one.
 MAX_INCOMING_BYTES = 512
 SUBSCRIBER_RCVHWM = 100  # subscriptions queued from one connection before it must wait
+UNWATCHED_WINDOW_S = 60.0  # after a restart, how long missing subscribers are waited for
 
 
 def subscription_topics(topic: bytes, interfaces: list[bytes]) -> tuple[bytes, ...] | None:
@@ -340,6 +342,41 @@ def shut_down(fd: int) -> None:
         sock.shutdown(socket.SHUT_RDWR)
 
 
+class StartGate:
+    """After a restart the proxy passes nothing on (and acknowledges nothing, so workers
+    hold their blocks) until the subscribers of the previous proxy are back: as many as it
+    had, or restart_grace_s after the start, whichever comes first. A subscriber that
+    reconnects within the grace period misses nothing. What is forwarded afterwards while
+    fewer are back is counted (unwatched), for UNWATCHED_WINDOW_S at most: a subscriber
+    not back by then is taken to have left.
+
+    Once open, the workers publish at once everything they held: for the grace period
+    again (catching_up), a subscriber's full queue holds the proxy back rather than losing
+    batches for that subscriber (ZeroMQ writes them to it more slowly than the proxy can
+    queue them)."""
+
+    def __init__(self, expected: int, grace_s: float, now: float) -> None:
+        self.expected = expected
+        self.grace_s = grace_s
+        self.deadline = now + grace_s
+        self.opened_at: float | None = None
+        self.started = now
+
+    def try_open(self, subscribers: int, now: float) -> bool:
+        if self.opened_at is None and (subscribers >= self.expected or now >= self.deadline):
+            self.opened_at = now
+        return self.opened_at is not None
+
+    def catching_up(self, now: float) -> bool:
+        return (self.expected > 0 and self.opened_at is not None
+                and now - self.opened_at < self.grace_s)
+
+    def unwatched(self, subscribers: int, now: float) -> bool:
+        """Whether a batch forwarded now misses a subscriber of the previous proxy."""
+        return (subscribers < self.expected and self.opened_at is not None
+                and now - self.opened_at < UNWATCHED_WINDOW_S)
+
+
 class RateLimitedLog:
     """At most one warning per key every period_s, telling how many were held back."""
 
@@ -370,6 +407,7 @@ class ProxyPlan:
     subscriber_queue_bytes: int  # each subscriber's queue, at most (see subscriber_hwm())
     max_subscribers: int
     max_subscriptions: int
+    restart_grace_s: float
     stats_interval_s: float
     user: str | None  # drop to this user once both endpoints are bound
     curve: CurveConfig
@@ -423,13 +461,17 @@ class Proxy:
         self.subscribers = Subscribers([i.encode() for i in interfaces],
                                        plan.max_subscribers, plan.max_subscriptions, stats,
                                        shut_down)
+        expected = stats["subscribers"]  # what the previous proxy had, if any
         stats["subscribers"] = 0
+        self.gate = StartGate(expected, plan.restart_grace_s, time.monotonic())
         self.poller = zmq.Poller()
-        self.poller.register(self.pull, zmq.POLLIN)
         self.poller.register(self.xpub, zmq.POLLIN)
         self.poller.register(self.monitor, zmq.POLLIN)
         self._pids: dict[str, int] = {}  # Peer-Address -> pid
         self.warnings = RateLimitedLog()
+        self._waiting: list[zmq.Frame] | None = None  # a batch waiting for room (catch-up)
+        self._ingress = False  # the workers' socket is polled
+        self._try_open(time.monotonic())  # at once, unless subscribers are to come back
 
     def _size_queues(self) -> None:
         """Each subscriber's queue, in messages, from its budget in bytes and the largest
@@ -467,20 +509,51 @@ class Proxy:
 
     def run_once(self, timeout_ms: int) -> None:
         """Take in subscriber connections and subscriptions, then forward what the workers
-        sent, without copying the frames, and tell each ring's worker which blocks were
-        passed on."""
+        sent (once the start-up gate is open), without copying the frames, and tell each
+        ring's worker which blocks were passed on."""
+        now = time.monotonic()
+        if self.gate.opened_at is None:
+            timeout_ms = max(0, min(timeout_ms, int((self.gate.deadline - now) * 1000) + 1))
+        if self._waiting is not None:
+            timeout_ms = min(timeout_ms, 1)
         events = dict(self.poller.poll(timeout_ms))
         self._size_queues()
         self._connections()
         if self.xpub in events:
             self._subscriptions()
-        if self.pull in events:
+        if self.gate.opened_at is None:
+            self._try_open(time.monotonic())
+        if self._waiting is not None:
+            frames, self._waiting = self._waiting, None
+            self._pass_on(frames, time.monotonic())
+        if self.pull in events and self._waiting is None:
             for _ in range(1000):  # bounded, so the caller's loop keeps its pace
                 try:
                     frames = self.pull.recv_multipart(flags=zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     break
                 self._forward(frames)
+                if self._waiting is not None:
+                    break
+
+    def _try_open(self, now: float) -> None:
+        subscribers = self.subscribers.subscribed
+        if not self.gate.try_open(subscribers, now):
+            return
+        if self.gate.expected:
+            log.info("passing batches on: %d of the %d subscribers of the previous proxy "
+                     "are back after %.1f s", subscribers, self.gate.expected,
+                     now - self.gate.started)
+        self._take_in(True)
+        self.stats["forwarding"] = 1  # workers take new blocks again
+
+    def _take_in(self, on: bool) -> None:
+        """Poll the workers' socket, or leave what they send waiting in their queues."""
+        if on and not self._ingress:
+            self.poller.register(self.pull, zmq.POLLIN)
+        elif not on and self._ingress:
+            self.poller.unregister(self.pull)
+        self._ingress = on
 
     def _connections(self) -> None:
         while True:
@@ -529,8 +602,22 @@ class Proxy:
             self.warnings.warn(reason, "dropped a message on the workers' socket: %s",
                                REJECTED_BECAUSE[reason])
             return
-        if not self._send(frames[1:]):
+        self._pass_on(frames, time.monotonic())
+
+    def _pass_on(self, frames: list[zmq.Frame], now: float) -> None:
+        """Send a checked batch to the subscribers and tell its worker. While catching up
+        after a restart, a full subscriber queue makes it wait (and the batches behind
+        it) instead."""
+        catching_up = self.gate.catching_up(now)
+        if not self._send(frames[1:], wait=catching_up):
+            if catching_up:
+                self._waiting = frames
+                self._take_in(False)
+                return
             self.stats.add("subscriber_overflows")
+        self._take_in(True)
+        if self.gate.unwatched(self.subscribers.subscribed, now):
+            self.stats.add("restart_unwatched")
         ring_id, block_seq = ENVELOPE.unpack(frames[0].buffer)
         if block_seq > self.rings.forwarded[ring_id]:
             self.rings.forwarded[ring_id] = block_seq
@@ -567,14 +654,16 @@ class Proxy:
             self._pids[address] = pid
         return pid
 
-    def _send(self, frames: tuple | list) -> bool:
-        """Send to every matching subscriber; False when a subscriber's queue was full,
-        so that it lost this message (the others got it)."""
+    def _send(self, frames: tuple | list, wait: bool = False) -> bool:
+        """Send to every matching subscriber. False when a subscriber's queue was full:
+        with wait, nothing was sent (try again later); else the others got the message,
+        that subscriber lost it."""
         try:
             self.xpub.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
             return True
         except zmq.Again:
-            pass
+            if wait:
+                return False
         self.xpub.setsockopt(zmq.XPUB_NODROP, 0)
         try:
             self.xpub.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)

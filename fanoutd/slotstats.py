@@ -163,6 +163,7 @@ class RingTable(SharedWords):
 
 
 PROXY_FIELDS = (
+    "forwarding",              # 1 while the proxy passes batches on; workers hold until then
     "subscribers",             # connections with a subscription to a published topic, now
     "restarts",                # times the proxy was replaced (the supervisor counts them)
     "block_size",              # the largest ring block in use: sizes subscriber queues
@@ -170,6 +171,7 @@ PROXY_FIELDS = (
     "subscriptions_refused",   # subscriptions to a topic that is never published
     "subscribers_closed",      # connections closed for publish.max_subscriptions
     "subscriber_overflows",    # batches dropped for a subscriber whose queue was full
+    "restart_unwatched",       # batches passed on after a restart before the subscribers were back
     "rejected:malformed",      # ipc messages that are no batch of a known ring
     "rejected:sender",         # ... sent by a process that is not the ring's worker
     "rejected:topic",          # ... on another topic than the ring's
@@ -179,9 +181,9 @@ REJECT_REASONS = tuple(n.split(":", 1)[1] for n in PROXY_FIELDS if n.startswith(
 
 
 class ProxyStats(SharedWords):
-    """The proxy's counters, one page that outlives any proxy process (the supervisor
-    maps it): the supervisor serves it on /metrics, the proxy publishes it on the `stats`
-    topic."""
+    """The proxy's counters and state, one page that outlives any proxy process (the
+    supervisor maps it): the supervisor serves it on /metrics, the proxy publishes it on
+    the `stats` topic, workers read `forwarding`."""
 
     def __init__(self) -> None:
         super().__init__(mmap.PAGESIZE // 8, "proxy")

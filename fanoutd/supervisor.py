@@ -372,7 +372,7 @@ class Supervisor:
             cfg = self.cfg.publish
             plan = publish.ProxyPlan(
                 self.backend, cfg.endpoint, cfg.sndhwm, cfg.subscriber_queue_bytes,
-                cfg.max_subscribers, cfg.max_subscriptions,
+                cfg.max_subscribers, cfg.max_subscriptions, cfg.restart_grace_ms / 1000,
                 self.cfg.supervisor.status_interval_ms / 1000, self.cfg.user, cfg.curve)
             tables = [(c.interface, c.table) for c in self.captures]
             return publish.run_proxy(plan, self._proxy_ready_w, tables, self.rings,
@@ -418,7 +418,8 @@ class Supervisor:
                                      self.backend, self.cfg.publish.sndhwm, self.cfg.user,
                                      cfg.payload_bytes, capture.process_name(slot.index),
                                      wire.FORMATS[self.cfg.publish.format], slot.epoch)
-            return worker.run_worker(slot.index, slot.sock, slot.stats, self.rings, plan)
+            return worker.run_worker(slot.index, slot.sock, slot.stats, self.rings,
+                                     self.proxy_stats, plan)
 
         return main
 
@@ -522,6 +523,8 @@ class Supervisor:
                     return
         child.pid = None
         child.kill_at = None
+        if child is self.proxy:
+            self._proxy_exited(clean=self.stopping or child.state == "STOPPING")
         if self.stopping or child.state == "STOPPING":
             child.state = "STOPPED"
             return
@@ -552,6 +555,18 @@ class Supervisor:
         child.state = "BACKOFF"
         child.restart_at = now + delay
         log.warning("%s %s; restarting in %.1f s", child.name, how, delay)
+
+    def _proxy_exited(self, clean: bool) -> None:
+        """Workers hold their blocks until the next proxy forwards. A proxy that died may
+        have taken batches it had acknowledged (queued towards subscribers, not yet sent)
+        with it: nothing is known to be passed on any more, so the next workers publish
+        again every block their rings still hold (subscribers drop the duplicates)."""
+        self.proxy_stats["forwarding"] = 0
+        if not clean:
+            for capture in self.captures:
+                for ring_id in [s.ring_id for s in capture.slots] + [
+                        old.ring_id for old in capture.retiring]:
+                    self.rings.forwarded[ring_id] = 0
 
     def _tick(self) -> None:
         now = time.monotonic()

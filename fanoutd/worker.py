@@ -27,6 +27,8 @@ log = logging.getLogger("fanoutd.worker")
 
 POLL_MS = 100  # the longest a worker goes without a heartbeat or checking for stop
 HOLD_WAIT_S = 0.0002  # how often a worker holding blocks looks for the proxy's word
+GATE_WAIT_S = 0.005  # how often a worker looks whether the proxy forwards again
+RETAIN_S = 0.1  # how long blocks the proxy passed on stay held once traffic pauses
 EXIT_BOOT_FAILED = 3  # the worker could not start; repeated, the slot goes FATAL
 EXIT_RECONNECT = 4  # the proxy was replaced: start a new worker (an expected restart)
 CONNECT_TIMEOUT_S = 10.0
@@ -67,7 +69,8 @@ class WorkerPlan:
 
 
 def run_worker(index: int, sock: socket.socket, stats: slotstats.SlotStats,
-               rings: slotstats.RingTable, plan: WorkerPlan) -> int:
+               rings: slotstats.RingTable, proxy: slotstats.ProxyStats,
+               plan: WorkerPlan) -> int:
     """The worker process's main; returns its exit status."""
     keep_large_allocations()
     set_process_name(plan.name)
@@ -108,7 +111,7 @@ def run_worker(index: int, sock: socket.socket, stats: slotstats.SlotStats,
         log.info("worker %d capturing on %s from ring block %d (%s decoder)", index,
                  plan.iface, rx.cursor, IMPLEMENTATION)
         encoder = BlockEncoder(plan.version, plan.iface, index, plan.epoch, plan.payload_bytes)
-        return _capture(rx, pub, encoder, stats, rings, stop, plan, index)
+        return _capture(rx, pub, encoder, stats, rings, proxy, stop, plan, index)
     finally:
         if stats["capturing"] == os.getpid():  # not a successor's (a reload overlaps them)
             stats["capturing"] = 0
@@ -132,20 +135,33 @@ def _named_the_rings_worker(rings: slotstats.RingTable, ring_id: int,
 
 
 def _capture(rx: RxRing, pub: BatchPublisher, encoder: BlockEncoder,
-             stats: slotstats.SlotStats, rings: slotstats.RingTable, stop: _Stop,
-             plan: WorkerPlan, index: int) -> int:
+             stats: slotstats.SlotStats, rings: slotstats.RingTable,
+             proxy: slotstats.ProxyStats, stop: _Stop, plan: WorkerPlan, index: int) -> int:
     """Walk the ring: read, decode, publish, and hand each block back once the proxy has it.
 
     A block goes back to the kernel only after the proxy reports (this ring's word in the
     shared RingTable) that it passed the batch on. Until then the batch may sit in this
     process's ZeroMQ queue, and a worker killed at that moment would lose it; held in the
     ring, it is published again by the replacement worker, which starts at the oldest
-    user block and skips what the proxy already forwarded. Holding costs ring space for
-    the microseconds the proxy takes; if the proxy is gone, at most max_pending blocks
-    are held before the oldest is let go.
+    user block and skips what the proxy already forwarded.
 
-    Returns the worker's exit status: 0 on stop, EXIT_RECONNECT when the proxy went away
-    and this worker, no longer privileged, cannot reconnect to its socket itself.
+    The newest `retain` blocks the proxy passed on are held a little longer (RETAIN_S
+    once traffic pauses): a proxy that is killed loses what it had handed to ZeroMQ but not
+    yet sent to its subscribers. The supervisor then clears this ring's word, and the next
+    worker publishes every block still held again (subscribers drop the duplicates). While
+    any block is held the socket cannot be polled (the kernel reports it readable as long
+    as the block before its current one is the user's), so the worker sleeps in short
+    steps instead.
+
+    Holding costs ring space for the microseconds the proxy takes; if the proxy is stalled,
+    at most max_held blocks are held before the oldest is let go (its batch still waits
+    in the ZeroMQ queue). While the proxy does not forward (a new proxy waits for its
+    subscribers to come back), no new block is taken: the kernel fills the ring meanwhile,
+    and counts what it drops once the ring is full.
+
+    Returns the worker's exit status: 0 on stop, EXIT_RECONNECT when the proxy went away:
+    a new worker connects to the new proxy (an unprivileged one could not reconnect to
+    root's ipc socket) and publishes again what the ring holds.
     """
     words = stats.words
     i = slotstats.INDEX
@@ -154,10 +170,15 @@ def _capture(rx: RxRing, pub: BatchPublisher, encoder: BlockEncoder,
                                             i["blocks_user"])
     skipped_i = i["blocks_skipped"]
     forwarded, ring_id = rings.forwarded, plan.ring_id
+    proxy_words, forwarding_i = proxy.words, slotstats.PROXY_INDEX["forwarding"]
     error_index = slotstats.ERROR_INDEX
     errors: dict[str, int] = {}
-    pending: deque[tuple[int, int]] = deque()  # (block index, kernel seq) awaiting the proxy
-    max_pending = max(1, rx.geometry.block_count // 4)
+    held: deque[tuple[int, int]] = deque()  # (block index, kernel seq) published, in the ring
+    acked = 0  # how many of the oldest held blocks the proxy has passed on
+    retain = max(2, rx.geometry.block_count // 8)
+    max_held = max(retain + 1, rx.geometry.block_count // 2)
+    retain_wait_s = min(0.005, rx.geometry.block_timeout_ms / 2000)
+    last_ack = 0.0  # when the proxy last passed on a block of ours
     # Once drained: the kernel hands over a partly filled block after block_timeout_ms.
     drain_quiet_s = 2 * rx.geometry.block_timeout_ms / 1000 + 0.02
     supervisor = os.getppid()
@@ -168,17 +189,31 @@ def _capture(rx: RxRing, pub: BatchPublisher, encoder: BlockEncoder,
             # once we run as another user): nobody reaps, counts or replaces us any more.
             log.warning("worker %d: the supervisor is gone; stopping", index)
             return 0
-        if plan.user and pub.lost_connection():
-            # Unprivileged now, this process cannot reconnect to root's ipc socket; a new
-            # worker can, and resumes at the blocks the proxy never confirmed.
+        if pub.lost_connection():
             log.info("worker %d: the proxy was replaced; restarting to reconnect", index)
             return EXIT_RECONNECT
-        while pending and pending[0][1] <= forwarded[ring_id]:
-            rx.release(pending.popleft()[0])
+        passed_on = forwarded[ring_id]
+        if acked < len(held) and held[acked][1] <= passed_on:
+            last_ack = time.monotonic()
+            while acked < len(held) and held[acked][1] <= passed_on:
+                acked += 1
+        while acked > retain:
+            rx.release(held.popleft()[0])
+            acked -= 1
+        if not proxy_words[forwarding_i]:
+            time.sleep(GATE_WAIT_S)  # a new proxy waits for its subscribers: hold
+            continue
         if not rx.ready():
-            if pending:
+            if acked < len(held):
                 time.sleep(HOLD_WAIT_S)  # not poll: a held block makes it return at once
-            elif stop.drain_since is not None:
+                continue
+            if held and stop.drain_since is None and time.monotonic() - last_ack < RETAIN_S:
+                time.sleep(retain_wait_s)
+                continue
+            while held:  # traffic paused: the proxy has had time to send them
+                rx.release(held.popleft()[0])
+            acked = 0
+            if stop.drain_since is not None:
                 if time.monotonic() - stop.drain_since >= drain_quiet_s:
                     return 0  # drained: everything this ring got is published
                 rx.poll(int(drain_quiet_s * 1000) + 1)
@@ -212,9 +247,14 @@ def _capture(rx: RxRing, pub: BatchPublisher, encoder: BlockEncoder,
         del block  # a view of the ring: the block may go back to the kernel from here on
         if pub.publish(block_seq, body):
             words[batches_i] += 1
-            pending.append((rx.cursor, block_seq))
-            if len(pending) > max_pending:
-                rx.release(pending.popleft()[0])
+            held.append((rx.cursor, block_seq))
+            if len(held) > max_held:
+                rx.release(held.popleft()[0])
+                acked = max(0, acked - 1)
+        elif pub.lost_connection():
+            # The proxy is gone: the block stays held, for the next worker to publish.
+            log.info("worker %d: the proxy was replaced; restarting to reconnect", index)
+            return EXIT_RECONNECT
         else:
             words[drops_i] += 1
             rx.release(rx.cursor)

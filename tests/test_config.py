@@ -206,7 +206,7 @@ def test_an_inherited_problem_is_reported_once(tmp_path):
 
 @pytest.mark.parametrize("key, low, high", [
     ("subscriber_queue_bytes", 65536, 2**34), ("max_subscribers", 1, 10_000),
-    ("max_subscriptions", 1, 10_000)])
+    ("max_subscriptions", 1, 10_000), ("restart_grace_ms", 0, 60_000)])
 def test_publisher_limits_are_bounded(tmp_path, key, low, high):
     for value in (low, high):
         cfg = load_config(write(tmp_path, f"publish: {{{key}: {value}}}\n"), resolve=False)
@@ -214,5 +214,5 @@ def test_publisher_limits_are_bounded(tmp_path, key, low, high):
     for value in (low - 1, high + 1):
         found = problems(write(tmp_path, f"publish: {{{key}: {value}}}\n"))
         assert found == [(f"publish.{key}", f"must be between {low} and {high}"
-                          + {"subscriber_queue_bytes": " bytes"}.get(key, "")
-                          + f", got {value}")]
+                          + {"subscriber_queue_bytes": " bytes",
+                             "restart_grace_ms": " ms"}.get(key, "") + f", got {value}")]

@@ -1,5 +1,5 @@
 """The proxy without a daemon: its log of refused subscribers (once per client, rate-limited),
-the limits on subscribers, queue sizes, the checks of the ipc socket."""
+the limits on subscribers, the restart gate, queue sizes, the checks of the ipc socket."""
 
 import logging
 import os
@@ -11,9 +11,11 @@ from fanoutd.config import CurveConfig
 from fanoutd.publish import (
     ENVELOPE,
     MESSAGE_OVERHEAD,
+    UNWATCHED_WINDOW_S,
     Proxy,
     ProxyPlan,
     RefusalLog,
+    StartGate,
     Subscribers,
     SubscriptionChange,
     subscriber_hwm,
@@ -182,6 +184,39 @@ def test_messages_without_a_live_connection_are_ignored():
     assert stats["subscribers"] == 0
 
 
+# --------------------------------------------------------------------------- the restart gate
+
+
+def test_the_gate_opens_once_the_previous_subscribers_are_back():
+    gate = StartGate(expected=2, grace_s=1.0, now=100.0)
+    assert not gate.try_open(1, 100.5)
+    assert gate.try_open(2, 100.6)
+    assert not gate.unwatched(2, 100.7)
+
+
+def test_the_gate_opens_after_the_grace_and_counts_what_goes_unwatched():
+    gate = StartGate(expected=2, grace_s=1.0, now=100.0)
+    assert not gate.unwatched(0, 100.5)  # nothing passes on while closed
+    assert gate.try_open(1, 101.0)
+    assert gate.unwatched(1, 101.1)
+    assert not gate.unwatched(2, 101.2)
+    assert not gate.unwatched(1, 101.0 + UNWATCHED_WINDOW_S)  # taken to have left
+
+
+def test_a_first_start_does_not_wait():
+    gate = StartGate(expected=0, grace_s=1.0, now=0.0)
+    assert gate.try_open(0, 0.0)
+    assert not gate.catching_up(0.1)
+
+
+def test_after_a_restart_the_proxy_catches_up_for_the_grace_period():
+    gate = StartGate(expected=1, grace_s=1.0, now=100.0)
+    assert not gate.catching_up(100.1)  # closed: nothing is passed on at all
+    gate.try_open(1, 100.2)
+    assert gate.catching_up(100.3) and gate.catching_up(101.1)
+    assert not gate.catching_up(101.2)
+
+
 # --------------------------------------------------------------------------- queues
 
 
@@ -205,7 +240,7 @@ def test_batches_are_taken_only_from_the_rings_worker_on_its_topic(tmp_path):
     stats = ProxyStats()
     stats["block_size"] = 65536
     plan = ProxyPlan(f"ipc://{tmp_path}/w.ipc", f"ipc://{tmp_path}/p.ipc", 16, 1 << 20, 4,
-                     4, 1.0, None, CurveConfig())
+                     4, 1.0, 1.0, None, CurveConfig())
     ctx = zmq.Context()
     try:
         proxy = Proxy(ctx, plan, rings, stats, ["eth0"])
