@@ -42,7 +42,6 @@ from zmq.utils import monitor as zmq_monitor
 
 from fanoutd import privileges
 from fanoutd.config import MAX_WORKERS, CurveConfig
-from fanoutd.memory import keep_large_allocations
 from fanoutd.metrics import stats_message
 from fanoutd.proctitle import set_process_name
 from fanoutd.slotstats import ProxyStats, RingTable, StatsTable
@@ -195,6 +194,7 @@ class _Authenticator(ThreadAuthenticator):
 MAX_INCOMING_BYTES = 512
 SUBSCRIBER_RCVHWM = 100  # subscriptions queued from one connection before it must wait
 UNWATCHED_WINDOW_S = 60.0  # after a restart, how long missing subscribers are waited for
+INGRESS_QUEUE_BYTES = 16 << 20  # what the proxy queues from each worker, at most
 
 
 def subscription_topics(topic: bytes, interfaces: list[bytes]) -> tuple[bytes, ...] | None:
@@ -440,7 +440,6 @@ class Proxy:
         self.stats = stats
         self.authenticator: _Authenticator | None = None
         self.pull = ctx.socket(zmq.PULL)
-        self.pull.setsockopt(zmq.RCVHWM, plan.sndhwm)
         self.pull.setsockopt(zmq.LINGER, 0)
         _bind(self.pull, plan.backend, "runtime_dir")
         self.xpub = ctx.socket(zmq.XPUB)
@@ -481,6 +480,10 @@ class Proxy:
         if block_size == self.block_size:
             return
         self.block_size = block_size
+        # What a worker has sent waits in its own queue rather than here: the proxy takes
+        # in as fast as it passes on, unless it is stalled.
+        self.pull.setsockopt(zmq.RCVHWM, subscriber_hwm(INGRESS_QUEUE_BYTES, block_size,
+                                                        self.plan.sndhwm))
         hwm = subscriber_hwm(self.plan.subscriber_queue_bytes, block_size, self.plan.sndhwm)
         if hwm != self.subscriber_hwm:
             starting = not self.subscriber_hwm  # run_proxy says it once bound
@@ -697,7 +700,6 @@ def run_proxy(plan: ProxyPlan, ready_fd: int, tables: list[tuple[str, StatsTable
     worker, through `rings`, what it passed on) and publishes the slots' counters and its
     own on the `stats` topic every stats_interval_s."""
     set_process_name("fanoutd-proxy")
-    keep_large_allocations()  # batches pass through here too
     stopping = []
     signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
