@@ -105,10 +105,11 @@ class BatchPublisher:
             return False
         return True
 
-    def close(self) -> None:
+    def close(self, linger_ms: int | None = None) -> None:
+        """linger_ms: how long to try to deliver what is queued (None: LINGER, 2 s)."""
         self.sock.disable_monitor()
         self.monitor.close()
-        self.sock.close()
+        self.sock.close(linger=linger_ms)
 
 
 class BindError(Exception):

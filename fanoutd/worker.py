@@ -88,6 +88,7 @@ def run_worker(index: int, sock: socket.socket, stats: slotstats.SlotStats,
         return EXIT_BOOT_FAILED
     ctx = zmq.Context(1)
     pub = BatchPublisher(ctx, plan.backend, plan.iface, index, plan.ring_id, plan.sndhwm)
+    status = EXIT_BOOT_FAILED
     try:
         # Everything privileged happens before this point: the ring is mapped and the
         # proxy's ipc socket (root's) connected. From here on the worker parses hostile
@@ -111,11 +112,14 @@ def run_worker(index: int, sock: socket.socket, stats: slotstats.SlotStats,
         log.info("worker %d capturing on %s from ring block %d (%s decoder)", index,
                  plan.iface, rx.cursor, IMPLEMENTATION)
         encoder = BlockEncoder(plan.version, plan.iface, index, plan.epoch, plan.payload_bytes)
-        return _capture(rx, pub, encoder, stats, rings, proxy, stop, plan, index)
+        status = _capture(rx, pub, encoder, stats, rings, proxy, stop, plan, index)
+        return status
     finally:
         if stats["capturing"] == os.getpid():  # not a successor's (a reload overlaps them)
             stats["capturing"] = 0
-        pub.close()
+        # Leaving for a new proxy: what waits in the queue (for a reconnection this process
+        # cannot make) is held in the ring for the successor, which must start at once.
+        pub.close(linger_ms=0 if status == EXIT_RECONNECT else None)
         ctx.term()
         rx.close()
 
@@ -176,7 +180,7 @@ def _capture(rx: RxRing, pub: BatchPublisher, encoder: BlockEncoder,
     held: deque[tuple[int, int]] = deque()  # (block index, kernel seq) published, in the ring
     acked = 0  # how many of the oldest held blocks the proxy has passed on
     retain = max(2, rx.geometry.block_count // 8)
-    max_held = max(retain + 1, rx.geometry.block_count // 2)
+    max_held = retain + max(1, rx.geometry.block_count // 4)  # a quarter not yet passed on
     retain_wait_s = min(0.005, rx.geometry.block_timeout_ms / 2000)
     last_ack = 0.0  # when the proxy last passed on a block of ours
     # Once drained: the kernel hands over a partly filled block after block_timeout_ms.
