@@ -442,14 +442,12 @@ class Proxy:
         self.rings = rings
         self.stats = stats
         self.authenticator: _Authenticator | None = None
+        self.plan = plan
         self.pull = ctx.socket(zmq.PULL)
         self.pull.setsockopt(zmq.LINGER, 0)
-        _bind(self.pull, plan.backend, "runtime_dir")
         self.xpub = ctx.socket(zmq.XPUB)
-        self.plan = plan
-        self.block_size = 0
-        self.subscriber_hwm = 0
         self._size_queues()
+        _bind(self.pull, plan.backend, "runtime_dir")
         self.xpub.setsockopt(zmq.RCVHWM, SUBSCRIBER_RCVHWM)
         self.xpub.setsockopt(zmq.MAXMSGSIZE, MAX_INCOMING_BYTES)
         self.xpub.setsockopt(zmq.LINGER, 1000)
@@ -477,23 +475,19 @@ class Proxy:
 
     def _size_queues(self) -> None:
         """Each subscriber's queue, in messages, from its budget in bytes and the largest
-        batch; again after a reload changed the rings (libzmq applies a new SNDHWM to the
-        connections it has too)."""
-        block_size = self.stats["block_size"]
-        if block_size == self.block_size:
-            return
-        self.block_size = block_size
+        batch, that of the largest ring block at the proxy's start; set before any
+        connection, and never again: a new HWM applied to a connection's pipe in use can
+        leave its writer waiting for good (libzmq 4.3 tells the writer how far the reader
+        got only every low-water-mark messages, and the mark moves with the HWM), so after
+        a reload to larger blocks the length holds until the proxy is restarted."""
+        self.block_size = self.stats["block_size"]
         # What a worker has sent waits in its own queue rather than here: the proxy takes
         # in as fast as it passes on, unless it is stalled.
-        self.pull.setsockopt(zmq.RCVHWM, subscriber_hwm(INGRESS_QUEUE_BYTES, block_size,
+        self.pull.setsockopt(zmq.RCVHWM, subscriber_hwm(INGRESS_QUEUE_BYTES, self.block_size,
                                                         self.plan.sndhwm))
-        hwm = subscriber_hwm(self.plan.subscriber_queue_bytes, block_size, self.plan.sndhwm)
-        if hwm != self.subscriber_hwm:
-            starting = not self.subscriber_hwm  # run_proxy says it once bound
-            self.subscriber_hwm = hwm
-            self.xpub.setsockopt(zmq.SNDHWM, hwm)
-            if not starting:
-                self.log_queue_size()
+        self.subscriber_hwm = subscriber_hwm(self.plan.subscriber_queue_bytes,
+                                             self.block_size, self.plan.sndhwm)
+        self.xpub.setsockopt(zmq.SNDHWM, self.subscriber_hwm)
 
     def log_queue_size(self) -> None:
         log.info("each subscriber's queue holds at most %d batches (publish.sndhwm, "
@@ -523,7 +517,6 @@ class Proxy:
         if self._waiting is not None:
             timeout_ms = min(timeout_ms, 1)
         events = dict(self.poller.poll(timeout_ms))
-        self._size_queues()
         self._connections()
         if self.xpub in events:
             self._subscriptions()

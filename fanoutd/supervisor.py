@@ -149,7 +149,7 @@ class Supervisor:
 
     def _tell_proxy_block_size(self) -> None:
         """The proxy sizes subscriber queues by the largest batch: that of the largest
-        ring block in use (it re-reads this after a reload)."""
+        ring block in use when it starts."""
         self.proxy_stats["block_size"] = max(c.cfg.ring.block_size for c in self.captures)
 
     def _replace_rings(self, capture: Capture, cfg: CaptureConfig) -> bool:
