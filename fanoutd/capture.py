@@ -158,7 +158,8 @@ class Capture:
         with contextlib.suppress(OSError):
             add_kernel_stats(sock, stats)
         sock.close()
-        self.rings.pid[ring_id] = 0  # the proxy takes nothing more for this ring
+        # The ring's worker stays named: its last batches may still wait in the proxy's
+        # queue. The id is used again (and renamed) only after every other one.
         self.free_ring_ids.append(ring_id)
 
     def refresh_kernel_stats(self) -> None:
