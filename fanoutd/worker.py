@@ -158,10 +158,10 @@ def _capture(rx: RxRing, pub: BatchPublisher, encoder: BlockEncoder,
     steps instead.
 
     Holding costs ring space for the microseconds the proxy takes; if the proxy is stalled,
-    at most max_held blocks are held before the oldest is let go (its batch still waits
-    in the ZeroMQ queue). While the proxy does not forward (a new proxy waits for its
-    subscribers to come back), no new block is taken: the kernel fills the ring meanwhile,
-    and counts what it drops once the ring is full.
+    blocks are held until the ring is all but full (`reserve` free blocks), then the
+    oldest is let go (its batch still waits in the ZeroMQ queue). While the proxy does
+    not forward (a new proxy waits for its subscribers to come back), no new block is
+    taken: the kernel fills the ring meanwhile, and counts what it drops once it is full.
 
     Returns the worker's exit status: 0 on stop, EXIT_RECONNECT when the proxy went away:
     a new worker connects to the new proxy (an unprivileged one could not reconnect to
@@ -180,7 +180,8 @@ def _capture(rx: RxRing, pub: BatchPublisher, encoder: BlockEncoder,
     held: deque[tuple[int, int]] = deque()  # (block index, kernel seq) published, in the ring
     acked = 0  # how many of the oldest held blocks the proxy has passed on
     retain = max(2, rx.geometry.block_count // 8)
-    max_held = retain + max(1, rx.geometry.block_count // 4)  # a quarter not yet passed on
+    block_count = rx.geometry.block_count
+    reserve = max(1, block_count // 8)  # blocks kept free for the kernel
     retain_wait_s = min(0.005, rx.geometry.block_timeout_ms / 2000)
     last_ack = 0.0  # when the proxy last passed on a block of ours
     # Once drained: the kernel hands over a partly filled block after block_timeout_ms.
@@ -252,9 +253,6 @@ def _capture(rx: RxRing, pub: BatchPublisher, encoder: BlockEncoder,
         if pub.publish(block_seq, body):
             words[batches_i] += 1
             held.append((rx.cursor, block_seq))
-            if len(held) > max_held:
-                rx.release(held.popleft()[0])
-                acked = max(0, acked - 1)
         elif pub.lost_connection():
             # The proxy is gone: the block stays held, for the next worker to publish.
             log.info("worker %d: the proxy was replaced; restarting to reconnect", index)
@@ -268,9 +266,15 @@ def _capture(rx: RxRing, pub: BatchPublisher, encoder: BlockEncoder,
             for reason, n in errors.items():
                 words[error_index[reason]] += n
             errors.clear()
-        words[user_i] = rx.user_blocks()
         words[blocks_i] += 1
         rx.advance()
+        unread = words[user_i] = rx.user_blocks()
+        # The proxy does not keep up: rather than have the kernel drop for lack of a free
+        # block, let the oldest held block go (retained first; a batch not yet passed on
+        # still waits in this process's queue, lost only if the process dies).
+        while held and block_count - len(held) - unread < reserve:
+            rx.release(held.popleft()[0])
+            acked = max(0, acked - 1)
     return 0
 
 
