@@ -17,6 +17,7 @@ from fanoutd import _linux, fanout, link, ring
 from fanoutd.config import CaptureConfig
 from fanoutd.filter import DROP_ALL, Instruction, attach, compile_expression, detach
 from fanoutd.slotstats import RingTable, SlotStats, StatsTable
+from fanoutd.wire import batch_topic
 
 log = logging.getLogger("fanoutd")
 
@@ -133,7 +134,7 @@ class Capture:
         epoch = _new_epoch()
         for index, sock in enumerate(socks):
             ring_id = self.free_ring_ids.pop(0)
-            self.rings.forwarded[ring_id] = 0  # a new ring numbers its blocks from 1
+            self.rings.assign(ring_id, batch_topic(self.interface, index))
             if index < len(self.slots):
                 slot = self.slots[index]
                 slot.sock, slot.ring_id, slot.child = sock, ring_id, None
@@ -157,6 +158,8 @@ class Capture:
         with contextlib.suppress(OSError):
             add_kernel_stats(sock, stats)
         sock.close()
+        # The ring's worker stays named: its last batches may still wait in the proxy's
+        # queue. The id is used again (and renamed) only after every other one.
         self.free_ring_ids.append(ring_id)
 
     def refresh_kernel_stats(self) -> None:

@@ -229,6 +229,8 @@ class Subscriber:
 
     def close(self) -> None:
         for sock in self._endpoint_of:
+            if sock.closed:  # closed already: close() may be called again
+                continue
             monitor = self._monitors.get(sock)
             if monitor is not None:  # first, or the monitor's inproc name stays taken
                 sock.disable_monitor()

@@ -65,6 +65,10 @@ class PublishConfig:
     sndhwm: int = 256
     format: str = "columns"  # wire format of batches: columns (version 2) or rows (1)
     curve: CurveConfig = field(default_factory=CurveConfig)
+    subscriber_queue_bytes: int = 32 << 20  # each subscriber's queue, at most
+    max_subscribers: int = 32  # connections to the public endpoint
+    max_subscriptions: int = 64  # per connection
+    restart_grace_ms: int = 1000  # a new proxy waits this long for the old one's subscribers
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from fanoutd import __version__, wire
 from fanoutd.link import LinkWatch
-from fanoutd.slotstats import StatsTable
+from fanoutd.slotstats import REJECT_REASONS, ProxyStats, StatsTable
 from fanoutd.wire import ERROR_REASONS
 
 # (metric name without _total, slot counter, help)
@@ -41,6 +41,49 @@ SLOT_COUNTERS = (
 )
 
 
+# The publisher's (the proxy's) counters: (metric name without _total, word, help).
+PROXY_COUNTERS = (
+    ("fanoutd_proxy_restarts", "restarts",
+     "Times the proxy was replaced (it died, or a reload changed publish settings)."),
+    ("fanoutd_subscriber_connections_refused", "connections_refused",
+     "Subscriber connections closed at once because publish.max_subscribers were "
+     "connected."),
+    ("fanoutd_subscriptions_refused", "subscriptions_refused",
+     "Subscriptions to a topic nothing published matches, not applied."),
+    ("fanoutd_subscribers_closed", "subscribers_closed",
+     "Subscriber connections closed for sending more than publish.max_subscriptions "
+     "subscriptions."),
+    ("fanoutd_subscriber_overflows", "subscriber_overflows",
+     "Batches passed on while a subscriber's queue was full: that subscriber lost the "
+     "batch, and the next ones until it had read part of its queue (seq gaps show them)."),
+    ("fanoutd_restart_unwatched_batches", "restart_unwatched",
+     "Batches passed on after a proxy restart while fewer subscribers than before it were "
+     "back: lost to those not back yet."),
+)
+# (metric name, word, help) of the publisher's gauges.
+PROXY_GAUGES = (
+    ("fanoutd_subscribers", "subscribers",
+     "Subscriber connections with a subscription to a published topic."),
+    ("fanoutd_proxy_forwarding", "forwarding",
+     "1 while the proxy passes batches on; 0 while a new proxy waits for the subscribers "
+     "of the one it replaced (publish.restart_grace_ms) and while none runs."),
+)
+REJECTED_HELP = ("Messages on the workers' ipc socket the proxy dropped: malformed (not a "
+                 "batch of a ring in use), sender (not from that ring's worker), topic (not "
+                 "the ring's topic).")
+
+
+def publisher_report(proxy: ProxyStats) -> dict:
+    """The publisher's counters, named as on /metrics without the fanoutd_ prefix."""
+    snap = proxy.snapshot()
+    report: dict = {name.removeprefix("fanoutd_"): snap[key] for name, key, _ in PROXY_GAUGES}
+    for name, key, _ in PROXY_COUNTERS:
+        report[name.removeprefix("fanoutd_") + "_total"] = snap[key]
+    report["proxy_rejected_messages_total"] = {r: snap[f"rejected:{r}"]
+                                               for r in REJECT_REASONS}
+    return report
+
+
 class CaptureView(Protocol):
     """One interface's capture as the collector sees it (capture.Capture)."""
 
@@ -51,13 +94,15 @@ class CaptureView(Protocol):
 
 class StatsSource(Protocol):
     captures: list
+    proxy_stats: ProxyStats
 
     def refresh_kernel_stats(self) -> None: ...
 
 
-def stats_message(iface: str, table: StatsTable) -> dict:
+def stats_message(iface: str, table: StatsTable, proxy: ProxyStats) -> dict:
     """The body of the `stats` topic (wire.stats_message): the counters /metrics shows,
-    named as there without the fanoutd_ prefix, per worker (the active slots)."""
+    named as there without the fanoutd_ prefix, per worker (the active slots), and the
+    publisher's."""
     workers = []
     for index, stats in table.active():
         snap = stats.snapshot()
@@ -67,7 +112,8 @@ def stats_message(iface: str, table: StatsTable) -> dict:
         report["decode_errors_total"] = {r: snap[f"err:{r}"] for r in ERROR_REASONS}
         report["ring_blocks_user"] = snap["blocks_user"]
         workers.append(report)
-    return wire.stats_message(iface, workers, __version__, time.time_ns())
+    return wire.stats_message(iface, workers, __version__, time.time_ns(),
+                              publisher_report(proxy))
 
 
 class SlotCollector:
@@ -117,9 +163,23 @@ class SlotCollector:
                 link_up.add_metric((c.interface,), int(c.link_watch.up))
         yield events
         yield link_up
+        yield from self._publisher()
         info = GaugeMetricFamily("fanoutd_build_info", "fanoutd version.", labels=("version",))
         info.add_metric((__version__,), 1)
         yield info
+
+
+    def _publisher(self) -> Iterator[Metric]:
+        snap = self.source.proxy_stats.snapshot()
+        for name, key, doc in PROXY_GAUGES:
+            yield GaugeMetricFamily(name, doc, value=snap[key])
+        for name, key, doc in PROXY_COUNTERS:
+            yield CounterMetricFamily(name, doc, value=snap[key])
+        rejected = CounterMetricFamily("fanoutd_proxy_rejected_messages", REJECTED_HELP,
+                                       labels=("reason",))
+        for reason in REJECT_REASONS:
+            rejected.add_metric((reason,), snap[f"rejected:{reason}"])
+        yield rejected
 
 
 # Why a connection to the metrics endpoint was closed without an answer.

@@ -9,22 +9,30 @@ silently discards what it sends before the proxy's subscription reaches it (ever
 replaced worker, every proxy restart), which would lose batches at the very moments a
 worker is replaced. PUSH queues them until the proxy is there. Sends are NOBLOCK, so a full
 queue (the high-water mark) refuses the batch instead of stalling capture, and the worker
-counts it; `seq` shows subscribers the gap. Each message carries an envelope frame
-(worker, block seq) that the proxy strips: it reports back through the shared slot page
-which blocks it has passed on, and only then does the worker hand the block back to the
-kernel (see worker.py).
+counts it; `seq` shows subscribers the gap. Each message carries an envelope frame (ring
+id, block seq) that the proxy checks (only the ring's worker may send for it, on its
+topic) and strips: it reports back through the shared RingTable which blocks it has
+passed on, and only then does the worker hand the block back to the kernel (see
+worker.py).
 
-The proxy's public XPUB keeps ZeroMQ's per-subscriber drop at the high-water mark, so one
-slow subscriber never holds back the others.
+The public XPUB keeps ZeroMQ's per-subscriber drop at a full queue, so one slow subscriber
+never holds back the others; the proxy bounds that queue in bytes and counts what it
+drops. It applies every subscription itself (manual mode), so it refuses topics it never
+publishes, sends the welcome to the connection that asked for it only, and closes
+connections past the limits. After a restart it passes nothing on until the subscribers
+of the proxy it replaced are back, or publish.restart_grace_ms is over (StartGate).
 """
 
+import contextlib
 import logging
 import os
 import signal
+import socket
 import struct
 import time
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgpack
 import zmq
@@ -33,12 +41,11 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import monitor as zmq_monitor
 
 from fanoutd import privileges
-from fanoutd.config import CurveConfig
-from fanoutd.memory import keep_large_allocations
+from fanoutd.config import MAX_WORKERS, CurveConfig
 from fanoutd.metrics import stats_message
 from fanoutd.proctitle import set_process_name
-from fanoutd.slotstats import RingTable, StatsTable
-from fanoutd.wire import HELLO, STATS_TOPIC, SUBSCRIBE_HELLO, batch_topic
+from fanoutd.slotstats import ProxyStats, RingTable, StatsTable
+from fanoutd.wire import BATCH_OVERHEAD, BATCH_TOPIC_PREFIX, HELLO, STATS_TOPIC, batch_topic
 
 ENVELOPE = struct.Struct("<HQ")  # ring id, kernel block seq: worker -> proxy only
 EXIT_BOOT_FAILED = 3
@@ -98,10 +105,11 @@ class BatchPublisher:
             return False
         return True
 
-    def close(self) -> None:
+    def close(self, linger_ms: int | None = None) -> None:
+        """linger_ms: how long to try to deliver what is queued (None: LINGER, 2 s)."""
         self.sock.disable_monitor()
         self.monitor.close()
-        self.sock.close()
+        self.sock.close(linger=linger_ms)
 
 
 class BindError(Exception):
@@ -179,28 +187,312 @@ class _Authenticator(ThreadAuthenticator):
         return False
 
 
-class Proxy:
-    """PULL (ipc, from the workers) -> XPUB (the public endpoint)."""
+# ---------------------------------------------------------------------------- subscribers
 
-    def __init__(self, ctx: zmq.Context, backend: str, frontend: str, sndhwm: int,
-                 curve: CurveConfig | None = None) -> None:
+# The longest message a subscriber may send: a subscription is a topic (at most ~25 bytes
+# for anything published), and the CURVE handshake's largest command (INITIATE) is under
+# 300 bytes. libzmq drops a connection that sends a longer one.
+MAX_INCOMING_BYTES = 512
+SUBSCRIBER_RCVHWM = 100  # subscriptions queued from one connection before it must wait
+UNWATCHED_WINDOW_S = 60.0  # after a restart, how long missing subscribers are waited for
+INGRESS_QUEUE_BYTES = 16 << 20  # what the proxy queues from each worker, at most
+
+
+def subscription_topics(topic: bytes, interfaces: list[bytes]) -> tuple[bytes, ...] | None:
+    """What a subscription to `topic` is applied as: the topic itself when it is a prefix
+    of a topic the proxy publishes (pkt.IF.N for the interfaces and worker indexes, stats),
+    `pkt.` and `stats` for the empty prefix (everything but the welcome, which goes only
+    to the connection that asks for it), None when nothing published would ever match it.
+    The welcome itself (fanoutd.hello) is not a subscription: see Subscribers.message."""
+    if topic == b"":
+        return (BATCH_TOPIC_PREFIX, STATS_TOPIC)
+    if STATS_TOPIC.startswith(topic) or BATCH_TOPIC_PREFIX.startswith(topic):
+        return (topic,)
+    for iface in interfaces:
+        stem = BATCH_TOPIC_PREFIX + iface + b"."
+        if stem.startswith(topic):
+            return (topic,)
+        if topic.startswith(stem) and _worker_number_prefix(topic[len(stem):]):
+            return (topic,)
+    return None
+
+
+def _worker_number_prefix(text: bytes) -> bool:
+    """Whether text starts some worker index, 0 .. MAX_WORKERS - 1, in decimal."""
+    if not text.isdigit() or (len(text) > 1 and text[0] == ord("0")):
+        return False
+    return len(text) < len(str(MAX_WORKERS - 1)) or int(text) < MAX_WORKERS
+
+
+@dataclass
+class _Connection:
+    applied: Counter = field(default_factory=Counter)  # topic -> subscriptions needing it
+    subscriptions: int = 0  # subscribe messages less unsubscribe ones
+    closed: bool = False
+
+
+@dataclass
+class SubscriptionChange:
+    """What the proxy does for one message from a subscriber's connection: subscribe and
+    unsubscribe that connection (ZMQ_XPUB_MANUAL applies them to the connection the
+    message came from), send it the welcome."""
+
+    subscribe: list[bytes] = field(default_factory=list)
+    unsubscribe: list[bytes] = field(default_factory=list)
+    welcome: bool = False
+
+
+class Subscribers:
+    """The subscriber connections of the public endpoint, by file descriptor, with the
+    limits that bound the proxy's memory: connections (publish.max_subscribers, refused
+    at once), subscriptions per connection (publish.max_subscriptions: the connection is
+    closed beyond it; libzmq keeps every subscription a connection sends until the
+    connection ends, applied or not) and topics (only those that match something
+    published are applied). Each refusal is counted in `stats`.
+
+    A connection is known by its file descriptor from the socket monitor's accepted
+    event to its disconnected one; each message names its connection's descriptor in
+    its metadata (ZMQ_SRCFD). A message from a descriptor not known (the connection has
+    ended; its last messages can come after its disconnected event) is ignored: libzmq
+    too forgets a connection's subscriptions when it ends. `close` shuts a connection
+    down by its descriptor. (Not a ZAP refusal: libzmq's SUB never reconnects after a
+    failed handshake, while it does after a lost connection, so a subscriber turned away
+    because the proxy was full gets in once there is room.)"""
+
+    def __init__(self, interfaces: list[bytes], max_connections: int,
+                 max_subscriptions: int, stats: ProxyStats,
+                 close: Callable[[int], None]) -> None:
+        self.interfaces = interfaces
+        self.max_connections = max_connections
+        self.max_subscriptions = max_subscriptions
+        self.stats = stats
+        self.close = close
+        self.connections: dict[int, _Connection] = {}
+        self.refused: set[int] = set()  # shut down at once, not yet disconnected
+
+        self.subscribed = 0  # connections with a subscription applied: the subscribers
+
+    def _count(self) -> None:
+        self.subscribed = sum(1 for c in self.connections.values()
+                              if c.applied and not c.closed)
+        self.stats["subscribers"] = self.subscribed
+
+    def knows(self, fd: int | None) -> bool:
+        return fd is not None and (fd in self.connections or fd in self.refused)
+
+    def accepted(self, fd: int) -> None:
+        self.connections.pop(fd, None)  # a descriptor used again: a new connection
+        if len(self.connections) >= self.max_connections:
+            self.stats.add("connections_refused")
+            self.refused.add(fd)
+            self.close(fd)
+            return
+        self.connections[fd] = _Connection()
+
+    def disconnected(self, fd: int) -> None:
+        self.refused.discard(fd)
+        if self.connections.pop(fd, None) is not None:
+            self._count()
+
+    def message(self, fd: int | None, message: bytes) -> SubscriptionChange:
+        """A (un)subscription message from connection fd (None: from libzmq itself, for a
+        connection that has ended), as the XPUB hands it up."""
+        change = SubscriptionChange()
+        conn = self.connections.get(fd) if fd is not None else None
+        if conn is None or conn.closed or not message or message[0] > 1:
+            return change  # not from a live connection, or not a subscription
+        topic, subscribe = message[1:], message[0] == 1
+        if subscribe:
+            conn.subscriptions += 1
+            if conn.subscriptions > self.max_subscriptions:
+                log.warning("closed a subscriber connection that sent more than %d "
+                            "subscriptions (publish.max_subscriptions)",
+                            self.max_subscriptions)
+                self.stats.add("subscribers_closed")
+                conn.closed = True
+                self.close(fd)
+                self._count()
+                return change
+        else:
+            conn.subscriptions = max(0, conn.subscriptions - 1)
+        if topic == HELLO:
+            change.welcome = subscribe
+            return change
+        topics = subscription_topics(topic, self.interfaces)
+        if topics is None:
+            if subscribe:
+                self.stats.add("subscriptions_refused")
+            return change
+        for t in topics:
+            if subscribe:
+                conn.applied[t] += 1
+                if conn.applied[t] == 1:
+                    change.subscribe.append(t)
+            elif conn.applied[t] > 0:
+                conn.applied[t] -= 1
+                if conn.applied[t] == 0:
+                    del conn.applied[t]
+                    change.unsubscribe.append(t)
+        self._count()
+        return change
+
+
+def shut_down(fd: int) -> None:
+    """End the connection on fd (a socket libzmq's I/O thread owns): its engine sees the
+    end of the stream, closes the socket and ends the connection's pipe, which frees the
+    subscriptions libzmq keeps for it."""
+    with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as sock:
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+class StartGate:
+    """After a restart the proxy passes nothing on (and acknowledges nothing, so workers
+    hold their blocks) until the subscribers of the previous proxy are back: as many as it
+    had, or restart_grace_s after the start, whichever comes first. A subscriber that
+    reconnects within the grace period misses nothing. What is forwarded afterwards while
+    fewer are back is counted (unwatched), for UNWATCHED_WINDOW_S at most: a subscriber
+    not back by then is taken to have left.
+
+    Once open, the workers publish at once everything they held: for the grace period
+    again (catching_up), a subscriber's full queue holds the proxy back rather than losing
+    batches for that subscriber (ZeroMQ writes them to it more slowly than the proxy can
+    queue them)."""
+
+    def __init__(self, expected: int, grace_s: float, now: float) -> None:
+        self.expected = expected
+        self.grace_s = grace_s
+        self.deadline = now + grace_s
+        self.opened_at: float | None = None
+        self.started = now
+
+    def try_open(self, subscribers: int, now: float) -> bool:
+        if self.opened_at is None and (subscribers >= self.expected or now >= self.deadline):
+            self.opened_at = now
+        return self.opened_at is not None
+
+    def catching_up(self, now: float) -> bool:
+        return (self.expected > 0 and self.opened_at is not None
+                and now - self.opened_at < self.grace_s)
+
+    def unwatched(self, subscribers: int, now: float) -> bool:
+        """Whether a batch forwarded now misses a subscriber of the previous proxy."""
+        return (subscribers < self.expected and self.opened_at is not None
+                and now - self.opened_at < UNWATCHED_WINDOW_S)
+
+
+class RateLimitedLog:
+    """At most one warning per key every period_s, telling how many were held back."""
+
+    def __init__(self, period_s: float = 60.0) -> None:
+        self.period_s = period_s
+        self._last: dict[str, float] = {}
+        self._held: Counter = Counter()
+
+    def warn(self, key: str, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last.get(key, float("-inf")) < self.period_s:
+            self._held[key] += 1
+            return
+        self._last[key] = now
+        held = self._held.pop(key, 0)
+        suffix = f" ({held} more since the last warning)" if held else ""
+        log.warning(message + suffix, *args)
+
+
+# ---------------------------------------------------------------------------- the proxy
+
+
+@dataclass(frozen=True)
+class ProxyPlan:
+    backend: str  # ipc endpoint the workers push to
+    frontend: str  # the public endpoint
+    sndhwm: int  # the workers' queues to the proxy, in batches; caps subscriber queues too
+    subscriber_queue_bytes: int  # each subscriber's queue, at most (see subscriber_hwm())
+    max_subscribers: int
+    max_subscriptions: int
+    restart_grace_s: float
+    stats_interval_s: float
+    user: str | None  # drop to this user once both endpoints are bound
+    curve: CurveConfig
+
+
+def subscriber_hwm(queue_bytes: int, block_size: int, sndhwm: int) -> int:
+    """A subscriber's queue in messages, from its budget in bytes: what fits of the
+    largest message the proxy sends (a batch is never larger than its ring block plus
+    wire.BATCH_OVERHEAD, tests/test_wire.py), and at most sndhwm (0: no such cap)."""
+    fitting = max(1, queue_bytes // (block_size + BATCH_OVERHEAD + MESSAGE_OVERHEAD))
+    return min(fitting, sndhwm) if sndhwm else fitting
+
+
+MESSAGE_OVERHEAD = 256  # the topic frame and ZeroMQ's bookkeeping of a queued message
+
+
+class Proxy:
+    """PULL (ipc, from the workers) -> XPUB (the public endpoint).
+
+    The XPUB runs in manual mode (ZMQ_XPUB_MANUAL): each subscription reaches the proxy,
+    which applies it to the connection it came from, or refuses it (Subscribers). With
+    ZMQ_XPUB_NODROP, a send fails (EAGAIN) when a subscriber's queue is full; the batch is
+    then counted as dropped for a subscriber and sent again without NODROP, so the others
+    still get it (which subscriber is not visible through an XPUB).
+    """
+
+    def __init__(self, ctx: zmq.Context, plan: ProxyPlan, rings: RingTable,
+                 stats: ProxyStats, interfaces: list[str]) -> None:
+        self.rings = rings
+        self.stats = stats
         self.authenticator: _Authenticator | None = None
+        self.plan = plan
         self.pull = ctx.socket(zmq.PULL)
-        self.pull.setsockopt(zmq.RCVHWM, sndhwm)
         self.pull.setsockopt(zmq.LINGER, 0)
-        _bind(self.pull, backend, "runtime_dir")
         self.xpub = ctx.socket(zmq.XPUB)
-        self.xpub.setsockopt(zmq.SNDHWM, sndhwm)
+        self._size_queues()
+        _bind(self.pull, plan.backend, "runtime_dir")
+        self.xpub.setsockopt(zmq.RCVHWM, SUBSCRIBER_RCVHWM)
+        self.xpub.setsockopt(zmq.MAXMSGSIZE, MAX_INCOMING_BYTES)
         self.xpub.setsockopt(zmq.LINGER, 1000)
-        # Every subscription reaches run_once (verbose), so a subscription to HELLO can be
-        # answered with a HELLO once it is in effect (see run_once).
-        self.xpub.setsockopt(zmq.XPUB_VERBOSE, 1)
-        if curve is not None and curve.secret_key_file is not None:
-            self._serve_curve(ctx, curve)
-        _bind(self.xpub, frontend, "publish.endpoint")
+        self.xpub.setsockopt(zmq.XPUB_MANUAL, 1)
+        self.xpub.setsockopt(zmq.XPUB_NODROP, 1)
+        if plan.curve is not None and plan.curve.secret_key_file is not None:
+            self._serve_curve(ctx, plan.curve)
+        self.monitor = self.xpub.get_monitor_socket(zmq.EVENT_ACCEPTED
+                                                    | zmq.EVENT_DISCONNECTED)
+        _bind(self.xpub, plan.frontend, "publish.endpoint")
+        self.subscribers = Subscribers([i.encode() for i in interfaces],
+                                       plan.max_subscribers, plan.max_subscriptions, stats,
+                                       shut_down)
+        expected = stats["subscribers"]  # what the previous proxy had, if any
+        stats["subscribers"] = 0
+        self.gate = StartGate(expected, plan.restart_grace_s, time.monotonic())
         self.poller = zmq.Poller()
-        self.poller.register(self.pull, zmq.POLLIN)
         self.poller.register(self.xpub, zmq.POLLIN)
+        self.poller.register(self.monitor, zmq.POLLIN)
+        self._pids: dict[str, int] = {}  # Peer-Address -> pid
+        self.warnings = RateLimitedLog()
+        self._waiting: list[zmq.Frame] | None = None  # a batch waiting for room (catch-up)
+        self._ingress = False  # the workers' socket is polled
+        self._try_open(time.monotonic())  # at once, unless subscribers are to come back
+
+    def _size_queues(self) -> None:
+        """Each subscriber's queue, in messages, from its budget in bytes and the largest
+        batch, that of the largest ring block at the proxy's start; set before any
+        connection, and never again: a new HWM applied to a connection's pipe in use can
+        leave its writer waiting for good (libzmq 4.3 tells the writer how far the reader
+        got only every low-water-mark messages, and the mark moves with the HWM), so after
+        a reload to larger blocks the length holds until the proxy is restarted."""
+        self.block_size = self.stats["block_size"]
+        # What a worker has sent waits in its own queue rather than here: the proxy takes
+        # in as fast as it passes on, unless it is stalled.
+        self.pull.setsockopt(zmq.RCVHWM, subscriber_hwm(INGRESS_QUEUE_BYTES, self.block_size,
+                                                        self.plan.sndhwm))
+        self.subscriber_hwm = subscriber_hwm(self.plan.subscriber_queue_bytes,
+                                             self.block_size, self.plan.sndhwm)
+        self.xpub.setsockopt(zmq.SNDHWM, self.subscriber_hwm)
+
+    def log_queue_size(self) -> None:
+        log.info("each subscriber's queue holds at most %d batches (publish.sndhwm, "
+                 "publish.subscriber_queue_bytes, ring blocks of %d bytes)",
+                 self.subscriber_hwm, self.block_size)
 
     def _serve_curve(self, ctx: zmq.Context, curve: CurveConfig) -> None:
         """Encrypt the public endpoint with CURVE; with clients_dir, admit only the
@@ -215,65 +507,207 @@ class Proxy:
         self.xpub.curve_publickey = public
         self.xpub.curve_server = True
 
-    def run_once(self, timeout_ms: int, forwarded: Callable[[int, int], None]) -> None:
-        """Forward what is waiting, without copying the frames, and report each batch
-        passed on with forwarded(ring_id, block_seq)."""
+    def run_once(self, timeout_ms: int) -> None:
+        """Take in subscriber connections and subscriptions, then forward what the workers
+        sent (once the start-up gate is open), without copying the frames, and tell each
+        ring's worker which blocks were passed on."""
+        now = time.monotonic()
+        if self.gate.opened_at is None:
+            timeout_ms = max(0, min(timeout_ms, int((self.gate.deadline - now) * 1000) + 1))
+        if self._waiting is not None:
+            timeout_ms = min(timeout_ms, 1)
         events = dict(self.poller.poll(timeout_ms))
-        if self.pull in events:
+        self._connections()
+        if self.xpub in events:
+            self._subscriptions()
+        if self.gate.opened_at is None:
+            self._try_open(time.monotonic())
+        if self._waiting is not None:
+            frames, self._waiting = self._waiting, None
+            self._pass_on(frames, time.monotonic())
+        if self.pull in events and self._waiting is None:
             for _ in range(1000):  # bounded, so the caller's loop keeps its pace
                 try:
                     frames = self.pull.recv_multipart(flags=zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     break
-                if len(frames) != 3 or len(frames[0]) != ENVELOPE.size:
-                    continue  # not from a worker of ours
-                self.xpub.send_multipart(frames[1:], copy=False)
-                forwarded(*ENVELOPE.unpack(frames[0].buffer))
-        if self.xpub in events:
-            while True:
-                try:
-                    message = self.xpub.recv(flags=zmq.NOBLOCK)
-                except zmq.Again:
+                self._forward(frames)
+                if self._waiting is not None:
                     break
-                # XPUB hands a subscription up only once it is in its subscription tree:
-                # a subscriber that subscribed to HELLO last (as fanoutd.client does) and
-                # receives it knows that all its subscriptions are in effect. Others that
-                # subscribed to HELLO get one more; they ignore it.
-                if message == SUBSCRIBE_HELLO:
-                    self.xpub.send(HELLO, flags=zmq.NOBLOCK)
 
-    def send(self, topic: bytes, body: bytes) -> None:
-        self.xpub.send_multipart((topic, body), flags=zmq.NOBLOCK)
+    def _try_open(self, now: float) -> None:
+        subscribers = self.subscribers.subscribed
+        if not self.gate.try_open(subscribers, now):
+            return
+        if self.gate.expected:
+            log.info("passing batches on: %d of the %d subscribers of the previous proxy "
+                     "are back after %.1f s", subscribers, self.gate.expected,
+                     now - self.gate.started)
+        self._take_in(True)
+        self.stats["forwarding"] = 1  # workers take new blocks again
+
+    def _take_in(self, on: bool) -> None:
+        """Poll the workers' socket, or leave what they send waiting in their queues."""
+        if on and not self._ingress:
+            self.poller.register(self.pull, zmq.POLLIN)
+        elif not on and self._ingress:
+            self.poller.unregister(self.pull)
+        self._ingress = on
+
+    def _connections(self) -> None:
+        while True:
+            try:
+                event = zmq_monitor.recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_ACCEPTED:
+                self.subscribers.accepted(event["value"])
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
+                self.subscribers.disconnected(event["value"])
+
+    def _subscriptions(self) -> None:
+        for _ in range(1000):  # bounded, like forwarding
+            try:
+                message = self.xpub.recv(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                fd: int | None = message.get(zmq.SRCFD)
+            except zmq.ZMQError:  # no metadata: libzmq's own, for an ended connection
+                fd = None
+            if fd is not None and fd < 0:
+                fd = None
+            if fd is not None and not self.subscribers.knows(fd):
+                self._connections()  # its accepted event was sent before it: take it in
+            change = self.subscribers.message(fd, message.bytes)
+            # Manual mode: these act on the connection the message just received came
+            # from (libzmq forgets it when that connection ends: they are then no-ops).
+            for topic in change.subscribe:
+                self.xpub.setsockopt(zmq.SUBSCRIBE, topic)
+            for topic in change.unsubscribe:
+                self.xpub.setsockopt(zmq.UNSUBSCRIBE, topic)
+            if change.welcome:
+                # Subscribed for the moment it takes to send it: no other connection has
+                # a subscription that matches the welcome (subscription_topics), so it
+                # reaches the one that asked, and only once per request.
+                self.xpub.setsockopt(zmq.SUBSCRIBE, HELLO)
+                self._send((HELLO,))
+                self.xpub.setsockopt(zmq.UNSUBSCRIBE, HELLO)
+
+    def _forward(self, frames: list[zmq.Frame]) -> None:
+        reason = self._rejected(frames)
+        if reason is not None:
+            self.stats.add(f"rejected:{reason}")
+            self.warnings.warn(reason, "dropped a message on the workers' socket: %s",
+                               REJECTED_BECAUSE[reason])
+            return
+        self._pass_on(frames, time.monotonic())
+
+    def _pass_on(self, frames: list[zmq.Frame], now: float) -> None:
+        """Send a checked batch to the subscribers and tell its worker. While catching up
+        after a restart, a full subscriber queue makes it wait (and the batches behind
+        it) instead."""
+        gate = self.gate
+        catching_up = bool(gate.expected) and gate.catching_up(now)
+        if not self._send(frames[1:], wait=catching_up):
+            if catching_up:
+                self._waiting = frames
+                self._take_in(False)
+                return
+            self.stats.add("subscriber_overflows")
+        if not self._ingress:
+            self._take_in(True)
+        if gate.expected and gate.unwatched(self.subscribers.subscribed, now):
+            self.stats.add("restart_unwatched")
+        ring_id, block_seq = ENVELOPE.unpack(frames[0].buffer)
+        if block_seq > self.rings.forwarded[ring_id]:
+            self.rings.forwarded[ring_id] = block_seq
+
+    def _rejected(self, frames: list[zmq.Frame]) -> str | None:
+        """Why a message from the ipc socket is not a batch to forward, or None. Only the
+        ring's worker may send for its ring: the process at the other end of the
+        connection is the kernel's word (SO_PEERCRED, which libzmq reads when it accepts
+        the connection and gives as Peer-Address, uid:gid:pid), and the supervisor names
+        each ring's worker in the RingTable, out of the workers' reach."""
+        if len(frames) != 3 or len(frames[0]) != ENVELOPE.size:
+            return "malformed"
+        ring_id, _ = ENVELOPE.unpack(frames[0].buffer)
+        if ring_id >= self.rings.count or self.rings.pid[ring_id] == 0:
+            return "malformed"
+        if self._sender(frames[0]) != self.rings.pid[ring_id]:
+            return "sender"
+        if frames[1].bytes != self.rings.topic(ring_id):
+            return "topic"
+        return None
+
+    def _sender(self, frame: zmq.Frame) -> int:
+        """The pid of the process that sent frame (0 when unknown)."""
+        try:
+            address = frame.get("Peer-Address")
+        except zmq.ZMQError:
+            return 0
+        pid = self._pids.get(address)
+        if pid is None:
+            tail = address.rsplit(":", 1)[-1]
+            pid = int(tail) if tail.isdigit() else 0
+            if len(self._pids) >= 4096:  # one entry per worker connection in practice
+                self._pids.clear()
+            self._pids[address] = pid
+        return pid
+
+    def _send(self, frames: tuple | list, wait: bool = False) -> bool:
+        """Send to every matching subscriber. False when a subscriber's queue was full:
+        with wait, nothing was sent (try again later); else the others got the message,
+        that subscriber lost it."""
+        try:
+            self._send_parts(frames)
+            return True
+        except zmq.Again:
+            if wait:
+                return False
+        self.xpub.setsockopt(zmq.XPUB_NODROP, 0)
+        try:
+            self._send_parts(frames)
+        finally:
+            self.xpub.setsockopt(zmq.XPUB_NODROP, 1)
+        return False
+
+    def _send_parts(self, parts: tuple | list) -> None:
+        """send_multipart, without its flag arithmetic on enums (~3 us a batch). With
+        NODROP a refusal comes at the first part: the others go where it went."""
+        last = len(parts) - 1
+        for i, part in enumerate(parts):
+            self.xpub.send(part, _MORE_NOBLOCK if i < last else _NOBLOCK, copy=False)
+
+    def send_stats(self, topic: bytes, body: bytes) -> None:
+        self._send((topic, body))
 
     def close(self) -> None:
+        self.xpub.disable_monitor()
+        self.monitor.close()
         self.pull.close()
         self.xpub.close()
         if self.authenticator is not None:
             self.authenticator.stop()
 
 
-@dataclass(frozen=True)
-class ProxyPlan:
-    backend: str  # ipc endpoint the workers push to
-    frontend: str  # the public endpoint
-    sndhwm: int
-    stats_interval_s: float
-    user: str | None  # drop to this user once both endpoints are bound
-    curve: CurveConfig
+_NOBLOCK = int(zmq.NOBLOCK)
+_MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
+
+REJECTED_BECAUSE = {
+    "malformed": "not a batch of a ring in use",
+    "sender": "sent by a process that is not the ring's worker",
+    "topic": "not on the ring's topic",
+}
 
 
 def run_proxy(plan: ProxyPlan, ready_fd: int, tables: list[tuple[str, StatsTable]],
-              rings: RingTable) -> int:
+              rings: RingTable, stats: ProxyStats) -> int:
     """The proxy process's main. Binds both endpoints and writes b"ok" (or the reason it
     could not) to ready_fd, drops privileges, then forwards batches (telling each ring's
-    worker, through `rings`, what it passed on) and publishes the slots' counters on the
-    `stats` topic every stats_interval_s."""
-
-    def forwarded(ring_id: int, block_seq: int) -> None:
-        rings.forwarded[ring_id] = block_seq
-
+    worker, through `rings`, what it passed on) and publishes the slots' counters and its
+    own on the `stats` topic every stats_interval_s."""
     set_process_name("fanoutd-proxy")
-    keep_large_allocations()  # batches pass through here too
     stopping = []
     signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -281,7 +715,7 @@ def run_proxy(plan: ProxyPlan, ready_fd: int, tables: list[tuple[str, StatsTable
     privileges.handlers_installed()  # blocked since the fork (supervisor._spawn)
     ctx = zmq.Context(1)
     try:
-        proxy = Proxy(ctx, plan.backend, plan.frontend, plan.sndhwm, plan.curve)
+        proxy = Proxy(ctx, plan, rings, stats, [iface for iface, _ in tables])
         if plan.user:
             privileges.become(plan.user)
     except (BindError, privileges.PrivilegeError, OSError) as e:
@@ -290,19 +724,21 @@ def run_proxy(plan: ProxyPlan, ready_fd: int, tables: list[tuple[str, StatsTable
         return EXIT_BOOT_FAILED
     os.write(ready_fd, b"ok")
     os.close(ready_fd)
+    proxy.log_queue_size()
     next_stats = time.monotonic()
     supervisor = os.getppid()
     try:
         while not stopping and os.getppid() == supervisor:  # no orphan outlives it
-            proxy.run_once(200, forwarded)
+            proxy.run_once(200)
             if time.monotonic() >= next_stats:
                 for iface, table in tables:  # one message per interface
-                    body = msgpack.packb(stats_message(iface, table), use_bin_type=True)
-                    proxy.send(STATS_TOPIC, body)
+                    body = msgpack.packb(stats_message(iface, table, stats),
+                                         use_bin_type=True)
+                    proxy.send_stats(STATS_TOPIC, body)
                 next_stats = time.monotonic() + plan.stats_interval_s
         # The workers stop first and flush to us; pass on what they sent.
         for _ in range(10):
-            proxy.run_once(20, forwarded)
+            proxy.run_once(20)
     finally:
         proxy.close()
         ctx.term()

@@ -34,7 +34,7 @@ from fanoutd.config import (
 )
 from fanoutd.filter import FilterError
 from fanoutd.metrics_server import MetricsServer
-from fanoutd.slotstats import RingTable
+from fanoutd.slotstats import ProxyStats, RingTable
 from fanoutd.systemd import Notifier, set_log_context
 
 log = logging.getLogger("fanoutd")
@@ -75,6 +75,7 @@ class Supervisor:
         self.links = link.LinkMonitor()  # before any capture: no change goes unseen
         # Shared memory, mapped before any fork so every child sees all of it.
         self.rings = RingTable(RING_IDS)
+        self.proxy_stats = ProxyStats()
         self.free_ring_ids = list(range(RING_IDS))
         self.captures: list[Capture] = []
         self.proxy: Child | None = None
@@ -155,7 +156,13 @@ class Supervisor:
             raise StartupError(f"{cfg.interface}: {e}", EXIT_UNAVAILABLE) from None
         capture.set_slots(socks)
         self.captures.append(capture)
+        self._tell_proxy_block_size()
         return capture
+
+    def _tell_proxy_block_size(self) -> None:
+        """The proxy sizes subscriber queues by the largest batch: that of the largest
+        ring block in use when it starts."""
+        self.proxy_stats["block_size"] = max(c.cfg.ring.block_size for c in self.captures)
 
     def _replace_rings(self, capture: Capture, cfg: CaptureConfig) -> bool:
         """Move a capture to new sockets, rings and fanout group for cfg, losing nothing.
@@ -194,6 +201,7 @@ class Supervisor:
                 capture.reopen_pending = True
                 return False
         capture.set_slots(socks)
+        self._tell_proxy_block_size()
         self._start_workers(capture)
         self.announced_ready = False  # logs (and tells systemd) when capture is back
         return True
@@ -219,7 +227,18 @@ class Supervisor:
             if slot.child is None:
                 slot.child = Child(capture.process_name(slot.index),
                                    self._worker_main(capture, slot))
-            self._spawn(slot.child)
+            self._spawn_worker(slot)
+
+    def _spawn_worker(self, slot: Slot) -> None:
+        assert slot.child is not None
+        self._spawn_for_ring(slot.child, slot.ring_id)
+
+    def _spawn_for_ring(self, child: Child, ring_id: int) -> None:
+        """Fork a worker of ring ring_id (its slot's, or one draining an old ring) and
+        name it the ring's worker: the proxy takes the ring's batches from this process
+        only (the worker waits for this before publishing)."""
+        self._spawn(child)
+        self.rings.pid[ring_id] = child.pid or 0
 
     def _retire_slots(self, capture: Capture) -> None:
         """Cut the capture's current sockets off from traffic and have their workers drain
@@ -236,7 +255,7 @@ class Supervisor:
             child.failures = 0  # now counts failed drains
             child.main = self._worker_main(capture, slot, drain=True)  # for any successor
             if child.pid is None:
-                self._spawn(child)
+                self._spawn_for_ring(child, slot.ring_id)
             self._drain(child)
             capture.retiring.append(Retiring(child, slot.sock, slot.ring_id, slot.stats,
                                              deadline))
@@ -280,7 +299,7 @@ class Supervisor:
         else:
             log.warning("%s %s while draining its old ring; starting another worker to "
                         "drain it", child.name, _describe_status(status))
-        self._spawn(child)
+        self._spawn_for_ring(child, old.ring_id)
         self._drain(child)
         old.kill_at = self._drain_deadline(capture)
 
@@ -446,11 +465,13 @@ class Supervisor:
         def main() -> int:  # in the child: the configuration current at the fork
             self._close_rings_in_child(keep=None)  # the proxy reads counters, never rings
             cfg = self.cfg.publish
-            plan = publish.ProxyPlan(self.backend, cfg.endpoint, cfg.sndhwm,
-                                     self.cfg.supervisor.status_interval_ms / 1000,
-                                     self.cfg.user, cfg.curve)
+            plan = publish.ProxyPlan(
+                self.backend, cfg.endpoint, cfg.sndhwm, cfg.subscriber_queue_bytes,
+                cfg.max_subscribers, cfg.max_subscriptions, cfg.restart_grace_ms / 1000,
+                self.cfg.supervisor.status_interval_ms / 1000, self.cfg.user, cfg.curve)
             tables = [(c.interface, c.table) for c in self.captures]
-            return publish.run_proxy(plan, self._proxy_ready_w, tables, self.rings)
+            return publish.run_proxy(plan, self._proxy_ready_w, tables, self.rings,
+                                     self.proxy_stats)
 
         self.proxy = Child("fanoutd-proxy", main)
         self._spawn_proxy(startup=True)
@@ -463,6 +484,8 @@ class Supervisor:
         FATAL if it keeps failing.
         """
         assert self.proxy is not None
+        if not startup:
+            self.proxy_stats.add("restarts")
         ready_r, self._proxy_ready_w = os.pipe()
         try:
             self._spawn(self.proxy)
@@ -491,11 +514,13 @@ class Supervisor:
 
         def main() -> int:  # in the child: the daemon's settings current at the fork
             self._close_rings_in_child(keep=sock)  # a worker touches its own ring only
+            self.rings.read_only()  # written by the proxy and the supervisor only
+            self.proxy_stats.read_only()
             plan = worker.WorkerPlan(capture.interface, ring_id, cfg.ring.geometry,
                                      self.backend, self.cfg.publish.sndhwm, self.cfg.user,
                                      cfg.payload_bytes, name,
                                      wire.FORMATS[self.cfg.publish.format], epoch, drain)
-            return worker.run_worker(index, sock, stats, self.rings, plan)
+            return worker.run_worker(index, sock, stats, self.rings, self.proxy_stats, plan)
 
         return main
 
@@ -613,6 +638,8 @@ class Supervisor:
                     return
         child.pid = None
         child.kill_at = None
+        if child is self.proxy:
+            self._proxy_exited(clean=self.stopping or child.state == "STOPPING")
         if self.stopping or child.state == "STOPPING":
             child.state = "STOPPED"
             return
@@ -644,6 +671,18 @@ class Supervisor:
         child.restart_at = now + delay
         log.warning("%s %s; restarting in %.1f s", child.name, how, delay)
 
+    def _proxy_exited(self, clean: bool) -> None:
+        """Workers hold their blocks until the next proxy forwards. A proxy that died may
+        have taken batches it had acknowledged (queued towards subscribers, not yet sent)
+        with it: nothing is known to be passed on any more, so the next workers publish
+        again every block their rings still hold (subscribers drop the duplicates)."""
+        self.proxy_stats["forwarding"] = 0
+        if not clean:
+            for capture in self.captures:
+                for ring_id in [s.ring_id for s in capture.slots] + [
+                        old.ring_id for old in capture.retiring]:
+                    self.rings.forwarded[ring_id] = 0
+
     def _tick(self) -> None:
         now = time.monotonic()
         for slot in self._slots():
@@ -655,7 +694,7 @@ class Supervisor:
             elif child.state == "BACKOFF" and now >= child.restart_at:
                 slot.stats.add("restarts")
                 slot.stats["capturing"] = 0  # the dead worker's flag; the new one sets it
-                self._spawn(child)
+                self._spawn_worker(slot)
             elif child.state == "RUNNING":
                 self._check_heartbeat(slot, child, now)
             slot.stats["up"] = int(child.state == "RUNNING")

@@ -37,11 +37,23 @@ STATS_VERSION = 1
 
 
 def stats_message(iface: str, workers: list[dict[str, Any]], version: str,
-                  ts_ns: int) -> dict[str, Any]:
-    """The body of a `stats` message: one interface's per-worker reports (counters named
-    as the Prometheus metrics without the fanoutd_ prefix, built by metrics.py)."""
-    return {"v": STATS_VERSION, "iface": iface, "ts_ns": ts_ns, "version": version,
+                  ts_ns: int, proxy: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The body of a `stats` message: one interface's per-worker reports and the
+    publisher's own counters (named as the Prometheus metrics without the fanoutd_
+    prefix, built by metrics.py)."""
+    body = {"v": STATS_VERSION, "iface": iface, "ts_ns": ts_ns, "version": version,
             "workers_up": sum(bool(w["up"]) for w in workers), "workers": workers}
+    if proxy is not None:
+        body["publisher"] = proxy
+    return body
+
+
+# A batch is never larger than its ring block plus this (tests/test_wire.py fills blocks
+# with the frames that encode largest): each frame takes at least 96 bytes of its block
+# (header and alignment) and every row, payload included, encodes in fewer bytes than its
+# frame takes in the block; this covers the batch's header. Subscriber queues are sized
+# by it (publish.subscriber_queue_bytes).
+BATCH_OVERHEAD = 4096
 
 
 def batch_topic(iface: str, worker: int) -> bytes:

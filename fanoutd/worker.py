@@ -27,6 +27,8 @@ log = logging.getLogger("fanoutd.worker")
 
 POLL_MS = 100  # the longest a worker goes without a heartbeat or checking for stop
 HOLD_WAIT_S = 0.0002  # how often a worker holding blocks looks for the proxy's word
+GATE_WAIT_S = 0.005  # how often a worker looks whether the proxy forwards again
+RETAIN_S = 0.1  # how long blocks the proxy passed on stay held once traffic pauses
 EXIT_BOOT_FAILED = 3  # the worker could not start; repeated, the slot goes FATAL
 EXIT_RECONNECT = 4  # the proxy was replaced: start a new worker (an expected restart)
 CONNECT_TIMEOUT_S = 10.0
@@ -68,7 +70,8 @@ class WorkerPlan:
 
 
 def run_worker(index: int, sock: socket.socket, stats: slotstats.SlotStats,
-               rings: slotstats.RingTable, plan: WorkerPlan) -> int:
+               rings: slotstats.RingTable, proxy: slotstats.ProxyStats,
+               plan: WorkerPlan) -> int:
     """The worker process's main; returns its exit status."""
     keep_large_allocations()
     set_process_name(plan.name)
@@ -89,6 +92,7 @@ def run_worker(index: int, sock: socket.socket, stats: slotstats.SlotStats,
         return EXIT_BOOT_FAILED
     ctx = zmq.Context(1)
     pub = BatchPublisher(ctx, plan.backend, plan.iface, index, plan.ring_id, plan.sndhwm)
+    status = EXIT_BOOT_FAILED
     try:
         # Everything privileged happens before this point: the ring is mapped and the
         # proxy's ipc socket (root's) connected. From here on the worker parses hostile
@@ -103,36 +107,70 @@ def run_worker(index: int, sock: socket.socket, stats: slotstats.SlotStats,
             except (privileges.PrivilegeError, OSError) as e:
                 log.error("worker %d: cannot drop privileges to %s: %s", index, plan.user, e)
                 return EXIT_BOOT_FAILED
+        if not _named_the_rings_worker(rings, plan.ring_id, stats):
+            log.error("worker %d: the supervisor did not name this process the worker of "
+                      "ring %d", index, plan.ring_id)
+            return EXIT_BOOT_FAILED
         stats["pid"] = os.getpid()
         if stop.drain_since is None:  # one started to drain an old ring leaves the slot's
             stats["capturing"] = os.getpid()  # flag to the worker of its new ring
         log.info("worker %d capturing on %s from ring block %d (%s decoder)", index,
                  plan.iface, rx.cursor, IMPLEMENTATION)
         encoder = BlockEncoder(plan.version, plan.iface, index, plan.epoch, plan.payload_bytes)
-        return _capture(rx, pub, encoder, stats, rings, stop, plan, index)
+        status = _capture(rx, pub, encoder, stats, rings, proxy, stop, plan, index)
+        return status
     finally:
         if stats["capturing"] == os.getpid():  # not a successor's (a reload overlaps them)
             stats["capturing"] = 0
-        pub.close()
+        # Leaving for a new proxy: what waits in the queue (for a reconnection this process
+        # cannot make) is held in the ring for the successor, which must start at once.
+        pub.close(linger_ms=0 if status == EXIT_RECONNECT else None)
         ctx.term()
         rx.close()
 
 
+def _named_the_rings_worker(rings: slotstats.RingTable, ring_id: int,
+                            stats: slotstats.SlotStats) -> bool:
+    """Wait until the supervisor has named this process the ring's worker (it does so
+    right after fork, long before a worker is ready): the proxy takes the ring's batches
+    from that process only."""
+    deadline = time.monotonic() + CONNECT_TIMEOUT_S
+    while rings.pid[ring_id] != os.getpid():
+        if time.monotonic() >= deadline:
+            return False
+        stats.beat()
+        time.sleep(0.001)
+    return True
+
+
 def _capture(rx: RxRing, pub: BatchPublisher, encoder: BlockEncoder,
-             stats: slotstats.SlotStats, rings: slotstats.RingTable, stop: _Stop,
-             plan: WorkerPlan, index: int) -> int:
+             stats: slotstats.SlotStats, rings: slotstats.RingTable,
+             proxy: slotstats.ProxyStats, stop: _Stop, plan: WorkerPlan, index: int) -> int:
     """Walk the ring: read, decode, publish, and hand each block back once the proxy has it.
 
     A block goes back to the kernel only after the proxy reports (this ring's word in the
     shared RingTable) that it passed the batch on. Until then the batch may sit in this
     process's ZeroMQ queue, and a worker killed at that moment would lose it; held in the
     ring, it is published again by the replacement worker, which starts at the oldest
-    user block and skips what the proxy already forwarded. Holding costs ring space for
-    the microseconds the proxy takes; if the proxy is gone, at most max_pending blocks
-    are held before the oldest is let go.
+    user block and skips what the proxy already forwarded.
 
-    Returns the worker's exit status: 0 on stop, EXIT_RECONNECT when the proxy went away
-    and this worker, no longer privileged, cannot reconnect to its socket itself.
+    The newest `retain` blocks the proxy passed on are held a little longer (RETAIN_S
+    once traffic pauses): a proxy that is killed loses what it had handed to ZeroMQ but not
+    yet sent to its subscribers. The supervisor then clears this ring's word, and the next
+    worker publishes every block still held again (subscribers drop the duplicates). While
+    any block is held the socket cannot be polled (the kernel reports it readable as long
+    as the block before its current one is the user's), so the worker sleeps in short
+    steps instead.
+
+    Holding costs ring space for the microseconds the proxy takes; if the proxy is stalled,
+    blocks are held until the ring is all but full (`reserve` free blocks), then the
+    oldest is let go (its batch still waits in the ZeroMQ queue). While the proxy does
+    not forward (a new proxy waits for its subscribers to come back), no new block is
+    taken: the kernel fills the ring meanwhile, and counts what it drops once it is full.
+
+    Returns the worker's exit status: 0 on stop, EXIT_RECONNECT when the proxy went away:
+    a new worker connects to the new proxy (an unprivileged one could not reconnect to
+    root's ipc socket) and publishes again what the ring holds.
     """
     words = stats.words
     i = slotstats.INDEX
@@ -141,10 +179,16 @@ def _capture(rx: RxRing, pub: BatchPublisher, encoder: BlockEncoder,
                                             i["blocks_user"])
     skipped_i = i["blocks_skipped"]
     forwarded, ring_id = rings.forwarded, plan.ring_id
+    proxy_words, forwarding_i = proxy.words, slotstats.PROXY_INDEX["forwarding"]
     error_index = slotstats.ERROR_INDEX
     errors: dict[str, int] = {}
-    pending: deque[tuple[int, int]] = deque()  # (block index, kernel seq) awaiting the proxy
-    max_pending = max(1, rx.geometry.block_count // 4)
+    held: deque[tuple[int, int]] = deque()  # (block index, kernel seq) published, in the ring
+    acked = 0  # how many of the oldest held blocks the proxy has passed on
+    retain = max(2, rx.geometry.block_count // 8)
+    block_count = rx.geometry.block_count
+    reserve = max(1, block_count // 8)  # blocks kept free for the kernel
+    retain_wait_s = min(0.005, rx.geometry.block_timeout_ms / 2000)
+    last_ack = 0.0  # when the proxy last passed on a block of ours
     # Once drained: the kernel hands over a partly filled block after block_timeout_ms.
     drain_quiet_s = 2 * rx.geometry.block_timeout_ms / 1000 + 0.02
     supervisor = os.getppid()
@@ -155,17 +199,31 @@ def _capture(rx: RxRing, pub: BatchPublisher, encoder: BlockEncoder,
             # once we run as another user): nobody reaps, counts or replaces us any more.
             log.warning("worker %d: the supervisor is gone; stopping", index)
             return 0
-        if plan.user and pub.lost_connection():
-            # Unprivileged now, this process cannot reconnect to root's ipc socket; a new
-            # worker can, and resumes at the blocks the proxy never confirmed.
+        if pub.lost_connection():
             log.info("worker %d: the proxy was replaced; restarting to reconnect", index)
             return EXIT_RECONNECT
-        while pending and pending[0][1] <= forwarded[ring_id]:
-            rx.release(pending.popleft()[0])
+        passed_on = forwarded[ring_id]
+        if acked < len(held) and held[acked][1] <= passed_on:
+            last_ack = time.monotonic()
+            while acked < len(held) and held[acked][1] <= passed_on:
+                acked += 1
+        while acked > retain:
+            rx.release(held.popleft()[0])
+            acked -= 1
+        if not proxy_words[forwarding_i]:
+            time.sleep(GATE_WAIT_S)  # a new proxy waits for its subscribers: hold
+            continue
         if not rx.ready():
-            if pending:
+            if acked < len(held):
                 time.sleep(HOLD_WAIT_S)  # not poll: a held block makes it return at once
-            elif stop.drain_since is not None:
+                continue
+            if held and stop.drain_since is None and time.monotonic() - last_ack < RETAIN_S:
+                time.sleep(retain_wait_s)
+                continue
+            while held:  # traffic paused: the proxy has had time to send them
+                rx.release(held.popleft()[0])
+            acked = 0
+            if stop.drain_since is not None:
                 if time.monotonic() - stop.drain_since >= drain_quiet_s:
                     return 0  # drained: everything this ring got is published
                 rx.poll(int(drain_quiet_s * 1000) + 1)
@@ -199,9 +257,11 @@ def _capture(rx: RxRing, pub: BatchPublisher, encoder: BlockEncoder,
         del block  # a view of the ring: the block may go back to the kernel from here on
         if pub.publish(block_seq, body):
             words[batches_i] += 1
-            pending.append((rx.cursor, block_seq))
-            if len(pending) > max_pending:
-                rx.release(pending.popleft()[0])
+            held.append((rx.cursor, block_seq))
+        elif pub.lost_connection():
+            # The proxy is gone: the block stays held, for the next worker to publish.
+            log.info("worker %d: the proxy was replaced; restarting to reconnect", index)
+            return EXIT_RECONNECT
         else:
             words[drops_i] += 1
             rx.release(rx.cursor)
@@ -211,9 +271,15 @@ def _capture(rx: RxRing, pub: BatchPublisher, encoder: BlockEncoder,
             for reason, n in errors.items():
                 words[error_index[reason]] += n
             errors.clear()
-        words[user_i] = rx.user_blocks()
         words[blocks_i] += 1
         rx.advance()
+        unread = words[user_i] = rx.user_blocks()
+        # The proxy does not keep up: rather than have the kernel drop for lack of a free
+        # block, let the oldest held block go (retained first; a batch not yet passed on
+        # still waits in this process's queue, lost only if the process dies).
+        while held and block_count - len(held) - unread < reserve:
+            rx.release(held.popleft()[0])
+            acked = max(0, acked - 1)
     return 0
 
 

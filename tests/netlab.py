@@ -591,11 +591,15 @@ class Capture:
 class Subscriber:
     """A real zmq SUB socket on the daemon's endpoint, subscribed to pkt. and the hello."""
 
-    def __init__(self, endpoint: str) -> None:
+    def __init__(self, endpoint: str, reconnect_ivl_ms: int | None = None) -> None:
+        """reconnect_ivl_ms: ZMQ_RECONNECT_IVL, how long to wait before reconnecting
+        after the publisher went away (libzmq adds up to as much again at random)."""
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.SUB)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.RCVHWM, 100_000)
+        if reconnect_ivl_ms is not None:
+            self.sock.setsockopt(zmq.RECONNECT_IVL, reconnect_ivl_ms)
         self.sock.subscribe(b"pkt.")
         self.sock.subscribe(b"fanoutd.hello")
         self.sock.connect(endpoint)

@@ -215,7 +215,7 @@ def test_an_inherited_problem_is_reported_once(tmp_path):
         .ring.block_size == 65536  # the flag still wins over the entry
 
 
-TOO_LARGE = (3_000_000_000, 2**64)
+TOO_LARGE = (2**40, 2**64)  # beyond every bound (the largest: 2**34 bytes of queue)
 
 
 def test_int_keys_are_found():
@@ -257,3 +257,15 @@ def test_two_interfaces_cannot_have_one_fanout_group(tmp_path):
     path = write(tmp_path, "fanout: {group_id: 5}\ninterfaces:\n  - interface: lo\n"
                            "  - interface: lo2\n    fanout: {group_id: 6}\n")
     assert [c.fanout.group_id for c in load_config(path, resolve=False).interfaces] == [5, 6]
+@pytest.mark.parametrize("key, low, high", [
+    ("subscriber_queue_bytes", 65536, 2**34), ("max_subscribers", 1, 10_000),
+    ("max_subscriptions", 1, 10_000), ("restart_grace_ms", 0, 60_000)])
+def test_publisher_limits_are_bounded(tmp_path, key, low, high):
+    for value in (low, high):
+        cfg = load_config(write(tmp_path, f"publish: {{{key}: {value}}}\n"), resolve=False)
+        assert getattr(cfg.publish, key) == value
+    for value in (low - 1, high + 1):
+        found = problems(write(tmp_path, f"publish: {{{key}: {value}}}\n"))
+        assert found == [(f"publish.{key}", f"must be between {low} and {high}"
+                          + {"subscriber_queue_bytes": " bytes",
+                             "restart_grace_ms": " ms"}.get(key, "") + f", got {value}")]

@@ -63,11 +63,12 @@ def describe(res: subprocess.CompletedProcess) -> str:
 
 def exported_metric_names() -> set[str]:
     """Sample names fanoutd serves: SLOT_COUNTERS (counters, so `_total`) and the rest."""
-    from fanoutd.metrics import SLOT_COUNTERS
-    return {f"{name}_total" for name, _key, _help in SLOT_COUNTERS} | {
+    from fanoutd.metrics import PROXY_COUNTERS, PROXY_GAUGES, SLOT_COUNTERS
+    return {f"{name}_total" for name, _key, _help in SLOT_COUNTERS + PROXY_COUNTERS} | {
+        name for name, _key, _help in PROXY_GAUGES} | {
         "fanoutd_decode_errors_total", "fanoutd_ring_blocks_user", "fanoutd_workers_up",
         "fanoutd_build_info", "fanoutd_link_events_total", "fanoutd_link_up",
-        "fanoutd_metrics_connections_dropped_total"}
+        "fanoutd_metrics_connections_dropped_total", "fanoutd_proxy_rejected_messages_total"}
 
 
 def test_exported_names_are_what_the_collector_serves():
@@ -78,7 +79,7 @@ def test_exported_names_are_what_the_collector_serves():
 
     from fanoutd.link import LinkWatch
     from fanoutd.metrics import DROP_REASONS, make_registry
-    from fanoutd.slotstats import StatsTable
+    from fanoutd.slotstats import ProxyStats, StatsTable
 
     class Slot:
         index, stats = 0, StatsTable(1)[0]
@@ -89,6 +90,7 @@ def test_exported_names_are_what_the_collector_serves():
 
     class Source:
         captures = [Capture()]
+        proxy_stats = ProxyStats()
 
         def refresh_kernel_stats(self) -> None:
             pass

@@ -4,6 +4,7 @@ Apache Arrow's layouts, as docs/wire-format.md specifies them."""
 import re
 from pathlib import Path
 
+import frames as F
 import msgpack
 import pytest
 from frames import CORPUS, RingFrame, tpacket3_block, udp4_frame
@@ -146,3 +147,44 @@ def test_topics():
     assert wire.batch_topic("eth0", 12) == b"pkt.eth0.12"
     assert wire.batch_topic("eth0", 12).startswith(wire.BATCH_TOPIC_PREFIX)
     assert wire.SUBSCRIBE_HELLO == b"\x01fanoutd.hello"
+
+
+# --------------------------------------------------------------------------- batch size
+
+BLOCK = 65536
+# Frames that encode largest for the ring bytes they take: the shortest the kernel
+# delivers (an Ethernet header; an IPv4 type gives the row an error), IPv6 (addresses are
+# the widest values), many VLAN tags, a payload as large as the frame, and the corpus.
+LARGE_ROWS = [
+    F.eth(F.MAC_B, F.MAC_A, 0x0800, b""),
+    F.eth(F.MAC_B, F.MAC_A, 0x1234, b""),
+    F.ipv6_frame("2001:db8::1", "2001:db8::2", 17, F.udp(65535, 65535)),
+    F.ipv6_frame("2001:db8::1", "2001:db8::2", 17, F.udp(65535, 65535, b"x" * 16)),
+    F.ipv6_frame("2001:db8::1", "2001:db8::2", 6, F.tcp(65535, 65535, 0xFFF)),
+    F.eth(F.MAC_B, F.MAC_A, 0x0800, F.ipv4("1.2.3.4", "5.6.7.8", 17, F.udp(1, 2)),
+          vlans=tuple((0x8100, 4095) for _ in range(30))),
+    F.eth(F.MAC_B, F.MAC_A, 0x8100, b"\x0f\xff"),
+    F.udp4_frame(payload=b"x" * 1400),
+    *CORPUS,
+]
+
+
+@pytest.mark.parametrize("payload_bytes", [0, 64, 65535])
+@pytest.mark.parametrize("version", [wire.ROWS_VERSION, wire.COLUMNS_VERSION])
+def test_a_batch_is_never_larger_than_its_block_plus_the_overhead(version, payload_bytes):
+    """Subscriber queues are sized in bytes by this bound (publish.subscriber_queue_bytes):
+    a block packed with any one kind of frame, with every ring-header value at its widest,
+    encodes in at most BLOCK + BATCH_OVERHEAD bytes."""
+    encode = encode_rows_py if version == wire.ROWS_VERSION else encode_columns_py
+    fields = tuple(f.name for f in wire.fields_for(payload_bytes))
+    prefix = wire.batch_prefix(version, "x" * 15, 255, 2**64 - 1, fields)
+    for frame in LARGE_ROWS:
+        per_frame = F.tpacket_align(F.TP_MAC + len(frame))
+        for tci in (None, 0xFFFF):
+            frames = [RingFrame(frame, sec=2**32 - 1, nsec=999_999_999, wire_len=2**32 - 1,
+                                rxhash=2**32 - 1, ifindex=2**31 - 1, pkttype=255,
+                                vlan_tci=tci)] * ((BLOCK - 64) // per_frame)
+            block, first, num = tpacket3_block(frames, tail=0)
+            assert len(block) <= BLOCK
+            body, _, _ = encode(block, first, num, payload_bytes, {}, prefix, 2**64 - 1)
+            assert len(body) <= BLOCK + wire.BATCH_OVERHEAD, (frame.hex(), tci)

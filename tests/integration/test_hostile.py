@@ -4,21 +4,24 @@ publishing whatever arrives on the wire and however slowly a subscriber reads.
 All traffic is written on inj0 inside the test's own namespace (fixtures `ns`, `injector`).
 """
 
+import contextlib
 import itertools
 import random
 import struct
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import frames as F
+import msgpack
 import netlab
 import pytest
 import zmq
 
 from fanoutd.client import StreamKey
 from fanoutd.client import Subscriber as ClientSubscriber
-from fanoutd.wire import ERROR_REASONS
+from fanoutd.wire import ERROR_REASONS, HELLO
 
 pytestmark = pytest.mark.integration
 
@@ -324,3 +327,155 @@ def test_slow_subscriber_does_not_stall_capture(ns, injector, start_daemon, subs
     finally:
         stalled.close()
         ctx.term()
+
+
+# --------------------------------------------------------------------------- hostile subscribers
+
+
+def rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("VmRSS:")[1].split()[0]) / 1024
+
+
+def test_a_flood_of_subscriptions_does_not_grow_the_proxy(injector, start_daemon, subscribe):
+    """A client sending 100,000 distinct subscriptions (each cost the proxy about 1 KiB,
+    for as long as the connection lasted) is cut off past publish.max_subscriptions,
+    counted, and the proxy's memory stays put; a subscriber that behaves is served."""
+    daemon = start_daemon(workers=1)
+    reader = subscribe(daemon)
+    proxy = daemon.children_by_comm()["fanoutd-proxy"]
+    before = rss_mib(proxy)
+    ctx = zmq.Context()
+    try:
+        flood = ctx.socket(zmq.SUB)
+        flood.setsockopt(zmq.LINGER, 0)
+        flood.setsockopt(zmq.SNDHWM, 0)  # queue every subscription, none dropped
+        monitor = flood.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        flood.connect(daemon.endpoint)
+        rng = random.Random(12)
+        for _ in range(100_000):
+            flood.subscribe(rng.randbytes(16))
+
+        def cut_off_or_grown() -> bool:
+            return bool(monitor.poll(100)) or rss_mib(proxy) - before > 64
+        netlab.wait_for(cut_off_or_grown, 30, "the flood to be cut off", detail=daemon.logs)
+        flood.disable_monitor()
+        monitor.close()
+        flood.close()
+    finally:
+        ctx.destroy(linger=0)
+    grown = rss_mib(proxy) - before
+    assert grown < 16, f"the proxy grew by {grown:.0f} MiB"
+    m = daemon.metrics()
+    assert netlab.metric_sum(m, "fanoutd_subscribers_closed_total") >= 1
+    assert netlab.metric_sum(m, "fanoutd_subscriptions_refused_total") >= 64
+    assert netlab.metric_sum(m, "fanoutd_subscribers") == 1  # the reader
+    assert daemon.children_by_comm()["fanoutd-proxy"] == proxy
+    injector.send_all(numbered(i) for i in range(10))
+    reader.collect(netlab.at_least(10), timeout=10, detail=daemon.logs)
+
+
+def test_the_welcome_goes_only_to_the_connection_that_asked(start_daemon, subscribe):
+    """A client asking for the welcome again and again (an XSUB may send a subscription
+    many times) gets its welcomes; other subscribers get none of them."""
+    daemon = start_daemon(workers=1)
+    innocent = subscribe(daemon)  # has had its own welcome
+    ctx = zmq.Context()
+    try:
+        asker = ctx.socket(zmq.XSUB)
+        asker.setsockopt(zmq.LINGER, 0)
+        asker.connect(daemon.endpoint)
+        asks = 50  # within publish.max_subscriptions
+        for _ in range(asks):
+            asker.send(b"\x01" + HELLO)
+        welcomes = 0
+
+        def all_welcomed() -> bool:
+            nonlocal welcomes
+            while asker.poll(50):
+                welcomes += asker.recv_multipart() == [HELLO]
+            return welcomes == asks
+        netlab.wait_for(all_welcomed, 10, f"{asks} welcomes", detail=daemon.logs)
+    finally:
+        ctx.destroy(linger=0)
+    extra = 0
+    while innocent.sock.poll(300):
+        extra += innocent.sock.recv_multipart() == [HELLO]
+    assert extra == 0, f"another subscriber's {extra} welcomes reached the innocent one"
+
+
+def test_subscribers_past_max_subscribers_are_refused(start_daemon):
+    """With publish.max_subscribers: 2, a third subscriber's connection is closed at once
+    (counted) for as long as two are there; its SUB socket keeps reconnecting, as after
+    any lost connection, and gets in once one of the two has left."""
+    with netlab.workdir() as wd:
+        config = wd / "fanoutd.yaml"
+        config.write_text("publish:\n  max_subscribers: 2\n")
+        daemon = start_daemon(workers=1, extra=("-c", str(config)))
+        with contextlib.ExitStack() as stack:
+            first, second = (stack.enter_context(ClientSubscriber(daemon.endpoint))
+                             for _ in range(2))
+            assert first.wait_ready(10) and second.wait_ready(10), daemon.logs()
+            third = stack.enter_context(netlab.Subscriber(daemon.endpoint))
+            with pytest.raises(netlab.WaitTimeout):
+                third.wait_hello(timeout=2)
+            m = daemon.metrics()
+            assert netlab.metric_sum(m, "fanoutd_subscriber_connections_refused_total") >= 1
+            assert netlab.metric_sum(m, "fanoutd_subscribers") == 2
+            second.close()
+            third.wait_hello(timeout=10, detail=daemon.logs)
+
+
+def test_batches_dropped_for_a_full_subscriber_queue_are_counted(injector, start_daemon):
+    """A subscriber that stops reading loses batches at its queue in the proxy (1 MiB of
+    8 KiB blocks here: about 80 batches), all of them acknowledged to the workers, so no
+    worker counts them: the proxy does, on /metrics and on the stats topic."""
+    with netlab.workdir() as wd:
+        config = wd / "fanoutd.yaml"
+        config.write_text("publish:\n  subscriber_queue_bytes: 1048576\n"
+                          "supervisor:\n  status_interval_ms: 200\n")
+        daemon = start_daemon(workers=2, fanout="lb", extra=(
+            "-c", str(config), "--block-size", str(SLOW_BLOCK_SIZE), "--block-count", "64",
+            "--block-timeout", "2"))
+        ctx = zmq.Context()
+        try:
+            stalled = ClientSubscriber(daemon.endpoint, rcvhwm=4, context=ctx)
+            stats = ctx.socket(zmq.SUB)
+            stats.setsockopt(zmq.LINGER, 0)
+            stats.subscribe(b"stats")
+            stats.connect(daemon.endpoint)
+            assert stalled.wait_ready(timeout=10), daemon.logs()
+            # 1 MiB / (8 KiB block + 4 KiB batch overhead + 256 B topic and bookkeeping)
+            assert "each subscriber's queue holds at most 83 batches" in daemon.logs()
+            with Pump(injector, 0, 20_000):
+                pass
+            m = metrics_once_decoded(daemon, 20_000)
+            for name in ("fanoutd_kernel_drops_total", "fanoutd_publish_drops_total"):
+                assert netlab.metric_sum(m, name) == 0, (name, daemon.logs())
+            # It reads again: what its queue held, then newer batches after a gap.
+            queued = len(list(stalled.batches(timeout=0.5)))
+            tail = {F.mac(i) for i in range(20_000, 20_100)}
+            got: set[bytes] = set()
+            with Pump(injector, 20_000, 20_100):
+                deadline = time.monotonic() + 15
+                while not tail <= got and time.monotonic() < deadline:
+                    for batch in stalled.batches(timeout=0.5):
+                        got |= {pkt["eth_src"] for pkt in batch.rows()} & tail
+            assert tail <= got, daemon.logs()
+            lost = sum(stalled.lost.values())
+            assert lost > 0, f"the stalled subscriber lost nothing (it got {queued} queued)"
+            overflows = netlab.metric_sum(m, "fanoutd_subscriber_overflows_total")
+            assert overflows >= 1, daemon.logs()
+
+            def counted_in_stats() -> bool:
+                while stats.poll(100):
+                    _, body = stats.recv_multipart()
+                    publisher = msgpack.unpackb(body)["publisher"]
+                    if publisher["subscriber_overflows_total"] >= overflows:
+                        return True
+                return False
+            netlab.wait_for(counted_in_stats, 10, "the count on the stats topic",
+                            detail=daemon.logs)
+            stalled.close()
+        finally:
+            ctx.destroy(linger=0)

@@ -13,6 +13,7 @@ import pytest
 
 from fanoutd.config import MetricsConfig
 from fanoutd.metrics_server import MetricsServer
+from fanoutd.slotstats import ProxyStats
 
 pytestmark = pytest.mark.integration
 
@@ -21,6 +22,7 @@ SCRAPE = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
 
 class NoCaptures:
     captures: list = []
+    proxy_stats = ProxyStats()
 
     def refresh_kernel_stats(self) -> None:
         pass

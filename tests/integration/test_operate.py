@@ -28,6 +28,7 @@ import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
 import fanoutd
+from fanoutd.metrics import PROXY_COUNTERS, PROXY_GAUGES
 from fanoutd.wire import ERROR_REASONS
 
 pytestmark = pytest.mark.integration
@@ -188,7 +189,10 @@ def test_metrics_after_known_traffic(injector, start_daemon):
                       "fanoutd_workers_up": {"interface"}, "fanoutd_build_info": {"version"},
                       "fanoutd_link_events_total": {"interface", "event"},
                       "fanoutd_link_up": {"interface"},
-                      "fanoutd_metrics_connections_dropped_total": {"reason"}}
+                      "fanoutd_metrics_connections_dropped_total": {"reason"},
+                      "fanoutd_proxy_rejected_messages_total": {"reason"}}
+    special_labels.update({f"{name}_total": set() for name, _, _ in PROXY_COUNTERS})
+    special_labels.update({name: set() for name, _, _ in PROXY_GAUGES})  # the publisher's
     for family in families.values():
         for s in family.samples:
             assert s.timestamp is None, f"{s.name}{s.labels} carries a timestamp"

@@ -125,7 +125,7 @@ def test_log_level_alone_restarts_nothing(config_daemon):
     assert daemon.children_by_comm() == before
 
 
-TOO_LARGE = (3_000_000_000, 2**64)
+TOO_LARGE = (2**40, 2**64)  # beyond every bound (the largest: 2**34 bytes of queue)
 BASE = {"workers": 2, "fanout": {"mode": "lb"},
         "ring": {"block_size": 65536, "block_count": 64, "block_timeout_ms": 5}}
 

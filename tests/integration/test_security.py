@@ -6,6 +6,7 @@ import hashlib
 import json
 import re
 import ssl
+import struct
 import subprocess
 import time
 import urllib.error
@@ -15,6 +16,7 @@ from pathlib import Path
 import frames as F
 import netlab
 import pytest
+import zmq
 import zmq.auth
 
 from fanoutd.client import Subscriber
@@ -212,3 +214,73 @@ def test_metrics_over_mutual_tls_with_basic_auth(tls_daemon):
     with pytest.raises(OSError):  # no client certificate: the handshake fails
         fetch(daemon, "https", client_context(cert, None), PASSWORD)
     assert scraped(), "a refused client must not disturb the next scrape"
+
+
+# --------------------------------------------------------------------------- the ipc socket
+
+FORGED = b"not a batch of this worker"
+
+
+def test_the_proxy_forwards_a_ring_only_from_its_worker(injector, start_daemon):
+    """Anything on the workers' ipc socket that is no batch of a ring in use (a ring id
+    of 65535 used to crash the proxy), or that another process than the ring's worker
+    sends (a ring id in range used to be forwarded, and acknowledged for that worker), is
+    dropped and counted by reason; the proxy keeps running and forwarding real batches."""
+    with netlab.workdir() as wd:
+        run = wd / "run"
+        run.mkdir()
+        daemon = start_daemon(workers=1, extra=("--runtime-dir", str(run)))
+        (backend,) = run.glob("*/workers.ipc")
+        proxy = netlab.proc_identity(daemon.children_by_comm()["fanoutd-proxy"])
+        ctx = zmq.Context()
+        try:
+            sub = ctx.socket(zmq.SUB)
+            sub.setsockopt(zmq.LINGER, 0)
+            for topic in (b"pkt.", b"stats", b"fanoutd.hello"):
+                sub.subscribe(topic)
+            sub.connect(daemon.endpoint)
+            netlab.wait_for(lambda: sub.poll(100) and sub.recv_multipart() == [b"fanoutd.hello"],
+                            10, "the welcome", detail=daemon.logs)
+            push = ctx.socket(zmq.PUSH)
+            push.setsockopt(zmq.LINGER, 1000)
+            push.connect(f"ipc://{backend}")
+            envelope = struct.Struct("<HQ").pack
+            malformed = [
+                [envelope(65535, 1), b"pkt.cap0.0", FORGED],  # no such ring
+                [envelope(1, 1), b"pkt.cap0.0", FORGED],  # a ring not in use
+                [envelope(0, 1) + b"x", b"pkt.cap0.0", FORGED],  # not an envelope
+                [b"pkt.cap0.0", FORGED],  # no envelope at all
+            ]
+            forged = [[envelope(0, 2**63), b"pkt.cap0.0", FORGED],  # worker 0's ring
+                      [envelope(0, 1), b"stats", FORGED]]
+            for message in malformed + forged:
+                push.send_multipart(message)
+
+            def rejected() -> dict[str, float] | None:
+                m = daemon.try_metrics()
+                if m is None:
+                    return None
+                got = {dict(lbl)["reason"]: v for lbl, v in netlab.samples(
+                    m, "fanoutd_proxy_rejected_messages_total").items()}
+                return got if sum(got.values()) >= 6 else None
+            got = netlab.wait_for(rejected, 10, "six messages counted as rejected",
+                                  detail=daemon.logs)
+            assert got == {"malformed": 4, "sender": 2, "topic": 0}, got
+            assert netlab.proc_alive(proxy), daemon.logs()
+
+            # Real batches still flow, and nothing forged ever reached the subscriber.
+            injector.send_all(F.udp4_frame(sport=7000 + i) for i in range(20))
+            seen: list[list[bytes]] = []
+
+            def batch_arrived() -> bool:
+                while sub.poll(50):
+                    seen.append(sub.recv_multipart())
+                return any(m[0] == b"pkt.cap0.0" for m in seen)
+            netlab.wait_for(batch_arrived, 10, "a real batch", detail=daemon.logs)
+            assert not [m for m in seen if FORGED in m], seen
+        finally:
+            ctx.destroy(linger=0)
+        assert netlab.proc_alive(proxy), daemon.logs()
+        assert "Traceback" not in daemon.stderr_text()
+        assert "dropped a message on the workers' socket: sent by a process that is not " \
+               "the ring's worker" in daemon.stderr_text()
