@@ -75,7 +75,6 @@ class Capture:
     link_watch: link.LinkWatch | None = None
     group_id: int | None = None
     reopen_pending: bool = False
-    announced_ready: bool = False
 
     @property
     def interface(self) -> str:

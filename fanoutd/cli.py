@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from fanoutd import __version__, settings
+from fanoutd import __version__, exits, settings
 from fanoutd.config import (
     Config,
     ConfigError,
@@ -20,15 +20,6 @@ from fanoutd.config import (
     parse_host_port,
 )
 
-# Exit statuses; the supervisor's own are in supervisor.py. All are listed in the README,
-# and each command's --help lists those it can return.
-EXIT_USAGE = 2  # argparse's
-EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: the interface, or every publish endpoint, is not there
-EXIT_CANTCREAT = 73  # EX_CANTCREAT: keygen cannot (or will not) write its key files
-EXIT_NOPERM = 77  # EX_NOPERM: tail was refused by the publishers (CURVE)
-EXIT_CONFIG = 78  # EX_CONFIG: the configuration is invalid
-EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports a SIGINT death
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
@@ -38,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
+        return exits.INTERRUPTED
     except BrokenPipeError:  # `fanoutd tail | head`: the reader left; stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
@@ -58,11 +49,11 @@ class _HelpFormatter(argparse.HelpFormatter):
         return "\n\n".join(paragraphs)
 
 
-USAGE = (EXIT_USAGE, "usage error")
-INTERRUPTED = (EXIT_INTERRUPTED, "interrupted (Ctrl-C)")
+USAGE = (exits.USAGE, "usage error")
+INTERRUPTED = (exits.INTERRUPTED, "interrupted (Ctrl-C)")
 CONFIG_STATUSES = (
-    (EXIT_UNAVAILABLE, "an interface does not exist"),
-    (EXIT_CONFIG, "the configuration is invalid (each problem on its own line)"),
+    (exits.UNAVAILABLE, "an interface does not exist"),
+    (exits.CONFIG, "the configuration is invalid (each problem on its own line)"),
 )
 
 
@@ -89,12 +80,12 @@ def _parser() -> argparse.ArgumentParser:
 
     run = _command(sub, "run", _cmd_run, "capture and publish (the daemon)", (
         (0, "stopped by SIGTERM or SIGINT"), USAGE,
-        (EXIT_UNAVAILABLE, "an interface does not exist, a ring cannot be allocated, or "
+        (exits.UNAVAILABLE, "an interface does not exist, a ring cannot be allocated, or "
                            "the publish\n       endpoint or the metrics port cannot be "
                            "bound"),
         (70, "a worker or the proxy kept failing to start (FATAL)"),
-        (EXIT_NOPERM, "permission denied: capture needs CAP_NET_RAW"),
-        (EXIT_CONFIG, "the configuration is invalid (each problem on its own line)")),
+        (exits.NOPERM, "permission denied: capture needs CAP_NET_RAW"),
+        (exits.CONFIG, "the configuration is invalid (each problem on its own line)")),
         description="Capture on the configured interfaces and publish packet summaries. "
                     "Flags override the configuration file (-c), which overrides the "
                     "defaults.")
@@ -119,8 +110,8 @@ def _parser() -> argparse.ArgumentParser:
         sub, "tail", _cmd_tail, "print packets from running fanoutd daemons", (
             (0, "--count packets shown, --timeout passed, or the reader of the output "
                 "left"), USAGE,
-            (EXIT_UNAVAILABLE, "no endpoint ever answered (with --timeout)"),
-            (EXIT_NOPERM, "no endpoint could be used, and one refused this client: its "
+            (exits.UNAVAILABLE, "no endpoint ever answered (with --timeout)"),
+            (exits.NOPERM, "no endpoint could be used, and one refused this client: its "
                           "CURVE handshake\n       failed (wrong server key, client key "
                           "not admitted) or CURVE is on one side only"),
             INTERRUPTED),
@@ -169,10 +160,10 @@ def _parser() -> argparse.ArgumentParser:
         sub, "doctor", _cmd_doctor,
         "report what affects capture on an interface, and what to change", (
             (0, "nothing to change"), (1, "something should change (the report says what)"),
-            USAGE, (EXIT_UNAVAILABLE, "no such interface, or something could not be read"),
-            (EXIT_NOPERM, "nothing to change found, but some checks need CAP_NET_RAW (run "
+            USAGE, (exits.UNAVAILABLE, "no such interface, or something could not be read"),
+            (exits.NOPERM, "nothing to change found, but some checks need CAP_NET_RAW (run "
                           "as root)"),
-            (EXIT_CONFIG, "the configuration is invalid")),
+            (exits.CONFIG, "the configuration is invalid")),
         description="Report what affects capture on an interface: page size and ring "
                     "geometry, MTU versus what a block holds, VLAN offload, GRO/LRO, flow "
                     "symmetry of the fanout mode, and which fanout modes and flags the "
@@ -188,7 +179,7 @@ def _parser() -> argparse.ArgumentParser:
     keygen = _command(sub, "keygen", _cmd_keygen,
                       "create a CURVE key pair for the publisher or a subscriber", (
                           (0, "the key pair was written"), USAGE,
-                          (EXIT_CANTCREAT, "NAME.key or NAME.key_secret exists already "
+                          (exits.CANTCREAT, "NAME.key or NAME.key_secret exists already "
                                            "(see --force), DIR is not a\n       directory, "
                                            "or a key file cannot be written")),
                       description="Create a CURVE key pair: DIR/NAME.key, the public key "
@@ -204,7 +195,7 @@ def _parser() -> argparse.ArgumentParser:
     save = _command(sub, "save", _cmd_save, "write the published stream to rotated Parquet "
                                             "files", (
         (0, "done (--count, --timeout, SIGTERM or Ctrl-C)"), USAGE,
-        (EXIT_UNAVAILABLE, "no pyarrow, or no sensor ever answered")),
+        (exits.UNAVAILABLE, "no pyarrow, or no sensor ever answered")),
         description="Subscribe to one or several sensors and write every packet to Parquet "
                     "files in DIR, one row per packet with the wire fields and the batch's "
                     "sensor, iface, worker, epoch and seq. A file is written as "
@@ -237,7 +228,7 @@ def _parser() -> argparse.ArgumentParser:
 
     stats = _command(sub, "stats", _cmd_stats, "per-worker counters of a running fanoutd", (
         (0, "the table was printed"), USAGE,
-        (EXIT_UNAVAILABLE, "the metrics address cannot be read"), INTERRUPTED),
+        (exits.UNAVAILABLE, "the metrics address cannot be read"), INTERRUPTED),
         description="Print a per-worker table of a running fanoutd's counters (packets/s, "
                     "kernel drops, decode errors, ...), read from its metrics endpoint.")
     stats.add_argument("--metrics", default="127.0.0.1:9740", metavar="HOST:PORT",
@@ -264,7 +255,7 @@ def _load(args: argparse.Namespace) -> Config | int:
     except ConfigError as e:
         for key, reason in e.problems:
             print(f"fanoutd: {key}: {reason}", file=sys.stderr)
-        return EXIT_UNAVAILABLE if isinstance(e, InterfaceUnavailable) else EXIT_CONFIG
+        return exits.UNAVAILABLE if isinstance(e, InterfaceUnavailable) else exits.CONFIG
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -400,7 +391,7 @@ def _cmd_tail(args: argparse.Namespace) -> int:
         sub.wait_ready(min(5.0, args.timeout or 5.0))
         tell_refusals()
         if set(sub.refused) >= set(endpoints):  # ZeroMQ would not try again: give up
-            return EXIT_NOPERM
+            return exits.NOPERM
         live = [e for e in endpoints if e in sub.ready]
         silent = [e for e in endpoints if e not in sub.ready and e not in sub.refused]
         if live:
@@ -423,7 +414,7 @@ def _cmd_tail(args: argparse.Namespace) -> int:
                     break
         except KeyboardInterrupt:
             _tail_summary(sub, args.stats)
-            return EXIT_INTERRUPTED
+            return exits.INTERRUPTED
         _tail_summary(sub, args.stats)
         if sub.ready or sub.last_seq:
             return 0
@@ -433,7 +424,7 @@ def _cmd_tail(args: argparse.Namespace) -> int:
         if silent:
             print(f"fanoutd tail: no answer from {', '.join(silent)} (is fanoutd publishing "
                   f"there?)", file=sys.stderr)
-        return EXIT_NOPERM if sub.refused else EXIT_UNAVAILABLE
+        return exits.NOPERM if sub.refused else exits.UNAVAILABLE
 
 
 def _cmd_save(args: argparse.Namespace) -> int:
@@ -441,7 +432,7 @@ def _cmd_save(args: argparse.Namespace) -> int:
         import pyarrow  # noqa: F401
     except ImportError:
         print("fanoutd save: needs pyarrow: pip install 'fanoutd[arrow]'", file=sys.stderr)
-        return EXIT_UNAVAILABLE
+        return exits.UNAVAILABLE
     from fanoutd.client import Subscriber
     from fanoutd.save import ParquetSink
 
@@ -477,7 +468,7 @@ def _cmd_save(args: argparse.Namespace) -> int:
           f"{args.directory}; {lost} batches lost (seq gaps)", file=sys.stderr)
     if t.batches == 0 and len(never) == len(endpoints):
         print(f"fanoutd save: no answer from {', '.join(never)}", file=sys.stderr)
-        return EXIT_UNAVAILABLE
+        return exits.UNAVAILABLE
     return 0
 
 
@@ -505,7 +496,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     except ConfigError as e:
         for key, reason in e.problems:
             print(f"fanoutd doctor: {key}: {reason}", file=sys.stderr)
-        return EXIT_UNAVAILABLE if isinstance(e, InterfaceUnavailable) else EXIT_CONFIG
+        return exits.UNAVAILABLE if isinstance(e, InterfaceUnavailable) else exits.CONFIG
     return run_doctor(cfg, sys.stdout)
 
 
@@ -532,7 +523,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         reason = getattr(e, "reason", None) or e.strerror or e
         print(f"fanoutd stats: cannot read http://{args.metrics}/metrics: {reason}",
               file=sys.stderr)
-        return EXIT_UNAVAILABLE
+        return exits.UNAVAILABLE
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
@@ -544,14 +535,14 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
     directory, name = args.directory, args.name
     if os.path.exists(directory) and not os.path.isdir(directory):
         print(f"fanoutd keygen: {directory}: not a directory", file=sys.stderr)
-        return EXIT_CANTCREAT
+        return exits.CANTCREAT
     paths = [os.path.join(directory, name + suffix) for suffix in (".key", ".key_secret")]
     existing = [p for p in paths if os.path.lexists(p)]
     if existing and not args.force:
         verb = "exists" if len(existing) == 1 else "exist"
         print(f"fanoutd keygen: {' and '.join(existing)} {verb} already; not replaced "
               f"(--force replaces the key pair)", file=sys.stderr)
-        return EXIT_CANTCREAT
+        return exits.CANTCREAT
     try:
         os.makedirs(directory, exist_ok=True)
         for path in existing:  # new files, so the secret one gets 0600 whatever the old had
@@ -564,6 +555,6 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
         os.chmod(public, 0o644)
     except OSError as e:
         print(f"fanoutd keygen: {e.filename or directory}: {e.strerror}", file=sys.stderr)
-        return EXIT_CANTCREAT
+        return exits.CANTCREAT
     print(f"public key: {public}\nsecret key: {secret}")
     return 0

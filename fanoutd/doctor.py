@@ -26,17 +26,14 @@ import sys
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from fanoutd import fanout, netdev, ring
+from fanoutd import exits, fanout, netdev, ring
 from fanoutd._linux import IFF_RUNNING, IFF_UP
 from fanoutd.config import CaptureConfig, Config, RingConfig
 
 OK, NOTE, CHANGE, UNKNOWN = "ok", "note", "change", "unknown"
 
-# Exit statuses (the README's table lists them). A check that could not be made is not a
-# pass: without CAP_NET_RAW that is EX_NOPERM, for any other reason EX_UNAVAILABLE.
-EXIT_CHANGE = 1
-EXIT_UNAVAILABLE = 69
-EXIT_NOPERM = 77
+# A check that could not be made is not a pass: doctor exits exits.NOPERM when it needed
+# CAP_NET_RAW, exits.UNAVAILABLE for any other reason.
 # Why a check could not be made.
 NEEDS_CAP_NET_RAW = "AF_PACKET sockets need CAP_NET_RAW: run doctor as root or with CAP_NET_RAW"
 UNREADABLE = "neither ethtool nor the driver's ethtool ioctls answered"
@@ -579,11 +576,11 @@ def exit_status(sections: list[Section]) -> int:
     """1 when something should change; else 77 when checks needed CAP_NET_RAW (and that
     alone kept them from being made), 69 when others could not be made; else 0."""
     if any(s.status == CHANGE for s in sections):
-        return EXIT_CHANGE
+        return exits.CHANGE
     why = {why for s in sections for _, why in s.unchecked}
     if not why:
         return 0
-    return EXIT_NOPERM if why == {NEEDS_CAP_NET_RAW} else EXIT_UNAVAILABLE
+    return exits.NOPERM if why == {NEEDS_CAP_NET_RAW} else exits.UNAVAILABLE
 
 
 def render(headline: str, sections: list[Section]) -> str:
@@ -610,7 +607,7 @@ def run_doctor(cfg: Config, out: TextIO) -> int:
             print(f"fanoutd doctor: interface {capture_to_examine(cfg).interface!r} does "
                   f"not exist",
                   file=sys.stderr)
-            return EXIT_UNAVAILABLE
+            return exits.UNAVAILABLE
         raise
     out.write(render(headline, sections))
     out.flush()

@@ -6,82 +6,30 @@ belong to the slot and survive a worker restart, and every counter exists for ev
 from the first scrape, at zero.
 """
 
-import time
 from collections.abc import Iterator
 from typing import Protocol
 
 from prometheus_client import ProcessCollector
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import CollectorRegistry
 
-from fanoutd import __version__, wire
+from fanoutd import __version__
+from fanoutd.encoder import IMPLEMENTATION
 from fanoutd.link import LinkWatch
-from fanoutd.slotstats import REJECT_REASONS, ProxyStats, StatsTable
+from fanoutd.slotstats import (
+    PROXY_COUNTERS,
+    PROXY_GAUGES,
+    REJECT_REASONS,
+    REJECTED_HELP,
+    SLOT_COUNTERS,
+    ProxyStats,
+)
 from fanoutd.wire import ERROR_REASONS
-
-# (metric name without _total, slot counter, help)
-SLOT_COUNTERS = (
-    ("fanoutd_kernel_packets", "kernel_packets",
-     "Packets the kernel passed to this worker's socket, including the dropped ones "
-     "(PACKET_STATISTICS tp_packets)."),
-    ("fanoutd_kernel_drops", "kernel_drops",
-     "Packets the kernel dropped because this worker's ring was full (tp_drops)."),
-    ("fanoutd_kernel_freezes", "kernel_freezes",
-     "Times the kernel froze this worker's ring queue for lack of a free block "
-     "(tp_freeze_q_cnt)."),
-    ("fanoutd_packets_decoded", "packets", "Frames decoded into summaries."),
-    ("fanoutd_bytes", "bytes", "Wire bytes of the decoded frames."),
-    ("fanoutd_batches_published", "batches", "Batches (ring blocks) handed to ZeroMQ."),
-    ("fanoutd_publish_drops", "publish_drops",
-     "Batches refused at the publish high-water mark (their seq is skipped)."),
-    ("fanoutd_worker_restarts", "restarts", "Times this worker slot's process was replaced."),
-    ("fanoutd_blocks_skipped", "blocks_skipped",
-     "Ring blocks skipped because decoding them failed (a decoder bug; their packets are "
-     "lost, the worker carries on)."),
-)
-
-
-# The publisher's (the proxy's) counters: (metric name without _total, word, help).
-PROXY_COUNTERS = (
-    ("fanoutd_proxy_restarts", "restarts",
-     "Times the proxy was replaced (it died, or a reload changed publish settings)."),
-    ("fanoutd_subscriber_connections_refused", "connections_refused",
-     "Subscriber connections closed at once because publish.max_subscribers were "
-     "connected."),
-    ("fanoutd_subscriptions_refused", "subscriptions_refused",
-     "Subscriptions to a topic nothing published matches, not applied."),
-    ("fanoutd_subscribers_closed", "subscribers_closed",
-     "Subscriber connections closed for sending more than publish.max_subscriptions "
-     "subscriptions."),
-    ("fanoutd_subscriber_overflows", "subscriber_overflows",
-     "Batches passed on while a subscriber's queue was full: that subscriber lost the "
-     "batch, and the next ones until it had read part of its queue (seq gaps show them)."),
-    ("fanoutd_restart_unwatched_batches", "restart_unwatched",
-     "Batches passed on after a proxy restart while fewer subscribers than before it were "
-     "back: lost to those not back yet."),
-)
-# (metric name, word, help) of the publisher's gauges.
-PROXY_GAUGES = (
-    ("fanoutd_subscribers", "subscribers",
-     "Subscriber connections with a subscription to a published topic."),
-    ("fanoutd_proxy_forwarding", "forwarding",
-     "1 while the proxy passes batches on; 0 while a new proxy waits for the subscribers "
-     "of the one it replaced (publish.restart_grace_ms) and while none runs."),
-)
-REJECTED_HELP = ("Messages on the workers' ipc socket the proxy dropped: malformed (not a "
-                 "batch of a ring in use), sender (not from that ring's worker), topic (not "
-                 "the ring's topic).")
-
-
-def publisher_report(proxy: ProxyStats) -> dict:
-    """The publisher's counters, named as on /metrics without the fanoutd_ prefix."""
-    snap = proxy.snapshot()
-    report: dict = {name.removeprefix("fanoutd_"): snap[key] for name, key, _ in PROXY_GAUGES}
-    for name, key, _ in PROXY_COUNTERS:
-        report[name.removeprefix("fanoutd_") + "_total"] = snap[key]
-    report["proxy_rejected_messages_total"] = {r: snap[f"rejected:{r}"]
-                                               for r in REJECT_REASONS}
-    return report
 
 
 class CaptureView(Protocol):
@@ -97,23 +45,6 @@ class StatsSource(Protocol):
     proxy_stats: ProxyStats
 
     def refresh_kernel_stats(self) -> None: ...
-
-
-def stats_message(iface: str, table: StatsTable, proxy: ProxyStats) -> dict:
-    """The body of the `stats` topic (wire.stats_message): the counters /metrics shows,
-    named as there without the fanoutd_ prefix, per worker (the active slots), and the
-    publisher's."""
-    workers = []
-    for index, stats in table.active():
-        snap = stats.snapshot()
-        report: dict = {"worker": index, "up": bool(snap["up"])}
-        for name, key, _ in SLOT_COUNTERS:
-            report[name.removeprefix("fanoutd_") + "_total"] = snap[key]
-        report["decode_errors_total"] = {r: snap[f"err:{r}"] for r in ERROR_REASONS}
-        report["ring_blocks_user"] = snap["blocks_user"]
-        workers.append(report)
-    return wire.stats_message(iface, workers, __version__, time.time_ns(),
-                              publisher_report(proxy))
 
 
 class SlotCollector:
@@ -164,9 +95,9 @@ class SlotCollector:
         yield events
         yield link_up
         yield from self._publisher()
-        info = GaugeMetricFamily("fanoutd_build_info", "fanoutd version.", labels=("version",))
-        info.add_metric((__version__,), 1)
-        yield info
+        yield InfoMetricFamily("fanoutd_build", "This fanoutd: its version and the "
+                               "implementation of its block encoder (C or Python).",
+                               value={"version": __version__, "encoder": IMPLEMENTATION})
 
 
     def _publisher(self) -> Iterator[Metric]:

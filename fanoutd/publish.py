@@ -4,8 +4,7 @@ Workers push their batches to the proxy over ipc in the runtime directory; the p
 XPUB binds the public endpoint, so subscribers connect to one address whatever the worker
 count. Every message a subscriber sees is [topic, msgpack body] (docs/wire-format.md).
 
-Worker -> proxy is PUSH/PULL, not PUB/XSUB as first drawn in DESIGN.md: a PUB socket
-silently discards what it sends before the proxy's subscription reaches it (every new or
+Worker -> proxy is PUSH/PULL rather than PUB/XSUB because a PUB socket silently discards what it sends before the proxy's subscription reaches it (every new or
 replaced worker, every proxy restart), which would lose batches at the very moments a
 worker is replaced. PUSH queues them until the proxy is there. Sends are NOBLOCK, so a full
 queue (the high-water mark) refuses the batch instead of stalling capture, and the worker
@@ -40,15 +39,13 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import monitor as zmq_monitor
 
-from fanoutd import privileges
+from fanoutd import __version__, exits, privileges, wire
 from fanoutd.config import MAX_WORKERS, CurveConfig
-from fanoutd.metrics import stats_message
 from fanoutd.proctitle import set_process_name
-from fanoutd.slotstats import ProxyStats, RingTable, StatsTable
+from fanoutd.slotstats import ProxyStats, RingTable, StatsTable, publisher_report, worker_reports
 from fanoutd.wire import BATCH_OVERHEAD, BATCH_TOPIC_PREFIX, HELLO, STATS_TOPIC, batch_topic
 
 ENVELOPE = struct.Struct("<HQ")  # ring id, kernel block seq: worker -> proxy only
-EXIT_BOOT_FAILED = 3
 
 log = logging.getLogger("fanoutd.proxy")
 
@@ -721,7 +718,7 @@ def run_proxy(plan: ProxyPlan, ready_fd: int, tables: list[tuple[str, StatsTable
     except (BindError, privileges.PrivilegeError, OSError) as e:
         os.write(ready_fd, str(e).encode())
         ctx.destroy(linger=0)
-        return EXIT_BOOT_FAILED
+        return exits.BOOT_FAILED
     os.write(ready_fd, b"ok")
     os.close(ready_fd)
     proxy.log_queue_size()
@@ -732,8 +729,9 @@ def run_proxy(plan: ProxyPlan, ready_fd: int, tables: list[tuple[str, StatsTable
             proxy.run_once(200)
             if time.monotonic() >= next_stats:
                 for iface, table in tables:  # one message per interface
-                    body = msgpack.packb(stats_message(iface, table, stats),
-                                         use_bin_type=True)
+                    body = wire.stats_message(iface, worker_reports(table), __version__,
+                                              time.time_ns(), publisher_report(stats))
+                    body = msgpack.packb(body, use_bin_type=True)
                     proxy.send_stats(STATS_TOPIC, body)
                 next_stats = time.monotonic() + plan.stats_interval_s
         # The workers stop first and flush to us; pass on what they sent.

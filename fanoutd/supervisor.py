@@ -22,7 +22,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import fields, replace
 
-from fanoutd import fanout, link, privileges, publish, ring, wire, worker
+from fanoutd import exits, fanout, link, privileges, publish, ring, wire, worker
 from fanoutd.capture import Capture, Child, Retiring, Slot
 from fanoutd.config import (
     CAPTURE_KEYS,
@@ -38,12 +38,6 @@ from fanoutd.slotstats import ProxyStats, RingTable
 from fanoutd.systemd import Notifier, set_log_context
 
 log = logging.getLogger("fanoutd")
-
-# Exit statuses of `fanoutd run` (documented in the README).
-EXIT_OK = 0
-EXIT_UNAVAILABLE = 69  # the interface, an endpoint or a port cannot be used
-EXIT_SOFTWARE = 70  # a worker or the proxy went FATAL
-EXIT_NOPERM = 77  # missing privilege (CAP_NET_RAW)
 
 TICK_S = 0.25  # supervisor loop period
 KERNEL_STATS_EVERY_S = 1.0
@@ -84,7 +78,7 @@ class Supervisor:
         self.backend = ""
         self.signals: list[int] = []
         self.stopping = False
-        self.exit_status = EXIT_OK
+        self.exit_status = exits.OK
         self.announced_ready = False
         self.kernel_stats_at = 0.0
         self.notifier = Notifier()
@@ -108,7 +102,7 @@ class Supervisor:
         try:
             problem = privileges.signalling_problem(self.cfg.user)
             if problem:
-                raise StartupError(problem, EXIT_NOPERM)
+                raise StartupError(problem, exits.NOPERM)
             # Explicit group ids first: an auto group could be given one of them.
             for capture_cfg in sorted(self.cfg.interfaces,
                                       key=lambda c: c.fanout.group_id is None):
@@ -118,7 +112,7 @@ class Supervisor:
             # Once capture is known to work: without CAP_NET_RAW, that is the problem.
             problem = privileges.switch_problem(self.cfg.user)
             if problem:
-                raise StartupError(problem, EXIT_NOPERM)
+                raise StartupError(problem, exits.NOPERM)
             self._warn_if_exposed()
             self._open_metrics()
             self._make_runtime_dir()
@@ -151,9 +145,9 @@ class Supervisor:
             self._read_links()  # what is queued so far concerns the other captures
             capture.watch_link()  # from the state now; notifications tell the rest
         except ring.CapturePermissionError as e:
-            raise StartupError(str(e), EXIT_NOPERM) from None
+            raise StartupError(str(e), exits.NOPERM) from None
         except (ring.CaptureError, fanout.FanoutError, FilterError, OSError) as e:
-            raise StartupError(f"{cfg.interface}: {e}", EXIT_UNAVAILABLE) from None
+            raise StartupError(f"{cfg.interface}: {e}", exits.UNAVAILABLE) from None
         capture.set_slots(socks)
         self.captures.append(capture)
         self._tell_proxy_block_size()
@@ -280,7 +274,7 @@ class Supervisor:
         child = old.child
         child.pid = None
         drained = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-        reconnect = os.WIFEXITED(status) and os.WEXITSTATUS(status) == worker.EXIT_RECONNECT
+        reconnect = os.WIFEXITED(status) and os.WEXITSTATUS(status) == exits.RECONNECT
         if not (drained or reconnect or self.stopping):
             child.failures += 1
             old.stats.add("restarts")
@@ -443,7 +437,7 @@ class Supervisor:
             self.metrics = MetricsServer(self.cfg.metrics, self)
         except OSError as e:
             raise StartupError(f"metrics.listen: cannot listen on {self.cfg.metrics.listen}: "
-                               f"{e.strerror}", EXIT_UNAVAILABLE) from None
+                               f"{e.strerror}", exits.UNAVAILABLE) from None
 
     def _make_runtime_dir(self) -> None:
         base = (self.cfg.runtime_dir or os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
@@ -456,7 +450,7 @@ class Supervisor:
             _mark_runtime_dir(self.runtime_dir)
         except OSError as e:
             raise StartupError(f"runtime_dir: cannot create a directory in {base}: {e.strerror}",
-                               EXIT_UNAVAILABLE) from None
+                               exits.UNAVAILABLE) from None
         self.backend = f"ipc://{self.runtime_dir}/workers.ipc"
 
     def _start_proxy(self) -> None:
@@ -499,7 +493,7 @@ class Supervisor:
         if answer == "ok":
             self.proxy.state = "RUNNING"
         elif startup:
-            raise StartupError(answer or "the proxy did not start", EXIT_UNAVAILABLE)
+            raise StartupError(answer or "the proxy did not start", exits.UNAVAILABLE)
         else:
             log.error("fanoutd-proxy could not start: %s", answer or "no answer")
 
@@ -645,7 +639,7 @@ class Supervisor:
             return
         how = _describe_status(status)
         now = time.monotonic()
-        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == worker.EXIT_RECONNECT:
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == exits.RECONNECT:
             # An unprivileged worker leaving to reconnect to a new proxy: not a failure.
             log.info("%s restarts to reconnect to the new proxy", child.name)
             child.state, child.restart_at = "BACKOFF", now
@@ -658,7 +652,7 @@ class Supervisor:
             child.state = "FATAL"
             log.error("%s failed to start %d times in a row (last: %s); giving up",
                       child.name, child.failures, how)
-            self.exit_status = EXIT_SOFTWARE
+            self.exit_status = exits.SOFTWARE
             self.stopping = True
             return
         # A child that was running is replaced at once, a few times in a row: the ring

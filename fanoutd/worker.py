@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import zmq
 
-from fanoutd import privileges, slotstats
+from fanoutd import exits, privileges, slotstats
 from fanoutd.encoder import IMPLEMENTATION, READS_IN_PLACE, BlockEncoder
 from fanoutd.memory import keep_large_allocations
 from fanoutd.proctitle import set_process_name
@@ -29,10 +29,7 @@ POLL_MS = 100  # the longest a worker goes without a heartbeat or checking for s
 HOLD_WAIT_S = 0.0002  # how often a worker holding blocks looks for the proxy's word
 GATE_WAIT_S = 0.005  # how often a worker looks whether the proxy forwards again
 RETAIN_S = 0.1  # how long blocks the proxy passed on stay held once traffic pauses
-EXIT_BOOT_FAILED = 3  # the worker could not start; repeated, the slot goes FATAL
-EXIT_RECONNECT = 4  # the proxy was replaced: start a new worker (an expected restart)
 CONNECT_TIMEOUT_S = 10.0
-
 
 class _Stop:
     """SIGTERM: stop after the current block. SIGUSR1: drain, i.e. stop once every block
@@ -89,10 +86,10 @@ def run_worker(index: int, sock: socket.socket, stats: slotstats.SlotStats,
         rx = RxRing(sock, plan.geometry)
     except OSError as e:
         log.error("worker %d: cannot map the ring of %s: %s", index, plan.iface, e.strerror)
-        return EXIT_BOOT_FAILED
+        return exits.BOOT_FAILED
     ctx = zmq.Context(1)
     pub = BatchPublisher(ctx, plan.backend, plan.iface, index, plan.ring_id, plan.sndhwm)
-    status = EXIT_BOOT_FAILED
+    status = exits.BOOT_FAILED
     try:
         # Everything privileged happens before this point: the ring is mapped and the
         # proxy's ipc socket (root's) connected. From here on the worker parses hostile
@@ -100,17 +97,17 @@ def run_worker(index: int, sock: socket.socket, stats: slotstats.SlotStats,
         if not pub.wait_connected(CONNECT_TIMEOUT_S):
             log.error("worker %d: no connection to the proxy within %.0f s", index,
                       CONNECT_TIMEOUT_S)
-            return EXIT_BOOT_FAILED
+            return exits.BOOT_FAILED
         if plan.user:
             try:
                 privileges.become(plan.user)
             except (privileges.PrivilegeError, OSError) as e:
                 log.error("worker %d: cannot drop privileges to %s: %s", index, plan.user, e)
-                return EXIT_BOOT_FAILED
+                return exits.BOOT_FAILED
         if not _named_the_rings_worker(rings, plan.ring_id, stats):
             log.error("worker %d: the supervisor did not name this process the worker of "
                       "ring %d", index, plan.ring_id)
-            return EXIT_BOOT_FAILED
+            return exits.BOOT_FAILED
         stats["pid"] = os.getpid()
         if stop.drain_since is None:  # one started to drain an old ring leaves the slot's
             stats["capturing"] = os.getpid()  # flag to the worker of its new ring
@@ -124,7 +121,7 @@ def run_worker(index: int, sock: socket.socket, stats: slotstats.SlotStats,
             stats["capturing"] = 0
         # Leaving for a new proxy: what waits in the queue (for a reconnection this process
         # cannot make) is held in the ring for the successor, which must start at once.
-        pub.close(linger_ms=0 if status == EXIT_RECONNECT else None)
+        pub.close(linger_ms=0 if status == exits.RECONNECT else None)
         ctx.term()
         rx.close()
 
@@ -168,7 +165,7 @@ def _capture(rx: RxRing, pub: BatchPublisher, encoder: BlockEncoder,
     not forward (a new proxy waits for its subscribers to come back), no new block is
     taken: the kernel fills the ring meanwhile, and counts what it drops once it is full.
 
-    Returns the worker's exit status: 0 on stop, EXIT_RECONNECT when the proxy went away:
+    Returns the worker's exit status: 0 on stop, exits.RECONNECT when the proxy went away:
     a new worker connects to the new proxy (an unprivileged one could not reconnect to
     root's ipc socket) and publishes again what the ring holds.
     """
@@ -201,7 +198,7 @@ def _capture(rx: RxRing, pub: BatchPublisher, encoder: BlockEncoder,
             return 0
         if pub.lost_connection():
             log.info("worker %d: the proxy was replaced; restarting to reconnect", index)
-            return EXIT_RECONNECT
+            return exits.RECONNECT
         passed_on = forwarded[ring_id]
         if acked < len(held) and held[acked][1] <= passed_on:
             last_ack = time.monotonic()
@@ -261,7 +258,7 @@ def _capture(rx: RxRing, pub: BatchPublisher, encoder: BlockEncoder,
         elif pub.lost_connection():
             # The proxy is gone: the block stays held, for the next worker to publish.
             log.info("worker %d: the proxy was replaced; restarting to reconnect", index)
-            return EXIT_RECONNECT
+            return exits.RECONNECT
         else:
             words[drops_i] += 1
             rx.release(rx.cursor)

@@ -3,11 +3,12 @@ keygen, and what tail and stats print."""
 
 import re
 import time
+from pathlib import Path
 
 import pytest
 import zmq.auth
 
-from fanoutd import cli
+from fanoutd import cli, exits
 from fanoutd.config import RingConfig
 
 
@@ -101,6 +102,18 @@ def test_help_shows_defaults(capsys):
     assert "(default: 127.0.0.1:9740)" in out and "(default: 1.0)" in out
     out = " ".join(run(capsys, "tail", "--help")[1].split())
     assert "(default: tcp://127.0.0.1:7440)" in out and "(default: no limit)" in out
+
+
+def test_the_readme_lists_every_status_a_command_returns():
+    """The README's table and fanoutd/exits.py agree: every status a command can return
+    has a row, and a row's status is one the table in exits.py names."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = readme.partition("### Exit statuses")[2].partition("\n\n###")[0]
+    rows = {int(m) for m in re.findall(r"^\| (\d+) \|", table, re.MULTILINE)}
+    assert rows == set().union(*EXIT_STATUSES.values())
+    internal = {exits.BOOT_FAILED, exits.RECONNECT}  # a child's, seen by the supervisor only
+    named = {v for k, v in vars(exits).items() if k.isupper()} - internal
+    assert rows == named
 
 
 @pytest.mark.parametrize("command", EXIT_STATUSES)

@@ -63,7 +63,7 @@ def describe(res: subprocess.CompletedProcess) -> str:
 
 def exported_metric_names() -> set[str]:
     """Sample names fanoutd serves: SLOT_COUNTERS (counters, so `_total`) and the rest."""
-    from fanoutd.metrics import PROXY_COUNTERS, PROXY_GAUGES, SLOT_COUNTERS
+    from fanoutd.slotstats import PROXY_COUNTERS, PROXY_GAUGES, SLOT_COUNTERS
     return {f"{name}_total" for name, _key, _help in SLOT_COUNTERS + PROXY_COUNTERS} | {
         name for name, _key, _help in PROXY_GAUGES} | {
         "fanoutd_decode_errors_total", "fanoutd_ring_blocks_user", "fanoutd_workers_up",

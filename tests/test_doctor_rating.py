@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from fanoutd import doctor
+from fanoutd import doctor, exits
 from fanoutd.doctor import CHANGE, NEEDS_CAP_NET_RAW, NOTE, OK, UNREADABLE, Section
 from fanoutd.ring import RingGeometry
 
@@ -189,6 +189,6 @@ def test_doctor_exit_statuses_are_documented():
                                cwd=root).stdout
     help_text = " ".join(help_text.split())
     table = dict(re.findall(r"^\| (\d+) \| (.*) \|$", (root / "README.md").read_text(), re.M))
-    for status in (doctor.EXIT_CHANGE, doctor.EXIT_UNAVAILABLE, doctor.EXIT_NOPERM):
+    for status in (exits.CHANGE, exits.UNAVAILABLE, exits.NOPERM):
         assert re.search(rf"\b{status} [a-z]", help_text), (status, help_text)
         assert "doctor" in table[str(status)], (status, table)

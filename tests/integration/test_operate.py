@@ -28,7 +28,8 @@ import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
 import fanoutd
-from fanoutd.metrics import PROXY_COUNTERS, PROXY_GAUGES
+from fanoutd import encoder
+from fanoutd.slotstats import PROXY_COUNTERS, PROXY_GAUGES
 from fanoutd.wire import ERROR_REASONS
 
 pytestmark = pytest.mark.integration
@@ -186,7 +187,8 @@ def test_metrics_after_known_traffic(injector, start_daemon):
     for name in GAUGES:
         assert families[name].type == "gauge", f"{name}: {families[name].type}, want a gauge"
     special_labels = {"fanoutd_decode_errors_total": {"interface", "worker", "reason"},
-                      "fanoutd_workers_up": {"interface"}, "fanoutd_build_info": {"version"},
+                      "fanoutd_workers_up": {"interface"},
+                      "fanoutd_build_info": {"version", "encoder"},
                       "fanoutd_link_events_total": {"interface", "event"},
                       "fanoutd_link_up": {"interface"},
                       "fanoutd_metrics_connections_dropped_total": {"reason"},
@@ -205,7 +207,8 @@ def test_metrics_after_known_traffic(injector, start_daemon):
 
     assert m[("fanoutd_workers_up", frozenset({("interface", "cap0")}))] == 2
     assert m[("fanoutd_link_up", frozenset({("interface", "cap0")}))] == 1
-    assert m[("fanoutd_build_info", frozenset({("version", fanoutd.__version__)}))] == 1
+    build = frozenset({("version", fanoutd.__version__), ("encoder", encoder.IMPLEMENTATION)})
+    assert m[("fanoutd_build_info", build)] == 1
 
     def total(name: str, **labels: str) -> float:
         return netlab.metric_sum(m, name, interface="cap0", **labels)

@@ -12,9 +12,9 @@ from pathlib import Path
 import netlab
 import pytest
 
-pytestmark = pytest.mark.integration
+from fanoutd import exits
 
-EXIT_SOFTWARE = 70
+pytestmark = pytest.mark.integration
 
 
 def assert_every_frame_delivered(sub: netlab.Subscriber, daemon: netlab.Daemon,
@@ -111,7 +111,7 @@ def test_proxy_that_cannot_restart_goes_fatal(ns, start_daemon):
     finally:
         squatter.close()
     logs = daemon.logs()
-    assert status == EXIT_SOFTWARE, logs
+    assert status == exits.SOFTWARE, logs
     assert "fanoutd-proxy could not start: publish.endpoint: cannot bind" in logs
     assert "fanoutd-proxy failed to start 5 times in a row" in logs
     assert "Traceback" not in logs
