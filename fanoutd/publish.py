@@ -4,15 +4,15 @@ Workers push their batches to the proxy over ipc in the runtime directory; the p
 XPUB binds the public endpoint, so subscribers connect to one address whatever the worker
 count. Every message a subscriber sees is [topic, msgpack body] (docs/wire-format.md).
 
-Worker -> proxy is PUSH/PULL rather than PUB/XSUB because a PUB socket silently discards what it sends before the proxy's subscription reaches it (every new or
-replaced worker, every proxy restart), which would lose batches at the very moments a
-worker is replaced. PUSH queues them until the proxy is there. Sends are NOBLOCK, so a full
-queue (the high-water mark) refuses the batch instead of stalling capture, and the worker
-counts it; `seq` shows subscribers the gap. Each message carries an envelope frame (ring
-id, block seq) that the proxy checks (only the ring's worker may send for it, on its
-topic) and strips: it reports back through the shared RingTable which blocks it has
-passed on, and only then does the worker hand the block back to the kernel (see
-worker.py).
+Worker -> proxy is PUSH/PULL rather than PUB/XSUB because a PUB socket silently discards
+what it sends before the proxy's subscription reaches it (every new or replaced worker,
+every proxy restart), which would lose batches at the very moments a worker is replaced.
+PUSH queues them until the proxy is there. Sends are NOBLOCK, so a full queue (the
+high-water mark) refuses the batch instead of stalling capture, and the worker counts it;
+`seq` shows subscribers the gap. Each message carries an envelope frame (ring id, block
+seq) that the proxy checks (only the ring's worker may send for it, on its topic) and
+strips: it reports back through the shared RingTable which blocks it has passed on, and
+only then does the worker hand the block back to the kernel (see worker.py).
 
 The public XPUB keeps ZeroMQ's per-subscriber drop at a full queue, so one slow subscriber
 never holds back the others; the proxy bounds that queue in bytes and counts what it
