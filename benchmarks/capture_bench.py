@@ -195,7 +195,10 @@ def measure(ns: netlab.NetNS, tool_name: str, size: int, run: int, conf: Path,
             cost0 = cpu_snapshot(tool.cost_roots())
             user0 = cpu_snapshot(tool.user_roots())
             busy0 = cpu_busy(CAP_CPU)
+            gen0 = cpu_busy(GEN_CPU)
             sent = run_trafgen(ns, conf, args.packets, args.seconds, wd / "trafgen.log")
+            gen1 = cpu_busy(GEN_CPU)
+            user_burst = cpu_snapshot(tool.user_roots())
             drain_s = wait_drained(tool, args.settle_timeout)
             busy1 = cpu_busy(CAP_CPU)
             cost1 = cpu_snapshot(tool.cost_roots())
@@ -204,8 +207,12 @@ def measure(ns: netlab.NetNS, tool_name: str, size: int, run: int, conf: Path,
             counts = tool.end()
     cpu_ns, vanished = cpu_delta_ns(cost0, cost1)
     user_ns = cpu_delta_ns(user0, user1)[0] if user0 else None
+    # CPU 0 during the burst: trafgen, the kernel's delivery it pays for (on a veth the
+    # receive path runs in the sender's context), and the subscriber, which is taken out.
+    gen_ns = gen1[0] - gen0[0] - (cpu_delta_ns(user0, user_burst)[0] if user0 else 0)
     return Measurement(tool_name, size, run, sent, counts, cpu_ns, user_ns, drain_s,
-                       busy1[0] - busy0[0], busy1[1] - busy0[1], vanished, memory)
+                       busy1[0] - busy0[0], busy1[1] - busy0[1], vanished, memory,
+                       max(gen_ns, 0))
 
 
 def progress_line(m: Measurement, runs: int) -> str:

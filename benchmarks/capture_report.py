@@ -43,6 +43,7 @@ class Measurement:
     steal_ns: int  # CAP_CPU's steal time over the same span
     vanished: int  # processes of the tool that exited during the burst (not counted)
     memory: list[dict[str, int]]
+    gen_ns: int = 0  # GEN_CPU's busy time during the burst, the subscriber's CPU taken out
 
     @property
     def other_ns(self) -> int:
@@ -62,6 +63,16 @@ class Measurement:
     @property
     def cpu_per_packet(self) -> float | None:
         return self.cpu_ns / self.read if self.read else None
+
+    @property
+    def gen_per_packet(self) -> float | None:
+        """The generator's CPU per packet sent: trafgen and the kernel's receive path."""
+        return self.gen_ns / self.sent.packets if self.sent.packets else None
+
+    @property
+    def packets_per_batch(self) -> float | None:
+        batches = self.counts.notes.get("batches")
+        return self.counts.notes.get("decoded", 0) / batches if batches else None
 
     @property
     def user_cpu_per_packet(self) -> float | None:
@@ -99,7 +110,11 @@ class Row:
     drops: float
     delivered: float
     cpu_ns: float | None
+    cpu_min: float | None  # the spread of cpu_ns over the runs
+    cpu_max: float | None
     ratio: float | None  # cpu_ns / tcpdump's in the same run (median over runs)
+    kernel_ns: float | None  # generator ns/pkt minus the `none` tool's in the same run
+    per_batch: float | None  # fanoutd: packets per batch
     user_ns: float | None
     rss_kib: float | None  # fanoutd: largest worker's VmRSS minus its ring
     anon_kib: float | None  # ... and its RssAnon
@@ -124,8 +139,12 @@ def summarize(results: list[Measurement], tools: list[str], sizes: list[int]) ->
             ms = [m for m in results if m.tool == tool and m.size == size]
             if not ms:
                 continue
-            ratios = []
+            ratios, kernel = [], []
             for m in ms:
+                base = by.get(("none", size, m.run))
+                if tool != "none" and base is not None and base.gen_per_packet is not None \
+                        and m.gen_per_packet is not None:
+                    kernel.append(m.gen_per_packet - base.gen_per_packet)
                 ref = by.get(("tcpdump", size, m.run))
                 if ref is not None and ref.cpu_per_packet and m.cpu_per_packet:
                     ratios.append(m.cpu_per_packet / ref.cpu_per_packet)
@@ -139,23 +158,30 @@ def summarize(results: list[Measurement], tools: list[str], sizes: list[int]) ->
                 drops=median(m.counts.kernel_drops for m in ms),
                 delivered=median(m.counts.delivered for m in ms),
                 cpu_ns=median(m.cpu_per_packet for m in ms),
+                cpu_min=min((m.cpu_per_packet for m in ms if m.cpu_per_packet), default=None),
+                cpu_max=max((m.cpu_per_packet for m in ms if m.cpu_per_packet), default=None),
                 ratio=median(ratios) if tool != "tcpdump" else None,
+                kernel_ns=median(kernel),
+                per_batch=median(m.packets_per_batch for m in ms),
                 user_ns=median(m.user_cpu_per_packet for m in ms),
                 rss_kib=median(mem), anon_kib=median(anon)))
     return rows
 
 
 COLUMNS = ("tool", "frame B", "offered", "kpps", "kernel pkts", "kernel drops", "drop %",
-           "delivered", "CPU ns/pkt", "x tcpdump", "subscriber ns/pkt")
+           "delivered", "pkts/batch", "CPU ns/pkt", "spread", "x tcpdump", "kernel ns/pkt",
+           "subscriber ns/pkt")
 
 
 def row_cells(r: Row) -> list[str]:
     """The table cells of one row, as text (the same for stdout and Markdown)."""
     def n(v: float | None) -> str:
         return "-" if v is None else f"{v:,.0f}"
+    spread = "-" if r.cpu_min is None or r.cpu_max is None or r.cpu_min == r.cpu_max \
+        else f"{r.cpu_min:,.0f}-{r.cpu_max:,.0f}"
     return [r.tool, str(r.size), n(r.offered), n(r.kpps), n(r.kernel), n(r.drops),
-            f"{r.drop_pct:.1f}", n(r.delivered), n(r.cpu_ns),
-            "-" if r.ratio is None else f"{r.ratio:.2f}", n(r.user_ns)]
+            f"{r.drop_pct:.1f}", n(r.delivered), n(r.per_batch), n(r.cpu_ns), spread,
+            "-" if r.ratio is None else f"{r.ratio:.2f}", n(r.kernel_ns), n(r.user_ns)]
 
 
 def text_table(rows: list[Row]) -> str:
@@ -262,6 +288,7 @@ def write_chart(path: Path, rows: list[Row], sizes: list[int], tools: list[str])
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    tools = [t for t in tools if t != "none"]  # the baseline captures nothing
     fig, (ax_cpu, ax_del) = plt.subplots(1, 2, figsize=(11, 4.2))
     width = 0.8 / max(len(tools), 1)
     by = {(r.tool, r.size): r for r in rows}

@@ -37,8 +37,12 @@ GEN_CPU = 0  # trafgen (it pins its one sending process to CPU 0 itself) and the
 CAP_CPU = 1  # every capture tool
 # fanoutdN: N workers, version 2 batches (columns, the default); fanoutd1-rows: one worker
 # publishing version 1 (rows), to compare the daemon's cost of the two formats;
-# fanoutd1-top: one worker, and examples/top_talkers.py's work as the subscriber.
-TOOLS = ("fanoutd1", "fanoutd2", "fanoutd1-rows", "fanoutd1-top", "tcpdump", "scapy")
+# fanoutd1-top: one worker, and examples/top_talkers.py's work as the subscriber;
+# fanoutd1-lb, fanoutd1-lb-rxhash, fanoutd1-norxhash: one worker in fanout mode lb or
+# hash with ring.rxhash off or on, to measure what the flow hash costs the kernel; none:
+# nothing captures, the baseline of the kernel's share (the generator's CPU per packet).
+TOOLS = ("fanoutd1", "fanoutd2", "fanoutd1-rows", "fanoutd1-top", "fanoutd1-lb",
+         "fanoutd1-lb-rxhash", "fanoutd1-norxhash", "tcpdump", "scapy", "none")
 DST_MAC = "02:00:00:00:00:b2"  # not cap0's address: the frames are captured, then discarded
 RING_MIB = RingConfig().geometry.size >> 20  # each fanoutd worker's default ring
 TCPDUMP_BUFFER_KIB = RING_MIB * 1024  # tcpdump -B: the same ring size
@@ -251,16 +255,35 @@ class Tool:
         return []
 
 
+class NoneTool(Tool):
+    """Nothing captures: the generator's CPU per packet without any tool is the baseline
+    that each tool's kernel share is measured against."""
+
+    name = "none"
+
+    def start(self) -> None:
+        pass
+
+    def cost_roots(self) -> list[int]:
+        return []
+
+    def end(self) -> Counts:
+        return Counts(0, 0, 0)
+
+
 class FanoutdTool(Tool):
     """`fanoutd run` on cap0 with N workers, its default ring and fanout (RING_MIB per
-    worker, 10 ms block timeout, hash), plus a subscriber process draining the stream."""
+    worker, 10 ms block timeout, hash) unless `fanout` or `rxhash` say otherwise, plus a
+    subscriber process draining the stream."""
 
     def __init__(self, ns: netlab.NetNS, workdir: Path, args: argparse.Namespace,
                  workers: int, latency: bool = False, wire_format: str = "columns",
-                 top_talkers: bool = False) -> None:
+                 top_talkers: bool = False, fanout: str | None = None,
+                 rxhash: bool | None = None, name: str | None = None) -> None:
         super().__init__(ns, workdir, args)
-        self.name = f"fanoutd{workers}" + ("-rows" if wire_format == "rows" else "") + (
+        self.name = name or f"fanoutd{workers}" + ("-rows" if wire_format == "rows" else "") + (
             "-top" if top_talkers else "")
+        self.fanout, self.rxhash = fanout, rxhash
         self.workers = workers
         self.wire_format = wire_format
         self.top_talkers = top_talkers
@@ -276,6 +299,10 @@ class FanoutdTool(Tool):
                   "--publish", d.endpoint,
                   "--metrics", f"127.0.0.1:{d.metrics_port}",
                   "--runtime-dir", str(self.workdir / "run")]
+        if self.fanout is not None:
+            d.argv += ["--fanout", self.fanout]
+        if self.rxhash is not None:
+            d.argv += ["--rxhash", str(self.rxhash).lower()]
         self.daemon = d
         self.stack.callback(d.kill)
         d.start()
@@ -330,6 +357,7 @@ class FanoutdTool(Tool):
         return Counts(diff("fanoutd_kernel_packets_total"), diff("fanoutd_kernel_drops_total"),
                       self.result["rows"],
                       {"decoded": diff("fanoutd_packets_decoded_total"),
+                       "batches": diff("fanoutd_batches_published_total"),
                        "publish drops": diff("fanoutd_publish_drops_total"),
                        "batches lost": self.result["lost_batches"]})
 
@@ -430,11 +458,21 @@ def scapy_child(iface: str, timeout: float) -> int:
     return 0
 
 
+# The variants that measure the flow hash: (fanout mode, ring.rxhash).
+HASH_VARIANTS = {"fanoutd1-lb": ("lb", False), "fanoutd1-lb-rxhash": ("lb", True),
+                 "fanoutd1-norxhash": ("hash", False)}
+
+
 def make_tool(name: str, ns: netlab.NetNS, workdir: Path, args: argparse.Namespace) -> Tool:
+    if name in HASH_VARIANTS:
+        fanout, rxhash = HASH_VARIANTS[name]
+        return FanoutdTool(ns, workdir, args, workers=1, fanout=fanout, rxhash=rxhash,
+                           name=name)
     if name.startswith("fanoutd"):
         workers, _, fmt = name.removeprefix("fanoutd").partition("-")
         return FanoutdTool(ns, workdir, args, workers=int(workers),
                            wire_format="rows" if fmt == "rows" else "columns",
                            top_talkers=fmt == "top")
-    return {"tcpdump": TcpdumpTool, "scapy": ScapyTool}[name](ns, workdir, args)
+    return {"tcpdump": TcpdumpTool, "scapy": ScapyTool, "none": NoneTool}[name](
+        ns, workdir, args)
 

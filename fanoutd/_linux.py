@@ -122,6 +122,8 @@ SIOCETHTOOL = 0x8946
 IFF_UP = 0x1
 IFF_RUNNING = 0x40  # the driver reports carrier
 ETHTOOL_GET_TS_INFO = 0x41
+ETHTOOL_GFLAGS = 0x25  # the legacy feature flags (struct ethtool_value)
+ETH_FLAG_RXHASH = 1 << 28  # the NIC computes a receive hash (NETIF_F_RXHASH)
 # struct ethtool_ts_info: cmd, so_timestamping, phc_index, tx_types, tx_reserved[3],
 #   rx_filters, rx_reserved[3]
 ETHTOOL_TS_INFO = struct.Struct("=IIiI12xI12x")

@@ -45,7 +45,7 @@ class RingConfig:
     block_count: int = 128
     frame_size: int = 2048
     block_timeout_ms: int = 10
-    rxhash: bool = True
+    rxhash: bool | None = None  # None: auto, on where the kernel has the hash already
 
     @property
     def geometry(self) -> ring.RingGeometry:
@@ -349,11 +349,12 @@ def _coerce(key: str, value: Any, typ: Any) -> tuple[bool, Any]:
             suffix = " or auto" if name in AUTO_KEYS else ""
             return False, f"must be an integer{suffix}, got {_kind(value)} {value!r}"
         return True, value
-    if typ is bool:
+    if typ in (bool, bool | None):
         if isinstance(value, str) and value.lower() in ("true", "yes", "on", "false", "no", "off"):
             value = value.lower() in ("true", "yes", "on")
         if not isinstance(value, bool):
-            return False, f"must be true or false, got {_kind(value)} {value!r}"
+            choices = "true, false or auto" if name in AUTO_KEYS else "true or false"
+            return False, f"must be {choices}, got {_kind(value)} {value!r}"
         return True, value
     if typ == tuple[str, ...]:
         if isinstance(value, str):

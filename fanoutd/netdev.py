@@ -8,6 +8,7 @@ import ctypes
 import fcntl
 import socket
 import struct
+from pathlib import Path
 
 from fanoutd import _linux
 
@@ -52,6 +53,24 @@ def ethtool_value(ifname: str, cmd: int) -> int | None:
     except OSError:
         return None
     return struct.unpack("II", value.raw)[1]
+
+
+def flow_hash_is_free(ifname: str) -> bool:
+    """Whether the kernel has each packet's flow hash before a capture socket asks for it:
+    the NIC supplies one (receive-hashing on), or RPS, which hashes every packet, is on
+    for one of its receive queues. Elsewhere (a veth, a NIC without hashing) asking for
+    it (TP_FT_REQ_FILL_RXHASH) makes the kernel dissect each packet: docs/performance.md
+    measures that cost. PACKET_FANOUT_HASH does not count: it takes a symmetric hash of
+    its own, which the socket's skb_get_hash() cannot reuse."""
+    flags = ethtool_value(ifname, _linux.ETHTOOL_GFLAGS)
+    if flags is not None and flags & _linux.ETH_FLAG_RXHASH:
+        return True
+    try:
+        queues = list(Path(f"/sys/class/net/{ifname}/queues").glob("rx-*"))
+        return any(int((q / "rps_cpus").read_text().replace(",", "").strip() or "0", 16)
+                   for q in queues)
+    except (OSError, ValueError):
+        return False
 
 
 def hardware_rx_timestamps(ifname: str) -> bool:

@@ -13,7 +13,7 @@ import select
 import socket
 from dataclasses import dataclass
 
-from fanoutd import _linux, filter
+from fanoutd import _linux, filter, netdev
 
 DEFAULT_MAX_ORDER = 10  # MAX_PAGE_ORDER on current kernels with 4 KiB pages
 MAX_U32 = 2**32 - 1
@@ -122,8 +122,11 @@ def max_page_order() -> int:
         return DEFAULT_MAX_ORDER
 
 
-def open_capture_socket(ifname: str, geometry: RingGeometry, rxhash: bool) -> socket.socket:
+def open_capture_socket(ifname: str, geometry: RingGeometry,
+                        rxhash: bool | None) -> socket.socket:
     """An AF_PACKET socket with a TPACKET_V3 RX ring, bound to ifname, not yet in a fanout group.
+    Each packet's flow hash is asked for when rxhash says so; None (auto): where the kernel
+    has it anyway (netdev.flow_hash_is_free).
 
     The socket is created with protocol 0 so it receives nothing until bind() gives it
     ETH_P_ALL, and bound with a drop-all filter: a bound socket that is not yet in its
@@ -136,6 +139,8 @@ def open_capture_socket(ifname: str, geometry: RingGeometry, rxhash: bool) -> so
     except PermissionError:
         raise CapturePermissionError("permission denied opening an AF_PACKET socket: capture needs "
                            "CAP_NET_RAW (run as root or grant the capability)") from None
+    if rxhash is None:
+        rxhash = netdev.flow_hash_is_free(ifname)
     try:
         sock.setsockopt(_linux.SOL_PACKET, _linux.PACKET_VERSION, _linux.TPACKET_V3)
         req = _linux.TpacketReq3(

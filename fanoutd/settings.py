@@ -109,6 +109,9 @@ SETTINGS = (
             doctor=True),
     Setting("ring.block_timeout_ms", "block retire timeout, in ms", flag="--block-timeout",
             metavar="MS", doctor=True),
+    Setting("ring.rxhash", "ask the kernel for each packet's flow hash (the rxhash field): "
+            "true, false or auto", flag="--rxhash", metavar="BOOL", auto=True, doctor=True,
+            default_text=": on where the NIC or RPS computes the hash anyway"),
     # -- the daemon
     Setting("user", "user the workers and the proxy drop to (none: stay)", flag="--user",
             metavar="USER", none=True),

@@ -34,6 +34,19 @@ def test_shipped_config_is_valid_and_equals_the_defaults():
     assert shipped.interfaces == (CaptureConfig(),)
 
 
+@pytest.mark.parametrize("text, flag, want", [
+    ("", None, None), ("ring: {rxhash: auto}\n", None, None),
+    ("ring: {rxhash: true}\n", None, True), ("ring: {rxhash: true}\n", "auto", None),
+    ("ring: {rxhash: auto}\n", "false", False), ("", "on", True),
+])
+def test_rxhash_is_true_false_or_auto(tmp_path, text, flag, want):
+    overrides = {"rxhash": flag} if flag is not None else {}
+    cfg = load_config(write(tmp_path, text or "{}\n"), overrides, resolve=False)
+    assert cfg.interfaces[0].ring.rxhash is want
+    shown = yaml.safe_load(dump(cfg))["interfaces"][0]["ring"]["rxhash"]
+    assert shown == ("auto" if want is None else want)
+
+
 def test_yaml_values_and_flag_overrides(tmp_path):
     path = write(tmp_path, "interface: lo\nworkers: 3\nfanout: {mode: lb, flags: []}\n"
                            "ring: {block_size: 65536}\n")
@@ -99,7 +112,7 @@ def test_every_problem_is_reported_at_once():
     ("surprise: 1\n", "surprise", "unknown key"),
     ("ring: 5\n", "ring", "must be a mapping"),
     ("workers: true\n", "workers", "must be an integer"),
-    ("ring: {rxhash: maybe}\n", "ring.rxhash", "true or false"),
+    ("ring: {rxhash: maybe}\n", "ring.rxhash", "true, false or auto"),
     ("metrics: {max_connections: 0}\n", "metrics.max_connections", "between 1 and 1024"),
     ("metrics: {request_timeout_ms: 99}\n", "metrics.request_timeout_ms",
      "between 100 and 60000 ms"),

@@ -76,6 +76,27 @@ def test_payload_bytes_match_what_was_sent(injector, start_daemon, subscribe):
     assert got[6000] == b"GET / HTTP/1"
 
 
+@pytest.mark.parametrize("rxhash, rps, hashed", [
+    ("auto", False, False),  # a veth supplies no hash: auto does not make the kernel compute it
+    ("auto", True, True),  # RPS hashes every packet anyway: auto takes it
+    ("true", False, True),
+    ("false", True, False),
+])
+def test_the_flow_hash_is_asked_for_as_configured(ns, injector, start_daemon, subscribe,
+                                                  rxhash, rps, hashed):
+    if rps:  # RPS on cap0's one receive queue, steering to CPU 0
+        ns.exec("sh", "-c", "echo 1 > /sys/class/net/cap0/queues/rx-0/rps_cpus")
+    daemon = start_daemon(workers=1, extra=("--rxhash", rxhash))
+    sub = subscribe(daemon)
+    injector.send_all(F.udp4_frame(sport=7100 + i) for i in range(20))
+    cap = sub.collect(netlab.at_least(20), timeout=10, detail=daemon.logs)
+    hashes = {r["rxhash"] for r in cap.rows}
+    if hashed:
+        assert 0 not in hashes and len(hashes) > 1, hashes  # 20 flows, 20 hashes
+    else:
+        assert hashes == {0}, hashes
+
+
 def test_rows_say_who_stamped_them(injector, start_daemon, subscribe):
     daemon = start_daemon(workers=1)
     sub = subscribe(daemon)

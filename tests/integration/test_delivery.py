@@ -155,7 +155,7 @@ def test_every_frame_summarised_once_and_correctly(ns, injector, start_daemon, s
     assert len(by_mac) == len(cases)
     # No defrag (the default flag): lone IPv4 fragments would be held for reassembly.
     daemon = start_daemon(workers=workers, fanout="hash", fanout_flags="none",
-                          extra=["--format", wire_format])
+                          extra=["--format", wire_format, "--rxhash", "true"])
     sub = subscribe(daemon)
 
     injector.send_all(c.frame for c in cases)
