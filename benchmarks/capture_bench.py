@@ -106,6 +106,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sizes", default="64,512",
                    help="comma-separated frame sizes in bytes, as captured (no FCS on a "
                         "veth), 60-1500 (default: %(default)s)")
+    p.add_argument("--flows", default="",
+                   help="comma-separated numbers of concurrent flows (1 to 1,000,000): each "
+                        "burst cycles through that many UDP flows, and the table gets a row "
+                        "per flow count (default: a new flow nearly every frame)")
     p.add_argument("--tools", default=",".join(TOOLS),
                    help="comma-separated, from " + ", ".join(TOOLS) + " (default: all)")
     p.add_argument("--latency-seconds", type=float,
@@ -147,6 +151,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except ValueError:
         p.error(f"--sizes: comma-separated integers, got {args.sizes!r}")
     args.tools = [t.strip() for t in args.tools.split(",") if t.strip()]
+    try:
+        args.flows = [int(f.replace("_", "")) for f in args.flows.split(",") if f.strip()]
+    except ValueError:
+        p.error(f"--flows: comma-separated integers, got {args.flows!r}")
+    if any(not 1 <= f <= 1_000_000 for f in args.flows):
+        p.error("--flows: every count must be between 1 and 1000000")
     if not args.sizes or any(not 60 <= s <= 1500 for s in args.sizes):
         p.error("--sizes: every size must be between 60 and 1500 bytes")
     if not args.tools or any(t not in TOOLS for t in args.tools):
@@ -221,7 +231,8 @@ def progress_line(m: Measurement, runs: int) -> str:
     notes = "".join(f", {k} {v:,}" for k, v in c.notes.items())
     user = f", subscriber CPU {m.user_cpu_ns / 1e9:.2f} s" if m.user_cpu_ns is not None else ""
     gone = f", {m.vanished} process(es) exited mid-burst (not counted)" if m.vanished else ""
-    return (f"  run {m.run}/{runs} {m.size:>4} B {m.tool:<8}: offered {m.sent.packets:,} at "
+    flows = f" {m.flows:,} flows" if m.flows else ""
+    return (f"  run {m.run}/{runs} {m.size:>4} B{flows} {m.tool:<8}: offered {m.sent.packets:,} at "
             f"{m.sent.kpps:,.0f} kpps (reached cap0 {m.sent.reached_cap0:,}, veth drops "
             f"{m.sent.veth_drops:,}); kernel {c.kernel_packets:,}, drops {c.kernel_drops:,}, "
             f"delivered {c.delivered:,}{notes}; CPU {m.cpu_ns / 1e9:.2f} s{user}{gone}; "
@@ -309,17 +320,21 @@ def run(args: argparse.Namespace, command: str) -> int:
         ns = stack.enter_context(netlab.NetNS(prefix="fo-cbench"))
         confdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fo-cbconf-")))
         confs = {}
+        flow_counts = args.flows or [None]
         for size in args.sizes:
-            confs[size] = confdir / f"udp{size}.cfg"
-            confs[size].write_text(trafgen_config(size))
+            for flows in flow_counts:
+                confs[size, flows] = confdir / f"udp{size}-{flows}.cfg"
+                confs[size, flows].write_text(trafgen_config(size, flows))
         print(f"namespace {ns.name}: trafgen on CPU {GEN_CPU} -> inj0 -> cap0, capture on "
-              f"CPU {CAP_CPU}; {args.runs} run(s) x sizes {args.sizes} x {args.tools}, "
-              f"{args.packets:,} frames per burst", flush=True)
+              f"CPU {CAP_CPU}; {args.runs} run(s) x sizes {args.sizes} x {args.tools}"
+              + (f" x flows {args.flows}" if args.flows else "")
+              + f", {args.packets:,} frames per burst", flush=True)
         for run_no in range(1, args.runs + 1):
-            for size in args.sizes:
+            for size, flows in confs:
                 for tool in args.tools:
                     for attempt in range(args.retries + 1):
-                        m = measure(ns, tool, size, run_no, confs[size], args)
+                        m = measure(ns, tool, size, run_no, confs[size, flows], args)
+                        m.flows = flows
                         again = m.disturbed and attempt < args.retries
                         print(progress_line(m, args.runs)
                               + (": measuring it again" if again else ""), flush=True)
@@ -328,11 +343,11 @@ def run(args: argparse.Namespace, command: str) -> int:
                         retried += 1
                     results.append(m)
         if args.latency_seconds > 0:
-            lat_conf = confs.get(64) or confdir / "udp64.cfg"
+            lat_conf = confs.get((64, None)) or confdir / "udp64.cfg"
             if not lat_conf.exists():
                 lat_conf.write_text(trafgen_config(64))
             lat = measure_latency(ns, lat_conf, args)
-    rows = summarize(results, args.tools, args.sizes)
+    rows = summarize(results, args.tools, list(confs))
     print()
     print(f"capture benchmark: median of {args.runs} run(s), {args.packets:,} frames per "
           "burst; CPU ns/pkt = the tool's process tree (proxy and workers included, "

@@ -44,6 +44,7 @@ class Measurement:
     vanished: int  # processes of the tool that exited during the burst (not counted)
     memory: list[dict[str, int]]
     gen_ns: int = 0  # GEN_CPU's busy time during the burst, the subscriber's CPU taken out
+    flows: int | None = None  # --flows: the burst's number of flows (None: a new one a frame)
 
     @property
     def other_ns(self) -> int:
@@ -104,6 +105,7 @@ class Row:
 
     tool: str
     size: int
+    flows: int | None
     offered: float
     kpps: float
     kernel: float
@@ -115,9 +117,11 @@ class Row:
     ratio: float | None  # cpu_ns / tcpdump's in the same run (median over runs)
     kernel_ns: float | None  # generator ns/pkt minus the `none` tool's in the same run
     per_batch: float | None  # fanoutd: packets per batch
+    balance: float | None  # fanoutd, several workers: the busiest one's share over a fair one
     user_ns: float | None
     rss_kib: float | None  # fanoutd: largest worker's VmRSS minus its ring
     anon_kib: float | None  # ... and its RssAnon
+    proxy_kib: float | None = None  # the proxy's VmRSS
 
     @property
     def drop_pct(self) -> float:
@@ -129,29 +133,33 @@ def median(values: Iterable[float | None]) -> float | None:
     return statistics.median(vals) if vals else None
 
 
-def summarize(results: list[Measurement], tools: list[str], sizes: list[int]) -> list[Row]:
-    """One Row per (tool, size): each figure the median of its runs; the ratio to tcpdump
-    is computed run by run (same run, same size) before taking the median."""
-    by = {(m.tool, m.size, m.run): m for m in results}
+def summarize(results: list[Measurement], tools: list[str],
+              cases: list[tuple[int, int | None]]) -> list[Row]:
+    """One Row per (tool, frame size, flows): each figure the median of its runs; the
+    ratio to tcpdump and the kernel's share (against `none`) are computed run by run (same
+    run, same case) before taking the median."""
+    by = {(m.tool, m.size, m.flows, m.run): m for m in results}
     rows = []
-    for size in sizes:
+    for size, flows in cases:
         for tool in tools:
-            ms = [m for m in results if m.tool == tool and m.size == size]
+            ms = [m for m in results if m.tool == tool and m.size == size and m.flows == flows]
             if not ms:
                 continue
             ratios, kernel = [], []
             for m in ms:
-                base = by.get(("none", size, m.run))
+                base = by.get(("none", size, flows, m.run))
                 if tool != "none" and base is not None and base.gen_per_packet is not None \
                         and m.gen_per_packet is not None:
                     kernel.append(m.gen_per_packet - base.gen_per_packet)
-                ref = by.get(("tcpdump", size, m.run))
+                ref = by.get(("tcpdump", size, flows, m.run))
                 if ref is not None and ref.cpu_per_packet and m.cpu_per_packet:
                     ratios.append(m.cpu_per_packet / ref.cpu_per_packet)
-            mem = [max(w["VmRSS"] - w["ring"] for w in m.memory) for m in ms if m.memory]
-            anon = [max(w["RssAnon"] for w in m.memory) for m in ms if m.memory]
+            workers = [[w for w in m.memory if w["comm"] != "fanoutd-proxy"] for m in ms]
+            mem = [max(w["VmRSS"] - w["ring"] for w in ws) for ws in workers if ws]
+            anon = [max(w["RssAnon"] for w in ws) for ws in workers if ws]
+            proxy = [w["VmRSS"] for m in ms for w in m.memory if w["comm"] == "fanoutd-proxy"]
             rows.append(Row(
-                tool, size,
+                tool, size, flows,
                 offered=median(m.sent.packets for m in ms),
                 kpps=median(m.sent.kpps for m in ms),
                 kernel=median(m.counts.kernel_packets for m in ms),
@@ -163,14 +171,15 @@ def summarize(results: list[Measurement], tools: list[str], sizes: list[int]) ->
                 ratio=median(ratios) if tool != "tcpdump" else None,
                 kernel_ns=median(kernel),
                 per_batch=median(m.packets_per_batch for m in ms),
+                balance=median(m.counts.notes.get("balance %") for m in ms),
                 user_ns=median(m.user_cpu_per_packet for m in ms),
-                rss_kib=median(mem), anon_kib=median(anon)))
+                rss_kib=median(mem), anon_kib=median(anon), proxy_kib=median(proxy)))
     return rows
 
 
-COLUMNS = ("tool", "frame B", "offered", "kpps", "kernel pkts", "kernel drops", "drop %",
+COLUMNS = ("tool", "frame B", "flows", "offered", "kpps", "kernel pkts", "kernel drops", "drop %",
            "delivered", "pkts/batch", "CPU ns/pkt", "spread", "x tcpdump", "kernel ns/pkt",
-           "subscriber ns/pkt")
+           "subscriber ns/pkt", "busiest worker %")
 
 
 def row_cells(r: Row) -> list[str]:
@@ -178,10 +187,11 @@ def row_cells(r: Row) -> list[str]:
     def n(v: float | None) -> str:
         return "-" if v is None else f"{v:,.0f}"
     spread = "-" if r.cpu_min is None or r.cpu_max is None or r.cpu_min == r.cpu_max \
-        else f"{r.cpu_min:,.0f}-{r.cpu_max:,.0f}"
-    return [r.tool, str(r.size), n(r.offered), n(r.kpps), n(r.kernel), n(r.drops),
+        else f"{r.cpu_min:,.0f}..{r.cpu_max:,.0f}"
+    return [r.tool, str(r.size), n(r.flows), n(r.offered), n(r.kpps), n(r.kernel), n(r.drops),
             f"{r.drop_pct:.1f}", n(r.delivered), n(r.per_batch), n(r.cpu_ns), spread,
-            "-" if r.ratio is None else f"{r.ratio:.2f}", n(r.kernel_ns), n(r.user_ns)]
+            "-" if r.ratio is None else f"{r.ratio:.2f}", n(r.kernel_ns), n(r.user_ns),
+            n(r.balance)]
 
 
 def text_table(rows: list[Row]) -> str:
@@ -198,6 +208,7 @@ def memory_lines(rows: list[Row]) -> list[str]:
     """One line per fanoutd (tool, size) with worker memory."""
     return [f"{r.tool} {r.size} B: largest worker {r.rss_kib / 1024:.1f} MiB resident "
             f"besides its ring (RssAnon {r.anon_kib / 1024:.1f} MiB)"
+            + (f", proxy {r.proxy_kib / 1024:.1f} MiB" if r.proxy_kib else "")
             for r in rows if r.rss_kib is not None]
 
 
@@ -281,39 +292,60 @@ def write_docs(path: Path, generated: str) -> None:
 
 
 def write_chart(path: Path, rows: list[Row], sizes: list[int], tools: list[str]) -> None:
-    """Two panels: CPU ns per packet read (log scale) and the share of offered packets
-    delivered, one bar per tool, grouped by frame size."""
+    """Curves, one line per tool: CPU ns per packet read (log scale) and the share of
+    offered packets delivered against the frame size; with several flow counts (--flows),
+    also CPU ns per packet and the busiest worker's share against the number of flows."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     tools = [t for t in tools if t != "none"]  # the baseline captures nothing
-    fig, (ax_cpu, ax_del) = plt.subplots(1, 2, figsize=(11, 4.2))
-    width = 0.8 / max(len(tools), 1)
-    by = {(r.tool, r.size): r for r in rows}
-    for i, tool in enumerate(tools):
-        xs = [j + (i - (len(tools) - 1) / 2) * width for j in range(len(sizes))]
-        cpu = [(by[(tool, s)].cpu_ns or 0) if (tool, s) in by else 0 for s in sizes]
-        dlv = [100 * by[(tool, s)].delivered / by[(tool, s)].offered
-               if (tool, s) in by and by[(tool, s)].offered else 0 for s in sizes]
-        ax_cpu.bar(xs, cpu, width, label=tool)
-        ax_del.bar(xs, dlv, width, label=tool)
-        for x, v in zip(xs, cpu, strict=True):
-            if v:
-                ax_cpu.annotate(f"{v:,.0f}", (x, v), ha="center", va="bottom", fontsize=7)
-    for ax in (ax_cpu, ax_del):
-        ax.set_xticks(range(len(sizes)), [f"{s}-byte frames" for s in sizes])
-        ax.grid(axis="y", alpha=0.3)
+    flow_counts = sorted({r.flows for r in rows if r.flows is not None})
+    panels = 4 if len(flow_counts) > 1 else 2
+    fig, grid = plt.subplots(panels // 2, 2, figsize=(11, 4.2 * panels // 2), squeeze=False)
+    axes = list(grid.flat)
+    ax_cpu, ax_del = axes[0], axes[1]
+    first_flows = rows[0].flows if rows else None
+    for tool in tools:
+        by_size = sorted((r.size, r) for r in rows if r.tool == tool and r.flows == first_flows)
+        if not by_size:
+            continue
+        xs = [size for size, _ in by_size]
+        ax_cpu.plot(xs, [r.cpu_ns for _, r in by_size], marker="o", label=tool)
+        ax_del.plot(xs, [100 * r.delivered / r.offered if r.offered else 0
+                         for _, r in by_size], marker="o", label=tool)
     ax_cpu.set_yscale("log")
     ax_cpu.set_ylabel("CPU ns per packet read (log)")
     ax_cpu.set_title("Capture cost: the tool's whole process tree")
     ax_del.set_ylabel("% of offered packets")
     ax_del.set_ylim(0, 105)
     ax_del.set_title("Delivered (subscriber / written / callback)")
-    ax_del.legend(loc="upper right", fontsize=8)
+    for ax in (ax_cpu, ax_del):
+        ax.set_xlabel("frame size, bytes")
+        ax.set_xticks(sizes, [str(s) for s in sizes])
+    if panels == 4:
+        ax_flows, ax_bal = axes[2], axes[3]
+        for tool in tools:
+            by_flows = sorted((r.flows, r) for r in rows
+                              if r.tool == tool and r.flows is not None and r.size == sizes[0])
+            if not by_flows:
+                continue
+            xs = [f for f, _ in by_flows]
+            ax_flows.plot(xs, [r.cpu_ns for _, r in by_flows], marker="o", label=tool)
+            if any(r.balance for _, r in by_flows):
+                ax_bal.plot(xs, [r.balance for _, r in by_flows], marker="o", label=tool)
+        ax_flows.set_title(f"Cost against concurrent flows ({sizes[0]}-byte frames)")
+        ax_flows.set_ylabel("CPU ns per packet read")
+        ax_bal.set_title("Fan-out balance: the busiest worker")
+        ax_bal.set_ylabel("% of a fair share (100 = even)")
+        for ax in (ax_flows, ax_bal):
+            ax.set_xscale("log")
+            ax.set_xlabel("concurrent flows")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
-

@@ -52,16 +52,35 @@ FANOUTD_BLOCK_TIMEOUT_MS = 10  # fanoutd's default ring.block_timeout_ms (not pa
 # --------------------------------------------------------------------------- traffic
 
 
-def trafgen_config(size: int) -> str:
+def flow_fields(flows: int) -> tuple[int, int]:
+    """(source addresses, source ports) that make `flows` or a few more distinct flows
+    when both step by one per frame: the address cycles through up to 65,536 values, the
+    port through an odd number of values (coprime with the address's 2**k cycle, so the
+    pairs do not repeat before addresses x ports frames)."""
+    if flows <= 65536:
+        return flows, 1
+    ports = -(-flows // 65536)
+    return 65536, ports + (ports % 2 == 0)
+
+
+def trafgen_config(size: int, flows: int | None = None) -> str:
     """A trafgen packet configuration: one Ethernet/IPv4/UDP frame of `size` bytes whose
     IPv4 source (10.0.x.y, 65,536 values) and UDP source port (1024-65535) step by one per
     frame and whose destination port is random (1-1023): a new flow nearly every frame.
-    trafgen fills in the lengths and checksums."""
+    With `flows`, exactly that many flows (see flow_fields) cycle, to port 53. trafgen
+    fills in the lengths and checksums."""
     payload = size - 14 - 20 - 8
+    if flows is None:
+        sa, ports = "sa=10.0.0.0, sa[2:2]=dinc(0, 65535)", "sp=dinc(1024, 65535), dp=drnd(1, 1023)"
+    else:
+        n_addr, n_port = flow_fields(flows)
+        sa = f"sa=10.0.0.0, sa[2:2]=dinc(0, {n_addr - 1})" if n_addr > 1 else "sa=10.0.0.1"
+        sport = f"dinc(1024, {1024 + n_port - 1})" if n_port > 1 else "1024"
+        ports = f"sp={sport}, dp=53"
     return ("{\n"
             f"  eth(da={DST_MAC}, sa={netlab.INJ_MAC}),\n"
-            "  ipv4(sa=10.0.0.0, sa[2:2]=dinc(0, 65535), da=192.0.2.2, ttl=64),\n"
-            "  udp(sp=dinc(1024, 65535), dp=drnd(1, 1023)),\n"
+            f"  ipv4({sa}, da=192.0.2.2, ttl=64),\n"
+            f"  udp({ports}),\n"
             f"  fill(0x00, {payload})\n"
             "}\n")
 
@@ -354,16 +373,27 @@ class FanoutdTool(Tool):
         self.result = self.ctl.recv()
         if self.result is None:
             raise BenchError("the subscriber got no welcome message")
+        per_worker = {}
+        for labels, value in netlab.samples(after, "fanoutd_packets_decoded_total").items():
+            worker = dict(labels)["worker"]
+            before = netlab.metric_sum(self.before, "fanoutd_packets_decoded_total",
+                                       worker=worker)
+            per_worker[worker] = value - before
+        total = sum(per_worker.values())
+        # The busiest worker's share over a fair one: 1.00 is a perfect balance.
+        balance = {"balance %": round(100 * max(per_worker.values()) * len(per_worker) / total)
+                   } if total and len(per_worker) > 1 else {}
         return Counts(diff("fanoutd_kernel_packets_total"), diff("fanoutd_kernel_drops_total"),
                       self.result["rows"],
                       {"decoded": diff("fanoutd_packets_decoded_total"),
                        "batches": diff("fanoutd_batches_published_total"),
                        "publish drops": diff("fanoutd_publish_drops_total"),
-                       "batches lost": self.result["lost_batches"]})
+                       "batches lost": self.result["lost_batches"], **balance})
 
     def memory(self) -> list[dict[str, int]]:
-        return [proc_memory(pid) for comm, pid in sorted(self.daemon.children_by_comm().items())
-                if re.fullmatch(r"fanoutd-w\d+", comm)]
+        return [{"comm": comm, **proc_memory(pid)}
+                for comm, pid in sorted(self.daemon.children_by_comm().items())
+                if re.fullmatch(r"fanoutd-(w\d+|proxy)", comm)]
 
 
 class TcpdumpTool(Tool):

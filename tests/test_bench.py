@@ -16,9 +16,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "capture_bench.py"
-TOOLS = ("fanoutd1", "fanoutd2", "tcpdump", "scapy")
+TOOLS = ("none", "fanoutd1", "fanoutd2", "tcpdump", "scapy")
 SIZES = (64, 512)
-NUMBER = r"(?:-|[\d,]+(?:\.\d+)?)"  # a figure as the table prints it; "-" when n/a
+NUMBER = r"(?:-|-?[\d,]+(?:\.\d+)?)"  # a figure as the table prints it; "-" when n/a
+SPREAD = r"(?:-|[\d,]+\.\.[\d,]+)"  # min..max over the runs; "-" for one run
+# The table's columns, as capture_report.COLUMNS names them.
+COLUMNS = ("tool", "frame B", "flows", "offered", "kpps", "kernel pkts", "kernel drops",
+           "drop %", "delivered", "pkts/batch", "CPU ns/pkt", "spread", "x tcpdump",
+           "kernel ns/pkt", "subscriber ns/pkt", "busiest worker %")
+COL = {name: i for i, name in enumerate(COLUMNS)}
 
 pytestmark = [
     pytest.mark.integration,
@@ -39,8 +45,8 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     md, png = out / "performance.md", out / "img" / "chart.png"
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--write-docs", "--markdown", str(md),
-         "--chart", str(png)],
+        [sys.executable, str(SCRIPT), "--quick", "--tools", ",".join(TOOLS), "--write-docs",
+         "--markdown", str(md), "--chart", str(png)],
         capture_output=True, text=True, timeout=240, cwd=ROOT, stdin=subprocess.DEVNULL,
         check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -52,7 +58,7 @@ def table_rows(stdout: str) -> dict[tuple[str, int], list[str]]:
     rows = {}
     for line in stdout.splitlines():
         cells = line.split()
-        if cells and cells[0] in TOOLS and len(cells) == 11 and cells[1].isdigit():
+        if cells and cells[0] in TOOLS and len(cells) == len(COLUMNS) and cells[1].isdigit():
             rows[(cells[0], int(cells[1]))] = cells
     return rows
 
@@ -62,12 +68,20 @@ def test_table_has_a_row_of_figures_per_tool_and_size(quick_run):
     rows = table_rows(stdout)
     assert set(rows) == {(t, s) for t in TOOLS for s in SIZES}, stdout
     for (tool, _size), cells in rows.items():
-        for cell in cells[2:]:
-            assert re.fullmatch(NUMBER, cell), (tool, cells)
-        offered, kernel = (int(c.replace(",", "")) for c in (cells[2], cells[4]))
-        assert offered > 0 and kernel > 0, cells  # the burst was sent and captured
-        assert cells[8] != "-", cells  # CPU ns/pkt
-        assert (cells[9] == "-") == (tool == "tcpdump"), cells  # the ratio to tcpdump
+        for name, cell in zip(COLUMNS[2:], cells[2:], strict=True):
+            assert re.fullmatch(SPREAD if name == "spread" else NUMBER, cell), (tool, cells)
+        offered, kernel = (int(cells[COL[c]].replace(",", "")) for c in ("offered", "kernel pkts"))
+        assert offered > 0, cells  # the burst was sent ...
+        if tool == "none":  # ... and, but for the baseline, captured
+            assert kernel == 0 and cells[COL["CPU ns/pkt"]] == "-", cells
+            continue
+        assert kernel > 0, cells
+        assert cells[COL["CPU ns/pkt"]] != "-", cells
+        assert cells[COL["kernel ns/pkt"]] != "-", cells  # measured against `none`
+        assert (cells[COL["x tcpdump"]] == "-") == (tool == "tcpdump"), cells
+        fanoutd = tool.startswith("fanoutd")
+        assert (cells[COL["pkts/batch"]] != "-") == fanoutd, cells
+        assert (cells[COL["busiest worker %"]] != "-") == (tool == "fanoutd2"), cells
 
 
 def test_latency_and_memory_figures(quick_run):
@@ -77,15 +91,16 @@ def test_latency_and_memory_figures(quick_run):
     for tool in ("fanoutd1", "fanoutd2"):
         for size in SIZES:
             assert re.search(rf"^memory {tool} {size} B: largest worker [\d.]+ MiB resident "
-                             r"besides its ring \(RssAnon [\d.]+ MiB\)", stdout, re.M), stdout
+                             r"besides its ring \(RssAnon [\d.]+ MiB\), proxy [\d.]+ MiB",
+                             stdout, re.M), stdout
 
 
 def test_writes_the_markdown_and_the_chart(quick_run):
     _, md, png = quick_run
     text = md.read_text()
     assert "<!-- capture_bench:begin -->" in text and "<!-- capture_bench:end -->" in text
-    assert "| tool | frame B | offered |" in text
-    # every fanoutd tool (capture_bench.TOOLS) at both sizes
-    assert sum(1 for line in text.splitlines() if line.startswith("| fanoutd")) == 8
+    assert "| " + " | ".join(COLUMNS) + " |" in text
+    # every fanoutd tool run at both sizes
+    assert sum(1 for line in text.splitlines() if line.startswith("| fanoutd")) == 4
     assert "](img/chart.png)" in text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
