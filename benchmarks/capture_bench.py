@@ -57,6 +57,7 @@ from capture_report import (  # noqa: E402
     memory_lines,
     summarize,
     text_table,
+    thread_lines,
     write_chart,
     write_docs,
 )
@@ -74,6 +75,7 @@ from capture_tools import (  # noqa: E402
 from proc_accounting import (  # noqa: E402
     BenchError,
     cpu_busy,
+    cpu_by_thread,
     cpu_delta_ns,
     cpu_snapshot,
     snapshot_ticks,
@@ -110,6 +112,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated numbers of concurrent flows (1 to 1,000,000): each "
                         "burst cycles through that many UDP flows, and the table gets a row "
                         "per flow count (default: a new flow nearly every frame)")
+    p.add_argument("--fanoutd-args", default="", metavar="ARGS",
+                   help="more options for every `fanoutd run` of the fanoutd tools, e.g. "
+                        "'--block-size 2097152 --block-count 32' (default: none)")
     p.add_argument("--tools", default=",".join(TOOLS),
                    help="comma-separated, from " + ", ".join(TOOLS) + " (default: all)")
     p.add_argument("--latency-seconds", type=float,
@@ -216,13 +221,14 @@ def measure(ns: netlab.NetNS, tool_name: str, size: int, run: int, conf: Path,
             memory = tool.memory()
             counts = tool.end()
     cpu_ns, vanished = cpu_delta_ns(cost0, cost1)
+    threads = cpu_by_thread(cost0, cost1)
     user_ns = cpu_delta_ns(user0, user1)[0] if user0 else None
     # CPU 0 during the burst: trafgen, the kernel's delivery it pays for (on a veth the
     # receive path runs in the sender's context), and the subscriber, which is taken out.
     gen_ns = gen1[0] - gen0[0] - (cpu_delta_ns(user0, user_burst)[0] if user0 else 0)
     return Measurement(tool_name, size, run, sent, counts, cpu_ns, user_ns, drain_s,
                        busy1[0] - busy0[0], busy1[1] - busy0[1], vanished, memory,
-                       max(gen_ns, 0))
+                       max(gen_ns, 0), threads=threads)
 
 
 def progress_line(m: Measurement, runs: int) -> str:
@@ -355,6 +361,8 @@ def run(args: argparse.Namespace, command: str) -> int:
     print(text_table(rows))
     for line in memory_lines(rows):
         print("memory " + line)
+    for line in thread_lines(results):
+        print("threads " + line)
     note = disturbance_note(results, retried)
     if note:
         print(note)
@@ -365,7 +373,8 @@ def run(args: argparse.Namespace, command: str) -> int:
         md_dir = args.markdown.resolve().parent
         chart_rel = Path(os.path.relpath(args.chart.resolve(), md_dir))
         write_chart(args.chart, rows, args.sizes, args.tools)
-        write_docs(args.markdown, markdown(rows, lat, args, env, chart_rel, command, note))
+        write_docs(args.markdown, markdown(rows, lat, args, env, chart_rel, command, note,
+                                               thread_lines(results)))
         print(f"wrote {args.markdown} and {args.chart}")
     return 0
 

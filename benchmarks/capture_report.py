@@ -13,7 +13,7 @@ import statistics
 import subprocess
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,6 +45,7 @@ class Measurement:
     memory: list[dict[str, int]]
     gen_ns: int = 0  # GEN_CPU's busy time during the burst, the subscriber's CPU taken out
     flows: int | None = None  # --flows: the burst's number of flows (None: a new one a frame)
+    threads: dict[str, int] = field(default_factory=dict)  # cpu_ns by thread name
 
     @property
     def other_ns(self) -> int:
@@ -212,6 +213,37 @@ def memory_lines(rows: list[Row]) -> list[str]:
             for r in rows if r.rss_kib is not None]
 
 
+def is_hop(thread: str) -> bool:
+    """A thread of the hop from a worker to the public endpoint: a worker's ZeroMQ
+    threads, and the proxy."""
+    return thread.startswith("fanoutd-proxy") or (
+        thread.startswith("fanoutd-w") and "/ZMQbg" in thread)
+
+
+def thread_lines(results: list[Measurement]) -> list[str]:
+    """One line per fanoutd (tool, size, flows): each thread's CPU ns per packet read
+    (median over runs; threads below 1 ns/pkt left out), and the hop's share."""
+    lines = []
+    cases = sorted({(m.tool, m.size, m.flows or 0) for m in results if m.threads
+                    and m.tool.startswith("fanoutd")}, key=lambda c: (c[1], c[2], c[0]))
+    for tool, size, flows in cases:
+        ms = [m for m in results if (m.tool, m.size, m.flows or 0) == (tool, size, flows)
+              and m.read]
+        if not ms:
+            continue
+        names = {name for m in ms for name in m.threads}
+        per = {name: median(m.threads.get(name, 0) / m.read for m in ms) or 0.0
+               for name in names}
+        hop = median(sum(ns for name, ns in m.threads.items() if is_hop(name))
+                     / max(sum(m.threads.values()), 1) for m in ms) or 0.0
+        shown = sorted(((ns, name) for name, ns in per.items() if ns >= 1), reverse=True)
+        case = f"{tool} {size} B" + (f" {flows:,} flows" if flows else "")
+        lines.append(f"{case}: " + ", ".join(f"{name} {ns:,.0f}" for ns, name in shown)
+                     + f" ns/pkt; the hop (workers' ZeroMQ threads and the proxy) "
+                       f"{100 * hop:.0f} % of the tree's CPU")
+    return lines
+
+
 def latency_text(lat: Latency) -> str:
     return (f"p50 {lat.p50_ms:.2f} ms, p99 {lat.p99_ms:.2f} ms, max {lat.max_ms:.2f} ms "
             f"({lat.received:,} of {lat.sent:,} packets at {lat.rate:,.0f} packets/s, fanoutd "
@@ -247,7 +279,8 @@ def environment() -> dict[str, str]:
 
 
 def markdown(rows: list[Row], lat: Latency | None, args: argparse.Namespace,
-             env: dict[str, str], chart: Path | None, command: str, note: str = "") -> str:
+             env: dict[str, str], chart: Path | None, command: str, note: str = "",
+             threads: list[str] | None = None) -> str:
     """The generated part of docs/performance.md (between the markers)."""
     head = "| " + " | ".join(COLUMNS) + " |"
     align = "|" + "|".join(":---" if i == 0 else "---:" for i in range(len(COLUMNS))) + "|"
@@ -273,6 +306,9 @@ def markdown(rows: list[Row], lat: Latency | None, args: argparse.Namespace,
     if mem:
         out += ["**Worker memory** (VmRSS minus the ring's resident pages; each worker also "
                 f"maps its {RING_MIB} MiB ring):", "", *[f"- {line}" for line in mem], ""]
+    if threads:
+        out += ["**CPU by thread** (ns per packet read, median over runs; schedstat):", "",
+                *[f"- {line}" for line in threads], ""]
     out.append(DOCS_END)
     return "\n".join(out) + "\n"
 

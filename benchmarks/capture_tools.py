@@ -322,6 +322,7 @@ class FanoutdTool(Tool):
             d.argv += ["--fanout", self.fanout]
         if self.rxhash is not None:
             d.argv += ["--rxhash", str(self.rxhash).lower()]
+        d.argv += self.args.fanoutd_args.split()
         self.daemon = d
         self.stack.callback(d.kill)
         d.start()

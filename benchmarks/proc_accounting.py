@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,6 +38,7 @@ class ProcCpu:
 
     ticks: int  # utime + stime of all its threads, exited ones included (/proc/PID/stat)
     threads: dict[int, int]  # tid -> ns on CPU of each live thread (task/TID/schedstat)
+    names: dict[int, str] = field(default_factory=dict)  # tid -> "process/thread" name
 
 
 def proc_cpu(pid: int) -> tuple[Ident, ProcCpu] | None:
@@ -47,12 +48,34 @@ def proc_cpu(pid: int) -> tuple[Ident, ProcCpu] | None:
         tids = os.listdir(f"/proc/{pid}/task")
     except (OSError, IndexError):
         return None
-    threads = {}
+    threads, names = {}, {}
+    comm = _comm(pid, pid)
     for tid in tids:
         with contextlib.suppress(OSError, ValueError, IndexError):
             threads[int(tid)] = int(
                 Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
-    return (pid, int(rest[19])), ProcCpu(int(rest[11]) + int(rest[12]), threads)
+            names[int(tid)] = comm if int(tid) == pid else f"{comm}/{_comm(pid, int(tid))}"
+    return (pid, int(rest[19])), ProcCpu(int(rest[11]) + int(rest[12]), threads, names)
+
+
+def _comm(pid: int, tid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+    except OSError:
+        return "?"
+
+
+def cpu_by_thread(before: dict[Ident, ProcCpu], after: dict[Ident, ProcCpu]) -> dict[str, int]:
+    """CPU ns used between the snapshots, by thread name ("fanoutd-w0",
+    "fanoutd-w0/ZMQbg/IO/0"): threads of one name in several processes add up. Threads
+    that exited in between are missing (cpu_delta_ns counts them by ticks)."""
+    out: dict[str, int] = {}
+    for ident, a in after.items():
+        b = before.get(ident, ProcCpu(0, {}))
+        for tid, ns in a.threads.items():
+            name = a.names.get(tid, "?")
+            out[name] = out.get(name, 0) + ns - b.threads.get(tid, 0)
+    return out
 
 
 def cpu_snapshot(roots: Iterable[int]) -> dict[Ident, ProcCpu]:
