@@ -289,10 +289,15 @@ static void frame(const uint8_t *buf, Py_ssize_t off, Py_ssize_t end, Row *r) {
 
 /* --- msgpack, exactly as msgpack-python packs with use_bin_type=True --------------- */
 
-typedef struct { uint8_t *buf; size_t len, cap; } Out;
+/* fixed: buf is not ours to grow (a bytes object sized in advance) */
+typedef struct { uint8_t *buf; size_t len, cap; int fixed; } Out;
 
 static int out_reserve(Out *o, size_t more) {
     if (o->len + more <= o->cap) return 0;
+    if (o->fixed) {
+        PyErr_SetString(PyExc_SystemError, "fastpath: a batch outgrew its computed size");
+        return -1;
+    }
     /* grows by doubling; kept across calls (see scratch) */
     size_t cap = o->cap ? o->cap : 4096;
     while (cap < o->len + more) cap *= 2;
@@ -668,6 +673,21 @@ static int columns_add(const Row *r, Py_ssize_t i, const uint8_t *block,
 }
 
 /* The finished columns of n rows as the msgpack map wire.encode_column makes. */
+/* The most columns_put() writes: the sum of what it reserves, so that a buffer of this
+ * size never has to grow. */
+static size_t columns_bound(Py_ssize_t n, int ncols) {
+    size_t bitmap_len = ((size_t)n + 7) / 8, total = 8;
+    for (int k = 0; k < ncols; k++) {
+        const ColumnSpec *spec = &COLUMNS[k];
+        size_t values_len = spec->layout == L_BOOL ? bitmap_len
+                          : spec->layout == L_BINARY || spec->layout == L_LIST ? columns[k].values.len
+                          : (size_t)n * (size_t)spec->width;
+        total += 128 + values_len + bitmap_len + 4 * ((size_t)n + 1);
+        if (spec->layout == L_DICTIONARY) total += 64 * (size_t)spec->dictionary_len;
+    }
+    return total;
+}
+
 static int columns_put(Out *o, Py_ssize_t n, int ncols) {
     size_t bitmap_len = ((size_t)n + 7) / 8;
     if (out_reserve(o, 8) < 0) return -1;
@@ -714,8 +734,7 @@ static PyObject *encode_columns(PyObject *self, PyObject *args) {
     Py_ssize_t rows = 0;
     uint64_t wire_bytes = 0;
     Py_ssize_t counts[E_COUNT] = {0};
-    PyObject *result = NULL;
-    Out *out = &scratch;
+    PyObject *result = NULL, *body = NULL;
 
     if (columns_reset(max_rows, ncols) < 0) goto done;
     Py_ssize_t pos = first;
@@ -730,8 +749,12 @@ static PyObject *encode_columns(PyObject *self, PyObject *args) {
         if (!next_offset) break;
         pos += next_offset;
     }
-    out->len = 0;
-    if (out_reserve(out, (size_t)prefix.len + 64) < 0) goto done;
+    /* Written straight into the bytes object that is returned (no copy of the batch),
+     * sized for the most it can take and then cut to what it took. */
+    const size_t bound = (size_t)prefix.len + 64 + columns_bound(rows, ncols);
+    body = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)bound);
+    if (body == NULL) goto done;
+    Out o = {(uint8_t *)PyBytes_AS_STRING(body), 0, bound, 1}, *out = &o;
     memcpy(out->buf, prefix.buf, (size_t)prefix.len);
     out->len = (size_t)prefix.len;
     put_str(out, "seq");
@@ -741,9 +764,11 @@ static PyObject *encode_columns(PyObject *self, PyObject *args) {
     put_str(out, "columns");
     if (columns_put(out, rows, ncols) < 0) goto done;
     if (add_error_counts(errors, counts) < 0) goto done;
-    result = Py_BuildValue("(y#nK)", (const char *)out->buf, (Py_ssize_t)out->len, rows,
-                           (unsigned long long)wire_bytes);
+    if (_PyBytes_Resize(&body, (Py_ssize_t)out->len) < 0) goto done;  /* frees body on error */
+    result = Py_BuildValue("(NnK)", body, rows, (unsigned long long)wire_bytes);
+    body = NULL;  /* the tuple has it (or, on failure, Py_BuildValue released it) */
 done:
+    Py_XDECREF(body);
     PyBuffer_Release(&prefix);
     PyBuffer_Release(&view);
     return result;
