@@ -4,7 +4,8 @@ Workers push their batches to the proxy over ipc in the runtime directory; the p
 XPUB binds the public endpoint, so subscribers connect to one address whatever the worker
 count. Every message a subscriber sees is [topic, msgpack body] (docs/wire-format.md).
 
-Worker -> proxy is PUSH/PULL rather than PUB/XSUB because a PUB socket silently discards what it sends before the proxy's subscription reaches it (every new or
+Worker -> proxy is PUSH/PULL rather than PUB/XSUB because a PUB socket silently discards
+what it sends before the proxy's subscription reaches it (every new or
 replaced worker, every proxy restart), which would lose batches at the very moments a
 worker is replaced. PUSH queues them until the proxy is there. Sends are NOBLOCK, so a full
 queue (the high-water mark) refuses the batch instead of stalling capture, and the worker
