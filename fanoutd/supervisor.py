@@ -3,9 +3,9 @@ alive.
 
 Shaped after gunicorn's arbiter: signal handlers only record the signal (and wake the loop
 through the wakeup fd); one loop does all the work; children are reaped with
-waitpid(-1, WNOHANG) until none is left. Child states follow supervisord: STARTING,
-RUNNING, BACKOFF (waiting for a growing restart delay), STOPPING, FATAL (it kept failing
-to start, so the daemon gives up and exits non-zero for systemd to see).
+waitpid(-1, WNOHANG) until none is left. Each child's states and restart policy are
+children.py's (after supervisord); one that goes FATAL (it kept failing to start) makes
+the daemon give up and exit non-zero for systemd to see.
 """
 
 import ipaddress
@@ -17,13 +17,13 @@ import signal
 import socket
 import stat
 import tempfile
-import time
 import traceback
 from collections.abc import Callable
 from dataclasses import fields, replace
 
 from fanoutd import exits, fanout, link, privileges, publish, ring, wire, worker
-from fanoutd.capture import Capture, Child, Retiring, Slot
+from fanoutd.capture import Capture, Retiring, Slot
+from fanoutd.children import Child, ChildState, System, describe_status
 from fanoutd.config import (
     CAPTURE_KEYS,
     MAX_WORKERS,
@@ -42,13 +42,9 @@ log = logging.getLogger("fanoutd")
 TICK_S = 0.25  # supervisor loop period
 KERNEL_STATS_EVERY_S = 1.0
 STOP_GRACE_S = 5.0  # SIGTERM, then SIGKILL after this long
-BACKOFF_FIRST_S = 0.1
-BACKOFF_MAX_S = 10.0
-STABLE_AFTER_S = 10.0  # a child that ran this long resets its failure count
-FATAL_AFTER = 5  # consecutive failed starts before a child goes FATAL
+FATAL_AFTER = 5  # failed drains of an old ring in a row before it is closed as it is
 # Every slot's ring, and its predecessor draining after a reload, on up to 16 interfaces.
 RING_IDS = 2 * MAX_WORKERS * 16
-QUICK_RESTARTS = 3  # a running child that dies is replaced at once this many times in a row
 PROXY_READY_TIMEOUT_S = 10.0
 HUNG_KILL_AFTER_S = 2.0  # SIGTERM to a worker that stopped heartbeating, then SIGKILL
 KILL_WAIT_S = 2.0  # how long stopping waits for a SIGKILLed child to be reaped
@@ -62,9 +58,12 @@ class StartupError(Exception):
 
 
 class Supervisor:
-    def __init__(self, cfg: Config, load_config: Callable[[], Config] | None = None) -> None:
-        """load_config reads the configuration again, for SIGHUP (None: reload is off)."""
+    def __init__(self, cfg: Config, load_config: Callable[[], Config] | None = None,
+                 system: System | None = None) -> None:
+        """load_config reads the configuration again, for SIGHUP (None: reload is off);
+        system forks, reaps and signals the children, and tells the time (tests fake it)."""
         self.cfg = cfg
+        self.system = system or System()
         self.load_config = load_config or (lambda: cfg)
         self.links = link.LinkMonitor()  # before any capture: no change goes unseen
         # Shared memory, mapped before any fork so every child sees all of it.
@@ -204,17 +203,14 @@ class Supervisor:
         """SIGKILL an old worker that did not finish draining in time."""
         for capture in self.captures:
             for old in capture.retiring:
-                if now >= old.kill_at and old.child.pid is not None:
-                    log.warning("%s did not finish draining its old ring; killing it",
-                                old.child.name)
-                    _kill(old.child, signal.SIGKILL)
-                    old.kill_at = float("inf")
+                old.child.escalate(self.system.kill, now,
+                                   "did not finish draining its old ring")
 
     def _wait_retired(self, capture: Capture) -> None:
         while capture.retiring:
-            self._check_retiring(time.monotonic())
+            self._check_retiring(self.system.monotonic())
             self._reap()
-            time.sleep(0.01)
+            self.system.sleep(0.01)
 
     def _start_workers(self, capture: Capture) -> None:
         for slot in capture.slots:
@@ -239,7 +235,6 @@ class Supervisor:
         them (SIGUSR1); each socket closes once its worker has drained it
         (_drainer_exited). A slot whose worker is between restarts gets one to drain it:
         its ring may hold blocks."""
-        deadline = self._drain_deadline(capture)
         capture.close_off()
         for slot in capture.slots:
             child = slot.child
@@ -250,21 +245,16 @@ class Supervisor:
             child.main = self._worker_main(capture, slot, drain=True)  # for any successor
             if child.pid is None:
                 self._spawn_for_ring(child, slot.ring_id)
-            self._drain(child)
-            capture.retiring.append(Retiring(child, slot.sock, slot.ring_id, slot.stats,
-                                             deadline))
+            self._drain(capture, child)
+            capture.retiring.append(Retiring(child, slot.sock, slot.ring_id, slot.stats))
 
-    @staticmethod
-    def _drain_deadline(capture: Capture) -> float:
-        return time.monotonic() + capture.cfg.ring.block_timeout_ms / 500 + STOP_GRACE_S
-
-    @staticmethod
-    def _drain(child: Child) -> None:
+    def _drain(self, capture: Capture, child: Child) -> None:
         """Tell a worker (maybe just forked: it takes the signal once its handler is in
-        place) to publish what its ring holds, then exit. One forked to drain knows it
-        from its plan already."""
-        child.state = "DRAINING"
-        _kill(child, signal.SIGUSR1)
+        place) to publish what its ring holds, then exit; SIGKILL if it takes longer than
+        its ring's block timeout allows. One forked to drain knows it from its plan
+        already."""
+        grace = capture.cfg.ring.block_timeout_ms / 500 + STOP_GRACE_S
+        child.terminate(self.system.kill, grace, self.system.monotonic(), signal.SIGUSR1)
 
     def _drainer_exited(self, capture: Capture, old: Retiring, status: int) -> None:
         """A worker draining an old ring exited. Status 0: the ring is drained, it closes.
@@ -272,7 +262,7 @@ class Supervisor:
         blocks in the ring: another worker drains it, so that every block is published,
         up to FATAL_AFTER failures in a row; only then is the ring closed as it is."""
         child = old.child
-        child.pid = None
+        child.exited(status, self.system.monotonic())  # DRAINING or STOPPING: now STOPPED
         drained = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
         reconnect = os.WIFEXITED(status) and os.WEXITSTATUS(status) == exits.RECONNECT
         if not (drained or reconnect or self.stopping):
@@ -282,20 +272,18 @@ class Supervisor:
             if not (drained or self.stopping):
                 log.error("%s failed to drain its old ring %d times in a row (last: %s); "
                           "closing it with what it still holds", child.name, child.failures,
-                          _describe_status(status))
+                          describe_status(status))
             capture.retiring.remove(old)
             capture.close_ring(old.sock, old.ring_id, old.stats)
-            child.state = "STOPPED"
             return
         if reconnect:
             log.info("%s restarts to reconnect to the new proxy and go on draining its old "
                      "ring", child.name)
         else:
             log.warning("%s %s while draining its old ring; starting another worker to "
-                        "drain it", child.name, _describe_status(status))
+                        "drain it", child.name, describe_status(status))
         self._spawn_for_ring(child, old.ring_id)
-        self._drain(child)
-        old.kill_at = self._drain_deadline(capture)
+        self._drain(capture, child)
 
     def _retire_capture(self, capture: Capture) -> None:
         """Stop capturing on an interface taken out of the configuration: its workers
@@ -491,7 +479,7 @@ class Supervisor:
         finally:
             os.close(ready_r)
         if answer == "ok":
-            self.proxy.state = "RUNNING"
+            self.proxy.ready()
         elif startup:
             raise StartupError(answer or "the proxy did not start", exits.UNAVAILABLE)
         else:
@@ -532,7 +520,7 @@ class Supervisor:
         # so a drain or stop request sent at once is not taken with the default action.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, privileges.CHILD_SIGNALS)
         try:
-            pid = os.fork()
+            pid = self.system.fork()
         finally:
             if os.getpid() == parent:
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
@@ -554,9 +542,7 @@ class Supervisor:
                 traceback.print_exc()
             finally:
                 os._exit(status)
-        child.pid = pid
-        child.state = "STARTING"
-        child.started_at = time.monotonic()
+        child.spawned(pid, self.system.monotonic())
         log.debug("started %s (pid %d)", child.name, pid)
 
     # -- the loop -----------------------------------------------------------------------
@@ -594,8 +580,9 @@ class Supervisor:
 
     def _next_wakeup(self) -> float:
         """Seconds until the loop has something to do: a tick, or a restart falling due."""
-        due = [c.restart_at for c in self._children() if c.state == "BACKOFF"]
-        return max(0.0, min([TICK_S, *(at - time.monotonic() for at in due)]))
+        due = [c.restart_at for c in self._children() if c.state is ChildState.BACKOFF]
+        now = self.system.monotonic()
+        return max(0.0, min([TICK_S, *(at - now for at in due)]))
 
     def _handle_signal(self, signum: int) -> None:
         if signum in (signal.SIGTERM, signal.SIGINT):
@@ -603,7 +590,7 @@ class Supervisor:
             self.stopping = True
         elif signum == signal.SIGCHLD:
             self._reap()
-        elif signum == signal.SIGHUP:
+        elif signum == signal.SIGHUP and not self.stopping:  # a child went FATAL: no reload
             log.info("SIGHUP received: reloading the configuration")
             self._reload()
 
@@ -614,7 +601,7 @@ class Supervisor:
     def _reap(self) -> None:
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, status = self.system.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
@@ -630,40 +617,21 @@ class Supervisor:
                 if old.child is child:
                     self._drainer_exited(capture, old, status)
                     return
-        child.pid = None
-        child.kill_at = None
+        clean = self.stopping or child.state is ChildState.STOPPING
+        result = child.exited(status, self.system.monotonic(), stopping=self.stopping)
         if child is self.proxy:
-            self._proxy_exited(clean=self.stopping or child.state == "STOPPING")
-        if self.stopping or child.state == "STOPPING":
-            child.state = "STOPPED"
+            self._proxy_exited(clean)
+        if result.state is ChildState.STOPPED:
             return
-        how = _describe_status(status)
-        now = time.monotonic()
-        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == exits.RECONNECT:
-            # An unprivileged worker leaving to reconnect to a new proxy: not a failure.
+        if result.reconnect:
             log.info("%s restarts to reconnect to the new proxy", child.name)
-            child.state, child.restart_at = "BACKOFF", now
-            return
-        booted = child.state == "RUNNING"
-        if now - child.started_at >= STABLE_AFTER_S:
-            child.failures = 0
-        child.failures += 1
-        if not booted and child.failures >= FATAL_AFTER:
-            child.state = "FATAL"
+        elif result.state is ChildState.FATAL:
             log.error("%s failed to start %d times in a row (last: %s); giving up",
-                      child.name, child.failures, how)
+                      child.name, child.failures, result.how)
             self.exit_status = exits.SOFTWARE
             self.stopping = True
-            return
-        # A child that was running is replaced at once, a few times in a row: the ring
-        # keeps filling while no worker reads it. Failing to start, or crashing again and
-        # again, backs off: 0.1 s, 0.2 s, 0.4 s, ... up to BACKOFF_MAX_S.
-        quick = QUICK_RESTARTS if booted else 1
-        delay = (0.0 if child.failures <= quick
-                 else min(BACKOFF_FIRST_S * 2 ** (child.failures - quick - 1), BACKOFF_MAX_S))
-        child.state = "BACKOFF"
-        child.restart_at = now + delay
-        log.warning("%s %s; restarting in %.1f s", child.name, how, delay)
+        else:
+            log.warning("%s %s; restarting in %.1f s", child.name, result.how, result.delay)
 
     def _proxy_exited(self, clean: bool) -> None:
         """Workers hold their blocks until the next proxy forwards. A proxy that died may
@@ -678,24 +646,8 @@ class Supervisor:
                     self.rings.forwarded[ring_id] = 0
 
     def _tick(self) -> None:
-        now = time.monotonic()
-        for slot in self._slots():
-            child = slot.child
-            if child is None:
-                continue
-            if child.state == "STARTING" and slot.stats["capturing"] == child.pid:
-                child.state = "RUNNING"
-            elif child.state == "BACKOFF" and now >= child.restart_at:
-                slot.stats.add("restarts")
-                slot.stats["capturing"] = 0  # the dead worker's flag; the new one sets it
-                self._spawn_worker(slot)
-            elif child.state == "RUNNING":
-                self._check_heartbeat(slot, child, now)
-            slot.stats["up"] = int(child.state == "RUNNING")
-        self._check_retiring(now)
-        proxy = self.proxy
-        if proxy is not None and proxy.state == "BACKOFF" and now >= proxy.restart_at:
-            self._spawn_proxy()
+        now = self.system.monotonic()
+        self._tick_children(now)
         if now - self.kernel_stats_at >= KERNEL_STATS_EVERY_S:
             self.refresh_kernel_stats()
         self._watch_links()
@@ -712,26 +664,39 @@ class Supervisor:
             self.notifier.status(self._status_line(now))
         self.notifier.watchdog(self._healthy())
 
+    def _tick_children(self, now: float) -> None:
+        """Mark workers ready, restart those whose backoff is over, terminate hung ones
+        and SIGKILL those past their grace."""
+        for slot in self._slots():
+            child = slot.child
+            if child is None:
+                continue
+            if child.state is ChildState.STARTING and slot.stats["capturing"] == child.pid:
+                child.ready()
+            elif child.due(now):
+                slot.stats.add("restarts")
+                slot.stats["capturing"] = 0  # the dead worker's flag; the new one sets it
+                self._spawn_worker(slot)
+            elif child.state is ChildState.RUNNING:
+                self._check_heartbeat(slot, child, now)
+            child.escalate(self.system.kill, now, "ignored SIGTERM")
+            slot.stats["up"] = int(child.state is ChildState.RUNNING)
+        self._check_retiring(now)
+        proxy = self.proxy
+        if proxy is not None and proxy.due(now):
+            self._spawn_proxy()
+
     def _slots(self) -> list[Slot]:
         return [slot for capture in self.captures for slot in capture.slots]
 
     def _check_heartbeat(self, slot: Slot, child: Child, now: float) -> None:
         """A worker that stopped turning its loop gets SIGTERM, then SIGKILL; either way
         it is then reaped and replaced like a worker that died."""
-        if child.pid is None:
-            return
-        if child.kill_at is not None:
-            if now >= child.kill_at:
-                log.warning("%s ignored SIGTERM; killing it", child.name)
-                _kill(child, signal.SIGKILL)
-                child.kill_at = float("inf")
-            return
         timeout_ms = self.cfg.supervisor.heartbeat_timeout_ms
-        if slot.stats["heartbeat_ns"] < time.monotonic_ns() - timeout_ms * 1_000_000:
+        if slot.stats["heartbeat_ns"] < _ns(now) - timeout_ms * 1_000_000:
             log.warning("%s has not heartbeaten for %d ms; terminating it", child.name,
                         timeout_ms)
-            _kill(child, signal.SIGTERM)
-            child.kill_at = now + HUNG_KILL_AFTER_S
+            child.terminate(self.system.kill, HUNG_KILL_AFTER_S, now, replace=True)
 
     def _status_line(self, now: float) -> str:
         """One line for systemctl status: workers up, capture rate since the last line, drops."""
@@ -747,14 +712,15 @@ class Supervisor:
 
     def _healthy(self) -> bool:
         """Every worker capturing and heartbeating, and the proxy running: feed the watchdog."""
-        if self.proxy is None or self.proxy.state != "RUNNING":
+        if self.proxy is None or self.proxy.state is not ChildState.RUNNING:
             return False
-        stale_before = time.monotonic_ns() - self.cfg.supervisor.heartbeat_timeout_ms * 1_000_000
+        now_ns = _ns(self.system.monotonic())
+        stale_before = now_ns - self.cfg.supervisor.heartbeat_timeout_ms * 1_000_000
         return all(s.up and s.stats["heartbeat_ns"] > stale_before for s in self._slots())
 
     def refresh_kernel_stats(self) -> None:
         """Fold every socket's PACKET_STATISTICS into its slot's running totals."""
-        self.kernel_stats_at = time.monotonic()
+        self.kernel_stats_at = self.system.monotonic()
         for capture in self.captures:
             capture.refresh_kernel_stats()
 
@@ -795,34 +761,28 @@ class Supervisor:
         scheme = "https" if self.cfg.metrics.tls_cert_file else "http"
         return f"{scheme}://{self.cfg.metrics.listen}/metrics"
 
-    def _stop_children(self, children: list[Child], signum: int = signal.SIGTERM,
-                       grace_s: float = STOP_GRACE_S) -> None:
-        """Signal the children (SIGTERM: stop; SIGUSR1: a worker drains its ring first),
-        reap them, and SIGKILL any still there after grace_s. One that outlives even
-        SIGKILL (a signal refused, a process stuck in the kernel) is given up on after
-        KILL_WAIT_S, so stopping always ends: it exits on its own once the supervisor is
-        gone (it watches its parent)."""
+    def _stop_children(self, children: list[Child], grace_s: float = STOP_GRACE_S) -> None:
+        """SIGTERM the children, reap them, and SIGKILL any still there after grace_s.
+        One that outlives even SIGKILL (a signal refused, a process stuck in the kernel)
+        is given up on after KILL_WAIT_S, so stopping always ends: it exits on its own
+        once the supervisor is gone (it watches its parent)."""
+        now = self.system.monotonic()
         for child in children:
             if child.pid is not None:
-                child.state = "STOPPING"
-                _kill(child, signum)
-        deadline = time.monotonic() + grace_s
-        killed = False
+                child.terminate(self.system.kill, grace_s, now)
+        give_up_at = now + grace_s + KILL_WAIT_S
         while any(c.pid is not None for c in children):
-            if time.monotonic() >= deadline:
-                left = [c for c in children if c.pid is not None]
-                if killed:
-                    for child in left:
-                        log.error("%s (pid %d) is still there %.0f s after SIGKILL; leaving "
-                                  "it", child.name, child.pid, KILL_WAIT_S)
-                        child.pid = None
-                    return
-                for child in left:
-                    log.warning("%s did not stop in %.0f s; killing it", child.name, grace_s)
-                    _kill(child, signal.SIGKILL)
-                killed, deadline = True, time.monotonic() + KILL_WAIT_S
+            now = self.system.monotonic()
+            left = [c for c in children if c.pid is not None]
+            for child in left:
+                if now >= give_up_at:
+                    log.error("%s (pid %d) is still there %.0f s after SIGKILL; leaving it",
+                              child.name, child.pid, KILL_WAIT_S)
+                    child.abandoned()
+                else:
+                    child.escalate(self.system.kill, now, f"did not stop in {grace_s:.0f} s")
             self._reap()
-            time.sleep(0.01)
+            self.system.sleep(0.01)
 
 
 def _changes(old: Config, new: Config) -> list[str]:
@@ -886,29 +846,11 @@ def _die_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _kill(child: Child, signum: int) -> bool:
-    """Send signum to the child; False when it could not be sent. A refused signal is
-    logged, never raised: the supervisor must go on (and stop cleanly) whatever happens."""
-    if child.pid is None:
-        return False
-    try:
-        os.kill(child.pid, signum)
-    except ProcessLookupError:  # it exited already; reaping will tell
-        return False
-    except PermissionError:
-        log.error("cannot send %s to %s (pid %d): permission denied; signalling a child "
-                  "that runs as another user needs CAP_KILL", signal.Signals(signum).name,
-                  child.name, child.pid)
-        return False
-    return True
-
-
 def _count(n: int, singular: str, plural: str | None = None) -> str:
     """'1 worker', '2 workers'."""
     return f"{n:,} {singular if n == 1 else plural or singular + 's'}"
 
 
-def _describe_status(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        return f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
-    return f"exited with status {os.WEXITSTATUS(status)}"
+def _ns(seconds: float) -> int:
+    """A CLOCK_MONOTONIC time in ns, as workers stamp their heartbeat."""
+    return int(seconds * 1_000_000_000)
