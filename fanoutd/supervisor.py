@@ -8,15 +8,12 @@ children.py's (after supervisord); one that goes FATAL (it kept failing to start
 the daemon give up and exit non-zero for systemd to see.
 """
 
-import ipaddress
 import logging
 import os
 import select
 import shutil
 import signal
 import socket
-import stat
-import tempfile
 import traceback
 from collections.abc import Callable
 from dataclasses import fields, replace
@@ -30,12 +27,13 @@ from fanoutd.config import (
     CaptureConfig,
     Config,
     ConfigError,
-    parse_host_port,
 )
 from fanoutd.filter import FilterError
+from fanoutd.health import Health, log_summary, ns
 from fanoutd.metrics_server import MetricsServer
+from fanoutd.runtime import StartupError, make_runtime_dir, open_metrics, warn_if_exposed
 from fanoutd.slotstats import ProxyStats, RingTable
-from fanoutd.systemd import Notifier, set_log_context
+from fanoutd.systemd import set_log_context
 
 log = logging.getLogger("fanoutd")
 
@@ -48,13 +46,6 @@ RING_IDS = 2 * MAX_WORKERS * 16
 PROXY_READY_TIMEOUT_S = 10.0
 HUNG_KILL_AFTER_S = 2.0  # SIGTERM to a worker that stopped heartbeating, then SIGKILL
 KILL_WAIT_S = 2.0  # how long stopping waits for a SIGKILLed child to be reaped
-RUNTIME_MARK = "fanoutd.pid"  # in each runtime directory a daemon makes: its pid
-
-
-class StartupError(Exception):
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 class Supervisor:
@@ -78,11 +69,8 @@ class Supervisor:
         self.signals: list[int] = []
         self.stopping = False
         self.exit_status = exits.OK
-        self.announced_ready = False
         self.kernel_stats_at = 0.0
-        self.notifier = Notifier()
-        self.status_at = 0.0
-        self.status_packets = 0
+        self.health = Health()
         self.capturing = False  # the loop ran: on exit, say what was captured
         self.reload_failed: set[str] = set()  # interfaces the last reload could not move
 
@@ -112,9 +100,10 @@ class Supervisor:
             problem = privileges.switch_problem(self.cfg.user)
             if problem:
                 raise StartupError(problem, exits.NOPERM)
-            self._warn_if_exposed()
-            self._open_metrics()
-            self._make_runtime_dir()
+            warn_if_exposed(self.cfg)
+            self.metrics = open_metrics(self.cfg.metrics, self)
+            self.runtime_dir = make_runtime_dir(self.cfg)
+            self.backend = f"ipc://{self.runtime_dir}/workers.ipc"
             self._start_proxy()
             for capture in self.captures:
                 self._start_workers(capture)
@@ -196,7 +185,7 @@ class Supervisor:
         capture.set_slots(socks)
         self._tell_proxy_block_size()
         self._start_workers(capture)
-        self.announced_ready = False  # logs (and tells systemd) when capture is back
+        self.health.capture_changed()
         return True
 
     def _check_retiring(self, now: float) -> None:
@@ -386,7 +375,7 @@ class Supervisor:
                       str(e).removeprefix(f"{cfg.interface}: "))
             return False
         self._start_workers(capture)
-        self.announced_ready = False
+        self.health.capture_changed()
         return True
 
     def _swap_metrics(self, cfg: Config) -> bool:
@@ -405,41 +394,6 @@ class Supervisor:
         self.metrics.close()
         self.metrics = server
         return True
-
-    def _warn_if_exposed(self) -> None:
-        """Endpoints bind to loopback by default; say so when one is opened wider without
-        the protection configured for it."""
-        publish_cfg, metrics_cfg = self.cfg.publish, self.cfg.metrics
-        scheme, _, rest = publish_cfg.endpoint.partition("://")
-        if (scheme == "tcp" and not _is_loopback(parse_host_port(rest)[0])
-                and publish_cfg.curve.secret_key_file is None):
-            log.warning("publishing on %s without CURVE: anyone who can reach it reads the "
-                        "packet summaries (see publish.curve)", publish_cfg.endpoint)
-        if (not _is_loopback(parse_host_port(metrics_cfg.listen)[0])
-                and metrics_cfg.tls_cert_file is None):
-            log.warning("serving metrics on %s without TLS (see metrics.tls_cert_file)",
-                        metrics_cfg.listen)
-
-    def _open_metrics(self) -> None:
-        try:
-            self.metrics = MetricsServer(self.cfg.metrics, self)
-        except OSError as e:
-            raise StartupError(f"metrics.listen: cannot listen on {self.cfg.metrics.listen}: "
-                               f"{e.strerror}", exits.UNAVAILABLE) from None
-
-    def _make_runtime_dir(self) -> None:
-        base = (self.cfg.runtime_dir or os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
-                or ("/run/fanoutd" if os.geteuid() == 0 else tempfile.gettempdir()))
-        first = self.cfg.interfaces[0].interface
-        try:
-            os.makedirs(base, mode=0o755, exist_ok=True)
-            _remove_stale_runtime_dirs(base)
-            self.runtime_dir = tempfile.mkdtemp(prefix=f"{os.getpid()}-{first}-", dir=base)
-            _mark_runtime_dir(self.runtime_dir)
-        except OSError as e:
-            raise StartupError(f"runtime_dir: cannot create a directory in {base}: {e.strerror}",
-                               exits.UNAVAILABLE) from None
-        self.backend = f"ipc://{self.runtime_dir}/workers.ipc"
 
     def _start_proxy(self) -> None:
         self._proxy_ready_w = -1
@@ -651,18 +605,7 @@ class Supervisor:
         if now - self.kernel_stats_at >= KERNEL_STATS_EVERY_S:
             self.refresh_kernel_stats()
         self._watch_links()
-        if not self.announced_ready and all(s.up for s in self._slots()):
-            self.announced_ready = True
-            for capture in self.captures:
-                log.info("capturing on %s: %s, fanout %s (group %d), publishing on %s, "
-                         "metrics on %s", capture.interface,
-                         _count(len(capture.slots), "worker"), capture.cfg.fanout.mode,
-                         capture.group_id, self.cfg.publish.endpoint, self._metrics_url())
-            self.notifier.ready(self._status_line(now))
-        elif self.announced_ready and (now - self.status_at
-                                       >= self.cfg.supervisor.status_interval_ms / 1000):
-            self.notifier.status(self._status_line(now))
-        self.notifier.watchdog(self._healthy())
+        self.health.tick(now, self.cfg, self.captures, self.proxy, self.refresh_kernel_stats)
 
     def _tick_children(self, now: float) -> None:
         """Mark workers ready, restart those whose backoff is over, terminate hung ones
@@ -693,30 +636,10 @@ class Supervisor:
         """A worker that stopped turning its loop gets SIGTERM, then SIGKILL; either way
         it is then reaped and replaced like a worker that died."""
         timeout_ms = self.cfg.supervisor.heartbeat_timeout_ms
-        if slot.stats["heartbeat_ns"] < _ns(now) - timeout_ms * 1_000_000:
+        if slot.stats["heartbeat_ns"] < ns(now) - timeout_ms * 1_000_000:
             log.warning("%s has not heartbeaten for %d ms; terminating it", child.name,
                         timeout_ms)
             child.terminate(self.system.kill, HUNG_KILL_AFTER_S, now, replace=True)
-
-    def _status_line(self, now: float) -> str:
-        """One line for systemctl status: workers up, capture rate since the last line, drops."""
-        self.refresh_kernel_stats()
-        slots = self._slots()
-        packets = sum(s.stats["kernel_packets"] for s in slots)
-        drops = sum(s.stats["kernel_drops"] for s in slots)
-        rate = (packets - self.status_packets) / (now - self.status_at) if self.status_at else 0
-        self.status_at, self.status_packets = now, packets
-        up = sum(s.up for s in slots)
-        where = ", ".join(c.interface for c in self.captures)
-        return f"{up}/{len(slots)} workers up on {where}, {rate:.0f} packets/s, {drops} dropped"
-
-    def _healthy(self) -> bool:
-        """Every worker capturing and heartbeating, and the proxy running: feed the watchdog."""
-        if self.proxy is None or self.proxy.state is not ChildState.RUNNING:
-            return False
-        now_ns = _ns(self.system.monotonic())
-        stale_before = now_ns - self.cfg.supervisor.heartbeat_timeout_ms * 1_000_000
-        return all(s.up and s.stats["heartbeat_ns"] > stale_before for s in self._slots())
 
     def refresh_kernel_stats(self) -> None:
         """Fold every socket's PACKET_STATISTICS into its slot's running totals."""
@@ -728,13 +651,13 @@ class Supervisor:
 
     def _shutdown(self) -> None:
         """Workers first (they flush their last batches to the proxy), then the proxy."""
-        self.notifier.stopping()
+        self.health.notifier.stopping()
         self._stop_children([c for capture in self.captures for c in capture.children()])
         if self.proxy is not None:
             self._stop_children([self.proxy])
         self.refresh_kernel_stats()
         if self.capturing:
-            self._log_summary()
+            log_summary(self.captures)
         for capture in self.captures:
             for sock in capture.sockets():
                 sock.close()
@@ -742,24 +665,6 @@ class Supervisor:
             self.metrics.close()
         if self.runtime_dir:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
-
-    def _log_summary(self) -> None:
-        """On exit, as tcpdump does: what the kernel passed on and dropped, and what was
-        published, per interface (the current worker slots' counters)."""
-        for capture in self.captures:
-            total = {key: sum(slot.stats[key] for slot in capture.slots)
-                     for key in ("kernel_packets", "kernel_drops", "packets", "batches",
-                                 "publish_drops")}
-            log.info("%s: %s received by the kernel, %s dropped by the kernel, %s decoded, "
-                     "%s published, %s dropped at the publish high-water mark",
-                     capture.interface, _count(total["kernel_packets"], "packet"),
-                     _count(total["kernel_drops"], "packet"), _count(total["packets"], "packet"),
-                     _count(total["batches"], "batch", "batches"),
-                     _count(total["publish_drops"], "batch", "batches"))
-
-    def _metrics_url(self) -> str:
-        scheme = "https" if self.cfg.metrics.tls_cert_file else "http"
-        return f"{scheme}://{self.cfg.metrics.listen}/metrics"
 
     def _stop_children(self, children: list[Child], grace_s: float = STOP_GRACE_S) -> None:
         """SIGTERM the children, reap them, and SIGKILL any still there after grace_s.
@@ -802,55 +707,9 @@ def _changes(old: Config, new: Config) -> list[str]:
     return [name for name in order if name in changed]
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # "*", a name or an interface: assume reachable from elsewhere
-
-
-def _mark_runtime_dir(path: str) -> None:
-    """Say in the directory that this daemon made it (see _remove_stale_runtime_dirs)."""
-    with open(os.path.join(path, RUNTIME_MARK), "x") as f:
-        f.write(f"{os.getpid()}\n")
-
-
-def _remove_stale_runtime_dirs(base: str) -> None:
-    """Remove what daemons that were killed (no clean stop) left in base: directories
-    PID-... that a fanoutd made (they are ours and hold RUNTIME_MARK naming that PID)
-    and whose PID no longer runs. base may be shared (the temp dir): nothing else in it
-    is touched, whatever its name."""
-    for name in os.listdir(base):
-        pid, sep, _ = name.partition("-")
-        path = os.path.join(base, name)
-        if not (sep and pid.isdigit()) or os.path.exists(f"/proc/{pid}"):
-            continue
-        try:
-            st = os.lstat(path)
-            fd = os.open(os.path.join(path, RUNTIME_MARK), os.O_RDONLY | os.O_NOFOLLOW)
-            with os.fdopen(fd) as f:
-                marked = f.read(32).strip() == pid
-        except (OSError, UnicodeDecodeError):
-            continue
-        if marked and stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid():
-            shutil.rmtree(path, ignore_errors=True)
-
-
 def _die_with_parent(parent: int) -> None:
     """Have the kernel SIGKILL the child if the supervisor dies, so no child outlives it,
     not even a stopped one."""
     privileges.die_with_parent()
     if os.getppid() != parent:  # it died before prctl took effect
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _count(n: int, singular: str, plural: str | None = None) -> str:
-    """'1 worker', '2 workers'."""
-    return f"{n:,} {singular if n == 1 else plural or singular + 's'}"
-
-
-def _ns(seconds: float) -> int:
-    """A CLOCK_MONOTONIC time in ns, as workers stamp their heartbeat."""
-    return int(seconds * 1_000_000_000)
