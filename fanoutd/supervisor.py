@@ -16,21 +16,15 @@ import signal
 import socket
 import traceback
 from collections.abc import Callable
-from dataclasses import fields, replace
 
-from fanoutd import exits, fanout, link, privileges, publish, ring, wire, worker
-from fanoutd.capture import Capture, Retiring, Slot
-from fanoutd.children import Child, ChildState, System, describe_status
-from fanoutd.config import (
-    CAPTURE_KEYS,
-    MAX_WORKERS,
-    CaptureConfig,
-    Config,
-    ConfigError,
-)
+from fanoutd import exits, fanout, handover, link, privileges, publish, ring, wire, worker
+from fanoutd.capture import Capture, Slot
+from fanoutd.children import Child, ChildState, System
+from fanoutd.config import MAX_WORKERS, CaptureConfig, Config
 from fanoutd.filter import FilterError
 from fanoutd.health import Health, log_summary, ns
 from fanoutd.metrics_server import MetricsServer
+from fanoutd.reload import apply_reload
 from fanoutd.runtime import StartupError, make_runtime_dir, open_metrics, warn_if_exposed
 from fanoutd.slotstats import ProxyStats, RingTable
 from fanoutd.systemd import set_log_context
@@ -40,7 +34,6 @@ log = logging.getLogger("fanoutd")
 TICK_S = 0.25  # supervisor loop period
 KERNEL_STATS_EVERY_S = 1.0
 STOP_GRACE_S = 5.0  # SIGTERM, then SIGKILL after this long
-FATAL_AFTER = 5  # failed drains of an old ring in a row before it is closed as it is
 # Every slot's ring, and its predecessor draining after a reload, on up to 16 interfaces.
 RING_IDS = 2 * MAX_WORKERS * 16
 PROXY_READY_TIMEOUT_S = 10.0
@@ -93,7 +86,7 @@ class Supervisor:
             # Explicit group ids first: an auto group could be given one of them.
             for capture_cfg in sorted(self.cfg.interfaces,
                                       key=lambda c: c.fanout.group_id is None):
-                self._open_capture(capture_cfg)
+                self.open_capture(capture_cfg)
             names = [c.interface for c in self.cfg.interfaces]
             self.captures.sort(key=lambda c: names.index(c.interface))
             # Once capture is known to work: without CAP_NET_RAW, that is the problem.
@@ -106,7 +99,7 @@ class Supervisor:
             self.backend = f"ipc://{self.runtime_dir}/workers.ipc"
             self._start_proxy()
             for capture in self.captures:
-                self._start_workers(capture)
+                self.start_workers(capture)
             self.capturing = True
             while not self.stopping:
                 self._loop_once()
@@ -124,7 +117,7 @@ class Supervisor:
         several = len(self.cfg.interfaces) > 1
         return Capture(cfg, self.rings, self.free_ring_ids, several)
 
-    def _open_capture(self, cfg: CaptureConfig) -> Capture:
+    def open_capture(self, cfg: CaptureConfig) -> Capture:
         """Open an interface's sockets into their fanout group and let traffic in."""
         capture = self._new_capture(cfg)
         try:
@@ -138,149 +131,32 @@ class Supervisor:
             raise StartupError(f"{cfg.interface}: {e}", exits.UNAVAILABLE) from None
         capture.set_slots(socks)
         self.captures.append(capture)
-        self._tell_proxy_block_size()
+        self.tell_proxy_block_size()
         return capture
 
-    def _tell_proxy_block_size(self) -> None:
+    def tell_proxy_block_size(self) -> None:
         """The proxy sizes subscriber queues by the largest batch: that of the largest
         ring block in use when it starts."""
         self.proxy_stats["block_size"] = max(c.cfg.ring.block_size for c in self.captures)
 
-    def _replace_rings(self, capture: Capture, cfg: CaptureConfig) -> bool:
-        """Move a capture to new sockets, rings and fanout group for cfg, losing nothing.
-
-        The new sockets form their group behind a drop-all filter; then, in one quick
-        pass, their filters come off and the old sockets get one, so each packet lands in
-        at least one ring (in both during the instant in between). New workers start on
-        the new rings at once while the old ones drain theirs (SIGUSR1) and exit. With an
-        explicit fanout.group_id that stays the same, the old sockets must leave the
-        group before the new ones can join it, so capture pauses while they drain.
-        Returns False when the new sockets cannot be opened: capture then goes on as
-        before, or, in the same group, stays paused and retries on its own.
-        """
-        same_group = (cfg.fanout.group_id is not None
-                      and cfg.fanout.group_id == capture.group_id)
-        socks = None
-        try:
-            program = capture.program(cfg)
-            if not same_group:
-                socks = capture.open_sockets(cfg)
-        except (ring.CaptureError, fanout.FanoutError, FilterError, OSError) as e:
-            log.error("cannot capture on %s with the new settings: %s", cfg.interface, e)
-            return False
-        if socks is not None:  # the switch: the new rings open, then the old ones close
-            capture.open_up(socks, program)
-        self._retire_slots(capture)
-        capture.cfg = cfg
-        if socks is None:
-            self._wait_retired(capture)
-            try:
-                socks = capture.open_sockets(cfg)
-                capture.open_up(socks, program)
-            except (ring.CaptureError, fanout.FanoutError, OSError) as e:
-                log.error("cannot capture on %s: %s; retrying", cfg.interface, e)
-                capture.set_slots([])
-                capture.reopen_pending = True
-                return False
-        capture.set_slots(socks)
-        self._tell_proxy_block_size()
-        self._start_workers(capture)
-        self.health.capture_changed()
-        return True
-
-    def _check_retiring(self, now: float) -> None:
-        """SIGKILL an old worker that did not finish draining in time."""
-        for capture in self.captures:
-            for old in capture.retiring:
-                old.child.escalate(self.system.kill, now,
-                                   "did not finish draining its old ring")
-
-    def _wait_retired(self, capture: Capture) -> None:
-        while capture.retiring:
-            self._check_retiring(self.system.monotonic())
-            self._reap()
-            self.system.sleep(0.01)
-
-    def _start_workers(self, capture: Capture) -> None:
+    def start_workers(self, capture: Capture) -> None:
+        """Fork a worker for each of the capture's slots (new slots get their Child)."""
         for slot in capture.slots:
             if slot.child is None:
                 slot.child = Child(capture.process_name(slot.index),
-                                   self._worker_main(capture, slot))
+                                   self.worker_main(capture, slot))
             self._spawn_worker(slot)
 
     def _spawn_worker(self, slot: Slot) -> None:
         assert slot.child is not None
-        self._spawn_for_ring(slot.child, slot.ring_id)
+        self.spawn_for_ring(slot.child, slot.ring_id)
 
-    def _spawn_for_ring(self, child: Child, ring_id: int) -> None:
+    def spawn_for_ring(self, child: Child, ring_id: int) -> None:
         """Fork a worker of ring ring_id (its slot's, or one draining an old ring) and
         name it the ring's worker: the proxy takes the ring's batches from this process
         only (the worker waits for this before publishing)."""
         self._spawn(child)
         self.rings.pid[ring_id] = child.pid or 0
-
-    def _retire_slots(self, capture: Capture) -> None:
-        """Cut the capture's current sockets off from traffic and have their workers drain
-        them (SIGUSR1); each socket closes once its worker has drained it
-        (_drainer_exited). A slot whose worker is between restarts gets one to drain it:
-        its ring may hold blocks."""
-        capture.close_off()
-        for slot in capture.slots:
-            child = slot.child
-            if child is None:
-                capture.close_ring(slot.sock, slot.ring_id, slot.stats)
-                continue
-            child.failures = 0  # now counts failed drains
-            child.main = self._worker_main(capture, slot, drain=True)  # for any successor
-            if child.pid is None:
-                self._spawn_for_ring(child, slot.ring_id)
-            self._drain(capture, child)
-            capture.retiring.append(Retiring(child, slot.sock, slot.ring_id, slot.stats))
-
-    def _drain(self, capture: Capture, child: Child) -> None:
-        """Tell a worker (maybe just forked: it takes the signal once its handler is in
-        place) to publish what its ring holds, then exit; SIGKILL if it takes longer than
-        its ring's block timeout allows. One forked to drain knows it from its plan
-        already."""
-        grace = capture.cfg.ring.block_timeout_ms / 500 + STOP_GRACE_S
-        child.terminate(self.system.kill, grace, self.system.monotonic(), signal.SIGUSR1)
-
-    def _drainer_exited(self, capture: Capture, old: Retiring, status: int) -> None:
-        """A worker draining an old ring exited. Status 0: the ring is drained, it closes.
-        Anything else (killed, failed to start, left to reconnect to a new proxy) leaves
-        blocks in the ring: another worker drains it, so that every block is published,
-        up to FATAL_AFTER failures in a row; only then is the ring closed as it is."""
-        child = old.child
-        child.exited(status, self.system.monotonic())  # DRAINING or STOPPING: now STOPPED
-        drained = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-        reconnect = os.WIFEXITED(status) and os.WEXITSTATUS(status) == exits.RECONNECT
-        if not (drained or reconnect or self.stopping):
-            child.failures += 1
-            old.stats.add("restarts")
-        if drained or self.stopping or child.failures >= FATAL_AFTER:
-            if not (drained or self.stopping):
-                log.error("%s failed to drain its old ring %d times in a row (last: %s); "
-                          "closing it with what it still holds", child.name, child.failures,
-                          describe_status(status))
-            capture.retiring.remove(old)
-            capture.close_ring(old.sock, old.ring_id, old.stats)
-            return
-        if reconnect:
-            log.info("%s restarts to reconnect to the new proxy and go on draining its old "
-                     "ring", child.name)
-        else:
-            log.warning("%s %s while draining its old ring; starting another worker to "
-                        "drain it", child.name, describe_status(status))
-        self._spawn_for_ring(child, old.ring_id)
-        self._drain(capture, child)
-
-    def _retire_capture(self, capture: Capture) -> None:
-        """Stop capturing on an interface taken out of the configuration: its workers
-        drain their rings, then its sockets close."""
-        self._retire_slots(capture)
-        capture.slots = []
-        self._wait_retired(capture)
-        self.captures.remove(capture)
 
     def _read_links(self) -> None:
         """Hand the kernel's link notifications to every capture, which logs and counts
@@ -298,102 +174,8 @@ class Supervisor:
             watch = capture.link_watch
             if capture.reopen_pending and watch is not None and watch.ifindex is not None:
                 capture.reopen_pending = False
-                if not self._replace_rings(capture, capture.cfg):
+                if not handover.replace_rings(self, capture, capture.cfg):
                     capture.reopen_pending = True
-
-    def _reload(self) -> None:
-        """SIGHUP: read the configuration again. Invalid: say why and keep running as
-        before. Valid: apply it without dropping capture."""
-        try:
-            cfg = self.load_config()
-        except ConfigError as e:
-            for key, reason in e.problems:
-                log.error("reload rejected, still running on the previous configuration: "
-                          "%s: %s", key, reason)
-            return
-        old = self.cfg
-        if cfg == old and not self.reload_failed:
-            log.info("reload: the configuration is unchanged")
-            return
-        problem = privileges.signalling_problem(cfg.user) or privileges.switch_problem(cfg.user)
-        if problem:
-            log.error("reload rejected, still running on the previous configuration: %s",
-                      problem)
-            return
-        if cfg.metrics != old.metrics and not self._swap_metrics(cfg):
-            return
-        logging.getLogger().setLevel(cfg.log.level.upper())
-        self.cfg = cfg  # what children forked from now on see
-        by_name = {c.interface: c for c in self.captures}
-        wanted = {c.interface for c in cfg.interfaces}
-        for capture in [c for c in self.captures if c.interface not in wanted]:
-            log.info("no longer capturing on %s", capture.interface)
-            self._retire_capture(capture)
-        failed = []  # interfaces whose capture could not take the new settings
-        for capture_cfg in cfg.interfaces:
-            capture = by_name.get(capture_cfg.interface)
-            if capture is None:
-                applied = self._reload_new_capture(capture_cfg)
-            elif (capture_cfg != capture.cfg or capture.interface in self.reload_failed
-                  or cfg.user != old.user
-                  or cfg.publish.format != old.publish.format):  # workers see these
-                applied = self._replace_rings(capture, capture_cfg)
-            else:
-                applied = True
-            if not applied:
-                failed.append(capture_cfg.interface)
-        self.reload_failed = set(failed)
-        for capture in self.captures:
-            capture.several = len(self.captures) > 1
-        proxy = (cfg.publish, cfg.user, cfg.supervisor.status_interval_ms) != (
-            old.publish, old.user, old.supervisor.status_interval_ms) or (
-            [c.interface for c in cfg.interfaces] != [c.interface for c in old.interfaces])
-        if proxy and self.proxy is not None:
-            self._stop_children([self.proxy])
-            self._spawn_proxy()  # workers that dropped privileges reconnect by restarting
-        # The configuration in force is what runs: each interface's capture as applied
-        # (a failed one keeps its previous settings, or is not there), so that the same
-        # file reloaded again is not "unchanged" but tried again.
-        running = {c.interface: c.cfg for c in self.captures}
-        self.cfg = replace(cfg, interfaces=tuple(running[c.interface] for c in cfg.interfaces
-                                                 if c.interface in running))
-        if failed:
-            log.error("reload incomplete: the new capture settings of %s could not be "
-                      "applied (see above), so %s as before; the rest of the configuration "
-                      "is applied; another reload tries again", ", ".join(failed),
-                      "it goes on" if len(failed) == 1 else "they go on")
-            return
-        log.info("reloaded the configuration (changed: %s)",
-                 ", ".join(_changes(old, self.cfg)))
-
-    def _reload_new_capture(self, cfg: CaptureConfig) -> bool:
-        """Start capturing on an interface a reload added; False if it cannot."""
-        try:
-            capture = self._open_capture(cfg)
-        except StartupError as e:
-            log.error("cannot capture on %s: %s", cfg.interface,
-                      str(e).removeprefix(f"{cfg.interface}: "))
-            return False
-        self._start_workers(capture)
-        self.health.capture_changed()
-        return True
-
-    def _swap_metrics(self, cfg: Config) -> bool:
-        """Serve metrics with cfg's settings; False (reload rejected) if it cannot."""
-        assert self.metrics is not None
-        if cfg.metrics.listen == self.cfg.metrics.listen:
-            self.metrics.configure(cfg.metrics)  # same socket: new TLS and credentials
-            return True
-        try:
-            server = MetricsServer(cfg.metrics, self)
-        except OSError as e:
-            log.error("reload rejected, still running on the previous configuration: "
-                      "metrics.listen: cannot listen on %s: %s", cfg.metrics.listen,
-                      e.strerror)
-            return False
-        self.metrics.close()
-        self.metrics = server
-        return True
 
     def _start_proxy(self) -> None:
         self._proxy_ready_w = -1
@@ -410,9 +192,9 @@ class Supervisor:
                                      self.proxy_stats)
 
         self.proxy = Child("fanoutd-proxy", main)
-        self._spawn_proxy(startup=True)
+        self.spawn_proxy(startup=True)
 
-    def _spawn_proxy(self, startup: bool = False) -> None:
+    def spawn_proxy(self, startup: bool = False) -> None:
         """Fork the proxy and wait until it has bound the public endpoint (or failed to).
 
         At start-up a failure ends the daemon with the proxy's reason. Later (a restart)
@@ -439,11 +221,11 @@ class Supervisor:
         else:
             log.error("fanoutd-proxy could not start: %s", answer or "no answer")
 
-    def _worker_main(self, capture: Capture, slot: Slot,
+    def worker_main(self, capture: Capture, slot: Slot,
                      drain: bool = False) -> Callable[[], int]:
         """A worker's main for the slot's current ring (drain: only to drain it). The
         ring's own settings are taken now: after a reload the slot holds a new ring while
-        this one may still need a worker to drain it (_drainer_exited)."""
+        this one may still need a worker to drain it (handover.drainer_exited)."""
         index, sock, ring_id, epoch, stats = (slot.index, slot.sock, slot.ring_id,
                                               slot.epoch, slot.stats)
         cfg, name = capture.cfg, capture.process_name(slot.index)
@@ -543,16 +325,16 @@ class Supervisor:
             log.info("%s received: stopping", signal.Signals(signum).name)
             self.stopping = True
         elif signum == signal.SIGCHLD:
-            self._reap()
+            self.reap()
         elif signum == signal.SIGHUP and not self.stopping:  # a child went FATAL: no reload
             log.info("SIGHUP received: reloading the configuration")
-            self._reload()
+            apply_reload(self)
 
     def _children(self) -> list[Child]:
         found = [child for capture in self.captures for child in capture.children()]
         return [*found, self.proxy] if self.proxy is not None else found
 
-    def _reap(self) -> None:
+    def reap(self) -> None:
         while True:
             try:
                 pid, status = self.system.waitpid(-1, os.WNOHANG)
@@ -566,11 +348,10 @@ class Supervisor:
                     break
 
     def _child_exited(self, child: Child, status: int) -> None:
-        for capture in self.captures:
-            for old in capture.retiring:
-                if old.child is child:
-                    self._drainer_exited(capture, old, status)
-                    return
+        draining = handover.drainer(self.captures, child)
+        if draining is not None:
+            handover.drainer_exited(self, *draining, status)
+            return
         clean = self.stopping or child.state is ChildState.STOPPING
         result = child.exited(status, self.system.monotonic(), stopping=self.stopping)
         if child is self.proxy:
@@ -624,10 +405,10 @@ class Supervisor:
                 self._check_heartbeat(slot, child, now)
             child.escalate(self.system.kill, now, "ignored SIGTERM")
             slot.stats["up"] = int(child.state is ChildState.RUNNING)
-        self._check_retiring(now)
+        handover.check_retiring(self, now)
         proxy = self.proxy
         if proxy is not None and proxy.due(now):
-            self._spawn_proxy()
+            self.spawn_proxy()
 
     def _slots(self) -> list[Slot]:
         return [slot for capture in self.captures for slot in capture.slots]
@@ -652,9 +433,9 @@ class Supervisor:
     def _shutdown(self) -> None:
         """Workers first (they flush their last batches to the proxy), then the proxy."""
         self.health.notifier.stopping()
-        self._stop_children([c for capture in self.captures for c in capture.children()])
+        self.stop_children([c for capture in self.captures for c in capture.children()])
         if self.proxy is not None:
-            self._stop_children([self.proxy])
+            self.stop_children([self.proxy])
         self.refresh_kernel_stats()
         if self.capturing:
             log_summary(self.captures)
@@ -666,7 +447,7 @@ class Supervisor:
         if self.runtime_dir:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
-    def _stop_children(self, children: list[Child], grace_s: float = STOP_GRACE_S) -> None:
+    def stop_children(self, children: list[Child], grace_s: float = STOP_GRACE_S) -> None:
         """SIGTERM the children, reap them, and SIGKILL any still there after grace_s.
         One that outlives even SIGKILL (a signal refused, a process stuck in the kernel)
         is given up on after KILL_WAIT_S, so stopping always ends: it exits on its own
@@ -686,25 +467,8 @@ class Supervisor:
                     child.abandoned()
                 else:
                     child.escalate(self.system.kill, now, f"did not stop in {grace_s:.0f} s")
-            self._reap()
+            self.reap()
             self.system.sleep(0.01)
-
-
-def _changes(old: Config, new: Config) -> list[str]:
-    """The keys a reload changed, in their order in the file: top-level keys, and the keys
-    of a capture whose running settings changed (also after a reload that could not move
-    it); `interfaces` when an interface was added or removed."""
-    changed = {f.name for f in fields(new) if getattr(new, f.name) != getattr(old, f.name)}
-    before = {c.interface: c for c in old.interfaces}
-    after = {c.interface: c for c in new.interfaces}
-    changed.discard("interfaces")
-    if before.keys() != after.keys():
-        changed.add("interfaces")
-    for name in before.keys() & after.keys():
-        changed |= {f.name for f in fields(CaptureConfig)
-                    if getattr(before[name], f.name) != getattr(after[name], f.name)}
-    order = [*CAPTURE_KEYS, *(f.name for f in fields(Config))]  # as a file lists them
-    return [name for name in order if name in changed]
 
 
 def _die_with_parent(parent: int) -> None:

@@ -10,7 +10,7 @@ import socket
 
 import pytest
 
-from fanoutd import exits
+from fanoutd import exits, handover
 from fanoutd.children import ChildState, System
 from fanoutd.config import CaptureConfig, Config, SupervisorConfig
 from fanoutd.supervisor import HUNG_KILL_AFTER_S, KILL_WAIT_S, STOP_GRACE_S, Supervisor
@@ -77,7 +77,7 @@ def daemon():
     socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
     capture.set_slots(socks)
     sup.captures.append(capture)
-    sup._start_workers(capture)
+    sup.start_workers(capture)
     yield sup, system, capture
     for sock in capture.sockets():
         sock.close()
@@ -113,7 +113,7 @@ def test_a_worker_that_keeps_dying_is_restarted_at_once_then_backs_off(daemon, c
         mark_ready(sup, capture)
         died_at = system.now
         system.exit(slot.child.pid, KILLED)
-        sup._reap()
+        sup.reap()
         assert slot.child.state is ChildState.BACKOFF and not slot.up
         delays.append(round(slot.child.restart_at - died_at, 3))
         if slot.child.restart_at > died_at:  # nothing before its time
@@ -137,13 +137,13 @@ def test_a_worker_that_ran_long_enough_starts_counting_again(daemon):
     for _ in range(4):
         mark_ready(sup, capture)
         system.exit(slot.child.pid, KILLED)
-        sup._reap()
+        sup.reap()
         system.now = slot.child.restart_at
         sup._tick_children(system.now)
     mark_ready(sup, capture)
     system.now += 10.0  # stable now
     system.exit(slot.child.pid, KILLED)
-    sup._reap()
+    sup.reap()
     assert slot.child.failures == 1 and slot.child.restart_at == system.now
 
 
@@ -152,7 +152,7 @@ def test_a_worker_that_never_starts_goes_fatal_and_the_daemon_exits_70(daemon, c
     slot = capture.slots[1]
     for attempt in range(1, 6):
         system.exit(slot.child.pid, exits.BOOT_FAILED << 8)
-        sup._reap()
+        sup.reap()
         if attempt < 5:
             assert slot.child.state is ChildState.BACKOFF and not sup.stopping
             system.now = slot.child.restart_at
@@ -169,7 +169,7 @@ def test_a_reconnect_exit_restarts_at_once_and_is_no_failure(daemon, caplog):
     slot = capture.slots[0]
     for _ in range(8):  # more than would make failures FATAL
         system.exit(slot.child.pid, exits.RECONNECT << 8)
-        sup._reap()
+        sup.reap()
         assert slot.child.due(system.now) and slot.child.failures == 0
         sup._tick_children(system.now)
     assert slot.child.state is ChildState.STARTING and not sup.stopping
@@ -196,7 +196,7 @@ def test_a_hung_worker_gets_sigterm_then_sigkill_and_is_replaced(daemon, caplog)
     tick(system.now)
     assert system.sent == [(hung, signal.SIGTERM), (hung, signal.SIGKILL)]
     assert "fanoutd-w1 ignored SIGTERM; killing it" in caplog.text
-    sup._reap()
+    sup.reap()
     tick(system.now)  # replaced at once, as a worker that died
     slot = capture.slots[1]
     assert slot.child.pid not in (None, hung) and slot.stats["restarts"] == 1
@@ -209,7 +209,7 @@ def test_stop_honours_the_grace_then_kills(daemon, caplog):
     obedient, stuck = pids(capture)
     system.stopped.add(stuck)
     started = system.now
-    sup._stop_children([s.child for s in capture.slots])
+    sup.stop_children([s.child for s in capture.slots])
     assert system.now - started == pytest.approx(STOP_GRACE_S, abs=0.02)
     assert (stuck, signal.SIGKILL) in system.sent and (obedient, signal.SIGKILL) not in \
         system.sent
@@ -224,7 +224,7 @@ def test_stop_ends_even_when_no_signal_can_be_sent(daemon, caplog):
     sup, system, capture = daemon
     system.refuse = True
     started = system.now
-    sup._stop_children([s.child for s in capture.slots])
+    sup.stop_children([s.child for s in capture.slots])
     assert system.now - started == pytest.approx(STOP_GRACE_S + KILL_WAIT_S, abs=0.02)
     assert "cannot send SIGTERM to fanoutd-w0 (pid 101): permission denied" in caplog.text
     assert "cannot send SIGKILL to fanoutd-w1 (pid 102)" in caplog.text
@@ -239,13 +239,13 @@ def test_a_drainer_that_dies_is_replaced_by_one_the_proxy_recognises(daemon, cap
     sup, system, capture = daemon
     mark_ready(sup, capture)
     old = pids(capture)
-    sup._retire_slots(capture)
+    handover.retire_slots(sup, capture)
     assert system.sent == [(old[0], signal.SIGUSR1), (old[1], signal.SIGUSR1)]
     first, second = capture.retiring
     assert all(r.child.state is ChildState.DRAINING for r in capture.retiring)
     system.exit(old[0], KILLED)
     system.exit(old[1], DRAINED)
-    sup._reap()
+    sup.reap()
     assert capture.retiring == [first]
     assert first.child.pid not in (None, old[0])
     assert sup.rings.pid[first.ring_id] == first.child.pid
@@ -258,10 +258,10 @@ def test_a_drainer_that_dies_is_replaced_by_one_the_proxy_recognises(daemon, cap
 def test_a_drainer_past_its_time_is_killed(daemon, caplog):
     sup, system, capture = daemon
     mark_ready(sup, capture)
-    sup._retire_slots(capture)
-    grace = capture.cfg.ring.block_timeout_ms / 500 + STOP_GRACE_S
-    sup._check_retiring(system.now + grace - 0.01)
+    handover.retire_slots(sup, capture)
+    grace = capture.cfg.ring.block_timeout_ms / 500 + handover.DRAIN_GRACE_S
+    handover.check_retiring(sup, system.now + grace - 0.01)
     assert all(signum == signal.SIGUSR1 for _, signum in system.sent)
-    sup._check_retiring(system.now + grace)
+    handover.check_retiring(sup, system.now + grace)
     assert [signum for _, signum in system.sent[2:]] == [signal.SIGKILL] * 2
     assert "fanoutd-w0 did not finish draining its old ring; killing it" in caplog.text
