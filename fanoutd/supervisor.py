@@ -6,6 +6,10 @@ through the wakeup fd); one loop does all the work; children are reaped with
 waitpid(-1, WNOHANG) until none is left. Each child's states and restart policy are
 children.py's (after supervisord); one that goes FATAL (it kept failing to start) makes
 the daemon give up and exit non-zero for systemd to see.
+
+Its other jobs live beside it: moving a capture to new rings (handover.py), SIGHUP
+(reload.py), the runtime directory and endpoints (runtime.py), and what it tells systemd
+(health.py).
 """
 
 import logging
@@ -335,6 +339,7 @@ class Supervisor:
         return [*found, self.proxy] if self.proxy is not None else found
 
     def reap(self) -> None:
+        """waitpid(-1, WNOHANG) until no exited child is left, handling each exit."""
         while True:
             try:
                 pid, status = self.system.waitpid(-1, os.WNOHANG)
