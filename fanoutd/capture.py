@@ -10,30 +10,16 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fanoutd import _linux, fanout, link, ring
+from fanoutd.children import Child, ChildState
 from fanoutd.config import CaptureConfig
 from fanoutd.filter import DROP_ALL, Instruction, attach, compile_expression, detach
 from fanoutd.slotstats import RingTable, SlotStats, StatsTable
 from fanoutd.wire import batch_topic
 
 log = logging.getLogger("fanoutd")
-
-
-@dataclass
-class Child:
-    """A forked process the supervisor keeps alive (a worker or the proxy)."""
-
-    name: str
-    main: Callable[[], int]  # runs in the forked child; returns its exit status
-    state: str = "STOPPED"  # STARTING, RUNNING, BACKOFF, STOPPING, DRAINING, FATAL, STOPPED
-    pid: int | None = None
-    started_at: float = 0.0
-    failures: int = 0
-    restart_at: float = 0.0
-    kill_at: float | None = None  # when a hung child that was sent SIGTERM gets SIGKILL
 
 
 @dataclass
@@ -49,7 +35,7 @@ class Slot:
 
     @property
     def up(self) -> bool:
-        return self.child is not None and self.child.state == "RUNNING"
+        return self.child is not None and self.child.state is ChildState.RUNNING
 
 
 @dataclass
@@ -60,7 +46,6 @@ class Retiring:
     sock: socket.socket
     ring_id: int
     stats: SlotStats
-    kill_at: float
 
 
 @dataclass

@@ -187,13 +187,12 @@ def test_user_none_needs_no_cap_kill(ns, start_daemon):
 # Run without CAP_KILL (but as root): the supervisor's own helper signals a process that
 # runs as nobody. It must log, return False and carry on.
 REFUSED_SIGNAL = """
-import logging, signal, sys
-from fanoutd.capture import Child
-from fanoutd.supervisor import _kill
+import logging, os, signal, sys
+from fanoutd.children import Child
 
 logging.basicConfig(level=logging.ERROR, stream=sys.stdout, format="%(message)s")
 child = Child("fanoutd-w0", lambda: 0, pid=int(sys.argv[1]))
-print("sent" if _kill(child, signal.SIGTERM) else "refused")
+print("sent" if child.send_signal(os.kill, signal.SIGTERM) else "refused")
 """
 
 
