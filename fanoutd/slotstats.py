@@ -37,7 +37,6 @@ FIELDS = (
     *(f"err:{reason}" for reason in ERROR_REASONS),
 )
 INDEX = {name: i for i, name in enumerate(FIELDS)}
-ERROR_INDEX = {reason: INDEX[f"err:{reason}"] for reason in ERROR_REASONS}
 
 
 class SlotStats:

@@ -148,14 +148,6 @@ def _capture(rx: RxRing, pub: BatchPublisher, encoder: BlockEncoder,
     a new worker connects to the new proxy (an unprivileged one could not reconnect to
     root's ipc socket) and publishes again what the ring holds.
     """
-    words = stats.words
-    i = slotstats.INDEX
-    packets_i, bytes_i = i["packets"], i["bytes"]
-    batches_i, drops_i, blocks_i, user_i = (i["batches"], i["publish_drops"], i["blocks"],
-                                            i["blocks_user"])
-    skipped_i = i["blocks_skipped"]
-    proxy_words, forwarding_i = proxy.words, slotstats.PROXY_INDEX["forwarding"]
-    error_index = slotstats.ERROR_INDEX
     errors: dict[str, int] = {}
     held = HeldBlocks(rx, rings, plan.ring_id)
     # Once drained: the kernel hands over a partly filled block after block_timeout_ms.
@@ -172,7 +164,7 @@ def _capture(rx: RxRing, pub: BatchPublisher, encoder: BlockEncoder,
             log.info("worker %d: the proxy was replaced; restarting to reconnect", index)
             return exits.RECONNECT
         held.release_passed_on()
-        if not proxy_words[forwarding_i]:
+        if not proxy["forwarding"]:
             time.sleep(GATE_WAIT_S)  # a new proxy waits for its subscribers: hold
             continue
         if not rx.ready():
@@ -206,31 +198,32 @@ def _capture(rx: RxRing, pub: BatchPublisher, encoder: BlockEncoder,
             # the block rather than crash on it again in every replacement worker.
             log.exception("worker %d: decoding ring block %d failed; skipping its %d "
                           "packets", index, block_seq, num_pkts)
-            words[skipped_i] += 1
+            stats.add("blocks_skipped")
             errors.clear()
             rx.release(rx.cursor)
             rx.advance()
             continue
         del block  # a view of the ring: the block may go back to the kernel from here on
         if pub.publish(block_seq, body):
-            words[batches_i] += 1
+            stats.add("batches")
             held.hold(rx.cursor, block_seq)
         elif pub.lost_connection():
             # The proxy is gone: the block stays held, for the next worker to publish.
             log.info("worker %d: the proxy was replaced; restarting to reconnect", index)
             return exits.RECONNECT
         else:
-            words[drops_i] += 1
+            stats.add("publish_drops")
             rx.release(rx.cursor)
-        words[packets_i] += rows
-        words[bytes_i] += wire_bytes
+        # Counters change once per block: one store each (slotstats.py).
+        stats.add("packets", rows)
+        stats.add("bytes", wire_bytes)
         if errors:
             for reason, n in errors.items():
-                words[error_index[reason]] += n
+                stats.add(f"err:{reason}", n)
             errors.clear()
-        words[blocks_i] += 1
+        stats.add("blocks")
         rx.advance()
-        unread = words[user_i] = rx.user_blocks()
+        unread = stats["blocks_user"] = rx.user_blocks()
         held.make_room(unread)
     return 0
 
