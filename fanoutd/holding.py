@@ -6,10 +6,11 @@ slotstats.py and worker.py point here):
 1. A worker publishes each ring block as one batch, PUSHed to the proxy over ipc with an
    envelope frame (ring id, the block's kernel seq) that subscribers never see
    (publish.BatchPublisher).
-2. The proxy checks that the batch comes from the ring's worker on the ring's topic,
-   passes it on to its subscribers, and writes the block's seq into the ring's `forwarded`
-   word of the shared RingTable (slotstats.py): every block up to that seq is passed on.
-   The word is out of the workers' reach (SharedWords.read_only).
+2. The proxy checks that the batch comes from the ring's worker on the ring's topic
+   (Proxy._rejected), strips the envelope, passes the batch on to its subscribers, and
+   writes the block's seq into the ring's `forwarded` word of the shared RingTable
+   (slotstats.py): every block up to that seq is passed on. The word is out of the
+   workers' reach (SharedWords.read_only).
 3. Only then does the worker hand the block back to the kernel. Until then the batch may
    sit in the worker's ZeroMQ queue, and a worker killed at that moment would lose it;
    held in the ring, it is published again by the replacement worker, which starts at the
