@@ -9,10 +9,8 @@ what it sends before the proxy's subscription reaches it (every new or replaced 
 every proxy restart), which would lose batches at the very moments a worker is replaced.
 PUSH queues them until the proxy is there. Sends are NOBLOCK, so a full queue (the
 high-water mark) refuses the batch instead of stalling capture, and the worker counts it;
-`seq` shows subscribers the gap. Each message carries an envelope frame (ring id, block
-seq) that the proxy checks (only the ring's worker may send for it, on its topic) and
-strips: it reports back through the shared RingTable which blocks it has passed on, and
-only then does the worker hand the block back to the kernel (see worker.py).
+`seq` shows subscribers the gap. How the proxy acknowledges what it passed on, and why a
+worker holds each block until then: holding.py.
 
 The public XPUB keeps ZeroMQ's per-subscriber drop at a full queue, so one slow subscriber
 never holds back the others; the proxy bounds that queue in bytes and counts what it
@@ -87,12 +85,10 @@ class BatchPublisher:
         return not self.connected
 
     def publish(self, block_seq: int, body: bytes) -> bool:
-        """Send the batch of ring block block_seq (made by encoder.BlockEncoder); False
-        when the high-water mark refused it.
+        """Send the batch of ring block block_seq (made by encoder.BlockEncoder) behind
+        its envelope (holding.py); False when the high-water mark refused it.
 
-        Towards the proxy the message has an envelope frame first (ring id, block_seq), so
-        the proxy can tell the worker which blocks it has passed on; subscribers never see
-        it. Sent as a copy: ZeroMQ's zero-copy send frees the object through pyzmq's
+        Sent as a copy: ZeroMQ's zero-copy send frees the object through pyzmq's
         garbage-collector thread, a thread wake-up per batch that costs more than the copy.
         """
         envelope = ENVELOPE.pack(self.ring_id, block_seq)
@@ -617,7 +613,7 @@ class Proxy:
         if gate.expected and gate.unwatched(self.subscribers.subscribed, now):
             self.stats.add("restart_unwatched")
         ring_id, block_seq = ENVELOPE.unpack(frames[0].buffer)
-        if block_seq > self.rings.forwarded[ring_id]:
+        if block_seq > self.rings.forwarded[ring_id]:  # the acknowledgement (holding.py)
             self.rings.forwarded[ring_id] = block_seq
 
     def _rejected(self, frames: list[zmq.Frame]) -> str | None:

@@ -37,7 +37,6 @@ FIELDS = (
     *(f"err:{reason}" for reason in ERROR_REASONS),
 )
 INDEX = {name: i for i, name in enumerate(FIELDS)}
-ERROR_INDEX = {reason: INDEX[f"err:{reason}"] for reason in ERROR_REASONS}
 
 
 class SlotStats:
@@ -127,12 +126,12 @@ class SharedWords:
 
 
 class RingTable(SharedWords):
-    """Per ring: the kernel seq of the last block the proxy passed on (the proxy writes it,
-    the ring's worker reads it to know which blocks it may hand back), the pid of the
-    ring's worker and the topic of its batches (the supervisor writes both; the proxy
-    forwards a batch for the ring only from that process, on that topic). Indexed by a ring
-    id the supervisor gives each capture socket, not by slot: on a reload a slot's old ring
-    drains while its new ring is read, and the two must not share these words."""
+    """Per ring: `forwarded`, the kernel seq of the last block the proxy passed on (its
+    acknowledgement: holding.py), the pid of the ring's worker and the topic of its
+    batches (the supervisor writes both; the proxy forwards a batch for the ring only from
+    that process, on that topic). Indexed by a ring id the supervisor gives each capture
+    socket, not by slot: on a reload a slot's old ring drains while its new ring is read,
+    and the two must not share these words."""
 
     STRIDE = 8  # words per ring: forwarded, pid, topic length, topic (up to 40 bytes)
     TOPIC_MAX = 40

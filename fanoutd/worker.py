@@ -10,13 +10,13 @@ import os
 import signal
 import socket
 import time
-from collections import deque
 from dataclasses import dataclass
 
 import zmq
 
 from fanoutd import exits, privileges, slotstats
 from fanoutd.encoder import IMPLEMENTATION, READS_IN_PLACE, BlockEncoder
+from fanoutd.holding import HeldBlocks
 from fanoutd.memory import keep_large_allocations
 from fanoutd.proctitle import set_process_name
 from fanoutd.publish import BatchPublisher
@@ -26,9 +26,7 @@ from fanoutd.systemd import set_log_context
 log = logging.getLogger("fanoutd.worker")
 
 POLL_MS = 100  # the longest a worker goes without a heartbeat or checking for stop
-HOLD_WAIT_S = 0.0002  # how often a worker holding blocks looks for the proxy's word
 GATE_WAIT_S = 0.005  # how often a worker looks whether the proxy forwards again
-RETAIN_S = 0.1  # how long blocks the proxy passed on stay held once traffic pauses
 CONNECT_TIMEOUT_S = 10.0
 
 class _Stop:
@@ -54,7 +52,7 @@ class WorkerPlan:
     """What a worker needs besides its slot: where to publish and who to become."""
 
     iface: str
-    ring_id: int  # this ring's word in the RingTable (see publish.py)
+    ring_id: int  # this ring's words in the RingTable (see holding.py)
     geometry: RingGeometry
     backend: str  # the proxy's ipc endpoint
     sndhwm: int
@@ -143,49 +141,15 @@ def _named_the_rings_worker(rings: slotstats.RingTable, ring_id: int,
 def _capture(rx: RxRing, pub: BatchPublisher, encoder: BlockEncoder,
              stats: slotstats.SlotStats, rings: slotstats.RingTable,
              proxy: slotstats.ProxyStats, stop: _Stop, plan: WorkerPlan, index: int) -> int:
-    """Walk the ring: read, decode, publish, and hand each block back once the proxy has it.
-
-    A block goes back to the kernel only after the proxy reports (this ring's word in the
-    shared RingTable) that it passed the batch on. Until then the batch may sit in this
-    process's ZeroMQ queue, and a worker killed at that moment would lose it; held in the
-    ring, it is published again by the replacement worker, which starts at the oldest
-    user block and skips what the proxy already forwarded.
-
-    The newest `retain` blocks the proxy passed on are held a little longer (RETAIN_S
-    once traffic pauses): a proxy that is killed loses what it had handed to ZeroMQ but not
-    yet sent to its subscribers. The supervisor then clears this ring's word, and the next
-    worker publishes every block still held again (subscribers drop the duplicates). While
-    any block is held the socket cannot be polled (the kernel reports it readable as long
-    as the block before its current one is the user's), so the worker sleeps in short
-    steps instead.
-
-    Holding costs ring space for the microseconds the proxy takes; if the proxy is stalled,
-    blocks are held until the ring is all but full (`reserve` free blocks), then the
-    oldest is let go (its batch still waits in the ZeroMQ queue). While the proxy does
-    not forward (a new proxy waits for its subscribers to come back), no new block is
-    taken: the kernel fills the ring meanwhile, and counts what it drops once it is full.
+    """Walk the ring: read, decode, publish, and hand each block back once the proxy has
+    it (holding.py tells when).
 
     Returns the worker's exit status: 0 on stop, exits.RECONNECT when the proxy went away:
     a new worker connects to the new proxy (an unprivileged one could not reconnect to
     root's ipc socket) and publishes again what the ring holds.
     """
-    words = stats.words
-    i = slotstats.INDEX
-    packets_i, bytes_i = i["packets"], i["bytes"]
-    batches_i, drops_i, blocks_i, user_i = (i["batches"], i["publish_drops"], i["blocks"],
-                                            i["blocks_user"])
-    skipped_i = i["blocks_skipped"]
-    forwarded, ring_id = rings.forwarded, plan.ring_id
-    proxy_words, forwarding_i = proxy.words, slotstats.PROXY_INDEX["forwarding"]
-    error_index = slotstats.ERROR_INDEX
     errors: dict[str, int] = {}
-    held: deque[tuple[int, int]] = deque()  # (block index, kernel seq) published, in the ring
-    acked = 0  # how many of the oldest held blocks the proxy has passed on
-    retain = max(2, rx.geometry.block_count // 8)
-    block_count = rx.geometry.block_count
-    reserve = max(1, block_count // 8)  # blocks kept free for the kernel
-    retain_wait_s = min(0.005, rx.geometry.block_timeout_ms / 2000)
-    last_ack = 0.0  # when the proxy last passed on a block of ours
+    held = HeldBlocks(rx, rings, plan.ring_id)
     # Once drained: the kernel hands over a partly filled block after block_timeout_ms.
     drain_quiet_s = 2 * rx.geometry.block_timeout_ms / 1000 + 0.02
     supervisor = os.getppid()
@@ -199,27 +163,15 @@ def _capture(rx: RxRing, pub: BatchPublisher, encoder: BlockEncoder,
         if pub.lost_connection():
             log.info("worker %d: the proxy was replaced; restarting to reconnect", index)
             return exits.RECONNECT
-        passed_on = forwarded[ring_id]
-        if acked < len(held) and held[acked][1] <= passed_on:
-            last_ack = time.monotonic()
-            while acked < len(held) and held[acked][1] <= passed_on:
-                acked += 1
-        while acked > retain:
-            rx.release(held.popleft()[0])
-            acked -= 1
-        if not proxy_words[forwarding_i]:
+        held.release_passed_on()
+        if not proxy["forwarding"]:
             time.sleep(GATE_WAIT_S)  # a new proxy waits for its subscribers: hold
             continue
         if not rx.ready():
-            if acked < len(held):
-                time.sleep(HOLD_WAIT_S)  # not poll: a held block makes it return at once
+            wait_s = held.idle(draining=stop.drain_since is not None)
+            if wait_s:
+                time.sleep(wait_s)  # not poll: a held block makes it return at once
                 continue
-            if held and stop.drain_since is None and time.monotonic() - last_ack < RETAIN_S:
-                time.sleep(retain_wait_s)
-                continue
-            while held:  # traffic paused: the proxy has had time to send them
-                rx.release(held.popleft()[0])
-            acked = 0
             if stop.drain_since is not None:
                 if time.monotonic() - stop.drain_since >= drain_quiet_s:
                     return 0  # drained: everything this ring got is published
@@ -230,7 +182,7 @@ def _capture(rx: RxRing, pub: BatchPublisher, encoder: BlockEncoder,
                     _report_socket_errors(rx, plan.iface, index)
             continue
         block, first, num_pkts, block_seq = rx.read(copy=not READS_IN_PLACE)
-        if block_seq <= forwarded[ring_id]:
+        if held.passed_on(block_seq):
             # Left behind by a replaced worker after the proxy had passed it on.
             rx.release(rx.cursor)
             rx.advance()
@@ -246,37 +198,33 @@ def _capture(rx: RxRing, pub: BatchPublisher, encoder: BlockEncoder,
             # the block rather than crash on it again in every replacement worker.
             log.exception("worker %d: decoding ring block %d failed; skipping its %d "
                           "packets", index, block_seq, num_pkts)
-            words[skipped_i] += 1
+            stats.add("blocks_skipped")
             errors.clear()
             rx.release(rx.cursor)
             rx.advance()
             continue
         del block  # a view of the ring: the block may go back to the kernel from here on
         if pub.publish(block_seq, body):
-            words[batches_i] += 1
-            held.append((rx.cursor, block_seq))
+            stats.add("batches")
+            held.hold(rx.cursor, block_seq)
         elif pub.lost_connection():
             # The proxy is gone: the block stays held, for the next worker to publish.
             log.info("worker %d: the proxy was replaced; restarting to reconnect", index)
             return exits.RECONNECT
         else:
-            words[drops_i] += 1
+            stats.add("publish_drops")
             rx.release(rx.cursor)
-        words[packets_i] += rows
-        words[bytes_i] += wire_bytes
+        # Counters change once per block: one store each (slotstats.py).
+        stats.add("packets", rows)
+        stats.add("bytes", wire_bytes)
         if errors:
             for reason, n in errors.items():
-                words[error_index[reason]] += n
+                stats.add(f"err:{reason}", n)
             errors.clear()
-        words[blocks_i] += 1
+        stats.add("blocks")
         rx.advance()
-        unread = words[user_i] = rx.user_blocks()
-        # The proxy does not keep up: rather than have the kernel drop for lack of a free
-        # block, let the oldest held block go (retained first; a batch not yet passed on
-        # still waits in this process's queue, lost only if the process dies).
-        while held and block_count - len(held) - unread < reserve:
-            rx.release(held.popleft()[0])
-            acked = max(0, acked - 1)
+        unread = stats["blocks_user"] = rx.user_blocks()
+        held.make_room(unread)
     return 0
 
 
