@@ -42,11 +42,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
-
-import netlab  # noqa: E402  (tests/netlab.py: namespace, daemon, metrics, /proc helpers)
-from capture_report import (  # noqa: E402
+import netlab  # tests/netlab.py: namespace, daemon, metrics, /proc helpers
+from capture_report import (
     DEFAULT_CHART,
     DEFAULT_MARKDOWN,
     Latency,
@@ -61,7 +58,7 @@ from capture_report import (  # noqa: E402
     write_chart,
     write_docs,
 )
-from capture_tools import (  # noqa: E402
+from capture_tools import (
     CAP_CPU,
     GEN_CPU,
     TOOLS,
@@ -72,7 +69,7 @@ from capture_tools import (  # noqa: E402
     scapy_child,
     trafgen_config,
 )
-from proc_accounting import (  # noqa: E402
+from proc_accounting import (
     BenchError,
     cpu_busy,
     cpu_by_thread,

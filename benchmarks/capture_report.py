@@ -11,15 +11,13 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+from capture_tools import FANOUTD_BLOCK_TIMEOUT_MS, RING_MIB, Counts, Sent
 
-from capture_tools import FANOUTD_BLOCK_TIMEOUT_MS, RING_MIB, Counts, Sent  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 DOCS_BEGIN = "<!-- capture_bench:begin -->"
 DOCS_END = "<!-- capture_bench:end -->"

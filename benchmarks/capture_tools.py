@@ -18,11 +18,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
-
-import netlab  # noqa: E402  (tests/netlab.py: namespace, daemon, metrics, /proc helpers)
-from proc_accounting import (  # noqa: E402
+import netlab  # tests/netlab.py: namespace, daemon, metrics, /proc helpers
+from proc_accounting import (
     BenchError,
     managed_process,
     proc_memory,
@@ -30,8 +27,10 @@ from proc_accounting import (  # noqa: E402
     wait_for_text,
 )
 
-from fanoutd.client import Subscriber  # noqa: E402
-from fanoutd.config import RingConfig  # noqa: E402
+from fanoutd.client import Subscriber
+from fanoutd.config import RingConfig
+
+REPO = Path(__file__).resolve().parent.parent
 
 GEN_CPU = 0  # trafgen (it pins its one sending process to CPU 0 itself) and the subscriber
 CAP_CPU = 1  # every capture tool

@@ -35,17 +35,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import frames as F
+import msgpack
+import netlab
+import zmq
+
+from fanoutd.batch import Batch
+from fanoutd.client import Subscriber
+from fanoutd.wire import SUBSCRIBE_HELLO
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
-
-import frames as F  # noqa: E402
-import msgpack  # noqa: E402
-import netlab  # noqa: E402
-import zmq  # noqa: E402
-
-from fanoutd.batch import Batch  # noqa: E402
-from fanoutd.client import Subscriber  # noqa: E402
-from fanoutd.wire import SUBSCRIBE_HELLO  # noqa: E402
 
 CONSUMER_CPU = 1
 REPLAY_CPU = 0  # the process publishing the recorded batches again, off the consumer's CPU

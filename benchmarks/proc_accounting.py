@@ -8,15 +8,13 @@ import os
 import re
 import signal
 import subprocess
-import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+import netlab  # tests/netlab.py: namespace, daemon, metrics, /proc helpers
 
-import netlab  # noqa: E402  (tests/netlab.py: namespace, daemon, metrics, /proc helpers)
+REPO = Path(__file__).resolve().parent.parent
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 NS_PER_TICK = 1_000_000_000 // CLK_TCK

@@ -39,13 +39,10 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+import frames as F  # tests/frames.py: frame builders
+import netlab  # tests/netlab.py: namespace, injector, daemon, metrics
 
-import frames as F  # noqa: E402  (tests/frames.py: frame builders)
-import netlab  # noqa: E402  (tests/netlab.py: namespace, injector, daemon, metrics)
-
-from fanoutd.client import Subscriber  # noqa: E402
+from fanoutd.client import Subscriber
 
 ID_PREFIX = b"\x02\xf0"  # frames.mac(n): a locally administered MAC that carries n
 IP_SRC_OFFSET = 14 + 12

@@ -74,6 +74,11 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 if [ "$with_tests" = yes ]; then
     .venv/bin/python -m pip install -q -e '.[test,bench]'
+    # The tests' shared helpers (tests/netlab.py, frames.py, ...) importable by name from
+    # this venv, as pytest imports them (`pythonpath` in pyproject.toml), so that the
+    # benchmarks can import them too. Only the test install: a sensor's venv has none.
+    site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+    echo "$(pwd)/tests" >"$site/fanoutd-tests.pth"
 else
     .venv/bin/python -m pip install -q -e .
 fi

@@ -7,14 +7,9 @@ daemons are killed before their namespace is deleted, namespaces are always dele
 import contextlib
 import os
 import shutil
-import sys
-from pathlib import Path
-
-import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: netlab, frames
 
 import netlab
+import pytest
 
 
 def pytest_collection_modifyitems(config, items):
