@@ -206,10 +206,13 @@ def numbered(i: int) -> bytes:
 
 
 class Pump:
-    """Injects frames first..last-1 from a thread at a bounded pace (~20k frames/s)."""
+    """Injects frames first..last-1 from a thread at a bounded pace: a pause every
+    `every` frames (by default ~20k frames/s)."""
 
-    def __init__(self, injector: netlab.Injector, first: int, last: int) -> None:
+    def __init__(self, injector: netlab.Injector, first: int, last: int, every: int = 50,
+                 pause: float = 0.002) -> None:
         self.injector, self.first, self.last = injector, first, last
+        self.every, self.pause = every, pause
         self.done = threading.Event()
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -218,8 +221,8 @@ class Pump:
         try:
             for i in range(self.first, self.last):
                 self.injector.send(numbered(i))
-                if i % 50 == 49:
-                    time.sleep(0.002)
+                if i % self.every == self.every - 1:
+                    time.sleep(self.pause)
         except BaseException as e:  # shown by __exit__, not lost in the thread
             self.error = e
         finally:
@@ -300,16 +303,34 @@ def test_slow_subscriber_does_not_stall_capture(ns, injector, start_daemon, subs
         queued = sum(map(len, seqs.values()))
         tail = {F.mac(i) for i in range(SLOW_TOTAL, SLOW_TOTAL + SLOW_TAIL)}
         got_tail: set[bytes] = set()
-        with Pump(injector, SLOW_TOTAL, SLOW_TOTAL + SLOW_TAIL):
+        lost_before = sum(stalled.lost.values())
+        with Pump(injector, SLOW_TOTAL, SLOW_TOTAL + SLOW_TAIL) as pump:
             deadline = time.monotonic() + 15
+            quiet_since = None  # the pump is done and nothing has come for a while
             while not tail <= got_tail and time.monotonic() < deadline:
+                got_any = False
                 for batch in stalled.batches(timeout=0.5):
+                    got_any = True
                     seqs[batch.worker].append(batch.seq)
                     got_tail |= {pkt["eth_src"] for pkt in batch.rows()} & tail
                     if tail <= got_tail:
                         break
-        assert tail <= got_tail, f"the resumed subscriber got {len(got_tail)} of the " \
-                                 f"{SLOW_TAIL} frames sent after it resumed"
+                if got_any or not pump.done.is_set():
+                    quiet_since = None
+                elif quiet_since is None:
+                    quiet_since = time.monotonic()
+                elif time.monotonic() - quiet_since > 1.0:
+                    break
+        # It receives again. Under load a subscriber with a 4-message queue may still fall
+        # behind the burst, as any slow subscriber: what it misses then shows as seq gaps.
+        assert len(got_tail) >= SLOW_TAIL // 2, (
+            f"the resumed subscriber got {len(got_tail)} of the {SLOW_TAIL} frames sent "
+            "after it resumed")
+        lost_after = sum(stalled.lost.values()) - lost_before
+        assert SLOW_TAIL - len(got_tail) <= lost_after * frames_per_block, (
+            f"the resumed subscriber is missing {SLOW_TAIL - len(got_tail)} of the frames "
+            f"sent after it resumed but saw only {lost_after} batches lost: frames vanished "
+            "without a gap")
 
         lost = sum(stalled.lost.values())
         assert lost > 0, (f"the stalled subscriber reports no lost batches (it got {queued} "
