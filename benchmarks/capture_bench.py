@@ -133,6 +133,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--write-docs", action="store_true",
                    help="write the Markdown tables into --markdown (between the "
                         "capture_bench markers, keeping the rest) and the chart into --chart")
+    p.add_argument("--section", default="", metavar="NAME",
+                   help="with --write-docs, write a section of its own (between the "
+                        "capture_bench:NAME markers, titled 'Results: NAME'), so that "
+                        "several runs (a curve over frame sizes, one over flows) each keep "
+                        "theirs; use another --chart for it (default: the main section)")
     p.add_argument("--markdown", type=Path, default=DEFAULT_MARKDOWN,
                    help="Markdown file for --write-docs (default: docs/performance.md)")
     p.add_argument("--chart", type=Path, default=DEFAULT_CHART,
@@ -371,7 +376,7 @@ def run(args: argparse.Namespace, command: str) -> int:
         chart_rel = Path(os.path.relpath(args.chart.resolve(), md_dir))
         write_chart(args.chart, rows, args.sizes, args.tools)
         write_docs(args.markdown, markdown(rows, lat, args, env, chart_rel, command, note,
-                                               thread_lines(results)))
+                                               thread_lines(results)), args.section)
         print(f"wrote {args.markdown} and {args.chart}")
     return 0
 
