@@ -1,4 +1,4 @@
-"""Command line: run, check-config, print-config, tail, doctor, stats, keygen."""
+"""Command line: run, check-config, print-config, tail, doctor, stats, keygen, save, relay."""
 
 import argparse
 import os
@@ -225,6 +225,23 @@ def _parser() -> argparse.ArgumentParser:
                            "(default: no CURVE)")
     save.add_argument("--curve-client-cert", metavar="FILE",
                       help="this client's secret key (NAME.key_secret)")
+
+    relay = _command(sub, "relay", _cmd_relay, "store sensors' batches in a NATS JetStream "
+                                              "stream", (
+        (0, "stopped by SIGTERM or SIGINT"), USAGE,
+        (exits.UNAVAILABLE, "no nats-py (fanoutd[nats]), no NATS server answered, the "
+                            "stream cannot be\n       found or created, or the metrics "
+                            "port cannot be bound"),
+        (exits.CONFIG, "the configuration is invalid (each problem on its own line)")),
+        description="Subscribe to one or several sensors (--from) and append every batch, "
+                    "unchanged, to a JetStream stream (created when missing) on subject "
+                    "fanoutd.SENSOR.IFACE.WORKER, with Nats-Msg-Id SENSOR/IFACE/WORKER/"
+                    "EPOCH/SEQ so that JetStream stores a batch sent twice once. Flags "
+                    "override the configuration file (-c, see config/fanoutd-relay.yaml). "
+                    "Needs nats-py (fanoutd[nats]).")
+    from fanoutd import relay_config
+
+    relay_config.add_flags(relay)
 
     stats = _command(sub, "stats", _cmd_stats, "per-worker counters of a running fanoutd", (
         (0, "the table was printed"), USAGE,
@@ -486,6 +503,25 @@ def _tail_summary(sub, stats: bool) -> None:
     elif sub.lost:
         lost = sum(sub.lost.values())
         print(f"fanoutd tail: {lost} batches lost (seq gaps)", file=sys.stderr)
+
+
+def _cmd_relay(args: argparse.Namespace) -> int:
+    from fanoutd.relay_config import load_relay_config
+
+    for signum in (signal.SIGTERM, signal.SIGINT):  # until the relay's own handlers
+        signal.signal(signum, lambda signum, frame: sys.exit(0))
+    try:
+        cfg = load_relay_config(args.config, args)
+    except ConfigError as e:
+        for key, reason in e.problems:
+            print(f"fanoutd relay: {key}: {reason}", file=sys.stderr)
+        return exits.CONFIG
+    from fanoutd.relay import run_relay
+    from fanoutd.systemd import set_log_context, setup_logging
+
+    setup_logging(cfg.log_level)
+    set_log_context(component="relay", stream=cfg.stream)
+    return run_relay(cfg)
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
