@@ -83,8 +83,7 @@ async def connect(servers: list[str], name: str, connect_seconds: float = 10.0,
     """A NATS connection to the first server of `servers` that answers, tried again for
     up to connect_seconds; it then moves between them by itself when one fails (the
     cluster's other members are learnt from the server too). on_event(text) hears of
-    disconnections and reconnections. NoServersError-like nats errors when none answers
-    in time."""
+    disconnections and reconnections. TimeoutError when none answers in time."""
     nats = require_nats()
 
     def say(text: str) -> Callable[..., Any]:
@@ -96,18 +95,13 @@ async def connect(servers: list[str], name: str, connect_seconds: float = 10.0,
     async def error(e: Exception) -> None:
         log.debug("nats: %s", e)
 
-    deadline = time.monotonic() + connect_seconds
-    while True:
-        try:
-            return await nats.connect(
-                servers=servers, name=name, connect_timeout=2, reconnect_time_wait=0.25,
-                max_reconnect_attempts=-1, allow_reconnect=True,
-                disconnected_cb=say("disconnected"), reconnected_cb=say("reconnected"),
-                error_cb=error, **options)
-        except (TimeoutError, OSError, nats.errors.Error):
-            if time.monotonic() >= deadline:
-                raise
-            await asyncio.sleep(0.5)
+    # Reconnecting forever once connected makes nats-py's first connection try forever
+    # too: the deadline bounds it.
+    return await asyncio.wait_for(nats.connect(
+        servers=servers, name=name, connect_timeout=2, reconnect_time_wait=0.25,
+        max_reconnect_attempts=-1, allow_reconnect=True,
+        disconnected_cb=say("disconnected"), reconnected_cb=say("reconnected"),
+        error_cb=error, **options), timeout=connect_seconds)
 
 
 async def ensure_stream(js: Any, name: str = DEFAULT_STREAM, replicas: int = 1,

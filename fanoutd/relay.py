@@ -136,8 +136,9 @@ class Relay:
                 # room for the whole window of the largest batches (8 MiB each)
                 pending_size=max(self.cfg.max_in_flight, 8) * (8 << 20))
         except (TimeoutError, OSError, nats.errors.Error) as e:
-            log.error("relay: no NATS server answered at %s: %s", ",".join(self.cfg.nats),
-                      e or type(e).__name__)
+            log.error("relay: no NATS server answered at %s within %d s: %s",
+                      ",".join(self.cfg.nats), self.cfg.retry_seconds,
+                      str(e) or type(e).__name__)
             return exits.UNAVAILABLE
         self.metrics.connected.set(1)
         try:
@@ -148,7 +149,7 @@ class Relay:
                     self.cfg.max_bytes, wait_seconds=self.cfg.retry_seconds)
             except (TimeoutError, nats.errors.Error) as e:
                 log.error("relay: cannot find or create stream %s: %s", self.cfg.stream,
-                          e or type(e).__name__)
+                          str(e) or type(e).__name__)
                 return exits.UNAVAILABLE
             c = info.config
             log.info("relay: %s stream %s (subjects %s, %s replicas, max age %s s, max "
@@ -279,10 +280,11 @@ class Relay:
                     if time.monotonic() + pause >= deadline:
                         self._failed(p, f"no acknowledgement after {p.tries} tries in "
                                         f"{self.cfg.retry_seconds} s: "
-                                        f"{e or type(e).__name__}")
+                                        f"{str(e) or type(e).__name__}")
                         return
                     m.retries.inc()
-                    log.debug("relay: %s: try %d: %s", p.msg_id, p.tries, e or type(e))
+                    log.debug("relay: %s: try %d: %s", p.msg_id, p.tries,
+                              str(e) or type(e).__name__)
                     await asyncio.sleep(pause)
                     pause = min(pause * 2, LAST_PAUSE_S)
                     continue

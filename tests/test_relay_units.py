@@ -97,3 +97,15 @@ def test_without_nats_py_one_line_names_the_extra(tmp_path):
     assert relay.returncode == 69
     assert "needs nats-py: pip install 'fanoutd[nats]'" in relay.stderr
     assert len(relay.stderr.splitlines()) == 1, relay.stderr
+
+
+def test_tail_from_nats_usage_and_no_server(capsys):
+    for argv in (["--durable", "x"], ["--nats", "nats://127.0.0.1:1", "--endpoint",
+                                      "tcp://127.0.0.1:7440"]):
+        with pytest.raises(SystemExit) as info:
+            cli.main(["tail", *argv])
+        assert info.value.code == 2
+    capsys.readouterr()
+    status = cli.main(["tail", "--nats", "nats://127.0.0.1:1", "--timeout", "1"])
+    err = capsys.readouterr().err
+    assert status == 69 and "no answer from nats://127.0.0.1:1" in err, err

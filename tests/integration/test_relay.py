@@ -172,6 +172,13 @@ def test_every_batch_arrives(cluster, daemon, injector, start_relay):
     assert m.get("fanoutd_relay_seq_gaps_total", 0) == 0
     assert traffic.sent == 30 * 40
     assert cluster.stream_messages() == total
+    # `fanoutd tail --nats`: the same packets, from the stream
+    tail = netlab.run_cli(None, "tail", "--nats", cluster.url_list, "--durable", "tail",
+                          "--json", "--count", "5", "--timeout", "20", timeout=60)
+    assert tail.returncode == 0, tail.stderr
+    lines = [json.loads(line) for line in tail.stdout.splitlines()]
+    assert len(lines) == 5 and {line["sensor"] for line in lines} == {SENSOR}, lines
+    assert {line["dport"] for line in lines} == {9}
 
 
 def test_a_cluster_node_killed_under_traffic_loses_nothing(cluster, daemon, injector,
