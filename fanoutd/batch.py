@@ -57,7 +57,8 @@ class Batch:
         self.iface = iface
         self.worker = worker
         self.seq = seq
-        self.sensor = sensor  # the endpoint it came from
+        self.sensor = sensor  # the endpoint it came from (a JetStream subscriber: the name)
+        self.sensor_name: str | None = None  # the name it carries; None from older daemons
         self.epoch = epoch  # None from daemons older than the field
         self.raw_columns = raw_columns
         if raw_columns is not None:
@@ -91,11 +92,15 @@ class Batch:
         try:
             args = (topic, body["iface"], body["worker"], body["seq"])
             if version == wire.COLUMNS_VERSION:
-                return cls(*args, sensor=sensor, epoch=body.get("epoch"),
-                           raw_columns=body["columns"], n=body["n"])
-            return cls(*args, body["fields"], body["packets"], sensor, body.get("epoch"))
+                batch = cls(*args, sensor=sensor, epoch=body.get("epoch"),
+                            raw_columns=body["columns"], n=body["n"])
+            else:
+                batch = cls(*args, body["fields"], body["packets"], sensor, body.get("epoch"))
         except (KeyError, TypeError) as e:
             raise ValueError(f"not a fanoutd batch: {e!r}") from None
+        name = body.get("sensor")
+        batch.sensor_name = name if isinstance(name, str) else None
+        return batch
 
     def __repr__(self) -> str:
         return (f"Batch(v={self.v}, sensor={self.sensor!r}, iface={self.iface!r}, "

@@ -1,4 +1,4 @@
-"""Command line: run, check-config, print-config, tail, doctor, stats, keygen."""
+"""Command line: run, check-config, print-config, tail, doctor, stats, keygen, save, relay."""
 
 import argparse
 import os
@@ -110,7 +110,9 @@ def _parser() -> argparse.ArgumentParser:
         sub, "tail", _cmd_tail, "print packets from running fanoutd daemons", (
             (0, "--count packets shown, --timeout passed, or the reader of the output "
                 "left"), USAGE,
-            (exits.UNAVAILABLE, "no endpoint ever answered (with --timeout)"),
+            (exits.UNAVAILABLE, "no endpoint ever answered (with --timeout); with "
+                                "--nats: no server answered,\n       or no nats-py "
+                                "(fanoutd[nats])"),
             (exits.NOPERM, "no endpoint could be used, and one refused this client: its "
                           "CURVE handshake\n       failed (wrong server key, client key "
                           "not admitted) or CURVE is on one side only"),
@@ -124,6 +126,15 @@ def _parser() -> argparse.ArgumentParser:
     tail.add_argument("--endpoint", action="append", metavar="ENDPOINT", type=_endpoint,
                       help="publish endpoint to connect to, tcp://HOST:PORT or ipc://PATH; "
                            "repeat for several sensors (default: tcp://127.0.0.1:7440)")
+    tail.add_argument("--nats", metavar="URL[,URL...]", action="append",
+                      help="read the batches `fanoutd relay` stored in JetStream from these "
+                           "NATS servers instead of a sensor (needs fanoutd[nats])")
+    tail.add_argument("--durable", metavar="NAME",
+                      help="with --nats: a durable consumer of this name, which resumes "
+                           "where it was and shares its batches with every process of the "
+                           "same name (default: none, packets from now on)")
+    tail.add_argument("--stream", metavar="NAME", default="FANOUTD",
+                      help="with --nats: the stream (default: %(default)s)")
     tail.add_argument("--json", action="store_true",
                       help="one JSON object per line: the wire fields, iface, worker, seq, "
                            "sensor, and time (ISO 8601, UTC), proto_name, ethertype_name")
@@ -225,6 +236,23 @@ def _parser() -> argparse.ArgumentParser:
                            "(default: no CURVE)")
     save.add_argument("--curve-client-cert", metavar="FILE",
                       help="this client's secret key (NAME.key_secret)")
+
+    relay = _command(sub, "relay", _cmd_relay, "store sensors' batches in a NATS JetStream "
+                                              "stream", (
+        (0, "stopped by SIGTERM or SIGINT"), USAGE,
+        (exits.UNAVAILABLE, "no nats-py (fanoutd[nats]), no NATS server answered, the "
+                            "stream cannot be\n       found or created, or the metrics "
+                            "port cannot be bound"),
+        (exits.CONFIG, "the configuration is invalid (each problem on its own line)")),
+        description="Subscribe to one or several sensors (--from) and append every batch, "
+                    "unchanged, to a JetStream stream (created when missing) on subject "
+                    "fanoutd.SENSOR.IFACE.WORKER, with Nats-Msg-Id SENSOR/IFACE/WORKER/"
+                    "EPOCH/SEQ so that JetStream stores a batch sent twice once. Flags "
+                    "override the configuration file (-c, see config/fanoutd-relay.yaml). "
+                    "Needs nats-py (fanoutd[nats]).")
+    from fanoutd import relay_config
+
+    relay_config.add_flags(relay)
 
     stats = _command(sub, "stats", _cmd_stats, "per-worker counters of a running fanoutd", (
         (0, "the table was printed"), USAGE,
@@ -372,8 +400,14 @@ def _cmd_tail(args: argparse.Namespace) -> int:
     from fanoutd.client import DEFAULT_ENDPOINT, Subscriber
     from fanoutd.views import DisplayFilter, json_line, packet_line
 
-    endpoints = args.endpoint or [DEFAULT_ENDPOINT]
     show = DisplayFilter.from_options(args.proto, args.host, args.port, args.vlan, args.worker)
+    if args.nats:
+        if args.endpoint:
+            args.command_parser.error("--endpoint and --nats: one source or the other")
+        return _tail_nats(args, show)
+    if args.durable:
+        args.command_parser.error("--durable needs --nats")
+    endpoints = args.endpoint or [DEFAULT_ENDPOINT]
     several = len(endpoints) > 1
     shown = 0
     told: set[str] = set()
@@ -425,6 +459,46 @@ def _cmd_tail(args: argparse.Namespace) -> int:
             print(f"fanoutd tail: no answer from {', '.join(silent)} (is fanoutd publishing "
                   f"there?)", file=sys.stderr)
         return exits.NOPERM if sub.refused else exits.UNAVAILABLE
+
+
+def _tail_nats(args: argparse.Namespace, show: Any) -> int:
+    """`fanoutd tail --nats`: the same lines, from the JetStream stream."""
+    from fanoutd.client import JetStreamSubscriber
+    from fanoutd.jetstream import MissingNats
+    from fanoutd.views import json_line, packet_line
+
+    try:
+        import nats.errors
+    except ImportError:
+        print(f"fanoutd tail: {MissingNats()}", file=sys.stderr)
+        return exits.UNAVAILABLE
+    servers = ",".join(args.nats)
+    try:
+        sub = JetStreamSubscriber(servers, stream=args.stream, durable=args.durable,
+                                  deliver="all" if args.durable else "new",
+                                  connect_seconds=min(10.0, args.timeout or 10.0))
+    except (OSError, TimeoutError, nats.errors.Error) as e:
+        reason = str(e) or "no answer in time"
+        print(f"fanoutd tail: no answer from {servers}, or no stream {args.stream} there: "
+              f"{reason}", file=sys.stderr)
+        return exits.UNAVAILABLE
+    shown = 0
+    with sub:
+        consumer = f", durable {args.durable}" if args.durable else ""
+        print(f"fanoutd tail: reading stream {args.stream} at {servers}{consumer}",
+              file=sys.stderr, flush=True)
+        try:
+            for rec in sub.records(timeout=args.timeout):
+                if show and not show.matches(rec):
+                    continue
+                print(json_line(rec) if args.json else
+                      packet_line(rec.as_dict(raw=True), show_sensor=True), flush=True)
+                shown += 1
+                if args.count and shown >= args.count:
+                    break
+        except KeyboardInterrupt:
+            return exits.INTERRUPTED
+    return 0
 
 
 def _cmd_save(args: argparse.Namespace) -> int:
@@ -486,6 +560,25 @@ def _tail_summary(sub, stats: bool) -> None:
     elif sub.lost:
         lost = sum(sub.lost.values())
         print(f"fanoutd tail: {lost} batches lost (seq gaps)", file=sys.stderr)
+
+
+def _cmd_relay(args: argparse.Namespace) -> int:
+    from fanoutd.relay_config import load_relay_config
+
+    for signum in (signal.SIGTERM, signal.SIGINT):  # until the relay's own handlers
+        signal.signal(signum, lambda signum, frame: sys.exit(0))
+    try:
+        cfg = load_relay_config(args.config, args)
+    except ConfigError as e:
+        for key, reason in e.problems:
+            print(f"fanoutd relay: {key}: {reason}", file=sys.stderr)
+        return exits.CONFIG
+    from fanoutd.relay import run_relay
+    from fanoutd.systemd import set_log_context, setup_logging
+
+    setup_logging(cfg.log_level)
+    set_log_context(component="relay", stream=cfg.stream)
+    return run_relay(cfg)
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:

@@ -19,6 +19,9 @@ batches missing from the stream's `seq` sequence (dropped at a high-water mark),
 counts rings replaced (a new `epoch`, with `seq` from 0: daemon restart, reload, interface
 re-created). Pass `on_gap=callback` to hear of each gap as it is found.
 
+`JetStreamSubscriber` (fanoutd.jetstream_client) reads the same batches from a NATS
+JetStream stream that `fanoutd relay` fills, shared between processes by a durable name.
+
 `refused[endpoint]` says why an endpoint's handshake failed (the publisher did not admit
 this client's CURVE key, the server key is wrong, CURVE on one side only): ZeroMQ itself
 would only keep quiet, or keep retrying.
@@ -43,10 +46,11 @@ from fanoutd.batch import (
     format_tcp_flags,
     to_json_ready,
 )
+from fanoutd.jetstream_client import JetStreamSubscriber
 from fanoutd.wire import BATCH_TOPIC_PREFIX, HELLO
 
-__all__ = ["Batch", "Record", "SeqTracker", "StreamKey", "Subscriber", "format_ip",
-           "format_mac", "format_tcp_flags", "to_json_ready"]
+__all__ = ["Batch", "JetStreamSubscriber", "Record", "SeqTracker", "StreamKey", "Subscriber",
+           "format_ip", "format_mac", "format_tcp_flags", "to_json_ready"]
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:7440"
 

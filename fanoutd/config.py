@@ -122,6 +122,7 @@ class Config:
     # as started.
     user: str | None = DEFAULT_USER
     runtime_dir: str | None = None  # None: $RUNTIME_DIRECTORY, /run/fanoutd or the temp dir
+    sensor: str | None = None  # this machine's name in every batch; None: the host name
     publish: PublishConfig = field(default_factory=PublishConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -424,6 +425,8 @@ def _check(cfg: Config, captures: list[_Capture], labels: dict[str, str],
     except ValueError as e:
         bad("metrics.listen", str(e))
     _check_security(cfg, bad)
+    if cfg.sensor is not None and (problem := sensor_problem(cfg.sensor)):
+        bad("sensor", problem)
     if cfg.user is not None:
         try:
             pwd.getpwnam(cfg.user)
@@ -432,6 +435,19 @@ def _check(cfg: Config, captures: list[_Capture], labels: dict[str, str],
             bad("user", f"no such user {cfg.user!r}{made}; or none to keep the user fanoutd "
                         f"starts as")
     return problems
+
+
+SENSOR_MAX = 64  # HOST_NAME_MAX: the host name, the default, always fits
+
+
+def sensor_problem(name: str) -> str | None:
+    """Why a sensor name is unusable, or None. Subscribers read it as a label, and the
+    relay makes a NATS subject token of it (relay.subject_token), so it must be printable
+    and of bounded length; the token's forbidden characters are replaced there."""
+    if not 0 < len(name) <= SENSOR_MAX or not name.isprintable() or name.strip() != name:
+        return (f"must be 1-{SENSOR_MAX} printable characters without surrounding spaces, "
+                f"or auto (the host name), got {name!r}")
+    return None
 
 
 def _get(cfg: Any, key: str) -> Any:
@@ -602,7 +618,8 @@ def _resolve(cfg: Config, captures: list[_Capture], labels: dict[str, str]) -> C
     if len(set(names)) < len(names):
         raise ConfigError([("interfaces", f"an interface is listed twice once auto is "
                                           f"resolved: {', '.join(names)}")])
-    return replace(cfg, interfaces=tuple(resolved))
+    return replace(cfg, interfaces=tuple(resolved),
+                   sensor=cfg.sensor or socket.gethostname()[:SENSOR_MAX])
 
 
 def default_interface() -> str | None:

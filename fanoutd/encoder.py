@@ -48,11 +48,11 @@ class BlockEncoder:
     """One worker's batches, in one wire-format version."""
 
     def __init__(self, version: int, iface: str, worker: int, epoch: int,
-                 payload_bytes: int) -> None:
+                 payload_bytes: int, sensor: str = "") -> None:
         self.version = version
         self.payload_bytes = payload_bytes
         fields = tuple(f.name for f in wire.fields_for(payload_bytes))
-        self.prefix = wire.batch_prefix(version, iface, worker, epoch, fields)
+        self.prefix = wire.batch_prefix(version, iface, worker, epoch, fields, sensor=sensor)
         self._encode = ENCODERS[version]
 
     def encode(self, block: bytes, first_offset: int, num_pkts: int, errors: dict,

@@ -118,6 +118,8 @@ SETTINGS = (
     Setting("runtime_dir", "where the workers' ipc socket lives (or auto)",
             flag="--runtime-dir", metavar="DIR", auto=True,
             default_text=": $RUNTIME_DIRECTORY, /run/fanoutd or the temp directory"),
+    Setting("sensor", "this machine's name in every batch (the `sensor` key; or auto)",
+            flag="--sensor", metavar="NAME", auto=True, default_text=": the host name"),
     Setting("publish.endpoint", "ZeroMQ endpoint to bind, tcp://HOST:PORT or ipc://PATH",
             flag="--publish", metavar="ENDPOINT"),
     Setting("publish.sndhwm", "publish high-water mark, in batches", flag="--hwm",

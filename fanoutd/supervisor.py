@@ -241,7 +241,8 @@ class Supervisor:
             plan = worker.WorkerPlan(capture.interface, ring_id, cfg.ring.geometry,
                                      self.backend, self.cfg.publish.sndhwm, self.cfg.user,
                                      cfg.payload_bytes, name,
-                                     wire.FORMATS[self.cfg.publish.format], epoch, drain)
+                                     wire.FORMATS[self.cfg.publish.format], epoch, drain,
+                                     self.cfg.sensor or "")
             return worker.run_worker(index, sock, stats, self.rings, self.proxy_stats, plan)
 
         return main

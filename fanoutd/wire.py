@@ -146,19 +146,21 @@ def fields_for(payload_bytes: int) -> tuple[Field, ...]:
 
 
 def batch_prefix(version: int, iface: str, worker: int, epoch: int,
-                 fields: Sequence[str] = FIELDS) -> bytes:
+                 fields: Sequence[str] = FIELDS, *, sensor: str = "") -> bytes:
     """The msgpack map of a batch up to the keys that change with each batch.
 
     Version 1 continues with "seq", then "packets"; version 2 with "seq", "n", then
-    "columns" (rows_body/columns_body, and the C encoder, write those).
+    "columns" (rows_body/columns_body, and the C encoder, write those). The C encoder
+    copies this prefix as it is, so a key added here reaches both encoders.
     """
     if version == ROWS_VERSION:
-        head = ("v", ROWS_VERSION, "iface", iface, "worker", worker, "epoch", epoch,
-                "fields", list(fields))
-        entries = 7
+        head = ("v", ROWS_VERSION, "sensor", sensor, "iface", iface, "worker", worker,
+                "epoch", epoch, "fields", list(fields))
+        entries = 8
     else:
-        head = ("v", COLUMNS_VERSION, "iface", iface, "worker", worker, "epoch", epoch)
-        entries = 7  # and seq, n, columns
+        head = ("v", COLUMNS_VERSION, "sensor", sensor, "iface", iface, "worker", worker,
+                "epoch", epoch)
+        entries = 8  # and seq, n, columns
     return bytes((0x80 | entries,)) + b"".join(_pack(x) for x in head)
 
 

@@ -62,6 +62,7 @@ class WorkerPlan:
     version: int  # wire-format version of the batches (wire.FORMATS)
     epoch: int  # the ring's epoch: changes whenever its seq numbering starts again
     drain: bool = False  # started to drain an old ring: as if told so (SIGUSR1) at once
+    sensor: str = ""  # config `sensor`: this machine's name in every batch
 
 
 def run_worker(index: int, sock: socket.socket, stats: slotstats.SlotStats,
@@ -111,7 +112,8 @@ def run_worker(index: int, sock: socket.socket, stats: slotstats.SlotStats,
             stats["capturing"] = os.getpid()  # flag to the worker of its new ring
         log.info("worker %d capturing on %s from ring block %d (%s decoder)", index,
                  plan.iface, rx.cursor, IMPLEMENTATION)
-        encoder = BlockEncoder(plan.version, plan.iface, index, plan.epoch, plan.payload_bytes)
+        encoder = BlockEncoder(plan.version, plan.iface, index, plan.epoch, plan.payload_bytes,
+                               plan.sensor)
         status = _capture(rx, pub, encoder, stats, rings, proxy, stop, plan, index)
         return status
     finally:

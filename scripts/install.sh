@@ -34,7 +34,7 @@ fi
 packages=(python3-venv python3-dev gcc pkg-config libsystemd-dev libpcap0.8 ethtool procps)
 # The tests and benchmarks: network namespaces and veth pairs (iproute2), the peers the
 # benchmarks compare with and the traffic generator (tcpdump, netsniff-ng's trafgen),
-# setpriv (util-linux).
+# setpriv (util-linux). The NATS servers the relay's tests cluster come below.
 if [ "$with_tests" = yes ]; then
     packages+=(iproute2 util-linux tcpdump netsniff-ng)
 fi
@@ -46,7 +46,11 @@ need_promtool=no
 if [ "$with_tests" = yes ] && ! command -v promtool >/dev/null && [ ! -x .venv/bin/promtool ]; then
     need_promtool=yes
 fi
-if [ "${#missing[@]}" -gt 0 ] || [ "$need_promtool" = yes ]; then
+need_nats_server=no
+if [ "$with_tests" = yes ] && [ ! -x .venv/bin/nats-server ]; then
+    need_nats_server=yes
+fi
+if [ "${#missing[@]}" -gt 0 ] || [ "$need_promtool" = yes ] || [ "$need_nats_server" = yes ]; then
     apt-get update -qq
 fi
 if [ "${#missing[@]}" -gt 0 ]; then
@@ -85,13 +89,21 @@ fi
 
 # promtool checks the alert rules and the dashboard's queries. It comes with Debian's
 # `prometheus` package, whose installation would also enable and start a Prometheus
-# server: take the one binary out of the package instead.
+# server: take the one binary out of the package instead. The same for Debian's
+# `nats-server`, whose package enables a system-wide server on port 4222: the relay's
+# tests start their own cluster on loopback (tests/natslab.py) and need the binary only.
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+take_binary() {  # take_binary PACKAGE PATH-IN-PACKAGE: into .venv/bin
+    (cd "$tmp" && apt-get download -qq -o APT::Sandbox::User=root "$1")
+    dpkg-deb --fsys-tarfile "$tmp"/"$1"_*.deb | tar -x -C "$tmp" "./$2"
+    install -m 0755 "$tmp/$2" ".venv/bin/$(basename "$2")"
+}
 if [ "$need_promtool" = yes ]; then
-    tmp=$(mktemp -d)
-    trap 'rm -rf "$tmp"' EXIT
-    (cd "$tmp" && apt-get download -qq -o APT::Sandbox::User=root prometheus)
-    dpkg-deb --fsys-tarfile "$tmp"/prometheus_*.deb | tar -x -C "$tmp" ./usr/bin/promtool
-    install -m 0755 "$tmp/usr/bin/promtool" .venv/bin/promtool
+    take_binary prometheus usr/bin/promtool
+fi
+if [ "$need_nats_server" = yes ]; then
+    take_binary nats-server usr/sbin/nats-server
 fi
 
 echo "fanoutd installed: $(pwd)/.venv/bin/fanoutd"

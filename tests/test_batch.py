@@ -30,7 +30,7 @@ def received(version, frames, payload_bytes=PAYLOAD):
     """(the Batch a subscriber makes of the message, decode.py's rows)."""
     block, first, num = tpacket3_block(frames)
     fields = [f.name for f in wire.fields_for(payload_bytes)]
-    prefix = wire.batch_prefix(version, "eth0", 2, 77, fields)
+    prefix = wire.batch_prefix(version, "eth0", 2, 77, fields, sensor="rack-7")
     body, _, _ = ENCODE[version](block, first, num, payload_bytes, {}, prefix, 9)
     rows = decode_block(block, first, num, {}, payload_bytes)
     return Batch.from_message(b"pkt.eth0.2", body, "tcp://s:1"), rows, fields
@@ -41,6 +41,7 @@ def test_records_and_arrow_hold_the_decoded_rows(version):
     for frames in corpus_blocks():
         batch, rows, fields = received(version, frames)
         assert (batch.v, batch.n, batch.epoch, batch.seq) == (version, len(rows), 77, 9)
+        assert (batch.sensor, batch.sensor_name) == ("tcp://s:1", "rack-7")
         assert batch.fields == fields
         by_records = [[getattr(rec, name) for name in fields] for rec in batch.records()]
         assert by_records == rows

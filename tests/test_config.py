@@ -1,6 +1,7 @@
 """Config: defaults, YAML and flag overrides, and one clear problem per broken rule."""
 
 import re
+import socket
 
 import pytest
 import yaml
@@ -282,3 +283,14 @@ def test_publisher_limits_are_bounded(tmp_path, key, low, high):
         assert found == [(f"publish.{key}", f"must be between {low} and {high}"
                           + {"subscriber_queue_bytes": " bytes",
                              "restart_grace_ms": " ms"}.get(key, "") + f", got {value}")]
+
+
+def test_sensor_defaults_to_the_host_name_and_is_checked(tmp_path):
+    cfg = load_config(None, {"interface": "lo"})
+    assert cfg.sensor == socket.gethostname()
+    assert yaml.safe_load(dump(cfg))["sensor"] == cfg.sensor  # print-config shows it
+    assert load_config(None, {"interface": "lo", "sensor": "rack-7"}).sensor == "rack-7"
+    assert load_config(write(tmp_path, "sensor: edge\n"), resolve=False).sensor == "edge"
+    for bad in ("", " x", "a\tb", "x" * 65):
+        (found,) = problems(sensor=bad)
+        assert found[0] == "sensor (--sensor)" and "printable" in found[1], found

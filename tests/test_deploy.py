@@ -36,8 +36,9 @@ UNITS = ("fanoutd.service", "fanoutd@.service")
 # What systemd-analyze is run on: the plain unit, the template itself, and instances (one
 # with a "-" in the interface name, which %i passes through verbatim).
 VERIFY_TARGETS = ("fanoutd.service", "fanoutd@.service", "fanoutd@eth0.service",
-                  "fanoutd@br-lan.service")
-SECURITY_TARGETS = ("fanoutd.service", "fanoutd@eth0.service")
+                  "fanoutd@br-lan.service", "fanoutd-relay.service")
+SECURITY_TARGETS = ("fanoutd.service", "fanoutd@eth0.service", "fanoutd-relay.service")
+RELAY_UNIT = "fanoutd-relay.service"
 
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 PROMTOOL = programs.promtool()
@@ -199,6 +200,16 @@ def test_units_share_one_sandbox():
         {k: v for k, v in template.items() if k not in per_instance}
 
 
+def test_relay_unit_settings():
+    """The relay runs its shipped configuration, with no privilege, and does not retry
+    an invalid configuration."""
+    svc = service(RELAY_UNIT)
+    assert svc["ExecStart"] == [f"{INSTALLED_FANOUTD} relay -c /etc/fanoutd/relay.yaml"]
+    assert svc["DynamicUser"] == ["yes"] and svc["CapabilityBoundingSet"] == [""]
+    assert svc["Restart"] == ["on-failure"] and svc["RestartPreventExitStatus"] == ["78"]
+    assert "AF_PACKET" not in svc["RestrictAddressFamilies"][0]
+
+
 @pytest.fixture
 def staged_units(tmp_path: Path) -> Path:
     """Copies of the units whose commands run an executable that exists here.
@@ -208,7 +219,7 @@ def staged_units(tmp_path: Path) -> Path:
     """
     entry_point = Path(sys.executable).with_name("fanoutd")
     exe = entry_point if entry_point.is_file() else Path(sys.executable)
-    for unit in UNITS:
+    for unit in (*UNITS, RELAY_UNIT):
         text = (UNIT_DIR / unit).read_text()
         assert INSTALLED_FANOUTD in text
         (tmp_path / unit).write_text(text.replace(INSTALLED_FANOUTD, str(exe)))

@@ -10,7 +10,7 @@ from fanoutd import cli
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 # Commands whose synopsis lists every option (tail and doctor name some in the text).
-LISTED_IN_FULL = ("run", "stats", "keygen")
+LISTED_IN_FULL = ("run", "stats", "keygen", "relay")
 
 
 def subcommands() -> dict[str, argparse.ArgumentParser]:

@@ -10,6 +10,7 @@ import pytest
 from frames import CORPUS, RingFrame, tpacket3_block, udp4_frame
 
 from fanoutd import wire
+from fanoutd.config import SENSOR_MAX
 from fanoutd.decode import decode_block
 from fanoutd.encoder import encode_columns_py, encode_rows_py
 
@@ -28,7 +29,7 @@ def corpus_blocks():
 def columns_and_rows(frames, payload_bytes=PAYLOAD):
     block, first, num = tpacket3_block(frames)
     rows = decode_block(block, first, num, {}, payload_bytes)
-    prefix = wire.batch_prefix(wire.COLUMNS_VERSION, "eth0", 1, 99)
+    prefix = wire.batch_prefix(wire.COLUMNS_VERSION, "eth0", 1, 99, sensor="s1")
     body, _, _ = encode_columns_py(block, first, num, payload_bytes, {}, prefix, 5)
     return msgpack.unpackb(body), rows
 
@@ -46,12 +47,13 @@ def test_columns_hold_the_rows():
 
 def test_batch_keys():
     batch, _ = columns_and_rows([RingFrame(udp4_frame())], 0)
-    assert {k: batch[k] for k in ("v", "iface", "worker", "epoch", "seq", "n")} == \
-        {"v": 2, "iface": "eth0", "worker": 1, "epoch": 99, "seq": 5, "n": 1}
+    assert list(batch) == ["v", "sensor", "iface", "worker", "epoch", "seq", "n", "columns"]
+    assert {k: batch[k] for k in ("v", "sensor", "iface", "worker", "epoch", "seq", "n")} == \
+        {"v": 2, "sensor": "s1", "iface": "eth0", "worker": 1, "epoch": 99, "seq": 5, "n": 1}
     assert "payload" not in batch["columns"]
     rows_batch = msgpack.unpackb(wire.rows_body(
-        wire.batch_prefix(wire.ROWS_VERSION, "eth0", 1, 99), 5, [[1, 2]]))
-    assert rows_batch == {"v": 1, "iface": "eth0", "worker": 1, "epoch": 99,
+        wire.batch_prefix(wire.ROWS_VERSION, "eth0", 1, 99, sensor="s1"), 5, [[1, 2]]))
+    assert rows_batch == {"v": 1, "sensor": "s1", "iface": "eth0", "worker": 1, "epoch": 99,
                           "fields": list(wire.FIELDS), "seq": 5, "packets": [[1, 2]]}
 
 
@@ -109,6 +111,16 @@ def test_columns_are_arrow_arrays():
             got = array.to_pylist()
             want = [r[i] for r in rows]
             assert got == want, f.name
+
+
+def test_the_spec_names_every_key_a_batch_carries():
+    text = SPEC.read_text().split("Keys every batch carries:", 1)[1].split("\n\n", 2)[1]
+    documented = re.findall(r"^\| `(\w+)` \|", text, re.MULTILINE)
+    head = msgpack.Unpacker()
+    head.feed(wire.batch_prefix(wire.COLUMNS_VERSION, "eth0", 1, 99, sensor="s1"))
+    entries = head.read_map_header()
+    keys = [head.unpack() for _ in range(2 * entries - 6)][::2]  # up to seq, n, columns
+    assert documented == [*keys, "seq"]
 
 
 def test_the_spec_names_every_field_with_its_type():
@@ -177,7 +189,8 @@ def test_a_batch_is_never_larger_than_its_block_plus_the_overhead(version, paylo
     encodes in at most BLOCK + BATCH_OVERHEAD bytes."""
     encode = encode_rows_py if version == wire.ROWS_VERSION else encode_columns_py
     fields = tuple(f.name for f in wire.fields_for(payload_bytes))
-    prefix = wire.batch_prefix(version, "x" * 15, 255, 2**64 - 1, fields)
+    prefix = wire.batch_prefix(version, "x" * 15, 255, 2**64 - 1, fields,
+                               sensor="\U0001f600" * SENSOR_MAX)  # 4 bytes each
     for frame in LARGE_ROWS:
         per_frame = F.tpacket_align(F.TP_MAC + len(frame))
         for tci in (None, 0xFFFF):

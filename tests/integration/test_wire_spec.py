@@ -19,7 +19,7 @@ pytest.importorskip("numpy")
 # The whole subscriber. It runs in `python -I` (no checkout, no current directory on the
 # path) and checks that it never imported fanoutd.
 SPEC_READER = r'''
-import json, sys
+import json, socket, sys
 import msgpack, numpy as np, zmq
 
 endpoint, want_rows = sys.argv[1], int(sys.argv[2])
@@ -67,6 +67,7 @@ while len(rows) < want_rows:
         continue
     batch = msgpack.unpackb(frames[1])
     assert batch["v"] == 2 and frames[0] == f"pkt.{batch['iface']}.{batch['worker']}".encode()
+    assert batch["sensor"] == socket.gethostname()  # the default: the host name
     n = batch["n"]
     cols = {name: column(col, n) for name, col in batch["columns"].items()}
     rows += [{name: cols[name][i] for name in cols} for i in range(n)]
