@@ -535,3 +535,21 @@ def to_json_ready(pkt: dict[str, Any]) -> dict[str, Any]:
         if key in out:
             out[key] = format_ip(out[key])
     return {k: (v.hex() if isinstance(v, bytes) else v) for k, v in out.items()}
+
+
+class BatchSource:
+    """records() and packets() over a subscriber's batches(): Subscriber (ZeroMQ) and
+    JetStreamSubscriber (NATS) yield the same Batch objects."""
+
+    def batches(self, timeout: float | None = None) -> Iterator[Batch]:
+        raise NotImplementedError
+
+    def records(self, timeout: float | None = None) -> Iterator[Record]:
+        """Yield every packet as a Record; `timeout` as in batches()."""
+        for batch in self.batches(timeout):
+            yield from batch.records()
+
+    def packets(self, timeout: float | None = None) -> Iterator[dict[str, Any]]:
+        """Yield every packet as a dict (Batch.rows); `timeout` as in batches()."""
+        for batch in self.batches(timeout):
+            yield from batch.rows()

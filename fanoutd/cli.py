@@ -5,7 +5,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from fanoutd import __version__, exits, settings
@@ -398,7 +398,7 @@ def _key_file(secret: bool) -> Callable[[str], str]:
 
 def _cmd_tail(args: argparse.Namespace) -> int:
     from fanoutd.client import DEFAULT_ENDPOINT, Subscriber
-    from fanoutd.views import DisplayFilter, json_line, packet_line
+    from fanoutd.views import DisplayFilter
 
     show = DisplayFilter.from_options(args.proto, args.host, args.port, args.vlan, args.worker)
     if args.nats:
@@ -409,7 +409,6 @@ def _cmd_tail(args: argparse.Namespace) -> int:
         args.command_parser.error("--durable needs --nats")
     endpoints = args.endpoint or [DEFAULT_ENDPOINT]
     several = len(endpoints) > 1
-    shown = 0
     told: set[str] = set()
 
     def tell_refusals() -> None:
@@ -435,17 +434,7 @@ def _cmd_tail(args: argparse.Namespace) -> int:
             print(f"fanoutd tail: no answer yet from {', '.join(silent)}; still trying",
                   file=sys.stderr, flush=True)
         try:
-            for rec in sub.records(timeout=args.timeout):
-                if show and not show.matches(rec):
-                    continue
-                if args.json:
-                    line = json_line(rec)
-                else:
-                    line = packet_line(rec.as_dict(raw=True), show_sensor=several)
-                print(line, flush=True)
-                shown += 1
-                if args.count and shown >= args.count:
-                    break
+            _print_packets(sub.records(timeout=args.timeout), show, args, several)
         except KeyboardInterrupt:
             _tail_summary(sub, args.stats)
             return exits.INTERRUPTED
@@ -465,7 +454,6 @@ def _tail_nats(args: argparse.Namespace, show: Any) -> int:
     """`fanoutd tail --nats`: the same lines, from the JetStream stream."""
     from fanoutd.client import JetStreamSubscriber
     from fanoutd.jetstream import MissingNats
-    from fanoutd.views import json_line, packet_line
 
     try:
         import nats.errors
@@ -482,23 +470,33 @@ def _tail_nats(args: argparse.Namespace, show: Any) -> int:
         print(f"fanoutd tail: no answer from {servers}, or no stream {args.stream} there: "
               f"{reason}", file=sys.stderr)
         return exits.UNAVAILABLE
-    shown = 0
     with sub:
         consumer = f", durable {args.durable}" if args.durable else ""
         print(f"fanoutd tail: reading stream {args.stream} at {servers}{consumer}",
               file=sys.stderr, flush=True)
         try:
-            for rec in sub.records(timeout=args.timeout):
-                if show and not show.matches(rec):
-                    continue
-                print(json_line(rec) if args.json else
-                      packet_line(rec.as_dict(raw=True), show_sensor=True), flush=True)
-                shown += 1
-                if args.count and shown >= args.count:
-                    break
+            _print_packets(sub.records(timeout=args.timeout), show, args, show_sensor=True)
         except KeyboardInterrupt:
             return exits.INTERRUPTED
     return 0
+
+
+def _print_packets(records: Iterable[Any], show: Any, args: argparse.Namespace,
+                   show_sensor: bool) -> int:
+    """tail's output: each record the display filter `show` passes, as a line or as
+    JSON (--json), until --count of them; returns how many were shown."""
+    from fanoutd.views import json_line, packet_line
+
+    shown = 0
+    for rec in records:
+        if show and not show.matches(rec):
+            continue
+        print(json_line(rec) if args.json else
+              packet_line(rec.as_dict(raw=True), show_sensor=show_sensor), flush=True)
+        shown += 1
+        if args.count and shown >= args.count:
+            break
+    return shown
 
 
 def _cmd_save(args: argparse.Namespace) -> int:

@@ -32,13 +32,13 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
 
 import zmq
 from zmq.utils import monitor as zmq_monitor
 
 from fanoutd.batch import (
     Batch,
+    BatchSource,
     Record,
     StreamKey,
     format_ip,
@@ -134,7 +134,7 @@ class SeqTracker:
         return missing
 
 
-class Subscriber:
+class Subscriber(BatchSource):
     """Reads fanoutd's batches from one or many endpoints (sensors).
 
     One SUB socket per endpoint, polled together, so every batch is known to come from its
@@ -262,16 +262,6 @@ class Subscriber:
                 yield self._pending.popleft()
             if not self._receive(timeout):  # only with a timeout
                 return
-
-    def records(self, timeout: float | None = None) -> Iterator[Record]:
-        """Yield every packet as a Record; `timeout` as in batches()."""
-        for batch in self.batches(timeout):
-            yield from batch.records()
-
-    def packets(self, timeout: float | None = None) -> Iterator[dict[str, Any]]:
-        """Yield every packet as a dict (Batch.rows); `timeout` as in batches()."""
-        for batch in self.batches(timeout):
-            yield from batch.rows()
 
     def _receive(self, timeout: float | None) -> bool:
         """Wait up to `timeout` seconds (None: forever) for messages and take in what is

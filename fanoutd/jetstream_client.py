@@ -31,10 +31,10 @@ from typing import Any
 from urllib.parse import unquote
 
 from fanoutd import jetstream
-from fanoutd.batch import Batch, Record
+from fanoutd.batch import Batch, BatchSource
 
 
-class JetStreamSubscriber:
+class JetStreamSubscriber(BatchSource):
     def __init__(self, servers: str | Iterable[str] = jetstream.DEFAULT_SERVER,
                  stream: str = jetstream.DEFAULT_STREAM, durable: str | None = None,
                  subject: str = jetstream.STREAM_SUBJECTS, deliver: str = "all",
@@ -164,11 +164,3 @@ class JetStreamSubscriber:
         batch.sensor = batch.sensor_name or (unquote(tokens[1]) if len(tokens) > 1 else "")
         return batch
 
-    def records(self, timeout: float | None = None) -> Iterator[Record]:
-        """Every packet as a Record; `timeout` as in batches()."""
-        for batch in self.batches(timeout):
-            yield from batch.records()
-
-    def packets(self, timeout: float | None = None) -> Iterator[dict[str, Any]]:
-        for batch in self.batches(timeout):
-            yield from batch.rows()
