@@ -45,12 +45,7 @@ from fanoutd.slotstats import RingTable
 
 HOLD_WAIT_S = 0.0002  # how often a worker holding blocks looks for the proxy's word
 RETAIN_S = 0.1  # how long blocks the proxy passed on stay held once traffic pauses
-# How often a worker retaining blocks looks for a new one: after a block the kernel
-# handed over full (traffic is high, the next one comes soon and wake-ups cost CPU per
-# packet), and after one it handed over at its timeout (traffic is low: each wake-up is
-# cheap, and the look interval is latency added to every block).
-RETAIN_LOOK_S = 0.005
-RETAIN_LOOK_TIMEOUT_S = 0.001
+RETAIN_LOOK_S = 0.0005  # how often a worker retaining blocks looks for a new one
 
 
 class HeldBlocks:
@@ -71,13 +66,10 @@ class HeldBlocks:
         self.retain = max(2, self.block_count // 8)  # passed on, yet held (step 4)
         self.reserve = max(1, self.block_count // 8)  # blocks kept free for the kernel
         # A retained block keeps poll() from waiting for the next one (the ring reads as
-        # ready), so the worker sleeps and looks again: the look interval is latency added
-        # to a block the kernel hands over meanwhile, against a wake-up each time (0.5 ms
-        # at every rate cost 150 ns per 64-byte packet at 550 kpps; 5 ms at every rate put
-        # p99 at 15 ms for a 10 ms block timeout at 1 kpps).
-        tov_s = geometry.block_timeout_ms / 1000
-        self.retain_wait_s = min(RETAIN_LOOK_S, tov_s / 2)
-        self.retain_wait_timeout_s = min(RETAIN_LOOK_TIMEOUT_S, tov_s / 10)
+        # ready), so the worker sleeps and looks again: this is the latency it adds to a
+        # block the kernel hands over meanwhile (5 ms here once put p99 at 15 ms for a
+        # 10 ms block timeout), against a wake-up each time.
+        self.retain_wait_s = min(RETAIN_LOOK_S, geometry.block_timeout_ms / 20_000)
         self.let_go = 0  # blocks handed back early to keep `reserve` free (step 6)
 
     def __len__(self) -> int:
@@ -109,15 +101,14 @@ class HeldBlocks:
                 acked -= 1
             self._acked = acked
 
-    def idle(self, draining: bool, timed_out: bool = False) -> float:
+    def idle(self, draining: bool) -> float:
         """No new block is ready: how long to sleep before looking again, or 0.0 once
         every block is handed back (the socket may be polled). Retained blocks go back
-        once traffic has paused for RETAIN_S, at once when draining (nothing follows).
-        timed_out: the last block was handed over at its timeout, not full."""
+        once traffic has paused for RETAIN_S, at once when draining (nothing follows)."""
         if self._acked < len(self._held):
             return HOLD_WAIT_S  # the proxy has yet to pass a block on
         if self._held and not draining and self._clock() - self._last_ack < RETAIN_S:
-            return self.retain_wait_timeout_s if timed_out else self.retain_wait_s
+            return self.retain_wait_s
         while self._held:  # traffic paused: the proxy has had time to send them
             self._release(self._held.popleft()[0])
         self._acked = 0

@@ -196,7 +196,6 @@ class RxRing:
         # A replacement worker resumes where its predecessor stopped.
         oldest = self.oldest_user_block()
         self.cursor = 0 if oldest is None else oldest
-        self.timed_out = False  # the last block read was handed over at its timeout
 
     def close(self) -> None:
         self.view.release()
@@ -261,8 +260,7 @@ class RxRing:
         one reads the ring in place (copy=False: a view, valid until the block is handed
         back). seq_num is the kernel's count of blocks opened on this ring, from 1.
         """
-        status, num_pkts, first, blk_len, seq_num = self.head(self.cursor)
-        self.timed_out = bool(status & _linux.TP_STATUS_BLK_TMO)  # not full: traffic is low
+        _, num_pkts, first, blk_len, seq_num = self.head(self.cursor)
         start = self.cursor * self.geometry.block_size
         length = min(blk_len or self.geometry.block_size, self.geometry.block_size)
         if copy:

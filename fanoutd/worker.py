@@ -170,7 +170,7 @@ def _capture(rx: RxRing, pub: BatchPublisher, encoder: BlockEncoder,
             time.sleep(GATE_WAIT_S)  # a new proxy waits for its subscribers: hold
             continue
         if not rx.ready():
-            wait_s = held.idle(draining=stop.drain_since is not None, timed_out=rx.timed_out)
+            wait_s = held.idle(draining=stop.drain_since is not None)
             if wait_s:
                 time.sleep(wait_s)  # not poll: a held block makes it return at once
                 continue

@@ -65,11 +65,9 @@ def publish(held: HeldBlocks, indexes, first_seq: int = 1) -> None:
 
 def test_sizes_follow_the_ring():
     held = HeldBlocks(FakeRing(block_count=128), RingTable(1), 0)
-    assert (held.retain, held.reserve) == (16, 16)
-    assert (held.retain_wait_s, held.retain_wait_timeout_s) == (0.005, 0.001)
+    assert (held.retain, held.reserve, held.retain_wait_s) == (16, 16, 0.0005)
     small = HeldBlocks(FakeRing(block_count=4, block_timeout_ms=2), RingTable(1), 0)
-    assert (small.retain, small.reserve) == (2, 1)
-    assert (small.retain_wait_s, small.retain_wait_timeout_s) == (0.001, 0.0002)
+    assert (small.retain, small.reserve, small.retain_wait_s) == (2, 1, 0.0001)
 
 
 def test_nothing_goes_back_before_the_proxy_passed_it_on(held, ring, rings):
@@ -116,8 +114,6 @@ def test_retained_blocks_go_back_once_traffic_pauses(held, ring, rings, clock):
     assert ring.released == [0]
     clock.now += RETAIN_S * 0.9
     assert held.idle(draining=False) == held.retain_wait_s
-    # after a block handed over at its timeout (low traffic) it looks sooner
-    assert held.idle(draining=False, timed_out=True) == held.retain_wait_timeout_s
     clock.now += RETAIN_S * 0.2
     assert held.idle(draining=False) == 0.0
     assert ring.released == [0, 1, 2]
