@@ -45,7 +45,6 @@ from fanoutd.slotstats import RingTable
 
 HOLD_WAIT_S = 0.0002  # how often a worker holding blocks looks for the proxy's word
 RETAIN_S = 0.1  # how long blocks the proxy passed on stay held once traffic pauses
-RETAIN_LOOK_S = 0.0005  # how often a worker retaining blocks looks for a new one
 
 
 class HeldBlocks:
@@ -65,11 +64,7 @@ class HeldBlocks:
         self.block_count = geometry.block_count
         self.retain = max(2, self.block_count // 8)  # passed on, yet held (step 4)
         self.reserve = max(1, self.block_count // 8)  # blocks kept free for the kernel
-        # A retained block keeps poll() from waiting for the next one (the ring reads as
-        # ready), so the worker sleeps and looks again: this is the latency it adds to a
-        # block the kernel hands over meanwhile (5 ms here once put p99 at 15 ms for a
-        # 10 ms block timeout), against a wake-up each time.
-        self.retain_wait_s = min(RETAIN_LOOK_S, geometry.block_timeout_ms / 20_000)
+        self.retain_wait_s = min(0.005, geometry.block_timeout_ms / 2000)
         self.let_go = 0  # blocks handed back early to keep `reserve` free (step 6)
 
     def __len__(self) -> int:

@@ -65,9 +65,9 @@ def publish(held: HeldBlocks, indexes, first_seq: int = 1) -> None:
 
 def test_sizes_follow_the_ring():
     held = HeldBlocks(FakeRing(block_count=128), RingTable(1), 0)
-    assert (held.retain, held.reserve, held.retain_wait_s) == (16, 16, 0.0005)
+    assert (held.retain, held.reserve, held.retain_wait_s) == (16, 16, 0.005)
     small = HeldBlocks(FakeRing(block_count=4, block_timeout_ms=2), RingTable(1), 0)
-    assert (small.retain, small.reserve, small.retain_wait_s) == (2, 1, 0.0001)
+    assert (small.retain, small.reserve, small.retain_wait_s) == (2, 1, 0.001)
 
 
 def test_nothing_goes_back_before_the_proxy_passed_it_on(held, ring, rings):
