@@ -516,7 +516,7 @@ static PyObject *encode_batch(PyObject *self, PyObject *args) {
     }
     /* the array header right against the first row, the head moved up against it */
     uint8_t header[ARRAY_HEADER_MAX];
-    Out hdr = {header, 0, sizeof header};
+    Out hdr = {header, 0, sizeof header, 1};  /* a stack array: never grown */
     put_array(&hdr, (size_t)rows);
     const size_t gap = ARRAY_HEADER_MAX - hdr.len;
     memcpy(out->buf + head_len + gap, header, hdr.len);
@@ -673,17 +673,26 @@ static int columns_add(const Row *r, Py_ssize_t i, const uint8_t *block,
 }
 
 /* The finished columns of n rows as the msgpack map wire.encode_column makes. */
+/* Column k's values buffer of an n-row batch, in bytes. */
+static size_t column_values_len(int k, Py_ssize_t n) {
+    const ColumnSpec *spec = &COLUMNS[k];
+    if (spec->layout == L_BOOL) return ((size_t)n + 7) / 8;
+    if (spec->layout == L_BINARY || spec->layout == L_LIST) return columns[k].values.len;
+    return (size_t)n * (size_t)spec->width;
+}
+
+/* What columns_put() reserves for column k: its names, bitmap, offsets and values. */
+static size_t column_need(int k, Py_ssize_t n) {
+    return 128 + column_values_len(k, n) + ((size_t)n + 7) / 8 + 4 * ((size_t)n + 1);
+}
+
 /* The most columns_put() writes: the sum of what it reserves, so that a buffer of this
  * size never has to grow. */
 static size_t columns_bound(Py_ssize_t n, int ncols) {
-    size_t bitmap_len = ((size_t)n + 7) / 8, total = 8;
+    size_t total = 8;
     for (int k = 0; k < ncols; k++) {
-        const ColumnSpec *spec = &COLUMNS[k];
-        size_t values_len = spec->layout == L_BOOL ? bitmap_len
-                          : spec->layout == L_BINARY || spec->layout == L_LIST ? columns[k].values.len
-                          : (size_t)n * (size_t)spec->width;
-        total += 128 + values_len + bitmap_len + 4 * ((size_t)n + 1);
-        if (spec->layout == L_DICTIONARY) total += 64 * (size_t)spec->dictionary_len;
+        total += column_need(k, n);
+        if (COLUMNS[k].layout == L_DICTIONARY) total += 64 * (size_t)COLUMNS[k].dictionary_len;
     }
     return total;
 }
@@ -695,11 +704,8 @@ static int columns_put(Out *o, Py_ssize_t n, int ncols) {
     for (int k = 0; k < ncols; k++) {
         const ColumnSpec *spec = &COLUMNS[k];
         Column *c = &columns[k];
-        size_t values_len = spec->layout == L_BOOL ? bitmap_len
-                          : spec->layout == L_BINARY || spec->layout == L_LIST ? c->values.len
-                          : (size_t)n * (size_t)spec->width;
-        size_t need = 128 + values_len + bitmap_len + 4 * ((size_t)n + 1);
-        if (out_reserve(o, need) < 0) return -1;
+        size_t values_len = column_values_len(k, n);
+        if (out_reserve(o, column_need(k, n)) < 0) return -1;
         put_str(o, spec->name);
         int entries = spec->layout == L_BINARY || spec->layout == L_LIST
                       || spec->layout == L_DICTIONARY ? 4 : 3;
