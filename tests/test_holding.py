@@ -6,6 +6,7 @@ import os
 
 import pytest
 import zmq
+from fakes import FakeClock
 
 from fanoutd.config import CurveConfig
 from fanoutd.holding import HOLD_WAIT_S, RETAIN_S, HeldBlocks
@@ -27,14 +28,6 @@ class FakeRing:
         self.released.append(index)
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def ring():
     return FakeRing()
@@ -49,7 +42,7 @@ def rings():
 
 @pytest.fixture
 def clock():
-    return Clock()
+    return FakeClock()
 
 
 @pytest.fixture

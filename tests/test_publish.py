@@ -6,6 +6,7 @@ import os
 
 import pytest
 import zmq
+from fakes import FakeClock
 
 from fanoutd.config import CurveConfig
 from fanoutd.publish import (
@@ -25,14 +26,6 @@ from fanoutd.slotstats import ProxyStats, RingTable
 from fanoutd.wire import BATCH_OVERHEAD
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def warnings(caplog):
     caplog.set_level(logging.WARNING, logger="fanoutd.proxy")
@@ -40,7 +33,7 @@ def warnings(caplog):
 
 
 def test_one_warning_per_refused_client(warnings):
-    clock = Clock()
+    clock = FakeClock()
     refusals = RefusalLog(burst=10, period_s=60, repeat_s=3600, clock=clock)
     for _ in range(5):  # a client that keeps retrying
         refusals.refused("10.0.0.5", "KEY-A", "its key is not in /etc/clients")
@@ -57,7 +50,7 @@ def test_one_warning_per_refused_client(warnings):
 
 
 def test_a_flood_of_refusals_is_rate_limited(warnings):
-    clock = Clock()
+    clock = FakeClock()
     refusals = RefusalLog(burst=3, period_s=60, clock=clock)
     for i in range(100):  # 100 different clients within a second
         refusals.refused(f"10.0.1.{i}", f"KEY-{i}", "not admitted")
@@ -71,7 +64,7 @@ def test_a_flood_of_refusals_is_rate_limited(warnings):
 
 
 def test_the_memory_of_warned_clients_is_bounded():
-    refusals = RefusalLog(burst=10**6, clock=Clock())
+    refusals = RefusalLog(burst=10**6, clock=FakeClock())
     for i in range(5000):
         refusals.refused("10.0.0.1", f"KEY-{i}", "not admitted")
     assert len(refusals._warned) <= 4096
