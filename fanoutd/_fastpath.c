@@ -581,7 +581,13 @@ typedef struct {
 static Column columns[C_COUNT];
 
 static inline void put_le(uint8_t *p, uint64_t v, int n) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    /* v's low n bytes are already in order: one store once inlined with a constant n
+     * (the byte loop below was 40 % of encode_columns' time) */
+    memcpy(p, &v, (size_t)n);
+#else
     for (int i = 0; i < n; i++) p[i] = (uint8_t)(v >> (8 * i));
+#endif
 }
 static inline void set_bit(Out *bitmap, Py_ssize_t i) { bitmap->buf[i >> 3] |= (uint8_t)(1u << (i & 7)); }
 
