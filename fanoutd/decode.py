@@ -37,6 +37,16 @@ from fanoutd.wire import FIELDS, TS_SOURCES
     ICMP_CODE,
     FRAG,
     ERR,
+    TUNNEL,
+    TUNNEL_ID,
+    INNER_ETH_DST,
+    INNER_ETH_SRC,
+    INNER_SRC,
+    INNER_DST,
+    INNER_PROTO,
+    INNER_SPORT,
+    INNER_DPORT,
+    INNER_TCP_FLAGS,
 ) = range(len(FIELDS))
 
 # Who stamped the packet (tp_status): the NIC, the kernel on receive, or the packet socket
@@ -53,6 +63,21 @@ VLAN_TAG_LEN = 4
 # SNAP OUIs whose protocol id is an ethertype: RFC 1042 and 802.1H bridge-tunnel.
 SNAP_ETHERTYPE_OUIS = frozenset((b"\x00\x00\x00", b"\x00\x00\xf8"))
 
+ETH_P_PPP_SES = 0x8864  # PPPoE session stage (0x8863, discovery, carries no packets)
+ETH_P_MPLS_UC, ETH_P_MPLS_MC = 0x8847, 0x8848
+ETH_P_TEB = 0x6558  # transparent Ethernet bridging: GRE (NVGRE) and Geneve carrying Ethernet
+ETH_P_ERSPAN = 0x88BE  # ERSPAN type I (no GRE sequence number) and II, over GRE
+PPP_IP, PPP_IPV6 = 0x0021, 0x0057
+GRE_CSUM, GRE_ROUTING, GRE_KEY, GRE_SEQ = 0x8000, 0x4000, 0x2000, 0x1000
+GRE_VERSION = 0x0007
+UDP_PORT_VXLAN = 4789
+UDP_PORT_GENEVE = 6081
+ERSPAN_II_HEADER = 8
+MAX_TUNNEL_DEPTH = 4  # config tunnel_depth: 0 (outer headers only) .. this
+
+IPPROTO_IPIP = 4
+IPPROTO_IPV6 = 41
+IPPROTO_GRE = 47
 IPPROTO_ICMP = 1
 IPPROTO_TCP = 6
 IPPROTO_UDP = 17
@@ -79,6 +104,11 @@ _IPV6_FRAG = struct.Struct("!BxH")
 _PORTS = struct.Struct("!HH")
 _TCP = struct.Struct("!HH8xBB")  # ports, data offset, flags
 _ICMP = struct.Struct("!BB")
+_PPPOE = struct.Struct("!2xHHH")  # (ver/type, code,) session id, length, PPP protocol
+_MPLS = struct.Struct("!I")
+_GRE = struct.Struct("!HH")  # flags and version, protocol type
+_VXLAN_VNI = struct.Struct("!4xI")  # (flags, reserved,) VNI << 8 | reserved
+_GENEVE = struct.Struct("!BxHI")  # version and option length, (flags,) protocol, VNI << 8
 
 _PORT_PROTOS = {  # protocol -> (minimum header length, reason when shorter)
     IPPROTO_TCP: (20, "truncated-tcp"),
@@ -101,12 +131,14 @@ def decode_frame(
     vlan_tci: int | None = None,
     ts_src: str = TS_FALLBACK,
     payload_bytes: int = 0,
+    tunnel_depth: int = 1,
 ) -> list:
     """Summarise the frame buf[off:off+caplen] into a row in FIELDS order, plus a
     `payload` column (up to payload_bytes bytes) when payload_bytes > 0.
 
     vlan_tci is the tag the kernel stripped into the ring header (TP_STATUS_VLAN_VALID),
     or None. Like libpcap, which puts such a tag back, `len` and `caplen` then count it.
+    tunnel_depth: how many encapsulations to decode through (0: none).
     """
     end = off + caplen
     vlan = []
@@ -115,17 +147,19 @@ def decode_frame(
         caplen += VLAN_TAG_LEN
         wire_len += VLAN_TAG_LEN
     row = [ts_ns, ts_src, wire_len, caplen, ifindex, rxhash, pkttype, None, None, None, vlan,
-           None, None, None, None, None, None, None, None, None, False, None]
-    payload = _frame(buf, off, end, row)
+           None, None, None, None, None, None, None, None, None, False, None,
+           None, None, None, None, None, None, None, None, None, None]
+    payload = _frame(buf, off, end, row, tunnel_depth)
     if payload_bytes:
         row.append(None if payload is None
                    else buf[payload[0]:min(payload[0] + payload_bytes, payload[1])])
     return row
 
 
-def _frame(buf: bytes, off: int, end: int, row: list) -> tuple[int, int] | None:
+def _frame(buf: bytes, off: int, end: int, row: list,
+           depth: int) -> tuple[int, int] | None:
     """Fill the row from the Ethernet header on; return where the payload lies (start,
-    end) or None when decoding stopped before it."""
+    end) or None when decoding stopped before it. depth: tunnels still to decode."""
     if end - off < 14:
         if end - off >= 6:
             row[ETH_DST] = buf[off:off + 6]
@@ -163,15 +197,21 @@ def _frame(buf: bytes, off: int, end: int, row: list) -> tuple[int, int] | None:
 
     row[ETHERTYPE] = ethertype
     if ethertype == ETH_P_IP:
-        return _ipv4(buf, pos, end, row)
+        return _ipv4(buf, pos, end, row, depth)
     if ethertype == ETH_P_IPV6:
-        return _ipv6(buf, pos, end, row)
+        return _ipv6(buf, pos, end, row, depth)
     if ethertype == ETH_P_ARP:
         return _arp(buf, pos, end, row)
+    if depth:
+        if ethertype == ETH_P_PPP_SES:
+            return _pppoe(buf, pos, end, row, depth)
+        if ethertype in (ETH_P_MPLS_UC, ETH_P_MPLS_MC):
+            return _mpls(buf, pos, end, row, depth)
     return pos, end
 
 
-def _ipv4(buf: bytes, pos: int, end: int, row: list) -> tuple[int, int] | None:
+def _ipv4(buf: bytes, pos: int, end: int, row: list,
+          depth: int) -> tuple[int, int] | None:
     if end - pos < 20:
         row[ERR] = "truncated-ipv4"
         return None
@@ -197,10 +237,11 @@ def _ipv4(buf: bytes, pos: int, end: int, row: list) -> tuple[int, int] | None:
         return None
     if frag_offset:  # only the first fragment carries the transport header
         return pos + ihl, end
-    return _transport(buf, pos + ihl, end, proto, row)
+    return _transport(buf, pos + ihl, end, proto, row, depth)
 
 
-def _ipv6(buf: bytes, pos: int, end: int, row: list) -> tuple[int, int] | None:
+def _ipv6(buf: bytes, pos: int, end: int, row: list,
+          depth: int) -> tuple[int, int] | None:
     if end - pos < 40:
         row[ERR] = "truncated-ipv6"
         return None
@@ -241,13 +282,14 @@ def _ipv6(buf: bytes, pos: int, end: int, row: list) -> tuple[int, int] | None:
         else:
             break
     row[PROTO] = nxt
-    return _transport(buf, pos, end, nxt, row)
+    return _transport(buf, pos, end, nxt, row, depth)
 
 
-def _transport(buf: bytes, pos: int, end: int, proto: int,
-               row: list) -> tuple[int, int] | None:
+def _transport(buf: bytes, pos: int, end: int, proto: int, row: list,
+               depth: int) -> tuple[int, int] | None:
     """Ports, flags or ICMP type; returns the payload after the transport header (after
-    the network header for a protocol without one we parse)."""
+    the network header for a protocol without one we parse). With depth left, UDP to the
+    VXLAN or Geneve port, GRE and IP in IP are tunnels: decoded through."""
     avail = end - pos
     if proto in _PORT_PROTOS:
         need, reason = _PORT_PROTOS[proto]
@@ -266,6 +308,11 @@ def _transport(buf: bytes, pos: int, end: int, proto: int,
         if avail < need:
             row[ERR] = reason
             return None
+        if depth and proto == IPPROTO_UDP:
+            if row[DPORT] == UDP_PORT_VXLAN:
+                return _vxlan(buf, pos + 8, end, row, depth)
+            if row[DPORT] == UDP_PORT_GENEVE:
+                return _geneve(buf, pos + 8, end, row, depth)
         return (pos + header, end) if avail >= header else None
     if proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
         if avail >= 2:
@@ -274,6 +321,168 @@ def _transport(buf: bytes, pos: int, end: int, proto: int,
             row[ERR] = "truncated-icmp" if proto == IPPROTO_ICMP else "truncated-icmpv6"
             return None
         return (pos + 8, end) if avail >= 8 else None  # type, code, checksum, 4 more
+    if depth:
+        if proto == IPPROTO_GRE:
+            return _gre(buf, pos, end, row, depth)
+        if proto in (IPPROTO_IPIP, IPPROTO_IPV6):
+            row[TUNNEL] = "ipip"
+            return _inner(buf, pos, end, row, depth, _ipv4 if proto == IPPROTO_IPIP else _ipv6)
+    return pos, end
+
+
+# --- tunnels --------------------------------------------------------------------------------
+# Each sets `tunnel`, and `tunnel_id` once its header is whole, then decodes what it
+# carries into a row of its own (_inner) with one level less to go.
+
+
+def _inner(buf: bytes, pos: int, end: int, row: list, depth: int, decode) -> tuple[int, int] | None:
+    """Decode the packet a tunnel carries (from buf[pos], by `decode`: _frame for
+    Ethernet, _ipv4, _ipv6 or _mpls) and fill the row's inner fields from it: from the
+    packet in the innermost tunnel decoded when it holds one more, else from itself. An
+    error in it is the row's error; its payload is the row's payload."""
+    inner = [None] * len(FIELDS)
+    inner[VLAN] = []
+    payload = decode(buf, pos, end, inner, depth - 1)
+    if inner[TUNNEL] is not None:
+        row[INNER_ETH_DST:] = inner[INNER_ETH_DST:]
+    else:
+        row[INNER_ETH_DST] = inner[ETH_DST]
+        row[INNER_ETH_SRC] = inner[ETH_SRC]
+        row[INNER_SRC] = inner[SRC]
+        row[INNER_DST] = inner[DST]
+        row[INNER_PROTO] = inner[PROTO]
+        row[INNER_SPORT] = inner[SPORT]
+        row[INNER_DPORT] = inner[DPORT]
+        row[INNER_TCP_FLAGS] = inner[TCP_FLAGS]
+    if inner[ERR] is not None:
+        row[ERR] = inner[ERR]
+    return payload
+
+
+def _pppoe(buf: bytes, pos: int, end: int, row: list,
+           depth: int) -> tuple[int, int] | None:
+    """PPPoE session (RFC 2516): a 6-byte header, then PPP's 2-byte protocol."""
+    row[TUNNEL] = "pppoe"
+    if end - pos < 8:
+        row[ERR] = "truncated-pppoe"
+        return None
+    session, length, ppp_proto = _PPPOE.unpack_from(buf, pos)
+    row[TUNNEL_ID] = session
+    if length >= 2:  # the PPP frame's length, protocol included; what follows is padding
+        end = min(end, pos + 6 + length)
+    pos += 8
+    if ppp_proto == PPP_IP:
+        return _inner(buf, pos, end, row, depth, _ipv4)
+    if ppp_proto == PPP_IPV6:
+        return _inner(buf, pos, end, row, depth, _ipv6)
+    return pos, end
+
+
+def _mpls(buf: bytes, pos: int, end: int, row: list,
+          depth: int) -> tuple[int, int] | None:
+    """An MPLS label stack (RFC 3032); tunnel_id is the top label. After the bottom of
+    the stack the first nibble tells IPv4 (4) from IPv6 (6); anything else (0: a
+    pseudowire control word) is not decoded further."""
+    row[TUNNEL] = "mpls"
+    while True:
+        if end - pos < 4:
+            row[ERR] = "truncated-mpls"
+            return None
+        (entry,) = _MPLS.unpack_from(buf, pos)
+        if row[TUNNEL_ID] is None:
+            row[TUNNEL_ID] = entry >> 12
+        pos += 4
+        if entry & 0x100:  # bottom of stack
+            break
+    if end - pos >= 1:
+        version = buf[pos] >> 4
+        if version == 4:
+            return _inner(buf, pos, end, row, depth, _ipv4)
+        if version == 6:
+            return _inner(buf, pos, end, row, depth, _ipv6)
+    return pos, end
+
+
+def _gre(buf: bytes, pos: int, end: int, row: list,
+         depth: int) -> tuple[int, int] | None:
+    """GRE version 0 (RFC 2784/2890): optional checksum, key (tunnel_id) and sequence
+    number; carrying IPv4, IPv6, Ethernet (0x6558: NVGRE), ERSPAN type I or II, or MPLS.
+    Version 1 (PPTP) and source routing are not decoded further."""
+    row[TUNNEL] = "gre"
+    if end - pos < 4:
+        row[ERR] = "truncated-gre"
+        return None
+    flags, ptype = _GRE.unpack_from(buf, pos)
+    if flags & (GRE_VERSION | GRE_ROUTING):
+        return None
+    hlen = 4
+    if flags & GRE_CSUM:
+        hlen += 4
+    key_at = pos + hlen
+    if flags & GRE_KEY:
+        hlen += 4
+    if flags & GRE_SEQ:
+        hlen += 4
+    if end - pos < hlen:
+        row[ERR] = "truncated-gre"
+        return None
+    if flags & GRE_KEY:
+        (row[TUNNEL_ID],) = _MPLS.unpack_from(buf, key_at)
+    pos += hlen
+    if ptype == ETH_P_IP:
+        return _inner(buf, pos, end, row, depth, _ipv4)
+    if ptype == ETH_P_IPV6:
+        return _inner(buf, pos, end, row, depth, _ipv6)
+    if ptype == ETH_P_TEB:
+        return _inner(buf, pos, end, row, depth, _frame)
+    if ptype == ETH_P_ERSPAN:
+        if flags & GRE_SEQ:  # type II: an 8-byte ERSPAN header before the frame
+            if end - pos < ERSPAN_II_HEADER:
+                row[ERR] = "truncated-gre"
+                return None
+            pos += ERSPAN_II_HEADER
+        return _inner(buf, pos, end, row, depth, _frame)
+    if depth > 1 and ptype in (ETH_P_MPLS_UC, ETH_P_MPLS_MC):
+        return _inner(buf, pos, end, row, depth, _mpls)
+    return pos, end
+
+
+def _vxlan(buf: bytes, pos: int, end: int, row: list,
+           depth: int) -> tuple[int, int] | None:
+    """VXLAN (RFC 7348, UDP port 4789): an 8-byte header with the 24-bit VNI, then an
+    Ethernet frame."""
+    row[TUNNEL] = "vxlan"
+    if end - pos < 8:
+        row[ERR] = "truncated-vxlan"
+        return None
+    (vni,) = _VXLAN_VNI.unpack_from(buf, pos)
+    row[TUNNEL_ID] = vni >> 8
+    return _inner(buf, pos + 8, end, row, depth, _frame)
+
+
+def _geneve(buf: bytes, pos: int, end: int, row: list,
+            depth: int) -> tuple[int, int] | None:
+    """Geneve (RFC 8926, UDP port 6081): 8 bytes with the VNI, options, then what its
+    protocol type says (Ethernet, IPv4 or IPv6). Versions other than 0 stop there."""
+    row[TUNNEL] = "geneve"
+    if end - pos < 8:
+        row[ERR] = "truncated-geneve"
+        return None
+    ver_optlen, ptype, vni = _GENEVE.unpack_from(buf, pos)
+    row[TUNNEL_ID] = vni >> 8
+    if ver_optlen >> 6:
+        return None
+    hlen = 8 + (ver_optlen & 0x3F) * 4
+    if end - pos < hlen:
+        row[ERR] = "truncated-geneve"
+        return None
+    pos += hlen
+    if ptype == ETH_P_TEB:
+        return _inner(buf, pos, end, row, depth, _frame)
+    if ptype == ETH_P_IP:
+        return _inner(buf, pos, end, row, depth, _ipv4)
+    if ptype == ETH_P_IPV6:
+        return _inner(buf, pos, end, row, depth, _ipv6)
     return pos, end
 
 
@@ -301,7 +510,7 @@ def ts_source(status: int) -> str:
 
 
 def decode_block(block: bytes, first_offset: int, num_pkts: int, errors: dict,
-                 payload_bytes: int = 0) -> list:
+                 payload_bytes: int = 0, tunnel_depth: int = 1) -> list:
     """Decode every frame of one TPACKET_V3 block (a copy of its bytes) into rows.
 
     Frames are found by following tp_next_offset from first_offset. errors maps a
@@ -321,7 +530,7 @@ def decode_block(block: bytes, first_offset: int, num_pkts: int, errors: dict,
         snaplen = min(snaplen, max(0, limit - mac_off))
         row = decode_frame(block, mac_off, snaplen, wire_len, sec * 1_000_000_000 + nsec,
                            ifindex, rxhash, pkttype, tci if status & vlan_valid else None,
-                           ts_source(status), payload_bytes)
+                           ts_source(status), payload_bytes, tunnel_depth)
         err = row[ERR]
         if err is not None:
             errors[err] = errors.get(err, 0) + 1

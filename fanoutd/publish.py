@@ -41,7 +41,7 @@ from fanoutd import __version__, exits, privileges, wire
 from fanoutd.config import MAX_WORKERS, CurveConfig
 from fanoutd.proctitle import set_process_name
 from fanoutd.slotstats import ProxyStats, RingTable, StatsTable, publisher_report, worker_reports
-from fanoutd.wire import BATCH_OVERHEAD, BATCH_TOPIC_PREFIX, HELLO, STATS_TOPIC, batch_topic
+from fanoutd.wire import BATCH_TOPIC_PREFIX, HELLO, STATS_TOPIC, batch_topic, max_batch_bytes
 
 ENVELOPE = struct.Struct("<HQ")  # ring id, kernel block seq: worker -> proxy only
 
@@ -411,9 +411,10 @@ class ProxyPlan:
 
 def subscriber_hwm(queue_bytes: int, block_size: int, sndhwm: int) -> int:
     """A subscriber's queue in messages, from its budget in bytes: what fits of the
-    largest message the proxy sends (a batch is never larger than its ring block plus
-    wire.BATCH_OVERHEAD, tests/test_wire.py), and at most sndhwm (0: no such cap)."""
-    fitting = max(1, queue_bytes // (block_size + BATCH_OVERHEAD + MESSAGE_OVERHEAD))
+    largest message the proxy sends (a batch is never larger than
+    wire.max_batch_bytes(its ring block), tests/test_wire.py), and at most sndhwm (0: no
+    such cap)."""
+    fitting = max(1, queue_bytes // (max_batch_bytes(block_size) + MESSAGE_OVERHEAD))
     return min(fitting, sndhwm) if sndhwm else fitting
 
 

@@ -48,12 +48,18 @@ def stats_message(iface: str, workers: list[dict[str, Any]], version: str,
     return body
 
 
-# A batch is never larger than its ring block plus this (tests/test_wire.py fills blocks
-# with the frames that encode largest): each frame takes at least 96 bytes of its block
-# (header and alignment) and every row, payload included, encodes in fewer bytes than its
-# frame takes in the block; this covers the batch's header. Subscriber queues are sized
-# by it (publish.subscriber_queue_bytes).
+# A batch is never larger than max_batch_bytes(its ring block) (tests/test_wire.py fills
+# blocks with the frames that encode largest): each frame takes at least 96 bytes of its
+# block (header and alignment) and every row, payload included, encodes in at most 17/16
+# of what its frame takes in the block (a version 1 row of a frame cut after 14 bytes
+# comes closest, with its nil tunnel fields); BATCH_OVERHEAD covers the batch's header.
+# Subscriber queues are sized by it (publish.subscriber_queue_bytes).
 BATCH_OVERHEAD = 4096
+
+
+def max_batch_bytes(block_size: int) -> int:
+    """The most bytes a batch of one ring block of block_size bytes encodes in."""
+    return block_size + block_size // 16 + BATCH_OVERHEAD
 
 
 def batch_topic(iface: str, worker: int) -> bytes:
@@ -83,7 +89,16 @@ ERROR_REASONS = (
     "truncated-dccp",
     "truncated-icmp",
     "truncated-icmpv6",
+    # Tunnel headers (added later, so appended: codes stay stable). An inner header that
+    # is cut short gives the same reason as the outer one would, with `tunnel` set.
+    "truncated-pppoe",
+    "truncated-mpls",
+    "truncated-gre",
+    "truncated-vxlan",
+    "truncated-geneve",
 )
+# The encapsulations decoded through (the `tunnel` field); the order is the dictionary's.
+TUNNELS = ("pppoe", "mpls", "gre", "vxlan", "geneve", "ipip")
 
 
 @dataclass(frozen=True)
@@ -103,6 +118,9 @@ class Field:
     fmt: str = ""  # struct format of one value (fixed and list layouts)
     width: int = 0  # bytes per value (fixed_binary)
     dictionary: tuple[str, ...] = ()
+    # Version 2 leaves the column out of a batch in which it is nil in every row (the
+    # tunnel fields: most traffic has none); a reader takes an absent column as all nil.
+    optional: bool = False
 
 
 FIELD_TABLE = (
@@ -128,7 +146,23 @@ FIELD_TABLE = (
     Field("icmp_code", "uint8", "fixed", True, fmt="B"),
     Field("frag", "bool", "bool", False),
     Field("err", "dictionary<int8, utf8>", "dictionary", True, dictionary=ERROR_REASONS),
+    # What a tunnel carries (docs/wire-format.md, "Tunnels"): set only for a frame that
+    # went through one, and then the fields above still describe the outer packet.
+    Field("tunnel", "dictionary<int8, utf8>", "dictionary", True, dictionary=TUNNELS,
+          optional=True),
+    Field("tunnel_id", "uint32", "fixed", True, fmt="I", optional=True),
+    Field("inner_eth_dst", "fixed_size_binary[6]", "fixed_binary", True, width=6,
+          optional=True),
+    Field("inner_eth_src", "fixed_size_binary[6]", "fixed_binary", True, width=6,
+          optional=True),
+    Field("inner_src", "binary", "binary", True, optional=True),
+    Field("inner_dst", "binary", "binary", True, optional=True),
+    Field("inner_proto", "uint8", "fixed", True, fmt="B", optional=True),
+    Field("inner_sport", "uint16", "fixed", True, fmt="H", optional=True),
+    Field("inner_dport", "uint16", "fixed", True, fmt="H", optional=True),
+    Field("inner_tcp_flags", "uint16", "fixed", True, fmt="H", optional=True),
 )
+TUNNEL_FIELDS = tuple(f.name for f in FIELD_TABLE if f.optional)
 # With payload_bytes > 0, rows end with one more field.
 PAYLOAD = Field("payload", "binary", "binary", True)
 
@@ -178,10 +212,12 @@ LEN_MAX = 0xFFFFFFFF  # len and caplen are uint32 columns; no real frame comes n
 
 def columns_body(prefix: bytes, seq: int, rows: list[list], payload_bytes: int) -> bytes:
     """A version 2 batch made of decoded rows (decode.decode_block): prefix, seq, n, then
-    one column per field, in field order."""
+    one column per field, in field order, but for optional fields nil in every row."""
     columns = {}
     for i, f in enumerate(fields_for(payload_bytes)):
         values = [row[i] for row in rows]
+        if f.optional and all(v is None for v in values):
+            continue
         if f.name in ("len", "caplen"):
             values = [min(v, LEN_MAX) for v in values]
         columns[f.name] = encode_column(f, values)

@@ -243,6 +243,57 @@ def arp_frame(op: int, spa: str, tpa: str, eth_src: bytes = MAC_A,
     return eth(eth_dst, eth_src, 0x0806, arp(op, eth_src, spa, tha, tpa))
 
 
+# Tunnels (decode.py's "tunnels" section, docs/wire-format.md "Tunnels").
+
+
+def pppoe(session: int, ppp_proto: int, payload: bytes, length: int | None = None) -> bytes:
+    """A PPPoE session header (ver 1, type 1, code 0) and PPP protocol, then payload;
+    length (the PPPoE payload length: protocol and payload) as given or true."""
+    body = struct.pack("!H", ppp_proto) + payload
+    return struct.pack("!BBHH", 0x11, 0, session, len(body) if length is None else length) + body
+
+
+def mpls(labels: list[int], payload: bytes, ttl: int = 64) -> bytes:
+    """An MPLS label stack, outermost first; the last entry has the bottom-of-stack bit."""
+    return b"".join(struct.pack("!I", label << 12 | (i == len(labels) - 1) << 8 | ttl)
+                    for i, label in enumerate(labels)) + payload
+
+
+def gre(ptype: int, payload: bytes, key: int | None = None, csum: bool = False,
+        seq: int | None = None, version: int = 0) -> bytes:
+    """A GRE header with the optional fields asked for (RFC 2784/2890)."""
+    flags = (0x8000 if csum else 0) | (0x2000 if key is not None else 0) | (
+        0x1000 if seq is not None else 0) | version
+    out = struct.pack("!HH", flags, ptype)
+    if csum:
+        out += b"\xbe\xef\x00\x00"
+    if key is not None:
+        out += struct.pack("!I", key)
+    if seq is not None:
+        out += struct.pack("!I", seq)
+    return out + payload
+
+
+def vxlan(vni: int, inner: bytes, flags: int = 0x08) -> bytes:
+    """A VXLAN header (the I flag set by default) and the inner Ethernet frame."""
+    return struct.pack("!B3xI", flags, vni << 8) + inner
+
+
+def geneve(vni: int, inner: bytes, ptype: int = 0x6558, options: bytes = b"",
+           version: int = 0) -> bytes:
+    """A Geneve header with options (a multiple of 4 bytes) and what it carries."""
+    assert len(options) % 4 == 0
+    return struct.pack("!BBHI", version << 6 | len(options) // 4, 0, ptype,
+                       vni << 8) + options + inner
+
+
+def vxlan_frame(vni: int, inner: bytes, outer_src: str = "192.0.2.1",
+                outer_dst: str = "192.0.2.2", sport: int = 49152) -> bytes:
+    """Ethernet/IPv4/UDP to port 4789/VXLAN around an inner Ethernet frame."""
+    return eth(MAC_B, MAC_A, 0x0800, ipv4(outer_src, outer_dst, 17,
+                                          udp(sport, 4789, vxlan(vni, inner))))
+
+
 # One frame down every path of the decoder: each protocol, option, fragment, tag and
 # 802.3 form it knows, and some it does not. The C encoder, the wire format and the client
 # are checked against decode.py on all of it (and on every truncation of each).
@@ -275,3 +326,44 @@ CORPUS = [
     eth(MAC_B, MAC_A, 0x88CC, b"lldp"),
     bytes(20),
 ]
+
+_INNER_TCP4 = ipv4("10.0.0.1", "10.0.0.2", 6, tcp(443, 51000, 0x18, b"data"))
+_INNER_UDP6 = ipv6("2001:db8::a", "2001:db8::b", 17, udp(5353, 5353, b"mdns"))
+_INNER_ETH = eth(MAC_A, MAC_B, 0x0800, ipv4("10.1.0.1", "10.1.0.2", 17, udp(53, 1053, b"q")))
+# One frame through each encapsulation decode.py knows, each path through its header.
+TUNNEL_CORPUS = [
+    eth(MAC_B, MAC_A, 0x8864, pppoe(0x1234, 0x0021, _INNER_TCP4)),
+    eth(MAC_B, MAC_A, 0x8864, pppoe(7, 0x0057, _INNER_UDP6) + bytes(6)),  # padded
+    eth(MAC_B, MAC_A, 0x8864, pppoe(7, 0xC021, b"\x01\x01\x00\x04")),  # LCP
+    eth(MAC_B, MAC_A, 0x8863, b"\x11\x09\x00\x00\x00\x00"),  # discovery: no tunnel
+    eth(MAC_B, MAC_A, 0x8847, mpls([16, 1000], _INNER_TCP4)),
+    eth(MAC_B, MAC_A, 0x8848, mpls([3], _INNER_UDP6)),
+    eth(MAC_B, MAC_A, 0x8847, mpls([100, 200], b"\x00\x00\x00\x00" + _INNER_ETH)),
+    eth(MAC_B, MAC_A, 0x0800, ipv4("192.0.2.1", "192.0.2.2", 47, gre(0x0800, _INNER_TCP4))),
+    eth(MAC_B, MAC_A, 0x0800, ipv4("192.0.2.1", "192.0.2.2", 47,
+                                   gre(0x86DD, _INNER_UDP6, key=0xDEADBEEF, csum=True, seq=9))),
+    eth(MAC_B, MAC_A, 0x86DD, ipv6("2001:db8::1", "2001:db8::2", 47,
+                                   gre(0x6558, _INNER_ETH, key=5001 << 8))),  # NVGRE
+    eth(MAC_B, MAC_A, 0x0800, ipv4("192.0.2.1", "192.0.2.2", 47,
+                                   gre(0x88BE, bytes(8) + _INNER_ETH, seq=1))),  # ERSPAN II
+    eth(MAC_B, MAC_A, 0x0800, ipv4("192.0.2.1", "192.0.2.2", 47, gre(0x88BE, _INNER_ETH))),
+    eth(MAC_B, MAC_A, 0x0800, ipv4("192.0.2.1", "192.0.2.2", 47,
+                                   gre(0x880B, b"\xff\x03\x00\x21", key=0x00040001, version=1))),
+    eth(MAC_B, MAC_A, 0x0800, ipv4("192.0.2.1", "192.0.2.2", 47,
+                                   gre(0x8847, mpls([20], _INNER_TCP4)))),
+    vxlan_frame(5001, eth(MAC_A, MAC_B, 0x0800, _INNER_TCP4)),
+    vxlan_frame(0xFFFFFF, eth(MAC_A, MAC_B, 0x86DD, _INNER_UDP6, vlans=((0x8100, 5),))),
+    vxlan_frame(1, eth(MAC_A, MAC_B, 0x0800, ipv4("10.0.0.1", "10.0.0.2", 47,
+                                                  gre(0x0800, _INNER_TCP4)))),  # nested
+    eth(MAC_B, MAC_A, 0x0800, ipv4("192.0.2.1", "192.0.2.2", 17, udp(
+        6081 + 1, 6081, geneve(77, _INNER_ETH, options=bytes(8))))),
+    eth(MAC_B, MAC_A, 0x86DD, ipv6("2001:db8::1", "2001:db8::2", 17, udp(
+        1, 6081, geneve(78, _INNER_TCP4, ptype=0x0800)))),
+    eth(MAC_B, MAC_A, 0x0800, ipv4("192.0.2.1", "192.0.2.2", 17, udp(
+        1, 6081, geneve(79, _INNER_ETH, version=1)))),
+    eth(MAC_B, MAC_A, 0x0800, ipv4("192.0.2.1", "192.0.2.2", 4, _INNER_TCP4)),
+    eth(MAC_B, MAC_A, 0x0800, ipv4("192.0.2.1", "192.0.2.2", 41, _INNER_UDP6)),
+    eth(MAC_B, MAC_A, 0x86DD, ipv6("2001:db8::1", "2001:db8::2", 4, _INNER_TCP4)),
+    eth(MAC_B, MAC_A, 0x86DD, ipv6("2001:db8::1", "2001:db8::2", 41, _INNER_UDP6)),
+]
+CORPUS += TUNNEL_CORPUS

@@ -17,6 +17,8 @@ from frames import (
     dccp,
     dot3,
     eth,
+    geneve,
+    gre,
     icmp,
     ip_bytes,
     ipv4,
@@ -25,6 +27,8 @@ from frames import (
     ipv6_ext,
     ipv6_frag,
     llc,
+    mpls,
+    pppoe,
     sctp,
     snap,
     tcp,
@@ -32,13 +36,14 @@ from frames import (
     tpacket3_block,
     udp,
     udp4_frame,
+    vxlan,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fanoutd import _linux
 from fanoutd.decode import as_dict, decode_block, decode_frame
-from fanoutd.wire import ERROR_REASONS, FIELDS, PAYLOAD_FIELD
+from fanoutd.wire import ERROR_REASONS, FIELDS, PAYLOAD_FIELD, TUNNEL_FIELDS
 
 SPEC = Path(__file__).resolve().parent.parent / "docs" / "wire-format.md"
 
@@ -145,6 +150,7 @@ def test_ethernet_ii_udp_full_row():
         "eth_dst": MAC_B, "eth_src": MAC_A, "ethertype": ETH_IP, "vlan": [],
         "src": A4, "dst": B4, "proto": UDP, "ttl": 64, "sport": 1000, "dport": 53,
         "tcp_flags": None, "icmp_type": None, "icmp_code": None, "frag": False, "err": None,
+        **dict.fromkeys(TUNNEL_FIELDS),
     }
 
 
@@ -433,16 +439,18 @@ def test_icmpv6_type_code(icmp_type, code):
     assert pick(decoded(frame), expected) == expected
 
 
-@pytest.mark.parametrize(("version", "proto"), [
-    (4, 47), (4, 50), (4, 51), (4, 89), (4, 4), (4, 41), (4, 255),
-    (6, 47), (6, 50), (6, 59), (6, 89), (6, 4),
+@pytest.mark.parametrize(("version", "proto", "depth"), [
+    (4, 47, 0), (4, 50, 1), (4, 51, 1), (4, 89, 1), (4, 4, 0), (4, 41, 0), (4, 255, 1),
+    (6, 47, 0), (6, 50, 1), (6, 59, 1), (6, 89, 1), (6, 4, 0),
 ])
-def test_other_ip_protocols(version, proto):
+def test_other_ip_protocols(version, proto, depth):
+    """Protocols without ports; GRE and IP in IP too when tunnels are not decoded."""
     payload = udp(1000, 2000, bytes(20))  # would give ports if wrongly read as UDP
     frame = eth4(proto, payload) if version == 4 else eth6(proto, payload)
     expected = {"proto": proto, "sport": None, "dport": None, "tcp_flags": None,
-                "icmp_type": None, "icmp_code": None, "frag": False, "err": None}
-    assert pick(decoded(frame), expected) == expected
+                "icmp_type": None, "icmp_code": None, "frag": False, "err": None,
+                "tunnel": None, "inner_src": None}
+    assert pick(decoded(frame, tunnel_depth=depth), expected) == expected
 
 
 # --- ARP -----------------------------------------------------------------------------------
@@ -608,6 +616,23 @@ ERROR_CASES = [
                  id="icmpv6-3"),
     pytest.param("truncated-icmpv6", eth6_chain((HOPOPTS,), ICMPV6, icmp(1, 4))[:62],
                  {"proto": ICMPV6, "icmp_type": None}, id="icmpv6-0"),
+    # Tunnel headers (tests/test_tunnels.py covers inner headers cut short)
+    pytest.param("truncated-pppoe", eth(MAC_B, MAC_A, 0x8864, pppoe(9, 0x21, bytes(20)))[:21],
+                 {**ETH_FIELDS, "ethertype": 0x8864, "tunnel": "pppoe", "tunnel_id": None},
+                 id="pppoe-7"),
+    pytest.param("truncated-mpls", eth(MAC_B, MAC_A, 0x8847, mpls([16, 17], bytes(20)))[:21],
+                 {**ETH_FIELDS, "tunnel": "mpls", "tunnel_id": 16}, id="mpls-second-label"),
+    pytest.param("truncated-gre", eth4(47, gre(0x0800, bytes(20), key=5))[:34 + 7],
+                 {**IP4_FIELDS, "proto": 47, "tunnel": "gre", "tunnel_id": None},
+                 id="gre-key"),
+    pytest.param("truncated-gre", eth4(47, gre(0x88BE, bytes(20), seq=1))[:34 + 8 + 7],
+                 {**IP4_FIELDS, "tunnel": "gre"}, id="gre-erspan-ii"),
+    pytest.param("truncated-vxlan", eth4(UDP, udp(1, 4789, vxlan(5, bytes(20))))[:34 + 8 + 7],
+                 {**IP4_FIELDS, "dport": 4789, "tunnel": "vxlan", "tunnel_id": None},
+                 id="vxlan-7"),
+    pytest.param("truncated-geneve",
+                 eth4(UDP, udp(1, 6081, geneve(6, bytes(20), options=bytes(8))))[:34 + 8 + 12],
+                 {**IP4_FIELDS, "tunnel": "geneve", "tunnel_id": 6}, id="geneve-options"),
 ]
 
 
@@ -882,8 +907,8 @@ def payload_of(frame: bytes, n: int = 8, cut: int | None = None) -> bytes | None
     pytest.param(eth4(TCP, tcp(1, 2, ACK, b"data", options=bytes(12))), b"data", id="tcp-options"),
     pytest.param(eth4(SCTP, sctp(1, 2) + b"chunkdata"), b"chunkdat", id="sctp"),
     pytest.param(eth4(ICMP, icmp(8, 0, b"\x00\x01\x00\x02ping!")), b"ping!", id="icmp-echo"),
-    pytest.param(eth4(47, b"\x00\x00\x08\x00greinner"), b"\x00\x00\x08\x00grei",
-                 id="gre-after-ip-header"),
+    pytest.param(eth4(89, b"\x00\x00\x08\x00ospfinner"), b"\x00\x00\x08\x00ospf",
+                 id="other-ip-after-ip-header"),
     pytest.param(eth6(UDP, udp(1, 2, b"v6payload")), b"v6payloa", id="ipv6-udp"),
     pytest.param(eth6_chain((HOPOPTS, DSTOPTS), UDP, udp(1, 2, b"behind ext")), b"behind e",
                  id="ipv6-ext-udp"),

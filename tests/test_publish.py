@@ -23,7 +23,7 @@ from fanoutd.publish import (
     subscription_topics,
 )
 from fanoutd.slotstats import ProxyStats, RingTable
-from fanoutd.wire import BATCH_OVERHEAD
+from fanoutd.wire import max_batch_bytes
 
 
 @pytest.fixture
@@ -215,7 +215,7 @@ def test_after_a_restart_the_proxy_catches_up_for_the_grace_period():
 
 def test_subscriber_queues_follow_their_byte_budget():
     block = 1 << 19
-    per_message = block + BATCH_OVERHEAD + MESSAGE_OVERHEAD
+    per_message = max_batch_bytes(block) + MESSAGE_OVERHEAD
     assert subscriber_hwm(32 << 20, block, 0) == (32 << 20) // per_message
     assert subscriber_hwm(32 << 20, block, 10) == 10  # sndhwm caps it
     assert subscriber_hwm(1 << 16, block, 256) == 1  # never 0 (which means no limit)

@@ -7,7 +7,7 @@ from pathlib import Path
 import frames as F
 import msgpack
 import pytest
-from frames import CORPUS, RingFrame, tpacket3_block, udp4_frame
+from frames import CORPUS, TUNNEL_CORPUS, RingFrame, tpacket3_block, udp4_frame
 
 from fanoutd import wire
 from fanoutd.config import SENSOR_MAX
@@ -40,9 +40,25 @@ def test_columns_hold_the_rows():
         n = batch["n"]
         assert n == len(rows)
         names = [f.name for f in wire.fields_for(PAYLOAD)]
-        assert list(batch["columns"]) == names
+        present = [f.name for i, f in enumerate(wire.fields_for(PAYLOAD))
+                   if not f.optional or any(r[i] is not None for r in rows)]
+        assert list(batch["columns"]) == present  # an optional column only when not all nil
         for i, name in enumerate(names):
-            assert wire.decode_column(batch["columns"][name], n) == [r[i] for r in rows], name
+            if name in present:
+                column = wire.decode_column(batch["columns"][name], n)
+            else:
+                column = [None] * n
+            assert column == [r[i] for r in rows], name
+
+
+def test_tunnel_columns_come_only_with_a_tunnelled_row():
+    plain, _ = columns_and_rows([RingFrame(udp4_frame())], 0)
+    assert not set(wire.TUNNEL_FIELDS) & set(plain["columns"])
+    # PPPoE carries IP, not Ethernet: no inner MACs, so no columns for them
+    mixed, rows = columns_and_rows([RingFrame(udp4_frame()), RingFrame(TUNNEL_CORPUS[0])], 0)
+    assert set(wire.TUNNEL_FIELDS) & set(mixed["columns"]) == set(wire.TUNNEL_FIELDS) - {
+        "inner_eth_dst", "inner_eth_src"}
+    assert wire.decode_column(mixed["columns"]["tunnel"], 2) == [None, "pppoe"]
 
 
 def test_batch_keys():
@@ -87,6 +103,9 @@ def test_columns_are_arrow_arrays():
         batch, rows = columns_and_rows(frames)
         n = batch["n"]
         for i, f in enumerate(wire.fields_for(PAYLOAD)):
+            if f.name not in batch["columns"]:
+                assert f.optional and all(r[i] is None for r in rows), f.name
+                continue
             col = batch["columns"][f.name]
             validity = None if col["validity"] is None else pa.py_buffer(col["validity"])
             values = pa.py_buffer(col["values"])
@@ -186,7 +205,7 @@ LARGE_ROWS = [
 def test_a_batch_is_never_larger_than_its_block_plus_the_overhead(version, payload_bytes):
     """Subscriber queues are sized in bytes by this bound (publish.subscriber_queue_bytes):
     a block packed with any one kind of frame, with every ring-header value at its widest,
-    encodes in at most BLOCK + BATCH_OVERHEAD bytes."""
+    encodes in at most wire.max_batch_bytes(BLOCK) bytes."""
     encode = encode_rows_py if version == wire.ROWS_VERSION else encode_columns_py
     fields = tuple(f.name for f in wire.fields_for(payload_bytes))
     prefix = wire.batch_prefix(version, "x" * 15, 255, 2**64 - 1, fields,
@@ -200,4 +219,4 @@ def test_a_batch_is_never_larger_than_its_block_plus_the_overhead(version, paylo
             block, first, num = tpacket3_block(frames, tail=0)
             assert len(block) <= BLOCK
             body, _, _ = encode(block, first, num, payload_bytes, {}, prefix, 2**64 - 1)
-            assert len(body) <= BLOCK + wire.BATCH_OVERHEAD, (frame.hex(), tci)
+            assert len(body) <= wire.max_batch_bytes(BLOCK), (frame.hex(), tci)
