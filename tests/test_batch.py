@@ -7,10 +7,10 @@ import pytest
 from frames import CORPUS, TUNNEL_CORPUS, RingFrame, tpacket3_block, udp4_frame
 
 from fanoutd import batch as batch_module
-from fanoutd import wire
+from fanoutd import encoder, wire
 from fanoutd.batch import Batch
 from fanoutd.decode import decode_block
-from fanoutd.encoder import encode_columns_py, encode_rows_py
+from fanoutd.encoder import BlockEncoder, encode_columns_py, encode_rows_py
 
 np = pytest.importorskip("numpy")
 pa = pytest.importorskip("pyarrow")
@@ -207,6 +207,32 @@ def test_null_columns_refuse_a_hostile_row_count(arrow_path):
         hostile.to_arrow()
     with pytest.raises(ValueError, match="more rows than its columns hold"):
         hostile.column("tunnel")
+
+
+NESTED = TUNNEL_CORPUS[16]  # VXLAN around GRE around IPv4/TCP
+
+
+@pytest.mark.parametrize("version", [wire.ROWS_VERSION, wire.COLUMNS_VERSION])
+@pytest.mark.parametrize(("depth", "tunnel", "inner"), [
+    (0, None, (None, None)), (1, "vxlan", (47, None)), (2, "vxlan", (6, 443))])
+def test_block_encoder_decodes_to_its_tunnel_depth(monkeypatch, version, depth, tunnel,
+                                                   inner):
+    """BlockEncoder(tunnel_depth=N), as a worker makes it (config tunnel_depth), through
+    the Python encoders (the C one learns the argument on its own branch)."""
+    monkeypatch.setattr(encoder, "ENCODERS", {wire.ROWS_VERSION: encode_rows_py,
+                                              wire.COLUMNS_VERSION: encode_columns_py})
+    enc = BlockEncoder(version, "eth0", 0, 1, 0, "s", tunnel_depth=depth)
+    assert enc.tunnel_depth == depth
+    block, first, num = tpacket3_block([RingFrame(udp4_frame()), RingFrame(NESTED)])
+    body, n, _ = enc.encode(block, first, num, {}, 0)
+    got = Batch.from_message(b"pkt.eth0.0", body)
+    assert n == got.n == 2
+    recs = list(got.records())
+    assert [r.tunnel for r in recs] == [None, tunnel]
+    assert (recs[1].inner_proto, recs[1].inner_sport) == inner
+    assert recs[1].proto == 17 and recs[1].dport == 4789  # the outer packet, always
+    if version == wire.COLUMNS_VERSION:
+        assert ("tunnel" in got.raw_columns) == (depth > 0)
 
 
 def test_a_message_that_is_not_a_batch():
