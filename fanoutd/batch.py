@@ -572,6 +572,23 @@ class Record:
         return format_mac(self.get("eth_dst"))
 
     @property
+    def inner_src_ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+        """The source address of the packet inside a tunnel (None without one)."""
+        return _ip(self.get("inner_src"))
+
+    @property
+    def inner_dst_ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+        return _ip(self.get("inner_dst"))
+
+    @property
+    def inner_eth_src_mac(self) -> str | None:
+        return format_mac(self.get("inner_eth_src"))
+
+    @property
+    def inner_eth_dst_mac(self) -> str | None:
+        return format_mac(self.get("inner_eth_dst"))
+
+    @property
     def time(self) -> datetime | None:
         """Capture time as an aware datetime in UTC (microsecond precision; ts_ns has
         the nanoseconds)."""
@@ -582,6 +599,11 @@ class Record:
     def tcp_flags_text(self) -> str:
         """TCP flags in tcpdump's letters ("S", "S.", "F.", ...); "" when not TCP."""
         return format_tcp_flags(self.get("tcp_flags"))
+
+    @property
+    def inner_tcp_flags_text(self) -> str:
+        """The same of inner_tcp_flags (a TCP packet inside a tunnel)."""
+        return format_tcp_flags(self.get("inner_tcp_flags"))
 
     def as_dict(self, raw: bool = False) -> dict[str, Any]:
         """Every field plus iface, worker, seq and sensor. JSON-ready (MAC and IP addresses
@@ -649,10 +671,10 @@ def format_tcp_flags(flags: int | None) -> str:
 def to_json_ready(pkt: dict[str, Any]) -> dict[str, Any]:
     """A packet dict with addresses as text, for JSON output."""
     out = dict(pkt)
-    for key in ("eth_src", "eth_dst"):
+    for key in ("eth_src", "eth_dst", "inner_eth_src", "inner_eth_dst"):
         if key in out:
             out[key] = format_mac(out[key])
-    for key in ("src", "dst"):
+    for key in ("src", "dst", "inner_src", "inner_dst"):
         if key in out:
             out[key] = format_ip(out[key])
     return {k: (v.hex() if isinstance(v, bytes) else v) for k, v in out.items()}
