@@ -114,6 +114,7 @@ class Batch:
                                             and len(self.fields) == len(self.carried)
                                             else None)
         self._values: dict[str, list] = {}  # column name -> Python values, once read
+        self._rows_checked = False
 
     @classmethod
     def from_message(cls, topic: bytes | str, body: bytes | memoryview | dict,
@@ -182,7 +183,7 @@ class Batch:
     def _check_rows(self) -> None:
         """Before making null columns of n rows: n must be no more than a column it
         carries holds (a hostile n would otherwise take all memory). ValueError if not."""
-        if self.raw_columns is None or not self.n:
+        if self.raw_columns is None or not self.n or self._rows_checked:
             return
         most = 0
         for col in self.raw_columns.values():
@@ -193,6 +194,7 @@ class Batch:
                 continue
         if self.n > most:
             raise ValueError(f"n = {self.n} is more rows than its columns hold")
+        self._rows_checked = True
 
     @property
     def packets(self) -> list[list]:
@@ -409,35 +411,37 @@ def _arrow_type(pa: Any, name: str) -> Any:
     return arrow_type
 
 
-# Zero bytes for the buffers of null columns (_null_column), shared: read-only, and grown
-# when a batch needs more.
-_zeros = bytes(1 << 16)
-
-
-def _zero_buffer(size: int) -> memoryview:
-    global _zeros
-    if len(_zeros) < size:
-        _zeros = bytes(max(size, 2 * len(_zeros)))
-    return memoryview(_zeros)[:size]
+# The version 2 columns of all-null optional fields (_null_column): made once for at least
+# _null_rows rows, over one buffer of zero bytes, and shared by every batch of up to that
+# many rows (a column's buffers may be longer than its rows need).
+_null_columns: dict[str, dict[str, Any]] = {}
+_null_rows = 0
 
 
 def _null_column(f: wire.Field, n: int) -> dict[str, Any]:
-    """A version 2 column of n nulls of field f, as a daemon would send it (validity all
-    0, values 0), over shared zero bytes: no allocation per batch."""
-    bitmap = (n + 7) // 8
-    column: dict[str, Any] = {"type": f.arrow, "validity": _zero_buffer(bitmap)}
-    if f.layout == "fixed":
-        column["values"] = _zero_buffer(n * struct.calcsize(f.fmt))
-    elif f.layout == "bool":
-        column["values"] = _zero_buffer(bitmap)
-    elif f.layout == "fixed_binary":
-        column["values"] = _zero_buffer(n * f.width)
-    elif f.layout in ("binary", "list"):
-        column["offsets"] = _zero_buffer(4 * (n + 1))
-        column["values"] = _zero_buffer(0)
-    else:  # dictionary
-        column["values"] = _zero_buffer(n)
-        column["dictionary"] = list(f.dictionary)
+    """A version 2 column of (at least) n nulls of field f, as a daemon would send it:
+    validity all 0, values 0, every offset 0."""
+    global _null_rows
+    if n > _null_rows:
+        _null_columns.clear()
+        _null_rows = max(n, 2 * _null_rows, 1 << 12)
+    column = _null_columns.get(f.name)
+    if column is None:
+        rows = _null_rows
+        width = {"fixed": struct.calcsize(f.fmt or "B"), "fixed_binary": f.width,
+                 "binary": 4, "list": 4}.get(f.layout, 1)
+        zeros = memoryview(bytes((rows + 1) * width))
+        column = {"type": f.arrow, "validity": zeros[:(rows + 7) // 8]}
+        if f.layout in ("binary", "list"):
+            column["offsets"] = zeros[:4 * (rows + 1)]
+            column["values"] = zeros[:0]
+        elif f.layout == "bool":
+            column["values"] = zeros[:(rows + 7) // 8]
+        else:
+            column["values"] = zeros[:rows * width]
+        if f.layout == "dictionary":
+            column["dictionary"] = list(f.dictionary)
+        _null_columns[f.name] = column
     return column
 
 

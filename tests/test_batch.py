@@ -196,6 +196,21 @@ def test_a_batch_of_an_older_daemon_gets_the_tunnel_fields_in_wire_order():
     assert new.packets is new._rows_sent  # every field there: the rows as sent
 
 
+def test_null_columns_serve_batches_of_any_size(arrow_path):
+    """The shared null columns grow for a batch larger than any before."""
+    small, _, _ = received(wire.COLUMNS_VERSION, PLAIN, 0)
+    n = batch_module._null_rows + 1000
+    block, first, num = tpacket3_block([RingFrame(udp4_frame())] * n)
+    body, _, _ = encode_columns_py(block, first, num, 0, {},
+                                   wire.batch_prefix(2, "eth0", 0, 1), 0)
+    large = Batch.from_message(b"pkt.eth0.0", body)
+    for batch in (small, large, small):
+        table = batch.to_arrow()
+        table.validate(full=True)
+        assert table.num_rows == batch.n and table.column("inner_src").null_count == batch.n
+        assert table.column("tunnel").to_pylist() == [None] * batch.n
+
+
 def test_null_columns_refuse_a_hostile_row_count(arrow_path):
     """n larger than the columns hold: to_arrow() refuses it (ValueError) before it
     makes null columns of that many rows."""
