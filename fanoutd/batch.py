@@ -7,12 +7,19 @@ gives one light `Record` per packet; it reads a field through that field's colum
 is turned into Python values once per batch, when first read. Version 1 batches (rows)
 answer the same calls. numpy, pyarrow and polars are optional (`pip install
 fanoutd[arrow]`): records(), rows() and column() need none of them.
+
+Optional fields (wire.Field.optional: the tunnel fields) are part of every batch as read
+here: a version 2 batch leaves out the column of one that is nil in all its rows, and a
+batch of a daemon older than the field does not have it; either way the field is in
+`fields` and reads as null in every row, through every call (None in records, all-null
+arrays in to_arrow), so that every batch of one daemon has the same fields and schema.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
+import struct
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
@@ -31,6 +38,32 @@ except ImportError:  # not built: msgpack, which copies each bin, and pyarrow pe
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 WIRE_FIELDS = frozenset(wire.FIELD_BY_NAME)  # a Record answers None for one a batch lacks
+OPTIONAL_FIELDS = tuple(f.name for f in wire.FIELD_TABLE if f.optional)
+_WIRE_RANK = {name: i for i, name in enumerate(wire.FIELD_BY_NAME)}  # payload last
+_fields_cache: dict[tuple[str, ...], list[str]] = {}
+
+
+def with_optional_fields(carried: list[str]) -> list[str]:
+    """The fields a batch is read with: the ones it carries, in their order, and every
+    optional field it lacks, each right after the last carried known field that comes
+    before it on the wire (before all of them when none does)."""
+    key = tuple(carried)
+    cached = _fields_cache.get(key)
+    if cached is None:
+        cached = list(carried)
+        for name in OPTIONAL_FIELDS:
+            if name in cached:
+                continue
+            rank = _WIRE_RANK[name]
+            at = 0
+            for i, have in enumerate(cached):
+                if _WIRE_RANK.get(have, rank) < rank:
+                    at = i + 1
+            cached.insert(at, name)
+        if len(_fields_cache) >= 256:  # a hostile stream of field lists: stay bounded
+            _fields_cache.clear()
+        _fields_cache[key] = cached
+    return list(cached)
 
 
 class StreamKey(NamedTuple):
@@ -44,9 +77,11 @@ class StreamKey(NamedTuple):
 class Batch:
     """One published batch: one ring block of one worker.
 
-    `v` is its wire-format version; `fields` its field names, `n` its packet count. For a
-    version 1 batch `packets` are its rows as sent; for version 2 `raw_columns` are its
-    columns as sent (docs/wire-format.md).
+    `v` is its wire-format version; `fields` its field names: those it carries
+    (`carried`, in wire order) and the optional ones it lacks (null in every row, see
+    the module's docstring); `n` its packet count. For version 2 `raw_columns` are its
+    columns as sent (docs/wire-format.md); `packets` are its rows in `fields` order (for
+    version 1, as sent when it carries every field).
     """
 
     def __init__(self, topic: str, iface: str, worker: int, seq: int,
@@ -61,18 +96,25 @@ class Batch:
         self.sensor_name: str | None = None  # the name it carries; None from older daemons
         self.epoch = epoch  # None from daemons older than the field
         self.raw_columns = raw_columns
+        self._rows_sent: list[list] = []
         if raw_columns is not None:
             self.v = wire.COLUMNS_VERSION
-            self.fields = list(raw_columns)
+            self.carried = list(raw_columns)
             self.n = n or 0
-            self._packets: list[list] | None = None
         else:
             self.v = wire.ROWS_VERSION
-            self.fields = list(fields or [])
-            self._packets = list(packets or [])
-            self.n = len(self._packets)
+            self.carried = list(fields or [])
+            self._rows_sent = list(packets or [])
+            self.n = len(self._rows_sent)
+        self.fields = with_optional_fields(self.carried)
         self.index = {name: i for i, name in enumerate(self.fields)}
+        self._position = {name: i for i, name in enumerate(self.carried)}  # in a row sent
+        # Version 1 rows as sent serve as `packets` when they hold every field.
+        self._packets: list[list] | None = (self._rows_sent if raw_columns is None
+                                            and len(self.fields) == len(self.carried)
+                                            else None)
         self._values: dict[str, list] = {}  # column name -> Python values, once read
+        self._rows_checked = False
 
     @classmethod
     def from_message(cls, topic: bytes | str, body: bytes | memoryview | dict,
@@ -116,20 +158,48 @@ class Batch:
     # -- plain Python
 
     def column(self, name: str) -> list[Any]:
-        """One field's values as a Python list (None for a null), read once per batch."""
+        """One field's values as a Python list (None for a null), read once per batch;
+        all None for an optional field the batch lacks. KeyError for a name not in
+        `fields`."""
         values = self._values.get(name)
         if values is None:
-            if self.raw_columns is not None:
+            if self.raw_columns is not None and name in self.raw_columns:
                 values = wire.decode_column(self.raw_columns[name], self.n)
+            elif self.raw_columns is None and name in self._position:
+                i = self._position[name]
+                values = [row[i] if i < len(row) else None for row in self._rows_sent]
+            elif name in self.index:  # an optional field it lacks
+                self._check_rows()
+                values = [None] * self.n
             else:
-                i = self.index[name]
-                values = [row[i] if i < len(row) else None for row in self._packets or ()]
+                raise KeyError(name)
             self._values[name] = values
         return values
 
+    def absent(self, name: str) -> bool:
+        """Whether `name` is an optional field this batch lacks (null in every row)."""
+        return name in self.index and name not in self._position
+
+    def _check_rows(self) -> None:
+        """Before making null columns of n rows: n must be no more than a column it
+        carries holds (a hostile n would otherwise take all memory). ValueError if not."""
+        if self.raw_columns is None or not self.n or self._rows_checked:
+            return
+        most = 0
+        for col in self.raw_columns.values():
+            values = col.get("values") if isinstance(col, dict) else None
+            try:
+                most = max(most, len(values) * 8)  # a bool column: n bits
+            except TypeError:
+                continue
+        if self.n > most:
+            raise ValueError(f"n = {self.n} is more rows than its columns hold")
+        self._rows_checked = True
+
     @property
     def packets(self) -> list[list]:
-        """The rows, in `fields` order (made from the columns for version 2)."""
+        """The rows, in `fields` order (made from the columns for version 2, and for a
+        version 1 batch that lacks an optional field)."""
         if self._packets is None:
             self._packets = [list(r) for r in zip(*(self.column(f) for f in self.fields),
                                                   strict=True)] if self.n else []
@@ -152,19 +222,25 @@ class Batch:
     # -- columnar
 
     def columns(self, masked: bool = False) -> Mapping[str, Any]:
-        """The columns as numpy arrays, made when first looked up (a Mapping).
+        """The columns as numpy arrays, made when first looked up (a Mapping), one for
+        every name in `fields`.
 
         Fixed-width fields are views of the batch's buffers (no copy): a null there reads
         as 0 unless `masked`, which makes numpy masked arrays of the nullable ones.
-        MAC addresses are (n, 6) uint8 views; `ts_src` and `err` arrays of str ("" for a
-        null); `frag` bool; `src`, `dst`, `payload` and `vlan` object arrays of bytes or
-        lists. `valid(name)` is a field's validity (None: no null).
+        MAC addresses are (n, 6) uint8 views; `ts_src`, `err` and `tunnel` arrays of str
+        ("" for a null); `frag` bool; `src`, `dst`, `inner_src`, `inner_dst`, `payload`
+        and `vlan` object arrays of bytes or lists (None for a null). `valid(name)` is a
+        field's validity (None: no null). An optional field the batch lacks is all null
+        in that same way: zeros (all masked when `masked`), "" or None, and
+        `valid(name)` all False.
         """
         return _NumpyColumns(self, masked)
 
     def valid(self, name: str) -> Any:
         """A bool numpy array, True where the field has a value; None when all do."""
         np = _need("numpy")
+        if self.absent(name):
+            return np.zeros(self.n, bool)
         if self.raw_columns is None:
             values = self.column(name)
             return None if None not in values else np.array([v is not None for v in values])
@@ -175,17 +251,26 @@ class Batch:
         return bits[:self.n].astype(bool)
 
     def to_arrow(self) -> Any:
-        """A pyarrow.RecordBatch, one column per field (names as on the wire), wrapping
-        the batch's buffers without copying them (version 2). Fields of a type this
-        library does not know are left out. ValueError when a column's buffers do not
-        hold what its type and the row count say (a damaged or hostile batch)."""
+        """A pyarrow.RecordBatch, one column per name in `fields` (names as on the wire),
+        wrapping the batch's buffers without copying them (version 2). An optional field
+        the batch lacks is an all-null column of its type, so the batches of one daemon
+        have one schema (they concatenate, and `fanoutd save` writes them to one file).
+        Fields of a type this library does not know are left out. ValueError when a
+        column's buffers do not hold what its type and the row count say (a damaged or
+        hostile batch)."""
         pa = _need("pyarrow")
         if self.raw_columns is None:
             return self._rows_to_arrow(pa)
+        columns = self.raw_columns
+        if len(self.fields) != len(self.carried):
+            self._check_rows()
+            columns = {name: columns[name] if name in columns
+                       else _null_column(wire.FIELD_BY_NAME[name], self.n)
+                       for name in self.fields}
         if arrow_capsules is not None:  # one C call: the Arrow C data interface
-            return pa.record_batch(_ArrowExport(arrow_capsules(self.raw_columns, self.n)))
+            return pa.record_batch(_ArrowExport(arrow_capsules(columns, self.n)))
         arrays, names = [], []
-        for name, col in self.raw_columns.items():
+        for name, col in columns.items():
             try:
                 array = _arrow_array(pa, col, self.n)
                 if array is not None:  # from the network: check it all, as the C path does
@@ -246,10 +331,13 @@ class _NumpyColumns(Mapping):
 def _numpy_column(batch: Batch, name: str, masked: bool) -> Any:
     np = _need("numpy")
     n = batch.n
-    col = batch.raw_columns[name] if batch.raw_columns is not None else None
+    col = None if batch.raw_columns is None else batch.raw_columns.get(name)
     arrow = col["type"] if col is not None else getattr(wire.FIELD_BY_NAME.get(name),
                                                          "arrow", "")
-    if col is None:  # version 1: from the Python values
+    if col is None and batch.absent(name) and arrow in wire.ARROW_FORMATS:
+        batch._check_rows()
+        array = np.zeros(n, np.dtype(wire.ARROW_FORMATS[arrow]))
+    elif col is None:  # version 1, or an optional field it lacks: from the Python values
         values = batch.column(name)
         fmt = wire.ARROW_FORMATS.get(arrow)
         if fmt is not None:
@@ -298,7 +386,9 @@ _ARROW_TYPES = {
     "timestamp[ns, UTC]": lambda pa: pa.timestamp("ns", tz="UTC"),
     "bool": lambda pa: pa.bool_(), "binary": lambda pa: pa.binary(),
     "fixed_size_binary[6]": lambda pa: pa.binary(6),
-    "list<uint16>": lambda pa: pa.list_(pa.uint16()),
+    # items never null: as _fastpath.arrow_capsules exports lists, so both paths and
+    # version 1 batches make one schema
+    "list<uint16>": lambda pa: pa.list_(pa.field("item", pa.uint16(), nullable=False)),
     "dictionary<int8, utf8>": lambda pa: pa.dictionary(pa.int8(), pa.utf8()),
 }
 
@@ -319,6 +409,40 @@ def _arrow_type(pa: Any, name: str) -> Any:
             return None
         _arrow_type_cache[name] = arrow_type
     return arrow_type
+
+
+# The version 2 columns of all-null optional fields (_null_column): made once for at least
+# _null_rows rows, over one buffer of zero bytes, and shared by every batch of up to that
+# many rows (a column's buffers may be longer than its rows need).
+_null_columns: dict[str, dict[str, Any]] = {}
+_null_rows = 0
+
+
+def _null_column(f: wire.Field, n: int) -> dict[str, Any]:
+    """A version 2 column of (at least) n nulls of field f, as a daemon would send it:
+    validity all 0, values 0, every offset 0."""
+    global _null_rows
+    if n > _null_rows:
+        _null_columns.clear()
+        _null_rows = max(n, 2 * _null_rows, 1 << 12)
+    column = _null_columns.get(f.name)
+    if column is None:
+        rows = _null_rows
+        width = {"fixed": struct.calcsize(f.fmt or "B"), "fixed_binary": f.width,
+                 "binary": 4, "list": 4}.get(f.layout, 1)
+        zeros = memoryview(bytes((rows + 1) * width))
+        column = {"type": f.arrow, "validity": zeros[:(rows + 7) // 8]}
+        if f.layout in ("binary", "list"):
+            column["offsets"] = zeros[:4 * (rows + 1)]
+            column["values"] = zeros[:0]
+        elif f.layout == "bool":
+            column["values"] = zeros[:(rows + 7) // 8]
+        else:
+            column["values"] = zeros[:rows * width]
+        if f.layout == "dictionary":
+            column["dictionary"] = list(f.dictionary)
+        _null_columns[f.name] = column
+    return column
 
 
 def _arrow_array(pa: Any, col: dict, n: int) -> Any:
@@ -429,7 +553,8 @@ class Record:
 
     @property
     def fields(self) -> list[str]:
-        """The wire field names of this record, in wire order."""
+        """The wire field names of this record, in wire order: its batch's `fields`
+        (with the optional ones it lacks, which are None)."""
         return self._batch.fields
 
     # -- conversions
@@ -451,6 +576,23 @@ class Record:
         return format_mac(self.get("eth_dst"))
 
     @property
+    def inner_src_ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+        """The source address of the packet inside a tunnel (None without one)."""
+        return _ip(self.get("inner_src"))
+
+    @property
+    def inner_dst_ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+        return _ip(self.get("inner_dst"))
+
+    @property
+    def inner_eth_src_mac(self) -> str | None:
+        return format_mac(self.get("inner_eth_src"))
+
+    @property
+    def inner_eth_dst_mac(self) -> str | None:
+        return format_mac(self.get("inner_eth_dst"))
+
+    @property
     def time(self) -> datetime | None:
         """Capture time as an aware datetime in UTC (microsecond precision; ts_ns has
         the nanoseconds)."""
@@ -461,6 +603,11 @@ class Record:
     def tcp_flags_text(self) -> str:
         """TCP flags in tcpdump's letters ("S", "S.", "F.", ...); "" when not TCP."""
         return format_tcp_flags(self.get("tcp_flags"))
+
+    @property
+    def inner_tcp_flags_text(self) -> str:
+        """The same of inner_tcp_flags (a TCP packet inside a tunnel)."""
+        return format_tcp_flags(self.get("inner_tcp_flags"))
 
     def as_dict(self, raw: bool = False) -> dict[str, Any]:
         """Every field plus iface, worker, seq and sensor. JSON-ready (MAC and IP addresses
@@ -528,10 +675,10 @@ def format_tcp_flags(flags: int | None) -> str:
 def to_json_ready(pkt: dict[str, Any]) -> dict[str, Any]:
     """A packet dict with addresses as text, for JSON output."""
     out = dict(pkt)
-    for key in ("eth_src", "eth_dst"):
+    for key in ("eth_src", "eth_dst", "inner_eth_src", "inner_eth_dst"):
         if key in out:
             out[key] = format_mac(out[key])
-    for key in ("src", "dst"):
+    for key in ("src", "dst", "inner_src", "inner_dst"):
         if key in out:
             out[key] = format_ip(out[key])
     return {k: (v.hex() if isinstance(v, bytes) else v) for k, v in out.items()}

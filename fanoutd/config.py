@@ -104,6 +104,7 @@ class CaptureConfig:
     filter: str = ""  # tcpdump syntax; "" captures everything
     promisc: bool = True
     payload_bytes: int = 0
+    tunnel_depth: int = 1  # encapsulations decoded through (decode.MAX_TUNNEL_DEPTH at most)
     timestamp: str = "software"
     fanout: FanoutConfig = field(default_factory=FanoutConfig)
     ring: RingConfig = field(default_factory=RingConfig)

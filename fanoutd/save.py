@@ -5,7 +5,8 @@ are not copied on the way), with the batch's sensor, iface, worker, epoch and se
 columns. A file is written as NAME.parquet.part and renamed to NAME.parquet once closed,
 so a reader globbing *.parquet never opens a file being written. A new file starts when
 the current one holds --rotate-rows rows or is --rotate-seconds old, and whenever the
-batches' fields change (a reload that turned payload bytes on, a newer daemon).
+batches' fields change (a reload that turned payload bytes on, a newer daemon); not
+with tunnels: to_arrow() has the tunnel columns, all null, in a batch without any.
 Needs pyarrow (pip install 'fanoutd[arrow]').
 """
 

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from fanoutd import fanout
+from fanoutd.decode import MAX_TUNNEL_DEPTH
 from fanoutd.wire import FORMATS
 
 # The keys of one interface's capture: at the top level of the file they are the defaults
 # of every `interfaces` entry; once loaded, only the entries hold them.
-CAPTURE_KEYS = ("interface", "workers", "filter", "promisc", "payload_bytes", "timestamp",
-                "fanout", "ring")
+CAPTURE_KEYS = ("interface", "workers", "filter", "promisc", "payload_bytes", "tunnel_depth",
+                "timestamp", "fanout", "ring")
 TIMESTAMP_SOURCES = ("software", "hardware")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_HWM = 2**31 - 1  # ZeroMQ takes its high-water marks as a C int
@@ -88,6 +89,10 @@ SETTINGS = (
     Setting("payload_bytes", "add a `payload` field with the first N bytes after the "
             "headers", flag="--payload-bytes", metavar="N", low=0, high=65535,
             low_text="0 (off)", default_text=": off"),
+    Setting("tunnel_depth", "decode through N nested tunnels (PPPoE, MPLS, GRE, VXLAN, "
+            "Geneve, IP in IP) into the tunnel and inner_* fields; 0: none",
+            flag="--tunnel-depth", metavar="N", low=0, high=MAX_TUNNEL_DEPTH,
+            low_text="0 (none)"),
     Setting("timestamp", "software or hardware", flag="--timestamp", metavar="SOURCE",
             choices=TIMESTAMP_SOURCES),
     Setting("workers", "worker processes (or auto)", flag="--workers", metavar="N", low=1,

@@ -242,7 +242,7 @@ class Supervisor:
                                      self.backend, self.cfg.publish.sndhwm, self.cfg.user,
                                      cfg.payload_bytes, name,
                                      wire.FORMATS[self.cfg.publish.format], epoch, drain,
-                                     self.cfg.sensor or "")
+                                     self.cfg.sensor or "", tunnel_depth=cfg.tunnel_depth)
             return worker.run_worker(index, sock, stats, self.rings, self.proxy_stats, plan)
 
         return main

@@ -13,11 +13,28 @@ PROTO_NAMES = {1: "ICMP", 6: "TCP", 17: "UDP", 58: "ICMP6", 132: "SCTP", 33: "DC
                136: "UDPLite", 47: "GRE", 50: "ESP", 51: "AH"}
 ETHERTYPE_NAMES = {0x0800: "IPv4", 0x86DD: "IPv6", 0x0806: "ARP", 0x88CC: "LLDP",
                    0x8847: "MPLS", 0x8863: "PPPoE-D", 0x8864: "PPPoE-S"}
+# The `tunnel` field's values, as they are usually written.
+TUNNEL_NAMES = {"pppoe": "PPPoE", "mpls": "MPLS", "gre": "GRE", "vxlan": "VXLAN",
+                "geneve": "Geneve", "ipip": "IPIP"}
+
+
+def _flow(src: str | None, dst: str | None, sport: int | None, dport: int | None) -> str:
+    """source > destination, with the ports when there are (tcpdump's ADDR.PORT for
+    IPv6)."""
+    if sport is not None:
+        sep = "." if ":" in (src or "") else ":"
+        src, dst = f"{src}{sep}{sport}", f"{dst}{sep}{dport}"
+    return f"{src} > {dst}"
 
 
 def packet_line(pkt: dict, show_sensor: bool = False) -> str:
     """One packet as a line: time, worker, protocol, source > destination, flags, length;
-    with show_sensor, the endpoint it came from first (for several sensors)."""
+    with show_sensor, the endpoint it came from first (for several sensors).
+
+    A packet that went through a tunnel shows the tunnel, its id, the inner packet as a
+    packet is shown, then `via` the outer addresses (the outer MAC addresses for PPPoE
+    and MPLS, which have no outer IP): `VXLAN 5001 TCP 10.0.0.1:443 > 10.0.0.2:51000
+    [P.] via 192.0.2.1 > 192.0.2.2`."""
     ts = pkt["ts_ns"]
     when = time.strftime("%H:%M:%S", time.localtime(ts // 1_000_000_000))
     parts = [f"{when}.{ts % 1_000_000_000 // 1000:06d}", f"w{pkt['worker']}"]
@@ -27,12 +44,11 @@ def packet_line(pkt: dict, show_sensor: bool = False) -> str:
         parts.append("vlan " + ".".join(str(v) for v in pkt["vlan"]))
     proto, src, dst = pkt.get("proto"), format_ip(pkt.get("src")), format_ip(pkt.get("dst"))
     ethertype = pkt.get("ethertype")
-    if proto is not None:
+    if pkt.get("tunnel") is not None:
+        parts += _tunnel_parts(pkt, src, dst)
+    elif proto is not None:
         parts.append(PROTO_NAMES.get(proto, f"proto-{proto}"))
-        if pkt.get("sport") is not None:
-            sep = "." if ":" in (src or "") else ":"
-            src, dst = f"{src}{sep}{pkt['sport']}", f"{dst}{sep}{pkt['dport']}"
-        parts.append(f"{src} > {dst}")
+        parts.append(_flow(src, dst, pkt.get("sport"), pkt.get("dport")))
         if pkt.get("tcp_flags") is not None:
             parts.append(f"[{format_tcp_flags(pkt['tcp_flags'])}]")
         if pkt.get("icmp_type") is not None:
@@ -49,6 +65,34 @@ def packet_line(pkt: dict, show_sensor: bool = False) -> str:
     if pkt.get("err"):
         parts.append(f"[{pkt['err']}]")
     return " ".join(parts)
+
+
+def _tunnel_parts(pkt: dict, outer_src: str | None, outer_dst: str | None) -> list[str]:
+    """A tunnelled packet: the tunnel and its id, what of the inner packet was decoded
+    (its protocol, addresses and ports, TCP flags; or its MAC addresses; or nothing when
+    the tunnel header was cut short), and `via` the outer packet."""
+    tunnel = pkt["tunnel"]
+    parts = [TUNNEL_NAMES.get(tunnel, tunnel.upper())]
+    if pkt.get("tunnel_id") is not None:
+        parts.append(str(pkt["tunnel_id"]))
+    proto = pkt.get("inner_proto")
+    src, dst = format_ip(pkt.get("inner_src")), format_ip(pkt.get("inner_dst"))
+    if proto is not None:
+        parts.append(PROTO_NAMES.get(proto, f"proto-{proto}"))
+    if src is not None or dst is not None:
+        parts.append(_flow(src, dst, pkt.get("inner_sport"), pkt.get("inner_dport")))
+    elif pkt.get("inner_eth_src") is not None:  # an inner frame that is not IP
+        parts.append(f"{format_mac(pkt['inner_eth_src'])} > "
+                     f"{format_mac(pkt.get('inner_eth_dst'))}")
+    if pkt.get("inner_tcp_flags") is not None:
+        parts.append(f"[{format_tcp_flags(pkt['inner_tcp_flags'])}]")
+    if outer_src is not None or outer_dst is not None:
+        parts.append(f"via {outer_src} > {outer_dst}")
+    elif pkt.get("eth_src") is not None:  # PPPoE, MPLS: no outer IP
+        parts.append(f"via {format_mac(pkt['eth_src'])} > {format_mac(pkt.get('eth_dst'))}")
+    if pkt.get("frag"):
+        parts.append("frag")
+    return parts
 
 
 # `fanoutd tail`'s display filter: applied by the subscriber to what it receives. The daemon
@@ -74,11 +118,13 @@ def iso_time(ts_ns: int) -> str:
 
 def json_line(rec: Record) -> str:
     """`fanoutd tail --json`: Record.to_json()'s keys, plus `time` (iso_time of ts_ns),
-    `proto_name` and `ethertype_name` (null when there is none or it has no name here)."""
+    `proto_name`, `inner_proto_name` and `ethertype_name` (null when there is none or it
+    has no name here)."""
     out = rec.as_dict()
     ts = out.get("ts_ns")
     out["time"] = None if ts is None else iso_time(ts)
     out["proto_name"] = JSON_PROTO_NAMES.get(out.get("proto"))
+    out["inner_proto_name"] = JSON_PROTO_NAMES.get(out.get("inner_proto"))
     out["ethertype_name"] = JSON_ETHERTYPE_NAMES.get(out.get("ethertype"))
     return json.dumps(out, separators=(",", ":"))
 
@@ -114,11 +160,18 @@ def parse_number(text: str, low: int, high: int, what: str) -> int:
 @dataclass(frozen=True)
 class DisplayFilter:
     """Which records to show. Each option given must match (AND); within one option any
-    value may (OR). An empty filter shows everything."""
+    value may (OR). An empty filter shows everything.
 
-    protos: frozenset[int | str] = field(default_factory=frozenset)  # numbers, or "arp"
-    hosts: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # src or dst in one
-    ports: frozenset[int] = field(default_factory=frozenset)  # sport or dport
+    Through a tunnel, protos, hosts and ports each match the outer packet or the inner
+    one (its inner_* fields): `--host` finds a flow inside a tunnel and the tunnel's
+    endpoints alike. Each option is matched on its own, so with several options one may
+    match the outer packet and another the inner one."""
+
+    # IP protocol numbers (proto or inner_proto), or "arp" (the outer ethertype)
+    protos: frozenset[int | str] = field(default_factory=frozenset)
+    # src or dst (or inner_src or inner_dst) in one
+    hosts: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    ports: frozenset[int] = field(default_factory=frozenset)  # sport or dport, or inner
     vlans: frozenset[int] = field(default_factory=frozenset)  # any of the packet's VLAN IDs
     workers: frozenset[int] = field(default_factory=frozenset)
 
@@ -128,15 +181,17 @@ class DisplayFilter:
     def matches(self, rec: Record) -> bool:
         if self.workers and rec.worker not in self.workers:
             return False
-        if self.protos and not (rec.proto in self.protos or (
+        if self.protos and not (rec.proto in self.protos or rec.inner_proto in self.protos or (
                 "arp" in self.protos and rec.ethertype == ETHERTYPE_ARP)):
             return False
-        if self.ports and rec.sport not in self.ports and rec.dport not in self.ports:
+        if self.ports and not self.ports.intersection(
+                (rec.sport, rec.dport, rec.inner_sport, rec.inner_dport)):
             return False
         if self.vlans and not self.vlans.intersection(rec.vlan or ()):
             return False
         if self.hosts:
-            addresses = [ip for ip in (rec.src_ip, rec.dst_ip) if ip is not None]
+            addresses = [ip for ip in (rec.src_ip, rec.dst_ip, rec.inner_src_ip,
+                                       rec.inner_dst_ip) if ip is not None]
             if not any(ip in net for ip in addresses for net in self.hosts
                        if ip.version == net.version):
                 return False

@@ -63,6 +63,7 @@ class WorkerPlan:
     epoch: int  # the ring's epoch: changes whenever its seq numbering starts again
     drain: bool = False  # started to drain an old ring: as if told so (SIGUSR1) at once
     sensor: str = ""  # config `sensor`: this machine's name in every batch
+    tunnel_depth: int = 1  # encapsulations to decode through (config tunnel_depth)
 
 
 def run_worker(index: int, sock: socket.socket, stats: slotstats.SlotStats,
@@ -113,7 +114,7 @@ def run_worker(index: int, sock: socket.socket, stats: slotstats.SlotStats,
         log.info("worker %d capturing on %s from ring block %d (%s decoder)", index,
                  plan.iface, rx.cursor, IMPLEMENTATION)
         encoder = BlockEncoder(plan.version, plan.iface, index, plan.epoch, plan.payload_bytes,
-                               plan.sensor)
+                               plan.sensor, tunnel_depth=plan.tunnel_depth)
         status = _capture(rx, pub, encoder, stats, rings, proxy, stop, plan, index)
         return status
     finally:

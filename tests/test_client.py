@@ -333,7 +333,9 @@ def test_tail_json_adds_time_and_names():
     rec = record(proto=6, sport=443, dport=50000, tcp_flags=0x12)
     out = json.loads(json_line(rec))
     assert {k: v for k, v in out.items()
-            if k not in ("time", "proto_name", "ethertype_name")} == rec.as_dict()
+            if k not in ("time", "proto_name", "inner_proto_name", "ethertype_name")} \
+        == rec.as_dict()
+    assert out["inner_proto_name"] is None and out["tunnel"] is None  # no tunnel
     seconds, ns = divmod(TS_NS, 10**9)
     assert out["time"] == datetime.fromtimestamp(seconds, UTC).strftime(
         "%Y-%m-%dT%H:%M:%S") + f".{ns:09d}Z"

@@ -294,3 +294,25 @@ def test_sensor_defaults_to_the_host_name_and_is_checked(tmp_path):
     for bad in ("", " x", "a\tb", "x" * 65):
         (found,) = problems(sensor=bad)
         assert found[0] == "sensor (--sensor)" and "printable" in found[1], found
+
+
+def test_tunnel_depth(tmp_path):
+    """tunnel_depth: 0 (none) to decode.MAX_TUNNEL_DEPTH, default 1; from the file, per
+    interface, or --tunnel-depth; anything else is refused naming the key and why."""
+    assert load_config(None, resolve=False).interfaces[0].tunnel_depth == 1
+    assert load_config(None, {"tunnel_depth": "0"}, resolve=False).interfaces[0] \
+        .tunnel_depth == 0
+    path = write(tmp_path, "tunnel_depth: 2\ninterfaces:\n  - interface: lo\n"
+                           "  - interface: lo2\n    tunnel_depth: 4\n")
+    assert [c.tunnel_depth for c in load_config(path, resolve=False).interfaces] == [2, 4]
+    assert [c.tunnel_depth for c in load_config(path, {"tunnel_depth": "3"},
+                                                resolve=False).interfaces] == [3, 3]
+    assert yaml.safe_load(dump(load_config(path, resolve=False)))["interfaces"][1][
+        "tunnel_depth"] == 4  # print-config shows it
+    assert problems(tunnel_depth="5") == [
+        ("tunnel_depth (--tunnel-depth)", "must be between 0 (none) and 4, got 5")]
+    assert problems(tunnel_depth="-1")[0][0] == "tunnel_depth (--tunnel-depth)"
+    (found,) = problems(write(tmp_path, "tunnel_depth: deep\n"))
+    assert found == ("tunnel_depth", "must be an integer, got a string 'deep'")
+    (found,) = problems(write(tmp_path, "interfaces:\n  - {interface: lo, tunnel_depth: 9}\n"))
+    assert found[0] == "interfaces[0].tunnel_depth" and found[1].endswith("got 9")

@@ -10,13 +10,15 @@ import json
 import threading
 import time
 
+import frames as F
 import msgpack
 import pytest
 import zmq
 
-from fanoutd import cli
+from fanoutd import cli, wire
 from fanoutd.client import Batch, Record
-from fanoutd.views import DisplayFilter
+from fanoutd.encoder import encode_columns_py, encode_rows_py
+from fanoutd.views import DisplayFilter, json_line, packet_line
 from fanoutd.wire import HELLO
 
 FIELDS = ["ts_ns", "len", "caplen", "ifindex", "rxhash", "pkttype", "eth_dst", "eth_src",
@@ -193,3 +195,168 @@ def test_tail_prints_exactly_the_matching_packets(capsys, tmp_path):
         assert o["proto_name"] == "udp" and 53 in (o["sport"], o["dport"]), o
         assert o["iface"] == "cap0" and o["sensor"] == pub.endpoint
     assert f"listening on {pub.endpoint}" in err
+
+
+# --------------------------------------------------------------------------- tunnels
+
+# Frames through each tunnel, decoded by decode.py into full rows (every wire field).
+TUNNEL_FRAMES = {
+    "pppoe": F.TUNNEL_CORPUS[0],  # session 0x1234, IPv4/TCP 10.0.0.1:443 > 10.0.0.2:51000
+    "pppoe-lcp": F.TUNNEL_CORPUS[2],  # session 7, LCP: no inner packet
+    "mpls": F.TUNNEL_CORPUS[4],  # labels 16, 1000; the same TCP
+    "gre": F.TUNNEL_CORPUS[7],  # no key; the same TCP, outer 192.0.2.1 > 192.0.2.2
+    "gre-key": F.TUNNEL_CORPUS[8],  # key 0xDEADBEEF; IPv6/UDP 2001:db8::a.5353
+    "nvgre": F.TUNNEL_CORPUS[9],  # outer IPv6; Ethernet/IPv4/UDP 10.1.0.1:53 > 10.1.0.2:1053
+    "vxlan": F.TUNNEL_CORPUS[14],  # VNI 5001; the TCP
+    "vxlan-gre": F.TUNNEL_CORPUS[16],  # VXLAN around GRE: at depth 1, inner proto 47
+    "geneve": F.TUNNEL_CORPUS[17],  # VNI 77; Ethernet/IPv4/UDP 10.1.0.1:53
+    "geneve-ip": F.TUNNEL_CORPUS[18],  # VNI 78 over IPv6; IPv4/TCP
+    "ipip": F.TUNNEL_CORPUS[20],  # 4 in 4; the TCP
+    "6in4": F.TUNNEL_CORPUS[21],  # IPv6/UDP in IPv4
+    "vxlan-cut": F.TUNNEL_CORPUS[14][:14 + 20 + 8 + 5],  # VXLAN header cut: no id, no inner
+    "vxlan-lldp": F.vxlan_frame(9, F.eth(F.MAC_A, F.MAC_B, 0x88CC, b"lldp")),  # not IP
+    "vxlan-inner-cut": F.TUNNEL_CORPUS[14][:14 + 20 + 8 + 8 + 14 + 10],  # inner IPv4 cut
+    "mpls-cut": F.TUNNEL_CORPUS[4][:18],  # the label stack cut: the top label only
+}
+TUNNEL_LINES = {
+    "pppoe": "PPPoE 4660 TCP 10.0.0.1:443 > 10.0.0.2:51000 [P.] "
+             "via 02:00:00:00:00:01 > 02:00:00:00:00:02 len 66",
+    "pppoe-lcp": "PPPoE 7 via 02:00:00:00:00:01 > 02:00:00:00:00:02 len 26",
+    "mpls": "MPLS 16 TCP 10.0.0.1:443 > 10.0.0.2:51000 [P.] "
+            "via 02:00:00:00:00:01 > 02:00:00:00:00:02 len 66",
+    "gre": "GRE TCP 10.0.0.1:443 > 10.0.0.2:51000 [P.] via 192.0.2.1 > 192.0.2.2 len 82",
+    "gre-key": "GRE 3735928559 UDP 2001:db8::a.5353 > 2001:db8::b.5353 "
+               "via 192.0.2.1 > 192.0.2.2 len 102",
+    "nvgre": "GRE 1280256 UDP 10.1.0.1:53 > 10.1.0.2:1053 via 2001:db8::1 > 2001:db8::2 "
+             "len 105",
+    "vxlan": "VXLAN 5001 TCP 10.0.0.1:443 > 10.0.0.2:51000 [P.] via 192.0.2.1 > 192.0.2.2 "
+             "len 108",
+    "vxlan-gre": "VXLAN 1 GRE 10.0.0.1 > 10.0.0.2 via 192.0.2.1 > 192.0.2.2 len 132",
+    "geneve": "Geneve 77 UDP 10.1.0.1:53 > 10.1.0.2:1053 via 192.0.2.1 > 192.0.2.2 len 101",
+    "geneve-ip": "Geneve 78 TCP 10.0.0.1:443 > 10.0.0.2:51000 [P.] "
+                 "via 2001:db8::1 > 2001:db8::2 len 114",
+    "ipip": "IPIP TCP 10.0.0.1:443 > 10.0.0.2:51000 [P.] via 192.0.2.1 > 192.0.2.2 len 78",
+    "6in4": "IPIP UDP 2001:db8::a.5353 > 2001:db8::b.5353 via 192.0.2.1 > 192.0.2.2 len 86",
+    "vxlan-cut": "VXLAN via 192.0.2.1 > 192.0.2.2 len 47 [truncated-vxlan]",
+    "vxlan-lldp": "VXLAN 9 02:00:00:00:00:02 > 02:00:00:00:00:01 via 192.0.2.1 > 192.0.2.2 "
+                  "len 68",
+    "vxlan-inner-cut": "VXLAN 5001 02:00:00:00:00:02 > 02:00:00:00:00:01 "
+                       "via 192.0.2.1 > 192.0.2.2 len 74 [truncated-ipv4]",
+    "mpls-cut": "MPLS 16 via 02:00:00:00:00:01 > 02:00:00:00:00:02 len 18 [truncated-mpls]",
+}
+
+
+def tunnel_records(version: int = wire.ROWS_VERSION) -> dict[str, Record]:
+    """TUNNEL_FRAMES as the records of one batch, of either wire-format version."""
+    block, first, num = F.tpacket3_block([F.RingFrame(f, sec=1_700_000_000)
+                                          for f in TUNNEL_FRAMES.values()])
+    encode = encode_rows_py if version == wire.ROWS_VERSION else encode_columns_py
+    body, _, _ = encode(block, first, num, 0, {}, wire.batch_prefix(version, "cap0", 0, 1),
+                        0, 1)
+    batch = Batch.from_message(b"pkt.cap0.0", body, "ipc://sensor")
+    return dict(zip(TUNNEL_FRAMES, batch.records(), strict=True))
+
+
+def line_of(rec: Record) -> str:
+    """tail's line without its time and worker."""
+    return packet_line(rec.as_dict(raw=True)).split(" ", 2)[2]
+
+
+@pytest.mark.parametrize("version", [wire.ROWS_VERSION, wire.COLUMNS_VERSION])
+def test_tail_shows_the_tunnel_the_inner_flow_and_the_outer_one(version):
+    assert {name: line_of(rec) for name, rec in tunnel_records(version).items()} \
+        == TUNNEL_LINES
+
+
+def test_tail_lines_of_packets_without_a_tunnel_are_as_before():
+    """Rows of a batch without the tunnel fields (a version 1 batch of an older daemon,
+    or a version 2 batch that left their columns out) read as before."""
+    lines = {name: line_of(rec) for name, rec in records(ROWS).items()}
+    assert lines[1] == "UDP 198.51.100.1:40001 > 192.0.2.53:53 len 60"
+    assert lines[4] == "UDP 2001:db8::1.40004 > 2001:db8::53.53 len 60"
+    assert lines[3] == "vlan 100 UDP 198.51.100.3:40003 > 192.0.2.53:53 len 60"
+    assert lines[12] == "TCP 198.51.100.1:40012 > 192.0.2.53:53 [S.] len 60"
+    assert lines[13] == "ICMP 198.51.100.1 > 192.0.2.53 type 8 code 0 len 60"
+    assert lines[14] == "ARP 198.51.100.1 > 192.0.2.53 len 60"
+    assert lines[15] == "LLDP 02:f0:00:00:00:0f > 02:00:00:00:00:02 len 60"
+
+
+def test_tail_line_of_a_crafted_tunnel_row_with_inner_fields_missing():
+    """What a row may lack (never all of it from decode.py, but a subscriber shows what
+    it is given): no tunnel id, inner protocol without addresses, no outer IP, a tunnel
+    name this version does not know."""
+    base = dict(zip(FIELDS, row(1, proto=17, sport=49152, dport=4789), strict=True))
+    base.update(worker=0, tunnel="vxlan")
+    assert packet_line(base).split(" ", 2)[2] == \
+        "VXLAN via 198.51.100.1 > 192.0.2.53 len 60"
+    assert packet_line({**base, "inner_proto": 6, "inner_tcp_flags": 0x02}).split(" ", 2)[2] \
+        == "VXLAN TCP [S] via 198.51.100.1 > 192.0.2.53 len 60"
+    assert packet_line({**base, "src": None, "dst": None, "tunnel": "l2tp",
+                        "tunnel_id": 3}).split(" ", 2)[2] == \
+        "L2TP 3 via 02:f0:00:00:00:01 > 02:00:00:00:00:02 len 60"
+
+
+def tunnels_shown(*options: str) -> set[str]:
+    f = tail_filter(*options)
+    return {name for name, rec in tunnel_records().items() if f.matches(rec)}
+
+
+INNER_TCP = {"pppoe", "mpls", "gre", "vxlan", "geneve-ip", "ipip"}  # 10.0.0.1:443 TCP
+INNER_UDP = {"gre-key", "nvgre", "geneve", "6in4"}
+OUTER_192 = {"gre", "gre-key", "vxlan", "vxlan-gre", "geneve", "ipip", "6in4", "vxlan-cut",
+             "vxlan-lldp", "vxlan-inner-cut"}  # outer 192.0.2.1 > 192.0.2.2
+
+
+def test_host_matches_the_inner_or_the_outer_addresses():
+    assert tunnels_shown("--host", "10.0.0.1") == INNER_TCP | {"vxlan-gre"}
+    assert tunnels_shown("--host", "10.1.0.0/16") == {"nvgre", "geneve"}
+    assert tunnels_shown("--host", "2001:db8::b") == {"gre-key", "6in4"}  # inner IPv6
+    assert tunnels_shown("--host", "2001:db8::1") == {"nvgre", "geneve-ip"}  # outer IPv6
+    assert tunnels_shown("--host", "192.0.2.2") == OUTER_192
+    assert tunnels_shown("--host", "10.0.0.1", "--host", "192.0.2.1") == \
+        INNER_TCP | OUTER_192
+    # the rows without a tunnel are unaffected by the inner fields they lack
+    assert shown("--host", "10.0.0.1") == set()
+
+
+def test_port_matches_the_inner_or_the_outer_ports():
+    assert tunnels_shown("--port", "443") == INNER_TCP
+    assert tunnels_shown("--port", "51000,1053") == INNER_TCP | {"nvgre", "geneve"}
+    assert tunnels_shown("--port", "4789") == {"vxlan", "vxlan-gre", "vxlan-cut",
+                                               "vxlan-lldp", "vxlan-inner-cut"}  # outer
+    assert tunnels_shown("--port", "6081") == {"geneve", "geneve-ip"}
+    assert tunnels_shown("--port", "5353") == {"gre-key", "6in4"}
+
+
+def test_proto_matches_the_inner_or_the_outer_protocol():
+    assert tunnels_shown("--proto", "tcp") == INNER_TCP  # never the outer one here
+    # UDP: VXLAN and Geneve outside, or an inner UDP packet
+    assert tunnels_shown("--proto", "udp") == INNER_UDP | {
+        "vxlan", "vxlan-gre", "geneve-ip", "vxlan-cut", "vxlan-lldp", "vxlan-inner-cut"}
+    assert tunnels_shown("--proto", "gre") == {"gre", "gre-key", "nvgre", "vxlan-gre"}
+    assert tunnels_shown("--proto", "4") == {"ipip"}  # IP in IP, outside
+    assert tunnels_shown("--proto", "tcp", "--port", "443", "--host", "192.0.2.1") == \
+        INNER_TCP & OUTER_192
+    assert tunnels_shown("--proto", "arp") == set()
+
+
+def test_tail_json_and_records_of_tunnelled_packets():
+    recs = tunnel_records(wire.COLUMNS_VERSION)
+    vxlan = recs["vxlan"]
+    assert (vxlan.tunnel, vxlan.tunnel_id, vxlan.inner_proto) == ("vxlan", 5001, 6)
+    assert str(vxlan.inner_src_ip) == "10.0.0.1" and str(vxlan.inner_dst_ip) == "10.0.0.2"
+    assert vxlan.inner_tcp_flags_text == "P." and vxlan.tcp_flags_text == ""
+    assert vxlan.inner_eth_src_mac == "02:00:00:00:00:02"
+    out = json.loads(json_line(vxlan))
+    assert (out["inner_src"], out["inner_dst"], out["src"]) == ("10.0.0.1", "10.0.0.2",
+                                                                "192.0.2.1")
+    assert (out["inner_eth_dst"], out["inner_eth_src"]) == ("02:00:00:00:00:01",
+                                                            "02:00:00:00:00:02")
+    assert (out["proto_name"], out["inner_proto_name"], out["tunnel"]) == ("udp", "tcp",
+                                                                          "vxlan")
+    cut = json.loads(json_line(recs["vxlan-cut"]))
+    assert cut["tunnel"] == "vxlan" and cut["inner_src"] is None and cut["tunnel_id"] is None
+    assert cut["inner_proto_name"] is None
+    pppoe = recs["pppoe"]
+    assert pppoe.src_ip is None and str(pppoe.inner_src_ip) == "10.0.0.1"
+    assert json.loads(json_line(pppoe))["inner_eth_src"] is None  # PPP carries no Ethernet

@@ -105,3 +105,13 @@ def test_in_force_is_what_runs():
     assert changes(BASE, now) == ["log"]
     assert plan(now, new, retry={"cap0", "cap2"}).moved == ("cap0",)
     assert plan(now, new, retry={"cap0", "cap2"}).added == ("cap2",)
+
+
+def test_tunnel_depth_moves_the_capture_as_payload_bytes_does():
+    """What a worker's batches hold is fixed when it is forked: new rings and workers."""
+    for changed in (replace(CAP0, tunnel_depth=0), replace(CAP0, payload_bytes=16)):
+        new = replace(BASE, interfaces=(changed, CAP1))
+        todo = plan(BASE, new)
+        assert (todo.moved, todo.restart_proxy) == (("cap0",), False)
+    assert changes(BASE, replace(BASE, interfaces=(replace(CAP0, tunnel_depth=3), CAP1))) \
+        == ["tunnel_depth"]

@@ -139,6 +139,70 @@ def test_tail_display_filter_and_records(ns, injector, start_daemon):
     assert sub.lost == {} and sub.duplicates == 0
 
 
+# --------------------------------------------------------------------------- tunnels
+
+
+def vxlan_frame(name: int, vni: int, inner: bytes) -> bytes:
+    """Ethernet (source MAC frames.mac(name)) / IPv4 192.0.2.1 > 192.0.2.2 / UDP to 4789 /
+    VXLAN around the inner Ethernet frame."""
+    return F.eth(F.MAC_B, F.mac(name), 0x0800, F.ipv4("192.0.2.1", "192.0.2.2", 17, F.udp(
+        49152, 4789, F.vxlan(vni, inner))))
+
+
+def inner_ip(src: str, dst: str, proto: int, payload: bytes) -> bytes:
+    return F.eth(F.MAC_A, F.MAC_B, 0x0800, F.ipv4(src, dst, proto, payload))
+
+
+def test_tail_shows_tunnels_and_matches_the_inner_host(ns, injector, start_daemon):
+    """A daemon with --tunnel-depth 2: tail --host 10.0.0.1 shows the packets of that host
+    inside VXLAN (also under GRE inside VXLAN) and outside any tunnel, each tunnelled one
+    as tunnel, id, inner flow and outer addresses; a Subscriber reads the tunnel fields."""
+    daemon = start_daemon(workers=1, extra=("--tunnel-depth", "2"))
+    tcp = inner_ip("10.0.0.1", "10.0.0.2", 6, F.tcp(443, 51000, 0x18, b"data"))
+    frames = {
+        1: vxlan_frame(1, 5001, tcp),
+        2: vxlan_frame(2, 7, inner_ip("10.9.0.1", "10.9.0.2", 47, F.gre(
+            0x0800, F.ipv4("10.0.0.1", "10.0.0.3", 17, F.udp(53, 1053, b"q"))))),
+        3: F.ipv4_frame("10.0.0.1", "192.0.2.9", 17, F.udp(1000, 53), eth_src=F.mac(3)),
+        4: vxlan_frame(4, 5002, inner_ip("10.5.0.1", "10.5.0.2", 6, F.tcp(1, 2))),  # not shown
+    }
+    last = vxlan_frame(5, 5003, tcp)  # ends tail's --count, once the others are published
+    want = {
+        1: f"VXLAN 5001 TCP 10.0.0.1:443 > 10.0.0.2:51000 [P.] via 192.0.2.1 > 192.0.2.2 "
+           f"len {len(frames[1])}",
+        2: f"VXLAN 7 UDP 10.0.0.1:53 > 10.0.0.3:1053 via 192.0.2.1 > 192.0.2.2 "
+           f"len {len(frames[2])}",
+        3: f"UDP 10.0.0.1:1000 > 192.0.2.9:53 len {len(frames[3])}",
+        5: f"VXLAN 5003 TCP 10.0.0.1:443 > 10.0.0.2:51000 [P.] via 192.0.2.1 > 192.0.2.2 "
+           f"len {len(last)}",
+    }
+    argv = [*netlab.cli_argv(), "tail", "--endpoint", daemon.endpoint, "--host", "10.0.0.1",
+            "--count", str(len(want)), "--timeout", "30"]
+    with background(argv) as (tail, out, err), Subscriber(daemon.endpoint) as sub:
+        def logs() -> str:
+            return f"tail stdout {out.drain()[-5:]}, stderr {err.drain()[-5:]}\n{daemon.logs()}"
+
+        netlab.wait_line(err, lambda line: "listening on" in line, 15,
+                         "tail to say its subscriptions are in effect", detail=logs)
+        assert sub.wait_ready(10), daemon.logs()
+        injector.send_all(frames.values())
+        got = collect(sub, {F.mac(i) for i in frames}, mac_of, detail=logs)
+        injector.send(last)
+        assert tail.wait(timeout=20) == 0, logs()
+        lines = out.drain()
+
+    assert [line.rstrip("\n").split(" ", 2)[2] for line in lines] == list(want.values()), lines
+    vxlan, nested, plain = (got[F.mac(i)] for i in (1, 2, 3))
+    assert (vxlan.tunnel, vxlan.tunnel_id, vxlan.inner_proto, vxlan.inner_dport) == \
+        ("vxlan", 5001, 6, 51000)
+    assert (vxlan.proto, vxlan.dport) == (17, 4789)  # the outer packet
+    assert str(vxlan.inner_src_ip) == "10.0.0.1" and vxlan.inner_tcp_flags_text == "P."
+    assert vxlan.inner_eth_src_mac == F.MAC_B.hex(":")
+    assert (nested.tunnel, nested.tunnel_id, str(nested.inner_dst_ip)) == ("vxlan", 7,
+                                                                         "10.0.0.3")
+    assert plain.tunnel is None and plain.inner_src is None
+
+
 # --------------------------------------------------------------------------- two sensors
 
 

@@ -6,6 +6,7 @@ import os
 import signal
 import time
 
+import frames as F
 import netlab
 import pytest
 import yaml
@@ -278,3 +279,34 @@ def test_a_reload_of_an_overridden_top_level_key(config_daemon):
     daemon.check_running()
     assert daemon.children_by_comm() == before
     assert "Traceback" not in daemon.stderr_text()
+
+
+def test_a_new_tunnel_depth_moves_the_capture_to_new_workers(config_daemon, injector):
+    """tunnel_depth is a worker's from its fork on: a reload to 0 puts the capture on new
+    workers, whose batches no longer decode through VXLAN."""
+    daemon, config, sub = config_daemon
+
+    def vxlan(sport: int) -> bytes:
+        inner = F.eth(F.MAC_A, F.MAC_B, 0x0800, F.ipv4("10.0.0.1", "10.0.0.2", 6,
+                                                       F.tcp(443, 51000)))
+        return F.vxlan_frame(5001, inner, sport=sport)
+
+    def row_of(sport: int) -> dict:
+        sub.collect(netlab.all_keys({sport}, lambda r: r["sport"]), detail=daemon.logs)
+        return next(r for r in sub.capture.rows if r["sport"] == sport)
+
+    injector.send(vxlan(50001))
+    before = row_of(50001)
+    assert (before["tunnel"], before["tunnel_id"], before["inner_sport"]) == ("vxlan", 5001,
+                                                                             443)
+    reload(daemon, config, f"workers: 2\nfanout: {{mode: lb}}\n{RING}tunnel_depth: 0\n")
+    netlab.wait_for(lambda: "reloaded the configuration (changed: tunnel_depth)"
+                    in daemon.stderr_text(), 15, "the reload", detail=daemon.logs)
+    netlab.wait_for(lambda: (kids := daemon.children_by_comm()) and not any(
+        name.endswith("-old") for name in kids), 15, "the old workers to drain",
+        detail=daemon.logs)
+    daemon.wait_ready()
+    injector.send(vxlan(50002))
+    after = row_of(50002)
+    assert after.get("tunnel") is None and after.get("inner_sport") is None, after
+    assert (after["proto"], after["dport"]) == (17, 4789)
