@@ -72,7 +72,14 @@ GRE_CSUM, GRE_ROUTING, GRE_KEY, GRE_SEQ = 0x8000, 0x4000, 0x2000, 0x1000
 GRE_VERSION = 0x0007
 UDP_PORT_VXLAN = 4789
 UDP_PORT_GENEVE = 6081
+UDP_PORT_MPLS = 6635  # MPLS in UDP (RFC 7510)
 ERSPAN_II_HEADER = 8
+ERSPAN_II_VERSION = 1  # the high nibble of its first byte
+# Arista's vendor header (its TAP aggregation timestamp), between the source MAC and the
+# frame's own ethertype: subtype 1, then a version whose low byte gives the timestamp's
+# size (0x10: 64 bits, 0x20: 48; the high byte is its time scale).
+ETH_P_ARISTA = 0xD28B
+ARISTA_TIMESTAMP_LEN = {0x10: 8, 0x20: 6}
 MAX_TUNNEL_DEPTH = 4  # config tunnel_depth: 0 (outer headers only) .. this
 
 IPPROTO_IPIP = 4
@@ -104,6 +111,7 @@ _IPV6_FRAG = struct.Struct("!BxH")
 _PORTS = struct.Struct("!HH")
 _TCP = struct.Struct("!HH8xBB")  # ports, data offset, flags
 _ICMP = struct.Struct("!BB")
+_ETHERTYPE = struct.Struct("!H")
 _PPPOE = struct.Struct("!2xHHH")  # (ver/type, code,) session id, length, PPP protocol
 _MPLS = struct.Struct("!I")
 _GRE = struct.Struct("!HH")  # flags and version, protocol type
@@ -170,13 +178,27 @@ def _frame(buf: bytes, off: int, end: int, row: list,
     row[ETH_DST], row[ETH_SRC], ethertype = _MACS_TYPE.unpack_from(buf, off)
     pos = off + 14
 
-    while ethertype in VLAN_TPIDS:
-        if end - pos < VLAN_TAG_LEN:
-            row[ERR] = "truncated-vlan"
-            return None
-        tci, ethertype = _PORTS.unpack_from(buf, pos)
-        row[VLAN].append(tci & 0x0FFF)
-        pos += VLAN_TAG_LEN
+    while True:
+        if ethertype in VLAN_TPIDS:
+            if end - pos < VLAN_TAG_LEN:
+                row[ERR] = "truncated-vlan"
+                return None
+            tci, ethertype = _PORTS.unpack_from(buf, pos)
+            row[VLAN].append(tci & 0x0FFF)
+            pos += VLAN_TAG_LEN
+        elif ethertype == ETH_P_ARISTA and end - pos >= 4:
+            subtype, version = _PORTS.unpack_from(buf, pos)
+            stamp = ARISTA_TIMESTAMP_LEN.get(version & 0xFF) if subtype == 1 else None
+            if stamp is None:
+                break  # another subtype or version: not decoded further
+            if end - pos < 4 + stamp + 2:
+                row[ERR] = "truncated-arista"
+                return None
+            pos += 4 + stamp
+            (ethertype,) = _ETHERTYPE.unpack_from(buf, pos)
+            pos += 2
+        else:
+            break
 
     if ethertype <= ETH_MAX_LENGTH_FIELD:
         # 802.3 with an LLC header; only SNAP with the zero OUI carries an ethertype.
@@ -313,6 +335,8 @@ def _transport(buf: bytes, pos: int, end: int, proto: int, row: list,
                 return _vxlan(buf, pos + 8, end, row, depth)
             if row[DPORT] == UDP_PORT_GENEVE:
                 return _geneve(buf, pos + 8, end, row, depth)
+            if row[DPORT] == UDP_PORT_MPLS:
+                return _mpls(buf, pos + 8, end, row, depth)
         return (pos + header, end) if avail >= header else None
     if proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
         if avail >= 2:
@@ -440,6 +464,8 @@ def _gre(buf: bytes, pos: int, end: int, row: list,
             if end - pos < ERSPAN_II_HEADER:
                 row[ERR] = "truncated-gre"
                 return None
+            if buf[pos] >> 4 != ERSPAN_II_VERSION:
+                return pos, end  # another ERSPAN version: not decoded further
             pos += ERSPAN_II_HEADER
         return _inner(buf, pos, end, row, depth, _frame)
     if depth > 1 and ptype in (ETH_P_MPLS_UC, ETH_P_MPLS_MC):

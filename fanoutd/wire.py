@@ -96,6 +96,7 @@ ERROR_REASONS = (
     "truncated-gre",
     "truncated-vxlan",
     "truncated-geneve",
+    "truncated-arista",
 )
 # The encapsulations decoded through (the `tunnel` field); the order is the dictionary's.
 TUNNELS = ("pppoe", "mpls", "gre", "vxlan", "geneve", "ipip")

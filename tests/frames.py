@@ -287,6 +287,16 @@ def geneve(vni: int, inner: bytes, ptype: int = 0x6558, options: bytes = b"",
                        vni << 8) + options + inner
 
 
+ERSPAN_II = bytes((0x10, 0x01, 0x00, 0x64)) + bytes(4)  # version 1, VLAN 1, session 100
+
+
+def arista(version: int, rest: bytes, subtype: int = 1) -> bytes:
+    """An Ethernet frame with Arista's timestamp header after the MACs: `rest` is the
+    frame from its own ethertype on; version 0x?010 has a 64-bit stamp, 0x?020 48 bits."""
+    stamp = bytes(range(1, 9)) if version & 0xFF == 0x10 else bytes(range(1, 7))
+    return MAC_B + MAC_A + struct.pack("!HHH", 0xD28B, subtype, version) + stamp + rest
+
+
 def vxlan_frame(vni: int, inner: bytes, outer_src: str = "192.0.2.1",
                 outer_dst: str = "192.0.2.2", sport: int = 49152) -> bytes:
     """Ethernet/IPv4/UDP to port 4789/VXLAN around an inner Ethernet frame."""
@@ -345,7 +355,9 @@ TUNNEL_CORPUS = [
     eth(MAC_B, MAC_A, 0x86DD, ipv6("2001:db8::1", "2001:db8::2", 47,
                                    gre(0x6558, _INNER_ETH, key=5001 << 8))),  # NVGRE
     eth(MAC_B, MAC_A, 0x0800, ipv4("192.0.2.1", "192.0.2.2", 47,
-                                   gre(0x88BE, bytes(8) + _INNER_ETH, seq=1))),  # ERSPAN II
+                                   gre(0x88BE, ERSPAN_II + _INNER_ETH, seq=1))),
+    eth(MAC_B, MAC_A, 0x0800, ipv4("192.0.2.1", "192.0.2.2", 47,
+                                   gre(0x88BE, bytes(8) + _INNER_ETH, seq=1))),  # version 0
     eth(MAC_B, MAC_A, 0x0800, ipv4("192.0.2.1", "192.0.2.2", 47, gre(0x88BE, _INNER_ETH))),
     eth(MAC_B, MAC_A, 0x0800, ipv4("192.0.2.1", "192.0.2.2", 47,
                                    gre(0x880B, b"\xff\x03\x00\x21", key=0x00040001, version=1))),
@@ -365,5 +377,10 @@ TUNNEL_CORPUS = [
     eth(MAC_B, MAC_A, 0x0800, ipv4("192.0.2.1", "192.0.2.2", 41, _INNER_UDP6)),
     eth(MAC_B, MAC_A, 0x86DD, ipv6("2001:db8::1", "2001:db8::2", 4, _INNER_TCP4)),
     eth(MAC_B, MAC_A, 0x86DD, ipv6("2001:db8::1", "2001:db8::2", 41, _INNER_UDP6)),
+    eth(MAC_B, MAC_A, 0x0800, ipv4("192.0.2.1", "192.0.2.2", 17, udp(
+        1, 6635, mpls([30, 31], _INNER_TCP4)))),  # MPLS in UDP
+    arista(0x0010, eth(MAC_B, MAC_A, 0x8847, mpls([40], _INNER_TCP4))[12:]),
+    arista(0x0120, eth(MAC_B, MAC_A, 0x8100, b"\x00\x05\x08\x00" + _INNER_TCP4)[12:]),
+    arista(0x0030, eth(MAC_B, MAC_A, 0x0800, _INNER_TCP4)[12:]),  # unknown version
 ]
 CORPUS += TUNNEL_CORPUS

@@ -12,6 +12,7 @@ from frames import (
     OUI_ZERO,
     TPACKET3_HDRLEN,
     RingFrame,
+    arista,
     arp,
     arp_generic,
     dccp,
@@ -152,6 +153,24 @@ def test_ethernet_ii_udp_full_row():
         "tcp_flags": None, "icmp_type": None, "icmp_code": None, "frag": False, "err": None,
         **dict.fromkeys(TUNNEL_FIELDS),
     }
+
+
+@pytest.mark.parametrize("version", [0x0010, 0x0110, 0x0020, 0x0120])
+def test_arista_timestamp_header_is_skipped(version):
+    """Arista's TAP aggregation timestamp sits between the MACs and the ethertype: the row
+    is that of the frame it precedes, VLAN tags after it included."""
+    frame = arista(version, eth(MAC_B, MAC_A, 0x8100, b"\x00\x07\x08\x00"
+                                + ipv4(SRC4, DST4, UDP, udp(1000, 53)))[12:])
+    expected = {**{"eth_dst": MAC_B, "eth_src": MAC_A}, "ethertype": ETH_IP, "vlan": [7],
+                "src": A4, "dst": B4, "proto": UDP, "dport": 53, "err": None}
+    assert pick(decoded(frame), expected) == expected
+
+
+@pytest.mark.parametrize(("subtype", "version"), [(1, 0x0030), (2, 0x0010)])
+def test_arista_header_of_another_kind_stops_without_error(subtype, version):
+    frame = arista(version, UDP4[12:], subtype=subtype)
+    expected = {"ethertype": 0xD28B, "src": None, "err": None}
+    assert pick(decoded(frame), expected) == expected
 
 
 def test_unknown_ethertype_is_not_an_error():
@@ -616,6 +635,8 @@ ERROR_CASES = [
                  id="icmpv6-3"),
     pytest.param("truncated-icmpv6", eth6_chain((HOPOPTS,), ICMPV6, icmp(1, 4))[:62],
                  {"proto": ICMPV6, "icmp_type": None}, id="icmpv6-0"),
+    pytest.param("truncated-arista", arista(0x0010, UDP4[12:])[:14 + 4 + 7],
+                 {**ETH_FIELDS, "ethertype": None, "src": None}, id="arista-stamp"),
     # Tunnel headers (tests/test_tunnels.py covers inner headers cut short)
     pytest.param("truncated-pppoe", eth(MAC_B, MAC_A, 0x8864, pppoe(9, 0x21, bytes(20)))[:21],
                  {**ETH_FIELDS, "ethertype": 0x8864, "tunnel": "pppoe", "tunnel_id": None},

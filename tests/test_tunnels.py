@@ -3,6 +3,7 @@ nested tunnels and tunnel_depth, inner headers cut short, and the payload that f
 
 import pytest
 from frames import (
+    ERSPAN_II,
     MAC_A,
     MAC_B,
     eth,
@@ -82,8 +83,13 @@ CASES = [
                   **TCP4_INNER}, id="nvgre"),
     pytest.param(outer4(47, gre(0x88BE, INNER_ETH)),
                  {"tunnel": "gre", **MACS, **TCP4_INNER}, id="erspan-i"),
-    pytest.param(outer4(47, gre(0x88BE, bytes(8) + INNER_ETH, seq=1)),
+    pytest.param(outer4(47, gre(0x88BE, ERSPAN_II + INNER_ETH, seq=1)),
                  {"tunnel": "gre", **MACS, **TCP4_INNER}, id="erspan-ii"),
+    pytest.param(outer4(47, gre(0x88BE, bytes(8) + INNER_ETH, seq=1)),
+                 {"tunnel": "gre", "inner_src": None, "err": None}, id="erspan-ii-version-0"),
+    pytest.param(outer4(17, udp(1, 6635, mpls([30, 31], INNER_TCP4))),
+                 {"dport": 6635, "tunnel": "mpls", "tunnel_id": 30, **NO_MACS, **TCP4_INNER},
+                 id="mpls-in-udp"),
     pytest.param(outer4(47, gre(0x880B, b"\xff\x03\x00\x21" + INNER_TCP4, key=1, version=1)),
                  {"tunnel": "gre", "tunnel_id": None, "inner_src": None, "err": None},
                  id="pptp-not-decoded"),
