@@ -55,7 +55,7 @@ def test_tunnel_columns_come_only_with_a_tunnelled_row():
     plain, _ = columns_and_rows([RingFrame(udp4_frame())], 0)
     assert not set(wire.TUNNEL_FIELDS) & set(plain["columns"])
     # PPPoE carries IP, not Ethernet: no inner MACs, so no columns for them
-    mixed, rows = columns_and_rows([RingFrame(udp4_frame()), RingFrame(TUNNEL_CORPUS[0])], 0)
+    mixed, _ = columns_and_rows([RingFrame(udp4_frame()), RingFrame(TUNNEL_CORPUS[0])], 0)
     assert set(wire.TUNNEL_FIELDS) & set(mixed["columns"]) == set(wire.TUNNEL_FIELDS) - {
         "inner_eth_dst", "inner_eth_src"}
     assert wire.decode_column(mixed["columns"]["tunnel"], 2) == [None, "pppoe"]
