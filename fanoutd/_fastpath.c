@@ -43,7 +43,8 @@ static const char *const REASONS[E_COUNT] = {  /* wire.ERROR_REASONS, in its ord
 };
 static PyObject *reason_names[E_COUNT];
 
-/* wire.TUNNELS, in its order (the `tunnel` field's dictionary) */
+/* wire.TUNNELS, in its order (the `tunnel` field's dictionary); a Row's tunnel is one of
+ * these plus 1, 0 for none (what row_init's memset leaves). */
 enum { T_PPPOE, T_MPLS, T_GRE, T_VXLAN, T_GENEVE, T_IPIP, T_COUNT };
 static const char *const TUNNELS[T_COUNT] = {"pppoe", "mpls", "gre", "vxlan", "geneve", "ipip"};
 
@@ -138,46 +139,58 @@ typedef struct {
     int frag;
     int err;                            /* -1: nil, else an index into REASONS */
     Py_ssize_t payload_start, payload_end;  /* payload_start < 0: nil */
-    int tunnel;                         /* -1: nil, else an index into TUNNELS */
-    /* Set (by set_tunnel) only once `tunnel` is: with tunnel -1 they are all nil and
-     * never read, so that a frame without a tunnel costs nothing to initialise. */
+    int level;                          /* the tunnels this row's packet is inside of */
+    int tunnel;                         /* 0: nil, else 1 + an index into TUNNELS */
+    /* Set (by set_tunnel) only once `tunnel` is: with tunnel 0 they are all nil and never
+     * read, so that a frame without a tunnel costs nothing to initialise. */
     int64_t tunnel_id;                  /* NIL: nil; up to 32 bits (the GRE key) */
     Inner inner;
 } Row;
 
 static void row_init(Row *r) {
-    memset(r, 0, offsetof(Row, tunnel));
+    memset(r, 0, offsetof(Row, tunnel_id));
     r->ethertype = r->meta_vlan = NIL;
     r->proto = r->ttl = r->sport = r->dport = r->tcp_flags = r->icmp_type = r->icmp_code = NIL;
     r->err = -1;
     r->payload_start = -1;
-    r->tunnel = -1;
 }
 
 /* The row goes through a tunnel of this kind: its tunnel fields become nil but `tunnel`. */
 static void set_tunnel(Row *r, int kind) {
-    r->tunnel = kind;
+    r->tunnel = kind + 1;
     r->tunnel_id = NIL;
     r->inner = (Inner){NULL, NULL, NULL, NULL, 0, NIL, NIL, NIL, NIL};
 }
 
 /* The decoder. pos and end are offsets into buf; end never exceeds the frame. Each
  * function returns 1 and sets the payload span, or 0 when decoding stopped before it.
- * depth: how many tunnels are still to be decoded through (decode.py's depth). */
+ *
+ * decode.py's `depth` argument (how many tunnels are still to be decoded through) is
+ * tunnel_depth - r->level here: the call's tunnel_depth is kept aside (as `scratch` is:
+ * workers are single-threaded and the GIL is held throughout), and a row's level, the
+ * tunnels its packet is inside of, is 0 as row_init leaves it for the outer packet. So
+ * the path of a frame without a tunnel carries no depth along: it is read only where a
+ * tunnel could start. */
+static int tunnel_depth;
+#define DEPTH_LEFT(r) (tunnel_depth - (r)->level)
 
-typedef int (*Decoder)(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r, int depth);
+/* What a tunnel carries, and so which function decodes it (inner()'s `decode`). */
+enum { D_FRAME, D_IPV4, D_IPV6, D_MPLS };
 
-static int ipv4(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r, int depth);
-static int ipv6(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r, int depth);
-static int frame(const uint8_t *buf, Py_ssize_t off, Py_ssize_t end, Row *r, int depth);
-/* The tunnels are kept out of line: the path of a frame without one stays as it was. */
-#define TUNNEL_FN __attribute__((noinline, cold))
-static TUNNEL_FN int pppoe(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r, int depth);
-static TUNNEL_FN int mpls(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r, int depth);
-static TUNNEL_FN int gre(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r, int depth);
-static TUNNEL_FN int vxlan(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r, int depth);
-static TUNNEL_FN int geneve(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r, int depth);
-static TUNNEL_FN int ipip(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r, int depth,
+/* frame(), ipv4() and ipv6() are inlined where they are called (read_packet, inner), as
+ * they were before tunnels (which made them recursive); the tunnels are kept out of
+ * line, and every recursion goes through them: the path of a frame without a tunnel
+ * compiles as it did (an encode_columns of plain UDP or TCP runs the same instructions
+ * per packet, give or take one). */
+#define UNLIKELY(x) __builtin_expect(!!(x), 0)
+#define DECODE_FN static inline __attribute__((always_inline))
+#define TUNNEL_FN __attribute__((noinline))
+static TUNNEL_FN int pppoe(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r);
+static TUNNEL_FN int mpls(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r);
+static TUNNEL_FN int gre(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r);
+static TUNNEL_FN int vxlan(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r);
+static TUNNEL_FN int geneve(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r);
+static TUNNEL_FN int ipip(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r,
                           long proto);
 
 static inline int payload_at(Row *r, Py_ssize_t start, Py_ssize_t end) {
@@ -185,14 +198,22 @@ static inline int payload_at(Row *r, Py_ssize_t start, Py_ssize_t end) {
     return 1;
 }
 
-static int transport(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, long proto, Row *r,
-                     int depth) {
+static int transport(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, long proto, Row *r) {
     Py_ssize_t avail = end - pos;
     Py_ssize_t need, header;
     int reason;
     switch (proto) {
     case IPPROTO_TCP: need = 20; reason = E_TRUNC_TCP; break;
-    case IPPROTO_UDP: case IPPROTO_UDPLITE: need = 8; reason = E_TRUNC_UDP; break;
+    case IPPROTO_UDP:  /* the generic path's steps for an 8-byte header, and tunnels */
+        if (avail >= 4) { r->sport = be16(buf + pos); r->dport = be16(buf + pos + 2); }
+        if (avail < 8) { r->err = E_TRUNC_UDP; return 0; }
+        /* to the VXLAN or Geneve port: a tunnel */
+        if (UNLIKELY((r->dport == UDP_PORT_VXLAN || r->dport == UDP_PORT_GENEVE)
+                     && DEPTH_LEFT(r) > 0))
+            return r->dport == UDP_PORT_VXLAN ? vxlan(buf, pos + 8, end, r)
+                                              : geneve(buf, pos + 8, end, r);
+        return payload_at(r, pos + 8, end);
+    case IPPROTO_UDPLITE: need = 8; reason = E_TRUNC_UDP; break;
     case IPPROTO_SCTP: need = 12; reason = E_TRUNC_SCTP; break;
     case IPPROTO_DCCP: need = 12; reason = E_TRUNC_DCCP; break;
     case IPPROTO_ICMP: case IPPROTO_ICMPV6:
@@ -203,13 +224,12 @@ static int transport(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, long pr
         }
         if (avail < 8) return 0;
         return payload_at(r, pos + 8, end);
-    case IPPROTO_GRE:
-        if (depth) return gre(buf, pos, end, r, depth);
-        return payload_at(r, pos, end);
-    case IPPROTO_IPIP: case IPPROTO_IPV6:
-        if (depth) return ipip(buf, pos, end, r, depth, proto);
-        return payload_at(r, pos, end);
-    default:
+    default:  /* (GRE and IP in IP here, not as cases: that made the switch a jump table) */
+        if (DEPTH_LEFT(r) > 0) {
+            if (proto == IPPROTO_GRE) return gre(buf, pos, end, r);
+            if (proto == IPPROTO_IPIP || proto == IPPROTO_IPV6)
+                return ipip(buf, pos, end, r, proto);
+        }
         return payload_at(r, pos, end);
     }
     if (avail >= 4) { r->sport = be16(buf + pos); r->dport = be16(buf + pos + 2); }
@@ -224,15 +244,11 @@ static int transport(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, long pr
         header = words > need ? words : need;
     }
     if (avail < need) { r->err = reason; return 0; }
-    if (depth && proto == IPPROTO_UDP) {  /* UDP to the VXLAN or Geneve port: a tunnel */
-        if (r->dport == UDP_PORT_VXLAN) return vxlan(buf, pos + 8, end, r, depth);
-        if (r->dport == UDP_PORT_GENEVE) return geneve(buf, pos + 8, end, r, depth);
-    }
     if (avail < header) return 0;
     return payload_at(r, pos + header, end);
 }
 
-static int ipv4(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r, int depth) {
+DECODE_FN int ipv4(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r) {
     if (end - pos < 20) { r->err = E_TRUNC_IPV4; return 0; }
     uint8_t ver_ihl = buf[pos];
     Py_ssize_t total = be16(buf + pos + 2);
@@ -250,16 +266,16 @@ static int ipv4(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r, int 
     }
     if (end - pos < ihl) { r->err = E_TRUNC_IPV4; return 0; }
     if (frag_offset) return payload_at(r, pos + ihl, end);
-    return transport(buf, pos + ihl, end, r->proto, r, depth);
+    return transport(buf, pos + ihl, end, r->proto, r);
 }
 
 /* Extension headers of (len + 1) * 8 bytes (AH and the fragment header differ). */
-static inline int ipv6_ext_8(long nxt) {
+DECODE_FN int ipv6_ext_8(long nxt) {
     return nxt == IPPROTO_HOPOPTS || nxt == IPPROTO_ROUTING || nxt == IPPROTO_DSTOPTS
         || nxt == IPPROTO_MH || nxt == IPPROTO_HIP || nxt == IPPROTO_SHIM6;
 }
 
-static int ipv6(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r, int depth) {
+DECODE_FN int ipv6(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r) {
     if (end - pos < 40) { r->err = E_TRUNC_IPV6; return 0; }
     uint32_t vtf = be32(buf + pos);
     Py_ssize_t payload_len = be16(buf + pos + 4);
@@ -294,7 +310,7 @@ static int ipv6(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r, int 
         }
     }
     r->proto = nxt;
-    return transport(buf, pos, end, nxt, r, depth);
+    return transport(buf, pos, end, nxt, r);
 }
 
 static int arp(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r) {
@@ -313,7 +329,7 @@ static inline int vlan_tpid(long ethertype) {
     return ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD || ethertype == ETH_P_QINQ_PRE;
 }
 
-static int frame(const uint8_t *buf, Py_ssize_t off, Py_ssize_t end, Row *r, int depth) {
+DECODE_FN int frame(const uint8_t *buf, Py_ssize_t off, Py_ssize_t end, Row *r) {
     if (end - off < ETH_HEADER_LEN) {
         if (end - off >= 6) r->eth_dst = buf + off;
         if (end - off >= 12) r->eth_src = buf + off + 6;
@@ -345,29 +361,36 @@ static int frame(const uint8_t *buf, Py_ssize_t off, Py_ssize_t end, Row *r, int
         pos += 8;
     }
     r->ethertype = ethertype;
-    if (ethertype == ETH_P_IP) return ipv4(buf, pos, end, r, depth);
-    if (ethertype == ETH_P_IPV6) return ipv6(buf, pos, end, r, depth);
+    if (ethertype == ETH_P_IP) return ipv4(buf, pos, end, r);
+    if (ethertype == ETH_P_IPV6) return ipv6(buf, pos, end, r);
     if (ethertype == ETH_P_ARP) return arp(buf, pos, end, r);
-    if (depth) {
-        if (ethertype == ETH_P_PPP_SES) return pppoe(buf, pos, end, r, depth);
+    if (DEPTH_LEFT(r) > 0) {
+        if (ethertype == ETH_P_PPP_SES) return pppoe(buf, pos, end, r);
         if (ethertype == ETH_P_MPLS_UC || ethertype == ETH_P_MPLS_MC)
-            return mpls(buf, pos, end, r, depth);
+            return mpls(buf, pos, end, r);
     }
     return payload_at(r, pos, end);
 }
 
 /* --- tunnels (decode.py's _inner, _pppoe, _mpls, _gre, _vxlan, _geneve) ------------ */
 
-/* The packet a tunnel carries, from buf[pos], decoded by `decode` (frame for Ethernet,
- * ipv4, ipv6 or mpls) into a row of its own with one level less to go; the row's inner
- * fields are taken from it (from its own inner fields when it went through a tunnel
- * too). Its error is the row's error, its payload the row's payload. */
+/* The packet a tunnel carries, from buf[pos], decoded as `decode` says (D_FRAME for
+ * Ethernet, D_IPV4, D_IPV6 or D_MPLS) into a row of its own with one level less to go;
+ * the row's inner fields are taken from it (from its own inner fields when it went
+ * through a tunnel too). Its error is the row's error, its payload the row's payload. */
 static TUNNEL_FN int inner(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r,
-                           int depth, Decoder decode) {
+                           int decode) {
     Row in;
     row_init(&in);
-    int ok = decode(buf, pos, end, &in, depth - 1);
-    if (in.tunnel >= 0) {
+    in.level = r->level + 1;
+    int ok;
+    switch (decode) {
+    case D_FRAME: ok = frame(buf, pos, end, &in); break;
+    case D_IPV4: ok = ipv4(buf, pos, end, &in); break;
+    case D_IPV6: ok = ipv6(buf, pos, end, &in); break;
+    default: ok = mpls(buf, pos, end, &in); break;
+    }
+    if (in.tunnel) {
         r->inner = in.inner;
     } else {
         r->inner.eth_dst = in.eth_dst;
@@ -387,7 +410,7 @@ static TUNNEL_FN int inner(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, R
 }
 
 /* PPPoE session (RFC 2516): a 6-byte header, then PPP's 2-byte protocol. */
-static int pppoe(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r, int depth) {
+static int pppoe(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r) {
     set_tunnel(r, T_PPPOE);
     if (end - pos < PPPOE_HEADER_LEN) { r->err = E_TRUNC_PPPOE; return 0; }
     r->tunnel_id = be16(buf + pos + 2);
@@ -396,14 +419,14 @@ static int pppoe(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r, int
     /* the PPP frame's length, protocol included; what follows is padding */
     if (length >= 2 && pos + 6 + length < end) end = pos + 6 + length;
     pos += PPPOE_HEADER_LEN;
-    if (ppp_proto == PPP_IP) return inner(buf, pos, end, r, depth, ipv4);
-    if (ppp_proto == PPP_IPV6) return inner(buf, pos, end, r, depth, ipv6);
+    if (ppp_proto == PPP_IP) return inner(buf, pos, end, r, D_IPV4);
+    if (ppp_proto == PPP_IPV6) return inner(buf, pos, end, r, D_IPV6);
     return payload_at(r, pos, end);
 }
 
 /* An MPLS label stack (RFC 3032); tunnel_id is the top label. After the bottom of the
  * stack the first nibble tells IPv4 from IPv6; anything else is not decoded further. */
-static int mpls(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r, int depth) {
+static int mpls(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r) {
     set_tunnel(r, T_MPLS);
     for (;;) {
         if (end - pos < 4) { r->err = E_TRUNC_MPLS; return 0; }
@@ -414,8 +437,8 @@ static int mpls(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r, int 
     }
     if (end - pos >= 1) {
         int version = buf[pos] >> 4;
-        if (version == 4) return inner(buf, pos, end, r, depth, ipv4);
-        if (version == 6) return inner(buf, pos, end, r, depth, ipv6);
+        if (version == 4) return inner(buf, pos, end, r, D_IPV4);
+        if (version == 6) return inner(buf, pos, end, r, D_IPV6);
     }
     return payload_at(r, pos, end);
 }
@@ -423,7 +446,7 @@ static int mpls(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r, int 
 /* GRE version 0 (RFC 2784/2890): optional checksum, key (tunnel_id) and sequence number;
  * carrying IPv4, IPv6, Ethernet (NVGRE), ERSPAN type I or II, or MPLS. Version 1 (PPTP)
  * and source routing are not decoded further. */
-static int gre(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r, int depth) {
+static int gre(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r) {
     set_tunnel(r, T_GRE);
     if (end - pos < 4) { r->err = E_TRUNC_GRE; return 0; }
     uint16_t flags = be16(buf + pos), ptype = be16(buf + pos + 2);
@@ -437,33 +460,33 @@ static int gre(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r, int d
     if (flags & GRE_KEY) r->tunnel_id = be32(buf + key_at);
     pos += hlen;
     switch (ptype) {
-    case ETH_P_IP: return inner(buf, pos, end, r, depth, ipv4);
-    case ETH_P_IPV6: return inner(buf, pos, end, r, depth, ipv6);
-    case ETH_P_TEB_: return inner(buf, pos, end, r, depth, frame);
+    case ETH_P_IP: return inner(buf, pos, end, r, D_IPV4);
+    case ETH_P_IPV6: return inner(buf, pos, end, r, D_IPV6);
+    case ETH_P_TEB_: return inner(buf, pos, end, r, D_FRAME);
     case ETH_P_ERSPAN_:
         if (flags & GRE_SEQ) {  /* type II: an 8-byte ERSPAN header before the frame */
             if (end - pos < ERSPAN_II_HEADER) { r->err = E_TRUNC_GRE; return 0; }
             pos += ERSPAN_II_HEADER;
         }
-        return inner(buf, pos, end, r, depth, frame);
+        return inner(buf, pos, end, r, D_FRAME);
     case ETH_P_MPLS_UC: case ETH_P_MPLS_MC:
-        if (depth > 1) return inner(buf, pos, end, r, depth, mpls);
+        if (DEPTH_LEFT(r) > 1) return inner(buf, pos, end, r, D_MPLS);
         break;
     }
     return payload_at(r, pos, end);
 }
 
 /* VXLAN (RFC 7348): an 8-byte header with the 24-bit VNI, then an Ethernet frame. */
-static int vxlan(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r, int depth) {
+static int vxlan(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r) {
     set_tunnel(r, T_VXLAN);
     if (end - pos < 8) { r->err = E_TRUNC_VXLAN; return 0; }
     r->tunnel_id = be32(buf + pos + 4) >> 8;
-    return inner(buf, pos + 8, end, r, depth, frame);
+    return inner(buf, pos + 8, end, r, D_FRAME);
 }
 
 /* Geneve (RFC 8926): 8 bytes with the VNI, options, then what its protocol type says
  * (Ethernet, IPv4 or IPv6). Versions other than 0 stop there. */
-static int geneve(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r, int depth) {
+static int geneve(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r) {
     set_tunnel(r, T_GENEVE);
     if (end - pos < 8) { r->err = E_TRUNC_GENEVE; return 0; }
     uint8_t ver_optlen = buf[pos];
@@ -473,17 +496,16 @@ static int geneve(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r, in
     Py_ssize_t hlen = 8 + (Py_ssize_t)(ver_optlen & 0x3F) * 4;
     if (end - pos < hlen) { r->err = E_TRUNC_GENEVE; return 0; }
     pos += hlen;
-    if (ptype == ETH_P_TEB_) return inner(buf, pos, end, r, depth, frame);
-    if (ptype == ETH_P_IP) return inner(buf, pos, end, r, depth, ipv4);
-    if (ptype == ETH_P_IPV6) return inner(buf, pos, end, r, depth, ipv6);
+    if (ptype == ETH_P_TEB_) return inner(buf, pos, end, r, D_FRAME);
+    if (ptype == ETH_P_IP) return inner(buf, pos, end, r, D_IPV4);
+    if (ptype == ETH_P_IPV6) return inner(buf, pos, end, r, D_IPV6);
     return payload_at(r, pos, end);
 }
 
 /* IP in IP (protocol 4: IPv4 inside, 41: IPv6 inside): no header of its own. */
-static int ipip(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r, int depth,
-                long proto) {
+static int ipip(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r, long proto) {
     set_tunnel(r, T_IPIP);
-    return inner(buf, pos, end, r, depth, proto == IPPROTO_IPIP ? ipv4 : ipv6);
+    return inner(buf, pos, end, r, proto == IPPROTO_IPIP ? D_IPV4 : D_IPV6);
 }
 
 /* --- msgpack, exactly as msgpack-python packs with use_bin_type=True --------------- */
@@ -565,7 +587,7 @@ static inline void put_opt_bin(Out *o, const uint8_t *p, size_t n) {
 
 /* A row's tunnel fields, when it went through one. */
 static void put_tunnel_fields(Out *o, const Row *r) {
-    put_str(o, TUNNELS[r->tunnel]);
+    put_str(o, TUNNELS[r->tunnel - 1]);
     if (r->tunnel_id == NIL) put_nil(o); else put_uint(o, (uint64_t)r->tunnel_id);
     put_opt_bin(o, r->inner.eth_dst, 6);
     put_opt_bin(o, r->inner.eth_src, 6);
@@ -613,7 +635,7 @@ static int put_row(Out *o, const Row *r, const uint8_t *buf, Py_ssize_t payload_
     put_opt(o, r->icmp_code);
     put1(o, r->frag ? 0xC3 : 0xC2);
     if (r->err >= 0) put_str(o, REASONS[r->err]); else put_nil(o);
-    if (r->tunnel < 0) {  /* every tunnel field nil */
+    if (!r->tunnel) {  /* every tunnel field nil */
         memset(o->buf + o->len, 0xC0, TUNNEL_FIELDS);
         o->len += TUNNEL_FIELDS;
     } else {
@@ -631,8 +653,7 @@ static int put_row(Out *o, const Row *r, const uint8_t *buf, Py_ssize_t payload_
 /* The packet whose header is at block[pos], decoded into r (decode_block's loop body).
  * Returns its tp_next_offset, or -1 when its header would not fit in the block (a
  * corrupt chain; the kernel never writes one). */
-static long read_packet(const uint8_t *block, Py_ssize_t limit, Py_ssize_t pos, Row *r,
-                        int depth) {
+static long read_packet(const uint8_t *block, Py_ssize_t limit, Py_ssize_t pos, Row *r) {
     if (pos < 0 || pos + (Py_ssize_t)HDR_SIZE > limit) return -1;
     const uint8_t *h = block + pos;
     uint32_t next_offset = le32(h + HDR_OFF(tp_next_offset));
@@ -657,7 +678,7 @@ static long read_packet(const uint8_t *block, Py_ssize_t limit, Py_ssize_t pos, 
         r->caplen = snaplen;
         r->len = wire_len;
     }
-    frame(block, mac_off, mac_off + (Py_ssize_t)snaplen, r, depth);
+    frame(block, mac_off, mac_off + (Py_ssize_t)snaplen, r);
     return (long)next_offset;
 }
 
@@ -709,7 +730,8 @@ static Out scratch;
         PyBuffer_Release(&view);                                                        \
         return PyErr_Format(PyExc_ValueError, "tunnel_depth %d is not in 0..%d", depth, \
                             MAX_TUNNEL_DEPTH);                                          \
-    }
+    }                                                                                   \
+    tunnel_depth = depth
 
 /* Version 1: the rows, each a msgpack array (wire.rows_body). */
 static PyObject *encode_batch(PyObject *self, PyObject *args) {
@@ -738,7 +760,7 @@ static PyObject *encode_batch(PyObject *self, PyObject *args) {
     Py_ssize_t pos = first;
     for (Py_ssize_t i = 0; i < num_pkts; i++) {
         Row r;
-        long next_offset = read_packet(block, limit, pos, &r, depth);
+        long next_offset = read_packet(block, limit, pos, &r);
         if (next_offset < 0) break;
         if (r.err >= 0) counts[r.err]++;
         wire_bytes += r.len;
@@ -927,7 +949,7 @@ static __attribute__((noinline)) int tunnel_columns_add(const Row *r, Py_ssize_t
         tunnel_columns.active = 1;
     }
     tunnel_columns_fill(i);
-    c[C_TUNNEL].values.buf[i] = (uint8_t)r->tunnel;
+    c[C_TUNNEL].values.buf[i] = (uint8_t)(r->tunnel - 1);
     set_bit(&c[C_TUNNEL].validity, i);
     col_fixed(&c[C_TUNNEL_ID], 4, i, r->tunnel_id);
     col_mac(&c[C_INNER_ETH_DST], i, r->inner.eth_dst);
@@ -968,8 +990,8 @@ static int columns_add(const Row *r, Py_ssize_t i, Py_ssize_t n, const uint8_t *
     put_le(c[C_IFINDEX].values.buf + 4 * (size_t)i, (uint64_t)(uint32_t)r->ifindex, 4);
     put_le(c[C_RXHASH].values.buf + 4 * (size_t)i, r->rxhash, 4);
     c[C_PKTTYPE].values.buf[i] = r->pkttype;
-    col_mac(&c[C_ETH_DST], i, r->eth_dst);
-    col_mac(&c[C_ETH_SRC], i, r->eth_src);
+    const uint8_t *macs[2] = {r->eth_dst, r->eth_src};
+    for (int k = 0; k < 2; k++) col_mac(&c[C_ETH_DST + k], i, macs[k]);
     col_fixed(&c[C_ETHERTYPE], 2, i, r->ethertype);
     /* vlan: the ring header's tag first, then the frame's, outermost first */
     Column *vlan = &c[C_VLAN];
@@ -993,7 +1015,7 @@ static int columns_add(const Row *r, Py_ssize_t i, Py_ssize_t n, const uint8_t *
     col_fixed(&c[C_ICMP_CODE], 1, i, r->icmp_code);
     if (r->frag) set_bit(&c[C_FRAG].values, i);
     col_fixed(&c[C_ERR], 1, i, r->err >= 0 ? r->err : NIL);
-    if (r->tunnel >= 0 && tunnel_columns_add(r, i, n) < 0) return -1;
+    if (r->tunnel && tunnel_columns_add(r, i, n) < 0) return -1;
     if (payload_bytes) {
         const uint8_t *p = r->payload_start >= 0 ? block + r->payload_start : NULL;
         if (col_bytes(&c[C_PAYLOAD], i, p, payload_length(r, payload_bytes)) < 0) return -1;
@@ -1079,7 +1101,7 @@ static PyObject *encode_columns(PyObject *self, PyObject *args) {
     Py_ssize_t pos = first;
     for (Py_ssize_t i = 0; i < max_rows; i++) {
         Row r;
-        long next_offset = read_packet(block, limit, pos, &r, depth);
+        long next_offset = read_packet(block, limit, pos, &r);
         if (next_offset < 0) break;
         if (r.err >= 0) counts[r.err]++;
         wire_bytes += r.len;
