@@ -11,7 +11,9 @@
  * budget of the whole path, and no Python form of it comes close (docs/performance.md).
  *
  * Every read is bounded by the frame's captured length and by the block: wire input
- * never makes it read outside the buffer it was given.
+ * never makes it read outside the buffer it was given. Tunnels are decoded as decode.py
+ * decodes them: the carried packet into a Row of its own by the same functions with one
+ * level of tunnel_depth less (at most MAX_TUNNEL_DEPTH levels, so recursion is bounded).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -28,6 +30,7 @@ enum {
     E_TRUNC_ETH, E_TRUNC_VLAN, E_TRUNC_LLC, E_TRUNC_ARP, E_TRUNC_IPV4, E_BAD_IPV4_HDR,
     E_BAD_IPV4_LEN, E_TRUNC_IPV6, E_BAD_IPV6_HDR, E_TRUNC_IPV6_EXT, E_TRUNC_TCP,
     E_BAD_TCP_HDR, E_TRUNC_UDP, E_TRUNC_SCTP, E_TRUNC_DCCP, E_TRUNC_ICMP, E_TRUNC_ICMPV6,
+    E_TRUNC_PPPOE, E_TRUNC_MPLS, E_TRUNC_GRE, E_TRUNC_VXLAN, E_TRUNC_GENEVE,
     E_COUNT
 };
 static const char *const REASONS[E_COUNT] = {  /* wire.ERROR_REASONS, in its order */
@@ -35,9 +38,15 @@ static const char *const REASONS[E_COUNT] = {  /* wire.ERROR_REASONS, in its ord
     "truncated-ipv4", "bad-ipv4-header", "bad-ipv4-length", "truncated-ipv6",
     "bad-ipv6-header", "truncated-ipv6-ext", "truncated-tcp", "bad-tcp-header",
     "truncated-udp", "truncated-sctp", "truncated-dccp", "truncated-icmp",
-    "truncated-icmpv6",
+    "truncated-icmpv6", "truncated-pppoe", "truncated-mpls", "truncated-gre",
+    "truncated-vxlan", "truncated-geneve",
 };
 static PyObject *reason_names[E_COUNT];
+
+/* wire.TUNNELS, in its order (the `tunnel` field's dictionary); a Row's tunnel is one of
+ * these plus 1, 0 for none (what row_init's memset leaves). */
+enum { T_PPPOE, T_MPLS, T_GRE, T_VXLAN, T_GENEVE, T_IPIP, T_COUNT };
+static const char *const TUNNELS[T_COUNT] = {"pppoe", "mpls", "gre", "vxlan", "geneve", "ipip"};
 
 enum { TS_HARDWARE, TS_SOFTWARE, TS_FALLBACK, TS_COUNT };
 static const char *const TS_SOURCES[TS_COUNT] = {"hardware", "software", "fallback"};
@@ -72,8 +81,23 @@ _Static_assert(SLL_FIELD_OFF(sll_pkttype) == 58, "sll_pkttype");
 #define IPPROTO_HIP 139
 #define IPPROTO_SHIM6 140
 #define ARPHRD_ETHER_ 1                 /* ARP hardware type Ethernet */
+/* Tunnels (decode.py's "tunnels" section) */
+#define ETH_P_TEB_ 0x6558               /* transparent Ethernet bridging (NVGRE, Geneve) */
+#define ETH_P_ERSPAN_ 0x88BE            /* ERSPAN type I and II, over GRE */
+#define PPP_IP 0x0021
+#define PPP_IPV6 0x0057
+#define PPPOE_HEADER_LEN 8              /* the session header and PPP's protocol */
+#define GRE_CSUM 0x8000
+#define GRE_ROUTING 0x4000
+#define GRE_KEY 0x2000
+#define GRE_SEQ 0x1000
+#define GRE_VERSION 0x0007
+#define UDP_PORT_VXLAN 4789
+#define UDP_PORT_GENEVE 6081
+#define ERSPAN_II_HEADER 8
+#define MAX_TUNNEL_DEPTH 4              /* decode.MAX_TUNNEL_DEPTH */
 #define NIL (-1)
-#define ROW_FIELDS 22                   /* len(wire.FIELDS) */
+#define ROW_FIELDS 32                   /* len(wire.FIELDS) */
 #define VLAN_ID_MASK 0x0FFF
 #define LEN_MAX 0xFFFFFFFFu             /* version 2 keeps len and caplen in uint32 */
 
@@ -89,6 +113,14 @@ static inline uint32_t be32(const uint8_t *p) {
 }
 
 /* --- one row, as decode.py fills it ------------------------------------------------- */
+
+/* A row's inner_* fields: what the innermost tunnel decoded carries. */
+typedef struct {
+    const uint8_t *eth_dst, *eth_src;   /* NULL: nil */
+    const uint8_t *src, *dst;           /* NULL: nil */
+    int addr_len;
+    long proto, sport, dport, tcp_flags;  /* NIL: nil */
+} Inner;
 
 typedef struct {
     uint64_t ts_ns, len, caplen;
@@ -107,18 +139,64 @@ typedef struct {
     int frag;
     int err;                            /* -1: nil, else an index into REASONS */
     Py_ssize_t payload_start, payload_end;  /* payload_start < 0: nil */
+    int level;                          /* the tunnels this row's packet is inside of */
+    int tunnel;                         /* 0: nil, else 1 + an index into TUNNELS */
+    /* Set (by set_tunnel) only once `tunnel` is: with tunnel 0 they are all nil and never
+     * read, so that a frame without a tunnel costs nothing to initialise. */
+    int64_t tunnel_id;                  /* NIL: nil; up to 32 bits (the GRE key) */
+    Inner inner;
 } Row;
 
 static void row_init(Row *r) {
-    memset(r, 0, sizeof *r);
+    memset(r, 0, offsetof(Row, tunnel_id));
     r->ethertype = r->meta_vlan = NIL;
     r->proto = r->ttl = r->sport = r->dport = r->tcp_flags = r->icmp_type = r->icmp_code = NIL;
     r->err = -1;
     r->payload_start = -1;
 }
 
+/* The row goes through a tunnel of this kind: its tunnel fields become nil but `tunnel`. */
+static void set_tunnel(Row *r, int kind) {
+    r->tunnel = kind + 1;
+    r->tunnel_id = NIL;
+    r->inner = (Inner){NULL, NULL, NULL, NULL, 0, NIL, NIL, NIL, NIL};
+}
+
 /* The decoder. pos and end are offsets into buf; end never exceeds the frame. Each
- * function returns 1 and sets the payload span, or 0 when decoding stopped before it. */
+ * function returns 1 and sets the payload span, or 0 when decoding stopped before it.
+ *
+ * decode.py's `depth` argument (how many tunnels are still to be decoded through) is
+ * tunnel_depth - r->level here: the call's tunnel_depth is kept aside (as `scratch` is:
+ * workers are single-threaded and the GIL is held throughout), and a row's level, the
+ * tunnels its packet is inside of, is 0 as row_init leaves it for the outer packet. So
+ * the path of a frame without a tunnel carries no depth along: it is read only where a
+ * tunnel could start. */
+static int tunnel_depth;
+#define DEPTH_LEFT(r) (tunnel_depth - (r)->level)
+
+/* What a tunnel carries, and so which function decodes it (inner()'s `decode`). */
+enum { D_FRAME, D_IPV4, D_IPV6, D_MPLS };
+
+/* frame(), ipv4() and ipv6() are inlined where they are called (read_packet, inner), as
+ * they were before tunnels (which made them recursive); the tunnels are kept out of
+ * line, and every recursion goes through them: the path of a frame without a tunnel
+ * compiles as it did (an encode_columns of plain UDP or TCP runs the same instructions
+ * per packet, give or take one). */
+#define UNLIKELY(x) __builtin_expect(!!(x), 0)
+#define DECODE_FN static inline __attribute__((always_inline))
+#define TUNNEL_FN __attribute__((noinline))
+static TUNNEL_FN int pppoe(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r);
+static TUNNEL_FN int mpls(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r);
+static TUNNEL_FN int gre(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r);
+static TUNNEL_FN int vxlan(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r);
+static TUNNEL_FN int geneve(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r);
+static TUNNEL_FN int ipip(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r,
+                          long proto);
+
+static inline int payload_at(Row *r, Py_ssize_t start, Py_ssize_t end) {
+    r->payload_start = start; r->payload_end = end;
+    return 1;
+}
 
 static int transport(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, long proto, Row *r) {
     Py_ssize_t avail = end - pos;
@@ -126,7 +204,16 @@ static int transport(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, long pr
     int reason;
     switch (proto) {
     case IPPROTO_TCP: need = 20; reason = E_TRUNC_TCP; break;
-    case IPPROTO_UDP: case IPPROTO_UDPLITE: need = 8; reason = E_TRUNC_UDP; break;
+    case IPPROTO_UDP:  /* the generic path's steps for an 8-byte header, and tunnels */
+        if (avail >= 4) { r->sport = be16(buf + pos); r->dport = be16(buf + pos + 2); }
+        if (avail < 8) { r->err = E_TRUNC_UDP; return 0; }
+        /* to the VXLAN or Geneve port: a tunnel */
+        if (UNLIKELY((r->dport == UDP_PORT_VXLAN || r->dport == UDP_PORT_GENEVE)
+                     && DEPTH_LEFT(r) > 0))
+            return r->dport == UDP_PORT_VXLAN ? vxlan(buf, pos + 8, end, r)
+                                              : geneve(buf, pos + 8, end, r);
+        return payload_at(r, pos + 8, end);
+    case IPPROTO_UDPLITE: need = 8; reason = E_TRUNC_UDP; break;
     case IPPROTO_SCTP: need = 12; reason = E_TRUNC_SCTP; break;
     case IPPROTO_DCCP: need = 12; reason = E_TRUNC_DCCP; break;
     case IPPROTO_ICMP: case IPPROTO_ICMPV6:
@@ -136,11 +223,14 @@ static int transport(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, long pr
             return 0;
         }
         if (avail < 8) return 0;
-        r->payload_start = pos + 8; r->payload_end = end;
-        return 1;
-    default:
-        r->payload_start = pos; r->payload_end = end;
-        return 1;
+        return payload_at(r, pos + 8, end);
+    default:  /* (GRE and IP in IP here, not as cases: that made the switch a jump table) */
+        if (DEPTH_LEFT(r) > 0) {
+            if (proto == IPPROTO_GRE) return gre(buf, pos, end, r);
+            if (proto == IPPROTO_IPIP || proto == IPPROTO_IPV6)
+                return ipip(buf, pos, end, r, proto);
+        }
+        return payload_at(r, pos, end);
     }
     if (avail >= 4) { r->sport = be16(buf + pos); r->dport = be16(buf + pos + 2); }
     header = need;
@@ -155,11 +245,10 @@ static int transport(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, long pr
     }
     if (avail < need) { r->err = reason; return 0; }
     if (avail < header) return 0;
-    r->payload_start = pos + header; r->payload_end = end;
-    return 1;
+    return payload_at(r, pos + header, end);
 }
 
-static int ipv4(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r) {
+DECODE_FN int ipv4(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r) {
     if (end - pos < 20) { r->err = E_TRUNC_IPV4; return 0; }
     uint8_t ver_ihl = buf[pos];
     Py_ssize_t total = be16(buf + pos + 2);
@@ -176,20 +265,17 @@ static int ipv4(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r) {
         if (pos + total < end) end = pos + total;  /* the rest is Ethernet padding */
     }
     if (end - pos < ihl) { r->err = E_TRUNC_IPV4; return 0; }
-    if (frag_offset) {
-        r->payload_start = pos + ihl; r->payload_end = end;
-        return 1;
-    }
+    if (frag_offset) return payload_at(r, pos + ihl, end);
     return transport(buf, pos + ihl, end, r->proto, r);
 }
 
 /* Extension headers of (len + 1) * 8 bytes (AH and the fragment header differ). */
-static inline int ipv6_ext_8(long nxt) {
+DECODE_FN int ipv6_ext_8(long nxt) {
     return nxt == IPPROTO_HOPOPTS || nxt == IPPROTO_ROUTING || nxt == IPPROTO_DSTOPTS
         || nxt == IPPROTO_MH || nxt == IPPROTO_HIP || nxt == IPPROTO_SHIM6;
 }
 
-static int ipv6(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r) {
+DECODE_FN int ipv6(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r) {
     if (end - pos < 40) { r->err = E_TRUNC_IPV6; return 0; }
     uint32_t vtf = be32(buf + pos);
     Py_ssize_t payload_len = be16(buf + pos + 4);
@@ -217,8 +303,7 @@ static int ipv6(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r) {
             pos += 8;
             if (offset_flags >> 3) {  /* a later fragment: its payload starts mid-datagram */
                 r->proto = nxt;
-                r->payload_start = pos; r->payload_end = end;
-                return 1;
+                return payload_at(r, pos, end);
             }
         } else {
             break;
@@ -237,54 +322,190 @@ static int arp(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r) {
     if (htype == ARPHRD_ETHER_ && ptype == ETH_P_IP && hlen == 6 && plen == 4) {
         r->src = buf + pos + 14; r->dst = buf + pos + 24; r->addr_len = 4;
     }
-    r->payload_start = pos + size; r->payload_end = end;
-    return 1;
+    return payload_at(r, pos + size, end);
 }
 
 static inline int vlan_tpid(long ethertype) {
     return ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD || ethertype == ETH_P_QINQ_PRE;
 }
 
-static void frame(const uint8_t *buf, Py_ssize_t off, Py_ssize_t end, Row *r) {
+DECODE_FN int frame(const uint8_t *buf, Py_ssize_t off, Py_ssize_t end, Row *r) {
     if (end - off < ETH_HEADER_LEN) {
         if (end - off >= 6) r->eth_dst = buf + off;
         if (end - off >= 12) r->eth_src = buf + off + 6;
         r->err = E_TRUNC_ETH;
-        return;
+        return 0;
     }
     r->eth_dst = buf + off; r->eth_src = buf + off + 6;
     long ethertype = be16(buf + off + 12);
     Py_ssize_t pos = off + ETH_HEADER_LEN;
     r->vlan_tags = buf + pos;
     while (vlan_tpid(ethertype)) {
-        if (end - pos < VLAN_TAG_LEN) { r->err = E_TRUNC_VLAN; return; }
+        if (end - pos < VLAN_TAG_LEN) { r->err = E_TRUNC_VLAN; return 0; }
         r->n_vlan_tags++;
         ethertype = be16(buf + pos + 2);
         pos += VLAN_TAG_LEN;
     }
     if (ethertype <= ETH_MAX_LENGTH_FIELD) {  /* 802.3: LLC; SNAP may carry an ethertype */
-        if (end - pos < 3) { r->err = E_TRUNC_LLC; return; }
-        if (buf[pos] != LLC_SNAP_SAP || buf[pos + 1] != LLC_SNAP_SAP) {
-            r->payload_start = pos + 3; r->payload_end = end;
-            return;
-        }
-        if (end - pos < 8) { r->err = E_TRUNC_LLC; return; }
+        if (end - pos < 3) { r->err = E_TRUNC_LLC; return 0; }
+        if (buf[pos] != LLC_SNAP_SAP || buf[pos + 1] != LLC_SNAP_SAP)
+            return payload_at(r, pos + 3, end);
+        if (end - pos < 8) { r->err = E_TRUNC_LLC; return 0; }
         const uint8_t *oui = buf + pos + 3;
         ethertype = be16(buf + pos + 6);
         /* RFC 1042 and 802.1H OUIs carry an ethertype, if the protocol id is one (a
          * value below 0x0600, such as a Cisco ISL header's, is not) */
         if (!(oui[0] == 0 && oui[1] == 0 && (oui[2] == 0 || oui[2] == 0xF8))
-                || ethertype < ETH_P_802_3_MIN) {
-            r->payload_start = pos + 8; r->payload_end = end;
-            return;
-        }
+                || ethertype < ETH_P_802_3_MIN)
+            return payload_at(r, pos + 8, end);
         pos += 8;
     }
     r->ethertype = ethertype;
-    if (ethertype == ETH_P_IP) ipv4(buf, pos, end, r);
-    else if (ethertype == ETH_P_IPV6) ipv6(buf, pos, end, r);
-    else if (ethertype == ETH_P_ARP) arp(buf, pos, end, r);
-    else { r->payload_start = pos; r->payload_end = end; }
+    if (ethertype == ETH_P_IP) return ipv4(buf, pos, end, r);
+    if (ethertype == ETH_P_IPV6) return ipv6(buf, pos, end, r);
+    if (ethertype == ETH_P_ARP) return arp(buf, pos, end, r);
+    if (DEPTH_LEFT(r) > 0) {
+        if (ethertype == ETH_P_PPP_SES) return pppoe(buf, pos, end, r);
+        if (ethertype == ETH_P_MPLS_UC || ethertype == ETH_P_MPLS_MC)
+            return mpls(buf, pos, end, r);
+    }
+    return payload_at(r, pos, end);
+}
+
+/* --- tunnels (decode.py's _inner, _pppoe, _mpls, _gre, _vxlan, _geneve) ------------ */
+
+/* The packet a tunnel carries, from buf[pos], decoded as `decode` says (D_FRAME for
+ * Ethernet, D_IPV4, D_IPV6 or D_MPLS) into a row of its own with one level less to go;
+ * the row's inner fields are taken from it (from its own inner fields when it went
+ * through a tunnel too). Its error is the row's error, its payload the row's payload. */
+static TUNNEL_FN int inner(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r,
+                           int decode) {
+    Row in;
+    row_init(&in);
+    in.level = r->level + 1;
+    int ok;
+    switch (decode) {
+    case D_FRAME: ok = frame(buf, pos, end, &in); break;
+    case D_IPV4: ok = ipv4(buf, pos, end, &in); break;
+    case D_IPV6: ok = ipv6(buf, pos, end, &in); break;
+    default: ok = mpls(buf, pos, end, &in); break;
+    }
+    if (in.tunnel) {
+        r->inner = in.inner;
+    } else {
+        r->inner.eth_dst = in.eth_dst;
+        r->inner.eth_src = in.eth_src;
+        r->inner.src = in.src;
+        r->inner.dst = in.dst;
+        r->inner.addr_len = in.addr_len;
+        r->inner.proto = in.proto;
+        r->inner.sport = in.sport;
+        r->inner.dport = in.dport;
+        r->inner.tcp_flags = in.tcp_flags;
+    }
+    if (in.err >= 0) r->err = in.err;
+    r->payload_start = in.payload_start;
+    r->payload_end = in.payload_end;
+    return ok;
+}
+
+/* PPPoE session (RFC 2516): a 6-byte header, then PPP's 2-byte protocol. */
+static int pppoe(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r) {
+    set_tunnel(r, T_PPPOE);
+    if (end - pos < PPPOE_HEADER_LEN) { r->err = E_TRUNC_PPPOE; return 0; }
+    r->tunnel_id = be16(buf + pos + 2);
+    Py_ssize_t length = be16(buf + pos + 4);
+    uint16_t ppp_proto = be16(buf + pos + 6);
+    /* the PPP frame's length, protocol included; what follows is padding */
+    if (length >= 2 && pos + 6 + length < end) end = pos + 6 + length;
+    pos += PPPOE_HEADER_LEN;
+    if (ppp_proto == PPP_IP) return inner(buf, pos, end, r, D_IPV4);
+    if (ppp_proto == PPP_IPV6) return inner(buf, pos, end, r, D_IPV6);
+    return payload_at(r, pos, end);
+}
+
+/* An MPLS label stack (RFC 3032); tunnel_id is the top label. After the bottom of the
+ * stack the first nibble tells IPv4 from IPv6; anything else is not decoded further. */
+static int mpls(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r) {
+    set_tunnel(r, T_MPLS);
+    for (;;) {
+        if (end - pos < 4) { r->err = E_TRUNC_MPLS; return 0; }
+        uint32_t entry = be32(buf + pos);
+        if (r->tunnel_id == NIL) r->tunnel_id = entry >> 12;
+        pos += 4;
+        if (entry & 0x100) break;  /* bottom of stack */
+    }
+    if (end - pos >= 1) {
+        int version = buf[pos] >> 4;
+        if (version == 4) return inner(buf, pos, end, r, D_IPV4);
+        if (version == 6) return inner(buf, pos, end, r, D_IPV6);
+    }
+    return payload_at(r, pos, end);
+}
+
+/* GRE version 0 (RFC 2784/2890): optional checksum, key (tunnel_id) and sequence number;
+ * carrying IPv4, IPv6, Ethernet (NVGRE), ERSPAN type I or II, or MPLS. Version 1 (PPTP)
+ * and source routing are not decoded further. */
+static int gre(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r) {
+    set_tunnel(r, T_GRE);
+    if (end - pos < 4) { r->err = E_TRUNC_GRE; return 0; }
+    uint16_t flags = be16(buf + pos), ptype = be16(buf + pos + 2);
+    if (flags & (GRE_VERSION | GRE_ROUTING)) return 0;
+    Py_ssize_t hlen = 4;
+    if (flags & GRE_CSUM) hlen += 4;
+    Py_ssize_t key_at = pos + hlen;
+    if (flags & GRE_KEY) hlen += 4;
+    if (flags & GRE_SEQ) hlen += 4;
+    if (end - pos < hlen) { r->err = E_TRUNC_GRE; return 0; }
+    if (flags & GRE_KEY) r->tunnel_id = be32(buf + key_at);
+    pos += hlen;
+    switch (ptype) {
+    case ETH_P_IP: return inner(buf, pos, end, r, D_IPV4);
+    case ETH_P_IPV6: return inner(buf, pos, end, r, D_IPV6);
+    case ETH_P_TEB_: return inner(buf, pos, end, r, D_FRAME);
+    case ETH_P_ERSPAN_:
+        if (flags & GRE_SEQ) {  /* type II: an 8-byte ERSPAN header before the frame */
+            if (end - pos < ERSPAN_II_HEADER) { r->err = E_TRUNC_GRE; return 0; }
+            pos += ERSPAN_II_HEADER;
+        }
+        return inner(buf, pos, end, r, D_FRAME);
+    case ETH_P_MPLS_UC: case ETH_P_MPLS_MC:
+        if (DEPTH_LEFT(r) > 1) return inner(buf, pos, end, r, D_MPLS);
+        break;
+    }
+    return payload_at(r, pos, end);
+}
+
+/* VXLAN (RFC 7348): an 8-byte header with the 24-bit VNI, then an Ethernet frame. */
+static int vxlan(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r) {
+    set_tunnel(r, T_VXLAN);
+    if (end - pos < 8) { r->err = E_TRUNC_VXLAN; return 0; }
+    r->tunnel_id = be32(buf + pos + 4) >> 8;
+    return inner(buf, pos + 8, end, r, D_FRAME);
+}
+
+/* Geneve (RFC 8926): 8 bytes with the VNI, options, then what its protocol type says
+ * (Ethernet, IPv4 or IPv6). Versions other than 0 stop there. */
+static int geneve(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r) {
+    set_tunnel(r, T_GENEVE);
+    if (end - pos < 8) { r->err = E_TRUNC_GENEVE; return 0; }
+    uint8_t ver_optlen = buf[pos];
+    uint16_t ptype = be16(buf + pos + 2);
+    r->tunnel_id = be32(buf + pos + 4) >> 8;
+    if (ver_optlen >> 6) return 0;
+    Py_ssize_t hlen = 8 + (Py_ssize_t)(ver_optlen & 0x3F) * 4;
+    if (end - pos < hlen) { r->err = E_TRUNC_GENEVE; return 0; }
+    pos += hlen;
+    if (ptype == ETH_P_TEB_) return inner(buf, pos, end, r, D_FRAME);
+    if (ptype == ETH_P_IP) return inner(buf, pos, end, r, D_IPV4);
+    if (ptype == ETH_P_IPV6) return inner(buf, pos, end, r, D_IPV6);
+    return payload_at(r, pos, end);
+}
+
+/* IP in IP (protocol 4: IPv4 inside, 41: IPv6 inside): no header of its own. */
+static int ipip(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r, long proto) {
+    set_tunnel(r, T_IPIP);
+    return inner(buf, pos, end, r, proto == IPPROTO_IPIP ? D_IPV4 : D_IPV6);
 }
 
 /* --- msgpack, exactly as msgpack-python packs with use_bin_type=True --------------- */
@@ -358,6 +579,26 @@ static void put_map(Out *o, size_t n) {
     else { put1(o, 0xDF); put_be(o, n, 4); }
 }
 
+#define TUNNEL_FIELDS 10  /* tunnel, tunnel_id and the 8 inner_* fields (wire.TUNNEL_FIELDS) */
+
+static inline void put_opt_bin(Out *o, const uint8_t *p, size_t n) {
+    if (p) put_bin(o, p, n); else put_nil(o);
+}
+
+/* A row's tunnel fields, when it went through one. */
+static void put_tunnel_fields(Out *o, const Row *r) {
+    put_str(o, TUNNELS[r->tunnel - 1]);
+    if (r->tunnel_id == NIL) put_nil(o); else put_uint(o, (uint64_t)r->tunnel_id);
+    put_opt_bin(o, r->inner.eth_dst, 6);
+    put_opt_bin(o, r->inner.eth_src, 6);
+    put_opt_bin(o, r->inner.src, (size_t)r->inner.addr_len);
+    put_opt_bin(o, r->inner.dst, (size_t)r->inner.addr_len);
+    put_opt(o, r->inner.proto);
+    put_opt(o, r->inner.sport);
+    put_opt(o, r->inner.dport);
+    put_opt(o, r->inner.tcp_flags);
+}
+
 static int put_row(Out *o, const Row *r, const uint8_t *buf, Py_ssize_t payload_bytes) {
     Py_ssize_t n_vlan = r->n_vlan_tags + (r->meta_vlan != NIL);
     Py_ssize_t payload = 0;
@@ -366,8 +607,8 @@ static int put_row(Out *o, const Row *r, const uint8_t *buf, Py_ssize_t payload_
         if (payload > payload_bytes) payload = payload_bytes;
         if (payload < 0) payload = 0;
     }
-    /* 160 bytes cover every fixed field with its largest encoding */
-    if (out_reserve(o, 160 + 3 * (size_t)n_vlan + (size_t)payload + 5) < 0) return -1;
+    /* 256 bytes cover every fixed field with its largest encoding, tunnel fields too */
+    if (out_reserve(o, 256 + 3 * (size_t)n_vlan + (size_t)payload + 5) < 0) return -1;
     put_array(o, ROW_FIELDS + (payload_bytes ? 1 : 0));
     put_uint(o, r->ts_ns);
     put_str(o, TS_SOURCES[r->ts_src]);
@@ -394,6 +635,12 @@ static int put_row(Out *o, const Row *r, const uint8_t *buf, Py_ssize_t payload_
     put_opt(o, r->icmp_code);
     put1(o, r->frag ? 0xC3 : 0xC2);
     if (r->err >= 0) put_str(o, REASONS[r->err]); else put_nil(o);
+    if (!r->tunnel) {  /* every tunnel field nil */
+        memset(o->buf + o->len, 0xC0, TUNNEL_FIELDS);
+        o->len += TUNNEL_FIELDS;
+    } else {
+        put_tunnel_fields(o, r);
+    }
     if (payload_bytes) {
         if (r->payload_start >= 0) put_bin(o, buf + r->payload_start, (size_t)payload);
         else put_nil(o);
@@ -468,15 +715,23 @@ static inline Py_ssize_t payload_length(const Row *r, Py_ssize_t payload_bytes) 
 static Out scratch;
 
 /* Both encoders' arguments: (block, first_offset, num_pkts, payload_bytes, errors,
- * prefix, seq). The two buffers are released by the caller. */
+ * prefix, seq[, tunnel_depth]). The two buffers are released by the caller. */
 #define PARSE_ENCODE_ARGS(args)                                                         \
     Py_buffer view, prefix;                                                             \
     Py_ssize_t first, num_pkts, payload_bytes;                                          \
     unsigned long long seq;                                                             \
     PyObject *errors;                                                                   \
-    if (!PyArg_ParseTuple(args, "y*nnnO!y*K", &view, &first, &num_pkts, &payload_bytes, \
-                          &PyDict_Type, &errors, &prefix, &seq))                        \
-        return NULL
+    int depth = 1;                                                                      \
+    if (!PyArg_ParseTuple(args, "y*nnnO!y*K|i", &view, &first, &num_pkts,               \
+                          &payload_bytes, &PyDict_Type, &errors, &prefix, &seq, &depth)) \
+        return NULL;                                                                    \
+    if (depth < 0 || depth > MAX_TUNNEL_DEPTH) {                                        \
+        PyBuffer_Release(&prefix);                                                      \
+        PyBuffer_Release(&view);                                                        \
+        return PyErr_Format(PyExc_ValueError, "tunnel_depth %d is not in 0..%d", depth, \
+                            MAX_TUNNEL_DEPTH);                                          \
+    }                                                                                   \
+    tunnel_depth = depth
 
 /* Version 1: the rows, each a msgpack array (wire.rows_body). */
 static PyObject *encode_batch(PyObject *self, PyObject *args) {
@@ -537,9 +792,16 @@ done:
 enum {
     C_TS_NS, C_TS_SRC, C_LEN, C_CAPLEN, C_IFINDEX, C_RXHASH, C_PKTTYPE, C_ETH_DST,
     C_ETH_SRC, C_ETHERTYPE, C_VLAN, C_SRC, C_DST, C_PROTO, C_TTL, C_SPORT, C_DPORT,
-    C_TCP_FLAGS, C_ICMP_TYPE, C_ICMP_CODE, C_FRAG, C_ERR, C_PAYLOAD, C_COUNT
+    C_TCP_FLAGS, C_ICMP_TYPE, C_ICMP_CODE, C_FRAG, C_ERR,
+    C_TUNNEL, C_TUNNEL_ID, C_INNER_ETH_DST, C_INNER_ETH_SRC, C_INNER_SRC, C_INNER_DST,
+    C_INNER_PROTO, C_INNER_SPORT, C_INNER_DPORT, C_INNER_TCP_FLAGS,
+    C_PAYLOAD, C_COUNT
 };
 _Static_assert(C_PAYLOAD == ROW_FIELDS, "payload follows the row fields");
+_Static_assert(C_PAYLOAD - C_TUNNEL == TUNNEL_FIELDS, "the tunnel fields end the row");
+/* The optional columns (wire.Field.optional): the tunnel fields, C_TUNNEL up to C_PAYLOAD.
+ * A batch leaves out each one that is nil in every row. */
+#define OPTIONAL_COLUMN(k) ((k) >= C_TUNNEL && (k) < C_PAYLOAD)
 enum { L_FIXED, L_BOOL, L_FIXED_BINARY, L_BINARY, L_LIST, L_DICTIONARY };
 typedef struct {
     const char *name, *arrow;
@@ -570,6 +832,16 @@ static const ColumnSpec COLUMNS[C_COUNT] = {
     {"icmp_code", "uint8", L_FIXED, 1, 1, NULL, 0},
     {"frag", "bool", L_BOOL, 0, 0, NULL, 0},
     {"err", "dictionary<int8, utf8>", L_DICTIONARY, 1, 1, REASONS, E_COUNT},
+    {"tunnel", "dictionary<int8, utf8>", L_DICTIONARY, 1, 1, TUNNELS, T_COUNT},
+    {"tunnel_id", "uint32", L_FIXED, 1, 4, NULL, 0},
+    {"inner_eth_dst", "fixed_size_binary[6]", L_FIXED_BINARY, 1, 6, NULL, 0},
+    {"inner_eth_src", "fixed_size_binary[6]", L_FIXED_BINARY, 1, 6, NULL, 0},
+    {"inner_src", "binary", L_BINARY, 1, 0, NULL, 0},
+    {"inner_dst", "binary", L_BINARY, 1, 0, NULL, 0},
+    {"inner_proto", "uint8", L_FIXED, 1, 1, NULL, 0},
+    {"inner_sport", "uint16", L_FIXED, 1, 2, NULL, 0},
+    {"inner_dport", "uint16", L_FIXED, 1, 2, NULL, 0},
+    {"inner_tcp_flags", "uint16", L_FIXED, 1, 2, NULL, 0},
     {"payload", "binary", L_BINARY, 1, 0, NULL, 0},
 };
 
@@ -579,6 +851,16 @@ typedef struct {
     Py_ssize_t nulls;
 } Column;
 static Column columns[C_COUNT];
+
+/* The optional (tunnel) columns of the block being encoded. They are set up only at the
+ * first row that went through a tunnel (a block without one never touches them), with
+ * every row before it nil; from then on each tunnelled row is written as it comes and
+ * the rows between are filled in as nil when the next one comes, or at the end. */
+static struct {
+    int active;             /* set up for this block */
+    Py_ssize_t filled;      /* rows 0..filled-1 are in them */
+    Py_ssize_t tunnelled;   /* rows written (the rest are nil) */
+} tunnel_columns;
 
 static inline void put_le(uint8_t *p, uint64_t v, int n) {
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
@@ -609,30 +891,96 @@ static inline int col_bytes(Column *c, Py_ssize_t i, const uint8_t *p, Py_ssize_
     put_le(c->offsets.buf + 4 * ((size_t)i + 1), c->values.len, 4);
     return 0;
 }
+static inline void col_mac(Column *c, Py_ssize_t i, const uint8_t *mac) {
+    if (mac) { memcpy(c->values.buf + 6 * (size_t)i, mac, 6); set_bit(&c->validity, i); }
+    else { memset(c->values.buf + 6 * (size_t)i, 0, 6); c->nulls++; }
+}
 
-/* Size every buffer for up to n rows: fixed values, zeroed bitmaps, offsets starting at 0. */
-static int columns_reset(Py_ssize_t n, int ncols) {
+/* Size column k's buffers for up to n rows: fixed values, zeroed bitmaps, offsets
+ * starting at 0. */
+static int column_reset(int k, Py_ssize_t n) {
     size_t bitmap_len = ((size_t)n + 7) / 8;
-    for (int k = 0; k < ncols; k++) {
-        const ColumnSpec *spec = &COLUMNS[k];
-        Column *c = &columns[k];
-        c->values.len = c->validity.len = c->offsets.len = 0;
-        c->nulls = 0;
-        size_t values = spec->layout == L_BOOL ? bitmap_len
-                      : spec->layout == L_BINARY || spec->layout == L_LIST
-                        ? (size_t)n * 16 : (size_t)n * (size_t)spec->width;
-        if (out_reserve(&c->values, values + 1) < 0) return -1;
-        if (spec->layout == L_BOOL) memset(c->values.buf, 0, bitmap_len);
-        if (out_reserve(&c->validity, bitmap_len + 1) < 0) return -1;
-        memset(c->validity.buf, 0, bitmap_len);
-        if (out_reserve(&c->offsets, 4 * ((size_t)n + 1)) < 0) return -1;
-        put_le(c->offsets.buf, 0, 4);
-    }
+    const ColumnSpec *spec = &COLUMNS[k];
+    Column *c = &columns[k];
+    c->values.len = c->validity.len = c->offsets.len = 0;
+    c->nulls = 0;
+    size_t values = spec->layout == L_BOOL ? bitmap_len
+                  : spec->layout == L_BINARY || spec->layout == L_LIST
+                    ? (size_t)n * 16 : (size_t)n * (size_t)spec->width;
+    if (out_reserve(&c->values, values + 1) < 0) return -1;
+    if (spec->layout == L_BOOL) memset(c->values.buf, 0, bitmap_len);
+    if (out_reserve(&c->validity, bitmap_len + 1) < 0) return -1;
+    memset(c->validity.buf, 0, bitmap_len);
+    if (out_reserve(&c->offsets, 4 * ((size_t)n + 1)) < 0) return -1;
+    put_le(c->offsets.buf, 0, 4);
     return 0;
 }
 
-/* Row i into the columns. */
-static int columns_add(const Row *r, Py_ssize_t i, const uint8_t *block,
+/* Every column a block always has (the optional ones wait for a tunnelled row). */
+static int columns_reset(Py_ssize_t n, int ncols) {
+    for (int k = 0; k < ncols; k++)
+        if (!OPTIONAL_COLUMN(k) && column_reset(k, n) < 0) return -1;
+    tunnel_columns.active = 0;
+    tunnel_columns.filled = tunnel_columns.tunnelled = 0;
+    return 0;
+}
+
+/* Rows tunnel_columns.filled..upto-1 of the optional columns as nil: an end offset
+ * for the binary ones (the others were zeroed, validity bits clear, when set up). */
+static void tunnel_columns_fill(Py_ssize_t upto) {
+    for (int k = C_INNER_SRC; k <= C_INNER_DST; k++) {
+        Column *c = &columns[k];
+        for (Py_ssize_t j = tunnel_columns.filled; j < upto; j++)
+            put_le(c->offsets.buf + 4 * ((size_t)j + 1), c->values.len, 4);
+    }
+    tunnel_columns.filled = upto;
+}
+
+/* Row i, which went through a tunnel, into the optional columns (of up to n rows). */
+static __attribute__((noinline)) int tunnel_columns_add(const Row *r, Py_ssize_t i,
+                                                        Py_ssize_t n) {
+    Column *c = columns;
+    if (!tunnel_columns.active) {  /* the block's first: set them up, rows 0..i-1 nil */
+        for (int k = C_TUNNEL; k < C_PAYLOAD; k++) {
+            if (column_reset(k, n) < 0) return -1;
+            if (COLUMNS[k].layout != L_BINARY)
+                memset(c[k].values.buf, 0, (size_t)n * (size_t)COLUMNS[k].width);
+        }
+        tunnel_columns.active = 1;
+    }
+    tunnel_columns_fill(i);
+    c[C_TUNNEL].values.buf[i] = (uint8_t)(r->tunnel - 1);
+    set_bit(&c[C_TUNNEL].validity, i);
+    col_fixed(&c[C_TUNNEL_ID], 4, i, r->tunnel_id);
+    col_mac(&c[C_INNER_ETH_DST], i, r->inner.eth_dst);
+    col_mac(&c[C_INNER_ETH_SRC], i, r->inner.eth_src);
+    if (col_bytes(&c[C_INNER_SRC], i, r->inner.src, r->inner.addr_len) < 0) return -1;
+    if (col_bytes(&c[C_INNER_DST], i, r->inner.dst, r->inner.addr_len) < 0) return -1;
+    col_fixed(&c[C_INNER_PROTO], 1, i, r->inner.proto);
+    col_fixed(&c[C_INNER_SPORT], 2, i, r->inner.sport);
+    col_fixed(&c[C_INNER_DPORT], 2, i, r->inner.dport);
+    col_fixed(&c[C_INNER_TCP_FLAGS], 2, i, r->inner.tcp_flags);
+    tunnel_columns.filled = i + 1;
+    tunnel_columns.tunnelled++;
+    return 0;
+}
+
+/* The optional columns of an n-row block made whole: the rows after the last tunnelled
+ * one nil, and every row that went through no tunnel counted as a null. */
+static void tunnel_columns_finish(Py_ssize_t n) {
+    if (!tunnel_columns.active) return;
+    tunnel_columns_fill(n);
+    for (int k = C_TUNNEL; k < C_PAYLOAD; k++) columns[k].nulls += n - tunnel_columns.tunnelled;
+}
+
+/* Whether column k is in the batch of n rows: an optional one only when some row has a
+ * value in it (after tunnel_columns_finish). */
+static inline int column_present(int k, Py_ssize_t n) {
+    return !OPTIONAL_COLUMN(k) || (tunnel_columns.active && columns[k].nulls < n);
+}
+
+/* Row i into the columns (of up to n rows). */
+static int columns_add(const Row *r, Py_ssize_t i, Py_ssize_t n, const uint8_t *block,
                        Py_ssize_t payload_bytes) {
     Column *c = columns;
     put_le(c[C_TS_NS].values.buf + 8 * (size_t)i, r->ts_ns, 8);
@@ -643,11 +991,7 @@ static int columns_add(const Row *r, Py_ssize_t i, const uint8_t *block,
     put_le(c[C_RXHASH].values.buf + 4 * (size_t)i, r->rxhash, 4);
     c[C_PKTTYPE].values.buf[i] = r->pkttype;
     const uint8_t *macs[2] = {r->eth_dst, r->eth_src};
-    for (int k = 0; k < 2; k++) {
-        Column *mac = &c[C_ETH_DST + k];
-        if (macs[k]) { memcpy(mac->values.buf + 6 * (size_t)i, macs[k], 6); set_bit(&mac->validity, i); }
-        else { memset(mac->values.buf + 6 * (size_t)i, 0, 6); mac->nulls++; }
-    }
+    for (int k = 0; k < 2; k++) col_mac(&c[C_ETH_DST + k], i, macs[k]);
     col_fixed(&c[C_ETHERTYPE], 2, i, r->ethertype);
     /* vlan: the ring header's tag first, then the frame's, outermost first */
     Column *vlan = &c[C_VLAN];
@@ -671,6 +1015,7 @@ static int columns_add(const Row *r, Py_ssize_t i, const uint8_t *block,
     col_fixed(&c[C_ICMP_CODE], 1, i, r->icmp_code);
     if (r->frag) set_bit(&c[C_FRAG].values, i);
     col_fixed(&c[C_ERR], 1, i, r->err >= 0 ? r->err : NIL);
+    if (r->tunnel && tunnel_columns_add(r, i, n) < 0) return -1;
     if (payload_bytes) {
         const uint8_t *p = r->payload_start >= 0 ? block + r->payload_start : NULL;
         if (col_bytes(&c[C_PAYLOAD], i, p, payload_length(r, payload_bytes)) < 0) return -1;
@@ -678,7 +1023,6 @@ static int columns_add(const Row *r, Py_ssize_t i, const uint8_t *block,
     return 0;
 }
 
-/* The finished columns of n rows as the msgpack map wire.encode_column makes. */
 /* Column k's values buffer of an n-row batch, in bytes. */
 static size_t column_values_len(int k, Py_ssize_t n) {
     const ColumnSpec *spec = &COLUMNS[k];
@@ -697,17 +1041,22 @@ static size_t column_need(int k, Py_ssize_t n) {
 static size_t columns_bound(Py_ssize_t n, int ncols) {
     size_t total = 8;
     for (int k = 0; k < ncols; k++) {
+        if (!column_present(k, n)) continue;
         total += column_need(k, n);
         if (COLUMNS[k].layout == L_DICTIONARY) total += 64 * (size_t)COLUMNS[k].dictionary_len;
     }
     return total;
 }
 
+/* The finished columns of n rows as the msgpack map wire.columns_body makes. */
 static int columns_put(Out *o, Py_ssize_t n, int ncols) {
     size_t bitmap_len = ((size_t)n + 7) / 8;
+    int present = 0;
+    for (int k = 0; k < ncols; k++) present += column_present(k, n);
     if (out_reserve(o, 8) < 0) return -1;
-    put_map(o, (size_t)ncols);
+    put_map(o, (size_t)present);
     for (int k = 0; k < ncols; k++) {
+        if (!column_present(k, n)) continue;
         const ColumnSpec *spec = &COLUMNS[k];
         Column *c = &columns[k];
         size_t values_len = column_values_len(k, n);
@@ -756,11 +1105,12 @@ static PyObject *encode_columns(PyObject *self, PyObject *args) {
         if (next_offset < 0) break;
         if (r.err >= 0) counts[r.err]++;
         wire_bytes += r.len;
-        if (columns_add(&r, i, block, payload_bytes) < 0) goto done;
+        if (columns_add(&r, i, max_rows, block, payload_bytes) < 0) goto done;
         rows++;
         if (!next_offset) break;
         pos += next_offset;
     }
+    tunnel_columns_finish(rows);
     /* Written straight into the bytes object that is returned (no copy of the batch),
      * sized for the most it can take and then cut to what it took. */
     const size_t bound = (size_t)prefix.len + 64 + columns_bound(rows, ncols);
@@ -1338,16 +1688,18 @@ fail:
 
 static PyMethodDef methods[] = {
     {"encode_batch", encode_batch, METH_VARARGS,
-     "encode_batch(block, first_offset, num_pkts, payload_bytes, errors, prefix, seq) -> "
-     "(batch, rows, wire bytes)\n\n"
+     "encode_batch(block, first_offset, num_pkts, payload_bytes, errors, prefix, seq, "
+     "tunnel_depth=1) -> (batch, rows, wire bytes)\n\n"
      "The version 1 batch encoder.encode_rows_py makes of a ring block (decode.decode_block, "
      "then wire.rows_body), in one pass: prefix (wire.batch_prefix), seq, then the rows. "
-     "errors (reason -> count) is incremented as decode_block does."},
+     "errors (reason -> count) is incremented as decode_block does. tunnel_depth: how many "
+     "nested tunnels to decode through, 0 to decode.MAX_TUNNEL_DEPTH (else ValueError)."},
     {"encode_columns", encode_columns, METH_VARARGS,
-     "encode_columns(block, first_offset, num_pkts, payload_bytes, errors, prefix, seq) -> "
-     "(batch, rows, wire bytes)\n\n"
+     "encode_columns(block, first_offset, num_pkts, payload_bytes, errors, prefix, seq, "
+     "tunnel_depth=1) -> (batch, rows, wire bytes)\n\n"
      "The version 2 batch encoder.encode_columns_py makes of a ring block "
-     "(decode.decode_block, then wire.columns_body): prefix, seq, n, then the columns."},
+     "(decode.decode_block, then wire.columns_body): prefix, seq, n, then the columns, "
+     "less the optional (tunnel) ones nil in every row."},
     {"arrow_capsules", arrow_capsules, METH_VARARGS,
      "arrow_capsules(columns, n) -> (schema capsule, array capsule)\n\n"
      "A version 2 batch's columns (as unpacked) as an Arrow struct array through the C data "

@@ -7,18 +7,24 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from fanoutd import wire
-from fanoutd.decode import LEN, decode_block
+from fanoutd.decode import LEN, MAX_TUNNEL_DEPTH, decode_block
 
-# (block, first frame offset, frames, payload bytes, errors, prefix, seq, tunnel depth)
+# (block, first frame offset, frames, payload bytes, errors, prefix, seq[, tunnel depth])
 #   -> (batch body, rows, wire bytes)
-EncodeFunction = Callable[[bytes, int, int, int, dict, bytes, int, int],
-                          tuple[bytes, int, int]]
+EncodeFunction = Callable[..., tuple[bytes, int, int]]
+
+
+def check_tunnel_depth(tunnel_depth: int) -> None:
+    """ValueError unless 0 <= tunnel_depth <= decode.MAX_TUNNEL_DEPTH, as the C encoder."""
+    if not 0 <= tunnel_depth <= MAX_TUNNEL_DEPTH:
+        raise ValueError(f"tunnel_depth {tunnel_depth} is not in 0..{MAX_TUNNEL_DEPTH}")
 
 
 def encode_rows_py(block: bytes, first_offset: int, num_pkts: int, payload_bytes: int,
                    errors: dict, prefix: bytes, seq: int,
                    tunnel_depth: int = 1) -> tuple[bytes, int, int]:
     """Version 1: decode.py, then wire.rows_body."""
+    check_tunnel_depth(tunnel_depth)
     rows = decode_block(block, first_offset, num_pkts, errors, payload_bytes, tunnel_depth)
     return wire.rows_body(prefix, seq, rows), len(rows), sum(row[LEN] for row in rows)
 
@@ -27,6 +33,7 @@ def encode_columns_py(block: bytes, first_offset: int, num_pkts: int, payload_by
                       errors: dict, prefix: bytes, seq: int,
                       tunnel_depth: int = 1) -> tuple[bytes, int, int]:
     """Version 2: decode.py, then wire.columns_body."""
+    check_tunnel_depth(tunnel_depth)
     rows = decode_block(block, first_offset, num_pkts, errors, payload_bytes, tunnel_depth)
     body = wire.columns_body(prefix, seq, rows, payload_bytes)
     return body, len(rows), sum(row[LEN] for row in rows)
@@ -52,6 +59,7 @@ class BlockEncoder:
 
     def __init__(self, version: int, iface: str, worker: int, epoch: int,
                  payload_bytes: int, sensor: str = "", tunnel_depth: int = 1) -> None:
+        check_tunnel_depth(tunnel_depth)
         self.version = version
         self.payload_bytes = payload_bytes
         self.tunnel_depth = tunnel_depth

@@ -4,13 +4,15 @@ columns), on every kind of frame, every truncation, and random and mutated block
 
 import contextlib
 
+import frames as F
 import pytest
-from frames import CORPUS, RingFrame, tcp4_frame, tpacket3_block, udp4_frame
+from frames import CORPUS, TUNNEL_CORPUS, RingFrame, tcp4_frame, tpacket3_block, udp4_frame
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fanoutd import _linux, wire
-from fanoutd.encoder import _fastpath, encode_columns_py, encode_rows_py
+from fanoutd.decode import MAX_TUNNEL_DEPTH
+from fanoutd.encoder import BlockEncoder, _fastpath, encode_columns_py, encode_rows_py
 
 pytestmark = pytest.mark.skipif(_fastpath is None, reason="fanoutd._fastpath is not built")
 VERSIONS = (wire.ROWS_VERSION, wire.COLUMNS_VERSION)
@@ -22,38 +24,89 @@ def c_encoder(version):
     return _fastpath.encode_batch if version == wire.ROWS_VERSION else _fastpath.encode_columns
 
 
-def encode_c(version, block, first, num, payload_bytes, errors, seq=2**40 + 7):
-    return c_encoder(version)(block, first, num, payload_bytes, errors, PREFIX[version], seq)
+def encode_c(version, block, first, num, payload_bytes, errors, seq=2**40 + 7, *depth):
+    return c_encoder(version)(block, first, num, payload_bytes, errors, PREFIX[version], seq,
+                              *depth)
 
 
-def encode_py(version, block, first, num, payload_bytes, errors, seq=2**40 + 7):
-    return PY[version](block, first, num, payload_bytes, errors, PREFIX[version], seq)
+def encode_py(version, block, first, num, payload_bytes, errors, seq=2**40 + 7, *depth):
+    return PY[version](block, first, num, payload_bytes, errors, PREFIX[version], seq, *depth)
 
 
 SAMPLES = CORPUS
+DEPTHS = (0, 1, 2, MAX_TUNNEL_DEPTH)  # tunnel_depth: none, the default, nested, the most
 
 
-def same(frames: list[RingFrame], payload_bytes: int) -> None:
+def same(frames: list[RingFrame], payload_bytes: int, depths=(1,)) -> None:
     block, first, num = tpacket3_block(frames)
-    for version in VERSIONS:
-        py_errors: dict = {}
-        c_errors: dict = {}
-        expected = encode_py(version, block, first, num, payload_bytes, py_errors)
-        got = encode_c(version, block, first, num, payload_bytes, c_errors)
-        assert got == expected, f"version {version}"
-        assert c_errors == py_errors, f"version {version}"
+    for depth in depths:
+        for version in VERSIONS:
+            py_errors: dict = {}
+            c_errors: dict = {}
+            expected = encode_py(version, block, first, num, payload_bytes, py_errors,
+                                 2**40 + 7, depth)
+            got = encode_c(version, block, first, num, payload_bytes, c_errors, 2**40 + 7,
+                           depth)
+            assert got == expected, f"version {version}, tunnel_depth {depth}"
+            assert c_errors == py_errors, f"version {version}, tunnel_depth {depth}"
 
 
+@pytest.mark.parametrize("depth", DEPTHS)
 @pytest.mark.parametrize("payload_bytes", [0, 3, 64, 65535])
-def test_every_sample_in_one_block(payload_bytes):
+def test_every_sample_in_one_block(payload_bytes, depth):
     same([RingFrame(f, sec=1_700_000_000, nsec=i, rxhash=i * 7919, ifindex=i, pkttype=i % 5)
-          for i, f in enumerate(SAMPLES)], payload_bytes)
+          for i, f in enumerate(SAMPLES)], payload_bytes, (depth,))
 
 
 @pytest.mark.parametrize("frame", SAMPLES)
 def test_every_cut_of_every_sample(frame):
     for cut in range(len(frame) + 1):
-        same([RingFrame(frame[:cut], wire_len=len(frame))], 16)
+        same([RingFrame(frame[:cut], wire_len=len(frame))], 16, DEPTHS)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_tunnel_depth_defaults_to_one_and_is_bounded(version):
+    block, first, num = tpacket3_block([RingFrame(f) for f in TUNNEL_CORPUS])
+    assert encode_c(version, block, first, num, 8, {}) == \
+        encode_c(version, block, first, num, 8, {}, 2**40 + 7, 1)
+    for encode in (encode_c, encode_py):
+        for depth in (-1, MAX_TUNNEL_DEPTH + 1):
+            errors: dict = {}
+            with pytest.raises(ValueError, match="tunnel_depth"):
+                encode(version, block, first, num, 8, errors, 2**40 + 7, depth)
+            assert errors == {}
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("depth", DEPTHS)
+def test_block_encoder_passes_tunnel_depth_on(version, depth):
+    block, first, num = tpacket3_block([RingFrame(f) for f in TUNNEL_CORPUS])
+    encoder = BlockEncoder(version, "eth0", 3, 2**60 + 5, 8, tunnel_depth=depth)
+    expected = PY[version](block, first, num, 8, {}, encoder.prefix, 9, depth)
+    assert encoder.encode(block, first, num, {}, 9) == expected
+    with pytest.raises(ValueError, match="tunnel_depth"):
+        BlockEncoder(version, "eth0", 3, 1, 0, tunnel_depth=MAX_TUNNEL_DEPTH + 1)
+
+
+@pytest.mark.parametrize("depth", DEPTHS)
+@pytest.mark.parametrize("where", ["first", "middle", "last", "every", "alternate"])
+def test_tunnelled_rows_anywhere_in_a_block(where, depth):
+    """The optional columns appear with the first tunnelled row of a block, wherever it
+    is, with every row before and after it nil; a tunnel whose inner packet gives nothing
+    (PPPoE LCP) leaves the inner columns out, and the next block starts again."""
+    plain = [udp4_frame(sport=i) if i % 2 else tcp4_frame(sport=i) for i in range(19)]
+    tunnelled = TUNNEL_CORPUS
+    if where == "every":
+        frames = list(tunnelled)
+    elif where == "alternate":
+        frames = [f for pair in zip(plain, tunnelled, strict=False) for f in pair]
+    else:
+        at = {"first": 0, "middle": 9, "last": len(plain)}[where]
+        frames = [*plain[:at], tunnelled[0], *plain[at:]]
+    same([RingFrame(f) for f in frames], 0, (depth,))
+    same([RingFrame(f) for f in frames], 5, (depth,))
+    same([RingFrame(f) for f in plain], 0, (depth,))  # after a tunnelled block: none
+    same([RingFrame(plain[0]), RingFrame(tunnelled[2])], 0, (depth,))  # PPPoE LCP
 
 
 def test_ring_metadata_vlan_and_timestamp_source():
@@ -104,13 +157,116 @@ def test_random_frames(frames, payload_bytes):
 @settings(max_examples=400, deadline=None)
 @given(st.sampled_from(SAMPLES), st.lists(st.tuples(st.integers(0, 10_000),
                                                     st.integers(0, 255)), max_size=6),
-       st.integers(0, 300))
-def test_mutated_frames(frame, flips, cut):
+       st.integers(0, 300), st.sampled_from(DEPTHS))
+def test_mutated_frames(frame, flips, cut, depth):
     data = bytearray(frame)
     for where, value in flips:
         if data:
             data[where % len(data)] = value
-    same([RingFrame(bytes(data[:cut]), wire_len=len(data))], 24)
+    same([RingFrame(bytes(data[:cut]), wire_len=len(data))], 24, (depth,))
+
+
+# --- random nested tunnels ------------------------------------------------------------------
+# A packet is built from the inside out: each step wraps what there is (an Ethernet frame,
+# an IPv4 or IPv6 packet, an MPLS label stack) in an encapsulation that can carry it,
+# with random header options; the result goes into an Ethernet frame.
+
+A4, B4 = "198.51.100.1", "198.51.100.2"
+A6, B6 = "2001:db8::10", "2001:db8::20"
+ETHERTYPE_OF = {"ip4": 0x0800, "ip6": 0x86DD}
+
+
+@st.composite
+def innermost(draw):
+    """An IPv4 or IPv6 packet with a transport header (or an Ethernet frame holding one)."""
+    proto, body = draw(st.sampled_from([
+        (6, F.tcp(1234, 443, 0x18, b"tcpdata")), (17, F.udp(53, 5353, b"dns")),
+        (1, F.icmp(8, 0, b"ping")), (132, F.sctp(1, 2) + b"chunk"), (89, b"ospf")]))
+    if draw(st.booleans()):
+        packet, kind = F.ipv4(A4, B4, proto, body), "ip4"
+    else:
+        packet, kind = F.ipv6(A6, B6, 58 if proto == 1 else proto, body), "ip6"
+    if draw(st.booleans()):
+        vlans = tuple((0x8100, t) for t in draw(st.lists(st.integers(0, 4095), max_size=2)))
+        return F.eth(F.MAC_A, F.MAC_B, ETHERTYPE_OF[kind], packet, vlans), "eth"
+    return packet, kind
+
+
+def ip_around(draw, proto: int, payload: bytes) -> tuple[bytes, str]:
+    if draw(st.booleans()):
+        return F.ipv4("192.0.2.7", "192.0.2.8", proto, payload), "ip4"
+    return F.ipv6("2001:db8::7", "2001:db8::8", proto, payload), "ip6"
+
+
+def wrap(draw, how: str, data: bytes, kind: str) -> tuple[bytes, str]:
+    """data (of kind eth, ip4, ip6 or mpls) in the encapsulation `how`."""
+    if how == "pppoe":  # IP -> Ethernet
+        ppp = 0x0021 if kind == "ip4" else 0x0057
+        length = draw(st.sampled_from([None, None, 0, 1, 2, len(data) // 2, 0xFFFF]))
+        session = draw(st.integers(0, 0xFFFF))
+        padding = bytes(draw(st.integers(0, 6)))
+        return F.eth(F.MAC_B, F.MAC_A, 0x8864, F.pppoe(session, ppp, data, length) + padding,
+                     ), "eth"
+    if how == "mpls":  # IP or Ethernet (behind a control word) -> a label stack
+        labels = draw(st.lists(st.integers(0, 2**20 - 1), min_size=1, max_size=3))
+        if kind == "eth":
+            data = bytes(4) + data
+        return F.mpls(labels, data), "mpls"
+    if how == "mpls-eth":  # a label stack -> Ethernet
+        return F.eth(F.MAC_B, F.MAC_A, draw(st.sampled_from([0x8847, 0x8848])), data), "eth"
+    if how == "gre":  # IP, Ethernet (NVGRE, ERSPAN) or MPLS -> IP
+        key = draw(st.none() | st.integers(0, 2**32 - 1))
+        csum = draw(st.booleans())
+        seq = draw(st.none() | st.integers(0, 2**32 - 1))
+        if kind == "eth":
+            ptype = draw(st.sampled_from([0x6558, 0x88BE]))
+            if ptype == 0x88BE and seq is not None:
+                data = bytes(8) + data  # ERSPAN type II header
+        else:
+            ptype = {"ip4": 0x0800, "ip6": 0x86DD, "mpls": 0x8847}[kind]
+        return ip_around(draw, 47, F.gre(ptype, data, key=key, csum=csum, seq=seq))
+    if how == "vxlan":  # Ethernet -> IP
+        vni = draw(st.integers(0, 2**24 - 1))
+        return ip_around(draw, 17, F.udp(draw(st.integers(0, 0xFFFF)), 4789, F.vxlan(vni, data)))
+    if how == "geneve":  # Ethernet or IP -> IP
+        ptype = 0x6558 if kind == "eth" else ETHERTYPE_OF[kind]
+        options = bytes(4 * draw(st.integers(0, 3)))
+        vni = draw(st.integers(0, 2**24 - 1))
+        return ip_around(draw, 17, F.udp(1, 6081, F.geneve(vni, data, ptype, options)))
+    assert how == "ipip"  # IP -> IP
+    return ip_around(draw, 4 if kind == "ip4" else 41, data)
+
+
+CARRIES = {  # what each encapsulation can carry
+    "eth": ("mpls", "gre", "vxlan", "geneve"),
+    "ip4": ("pppoe", "mpls", "gre", "geneve", "ipip"),
+    "ip6": ("pppoe", "mpls", "gre", "geneve", "ipip"),
+    "mpls": ("mpls-eth", "gre"),
+}
+
+
+@st.composite
+def nested_tunnel_frame(draw):
+    data, kind = draw(innermost())
+    for _ in range(draw(st.integers(1, 6))):
+        data, kind = wrap(draw, draw(st.sampled_from(CARRIES[kind])), data, kind)
+    if kind == "mpls":
+        data, kind = wrap(draw, "mpls-eth", data, kind)
+    if kind != "eth":
+        vlans = tuple((0x88A8, t) for t in draw(st.lists(st.integers(0, 4095), max_size=1)))
+        data = F.eth(F.MAC_B, F.MAC_A, ETHERTYPE_OF[kind], data, vlans)
+    cut = draw(st.none() | st.integers(0, len(data)))
+    return data if cut is None else data[:cut]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(nested_tunnel_frame() | st.sampled_from(CORPUS), min_size=1, max_size=6),
+       st.sampled_from([0, 1, 24, 400]))
+def test_random_nested_tunnels(frames, payload_bytes):
+    """Encapsulations in any order and nesting, cut anywhere, among other frames: the
+    same bytes at every tunnel_depth."""
+    same([RingFrame(f, wire_len=len(f) + 3) for f in frames], payload_bytes,
+         range(MAX_TUNNEL_DEPTH + 1))
 
 
 @pytest.mark.parametrize("rows", [0, 1, 7, 8, 9, 15, 16, 300])
