@@ -31,7 +31,7 @@ enum {
     E_BAD_IPV4_LEN, E_TRUNC_IPV6, E_BAD_IPV6_HDR, E_TRUNC_IPV6_EXT, E_TRUNC_TCP,
     E_BAD_TCP_HDR, E_TRUNC_UDP, E_TRUNC_SCTP, E_TRUNC_DCCP, E_TRUNC_ICMP, E_TRUNC_ICMPV6,
     E_TRUNC_PPPOE, E_TRUNC_MPLS, E_TRUNC_GRE, E_TRUNC_VXLAN, E_TRUNC_GENEVE,
-    E_COUNT
+    E_TRUNC_ARISTA, E_COUNT
 };
 static const char *const REASONS[E_COUNT] = {  /* wire.ERROR_REASONS, in its order */
     "truncated-ethernet", "truncated-vlan", "truncated-llc", "truncated-arp",
@@ -39,7 +39,7 @@ static const char *const REASONS[E_COUNT] = {  /* wire.ERROR_REASONS, in its ord
     "bad-ipv6-header", "truncated-ipv6-ext", "truncated-tcp", "bad-tcp-header",
     "truncated-udp", "truncated-sctp", "truncated-dccp", "truncated-icmp",
     "truncated-icmpv6", "truncated-pppoe", "truncated-mpls", "truncated-gre",
-    "truncated-vxlan", "truncated-geneve",
+    "truncated-vxlan", "truncated-geneve", "truncated-arista",
 };
 static PyObject *reason_names[E_COUNT];
 
@@ -94,7 +94,10 @@ _Static_assert(SLL_FIELD_OFF(sll_pkttype) == 58, "sll_pkttype");
 #define GRE_VERSION 0x0007
 #define UDP_PORT_VXLAN 4789
 #define UDP_PORT_GENEVE 6081
+#define UDP_PORT_MPLS 6635              /* MPLS in UDP (RFC 7510) */
 #define ERSPAN_II_HEADER 8
+#define ERSPAN_II_VERSION 1             /* the high nibble of its first byte */
+#define ETH_P_ARISTA 0xD28B             /* Arista's timestamp header, after the MACs */
 #define MAX_TUNNEL_DEPTH 4              /* decode.MAX_TUNNEL_DEPTH */
 #define NIL (-1)
 #define ROW_FIELDS 32                   /* len(wire.FIELDS) */
@@ -207,11 +210,12 @@ static int transport(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, long pr
     case IPPROTO_UDP:  /* the generic path's steps for an 8-byte header, and tunnels */
         if (avail >= 4) { r->sport = be16(buf + pos); r->dport = be16(buf + pos + 2); }
         if (avail < 8) { r->err = E_TRUNC_UDP; return 0; }
-        /* to the VXLAN or Geneve port: a tunnel */
-        if (UNLIKELY((r->dport == UDP_PORT_VXLAN || r->dport == UDP_PORT_GENEVE)
-                     && DEPTH_LEFT(r) > 0))
+        /* to the VXLAN, Geneve or MPLS-in-UDP port: a tunnel */
+        if (UNLIKELY((r->dport == UDP_PORT_VXLAN || r->dport == UDP_PORT_GENEVE
+                      || r->dport == UDP_PORT_MPLS) && DEPTH_LEFT(r) > 0))
             return r->dport == UDP_PORT_VXLAN ? vxlan(buf, pos + 8, end, r)
-                                              : geneve(buf, pos + 8, end, r);
+                 : r->dport == UDP_PORT_GENEVE ? geneve(buf, pos + 8, end, r)
+                 : mpls(buf, pos + 8, end, r);
         return payload_at(r, pos + 8, end);
     case IPPROTO_UDPLITE: need = 8; reason = E_TRUNC_UDP; break;
     case IPPROTO_SCTP: need = 12; reason = E_TRUNC_SCTP; break;
@@ -339,6 +343,18 @@ DECODE_FN int frame(const uint8_t *buf, Py_ssize_t off, Py_ssize_t end, Row *r) 
     r->eth_dst = buf + off; r->eth_src = buf + off + 6;
     long ethertype = be16(buf + off + 12);
     Py_ssize_t pos = off + ETH_HEADER_LEN;
+    if (UNLIKELY(ethertype == ETH_P_ARISTA) && end - pos >= 4) {
+        /* subtype 1, version 0x??10 or 0x??20: a 64- or 48-bit timestamp, then the
+         * frame's own ethertype; another kind is not decoded further */
+        uint16_t subtype = be16(buf + pos), version = be16(buf + pos + 2) & 0xFF;
+        Py_ssize_t stamp = version == 0x10 ? 8 : version == 0x20 ? 6 : 0;
+        if (subtype == 1 && stamp) {
+            if (end - pos < 4 + stamp + 2) { r->err = E_TRUNC_ARISTA; return 0; }
+            pos += 4 + stamp;
+            ethertype = be16(buf + pos);
+            pos += 2;
+        }
+    }
     r->vlan_tags = buf + pos;
     while (vlan_tpid(ethertype)) {
         if (end - pos < VLAN_TAG_LEN) { r->err = E_TRUNC_VLAN; return 0; }
@@ -390,7 +406,7 @@ static TUNNEL_FN int inner(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, R
     case D_IPV6: ok = ipv6(buf, pos, end, &in); break;
     default: ok = mpls(buf, pos, end, &in); break;
     }
-    if (in.tunnel) {
+    if (in.tunnel && (in.inner.eth_dst || in.inner.src)) {  /* it carried a packet */
         r->inner = in.inner;
     } else {
         r->inner.eth_dst = in.eth_dst;
@@ -466,6 +482,7 @@ static int gre(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r) {
     case ETH_P_ERSPAN_:
         if (flags & GRE_SEQ) {  /* type II: an 8-byte ERSPAN header before the frame */
             if (end - pos < ERSPAN_II_HEADER) { r->err = E_TRUNC_GRE; return 0; }
+            if (buf[pos] >> 4 != ERSPAN_II_VERSION) return payload_at(r, pos, end);
             pos += ERSPAN_II_HEADER;
         }
         return inner(buf, pos, end, r, D_FRAME);

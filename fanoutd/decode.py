@@ -178,27 +178,24 @@ def _frame(buf: bytes, off: int, end: int, row: list,
     row[ETH_DST], row[ETH_SRC], ethertype = _MACS_TYPE.unpack_from(buf, off)
     pos = off + 14
 
-    while True:
-        if ethertype in VLAN_TPIDS:
-            if end - pos < VLAN_TAG_LEN:
-                row[ERR] = "truncated-vlan"
-                return None
-            tci, ethertype = _PORTS.unpack_from(buf, pos)
-            row[VLAN].append(tci & 0x0FFF)
-            pos += VLAN_TAG_LEN
-        elif ethertype == ETH_P_ARISTA and end - pos >= 4:
-            subtype, version = _PORTS.unpack_from(buf, pos)
-            stamp = ARISTA_TIMESTAMP_LEN.get(version & 0xFF) if subtype == 1 else None
-            if stamp is None:
-                break  # another subtype or version: not decoded further
+    if ethertype == ETH_P_ARISTA and end - pos >= 4:  # right after the MACs, where Arista puts it
+        subtype, version = _PORTS.unpack_from(buf, pos)
+        stamp = ARISTA_TIMESTAMP_LEN.get(version & 0xFF) if subtype == 1 else None
+        if stamp is not None:  # else another subtype or version: not decoded further
             if end - pos < 4 + stamp + 2:
                 row[ERR] = "truncated-arista"
                 return None
             pos += 4 + stamp
             (ethertype,) = _ETHERTYPE.unpack_from(buf, pos)
             pos += 2
-        else:
-            break
+
+    while ethertype in VLAN_TPIDS:
+        if end - pos < VLAN_TAG_LEN:
+            row[ERR] = "truncated-vlan"
+            return None
+        tci, ethertype = _PORTS.unpack_from(buf, pos)
+        row[VLAN].append(tci & 0x0FFF)
+        pos += VLAN_TAG_LEN
 
     if ethertype <= ETH_MAX_LENGTH_FIELD:
         # 802.3 with an LLC header; only SNAP with the zero OUI carries an ethertype.
@@ -361,13 +358,15 @@ def _transport(buf: bytes, pos: int, end: int, proto: int, row: list,
 
 def _inner(buf: bytes, pos: int, end: int, row: list, depth: int, decode) -> tuple[int, int] | None:
     """Decode the packet a tunnel carries (from buf[pos], by `decode`: _frame for
-    Ethernet, _ipv4, _ipv6 or _mpls) and fill the row's inner fields from it: from the
-    packet in the innermost tunnel decoded when it holds one more, else from itself. An
-    error in it is the row's error; its payload is the row's payload."""
+    Ethernet, _ipv4, _ipv6 or _mpls) and fill the row's inner fields from it: the
+    innermost packet decoded, i.e. the one a tunnel inside it carries when that gave an
+    Ethernet frame or an IP packet, else itself. An error in it is the row's error; its
+    payload is the row's payload."""
     inner = [None] * len(FIELDS)
     inner[VLAN] = []
     payload = decode(buf, pos, end, inner, depth - 1)
-    if inner[TUNNEL] is not None:
+    if inner[TUNNEL] is not None and (inner[INNER_ETH_DST] is not None
+                                      or inner[INNER_SRC] is not None):
         row[INNER_ETH_DST:] = inner[INNER_ETH_DST:]
     else:
         row[INNER_ETH_DST] = inner[ETH_DST]

@@ -340,6 +340,9 @@ CORPUS = [
 _INNER_TCP4 = ipv4("10.0.0.1", "10.0.0.2", 6, tcp(443, 51000, 0x18, b"data"))
 _INNER_UDP6 = ipv6("2001:db8::a", "2001:db8::b", 17, udp(5353, 5353, b"mdns"))
 _INNER_ETH = eth(MAC_A, MAC_B, 0x0800, ipv4("10.1.0.1", "10.1.0.2", 17, udp(53, 1053, b"q")))
+# VXLAN around Ethernet/IPv4/GRE around IPv4/TCP: two tunnels deep
+NESTED_VXLAN_GRE = vxlan_frame(1, eth(MAC_A, MAC_B, 0x0800, ipv4(
+    "10.0.0.1", "10.0.0.2", 47, gre(0x0800, _INNER_TCP4))))
 # One frame through each encapsulation decode.py knows, each path through its header.
 TUNNEL_CORPUS = [
     eth(MAC_B, MAC_A, 0x8864, pppoe(0x1234, 0x0021, _INNER_TCP4)),
@@ -356,8 +359,6 @@ TUNNEL_CORPUS = [
                                    gre(0x6558, _INNER_ETH, key=5001 << 8))),  # NVGRE
     eth(MAC_B, MAC_A, 0x0800, ipv4("192.0.2.1", "192.0.2.2", 47,
                                    gre(0x88BE, ERSPAN_II + _INNER_ETH, seq=1))),
-    eth(MAC_B, MAC_A, 0x0800, ipv4("192.0.2.1", "192.0.2.2", 47,
-                                   gre(0x88BE, bytes(8) + _INNER_ETH, seq=1))),  # version 0
     eth(MAC_B, MAC_A, 0x0800, ipv4("192.0.2.1", "192.0.2.2", 47, gre(0x88BE, _INNER_ETH))),
     eth(MAC_B, MAC_A, 0x0800, ipv4("192.0.2.1", "192.0.2.2", 47,
                                    gre(0x880B, b"\xff\x03\x00\x21", key=0x00040001, version=1))),
@@ -365,8 +366,7 @@ TUNNEL_CORPUS = [
                                    gre(0x8847, mpls([20], _INNER_TCP4)))),
     vxlan_frame(5001, eth(MAC_A, MAC_B, 0x0800, _INNER_TCP4)),
     vxlan_frame(0xFFFFFF, eth(MAC_A, MAC_B, 0x86DD, _INNER_UDP6, vlans=((0x8100, 5),))),
-    vxlan_frame(1, eth(MAC_A, MAC_B, 0x0800, ipv4("10.0.0.1", "10.0.0.2", 47,
-                                                  gre(0x0800, _INNER_TCP4)))),  # nested
+    NESTED_VXLAN_GRE,
     eth(MAC_B, MAC_A, 0x0800, ipv4("192.0.2.1", "192.0.2.2", 17, udp(
         6081 + 1, 6081, geneve(77, _INNER_ETH, options=bytes(8))))),
     eth(MAC_B, MAC_A, 0x86DD, ipv6("2001:db8::1", "2001:db8::2", 17, udp(
@@ -382,5 +382,7 @@ TUNNEL_CORPUS = [
     arista(0x0010, eth(MAC_B, MAC_A, 0x8847, mpls([40], _INNER_TCP4))[12:]),
     arista(0x0120, eth(MAC_B, MAC_A, 0x8100, b"\x00\x05\x08\x00" + _INNER_TCP4)[12:]),
     arista(0x0030, eth(MAC_B, MAC_A, 0x0800, _INNER_TCP4)[12:]),  # unknown version
+    eth(MAC_B, MAC_A, 0x0800, ipv4("192.0.2.1", "192.0.2.2", 47,
+                                   gre(0x88BE, bytes(8) + _INNER_ETH, seq=1))),  # ERSPAN v0
 ]
 CORPUS += TUNNEL_CORPUS

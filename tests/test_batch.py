@@ -4,7 +4,15 @@ the whole decoder corpus (every frame, every truncation)."""
 
 import msgpack
 import pytest
-from frames import CORPUS, TUNNEL_CORPUS, RingFrame, tpacket3_block, udp4_frame
+from frames import (
+    CORPUS,
+    NESTED_VXLAN_GRE,
+    RingFrame,
+    tcp4_frame,
+    tpacket3_block,
+    udp4_frame,
+    vxlan_frame,
+)
 
 from fanoutd import batch as batch_module
 from fanoutd import encoder, wire
@@ -121,7 +129,7 @@ def test_an_unknown_field_and_a_missing_one():
 # --- optional fields (the tunnel fields) ---------------------------------------------------
 
 PLAIN = [RingFrame(udp4_frame(sport=i)) for i in range(3)]
-TUNNELLED = [*PLAIN, RingFrame(TUNNEL_CORPUS[-10])]  # VXLAN: every tunnel field set
+TUNNELLED = [*PLAIN, RingFrame(vxlan_frame(5001, tcp4_frame()))]  # every tunnel field set
 
 
 @pytest.fixture(params=["C", "Python"])
@@ -224,7 +232,7 @@ def test_null_columns_refuse_a_hostile_row_count(arrow_path):
         hostile.column("tunnel")
 
 
-NESTED = TUNNEL_CORPUS[16]  # VXLAN around GRE around IPv4/TCP
+NESTED = NESTED_VXLAN_GRE
 
 
 @pytest.mark.parametrize("version", [wire.ROWS_VERSION, wire.COLUMNS_VERSION])

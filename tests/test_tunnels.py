@@ -173,6 +173,17 @@ def test_depth_2_reaches_the_innermost_packet_and_names_the_outermost_tunnel():
         "tunnel": "vxlan", "tunnel_id": 9, **TCP4_INNER, **NO_MACS}
 
 
+def test_a_tunnel_inside_that_carries_nothing_decodable_leaves_the_packet_around_it():
+    """VXLAN around IPv4 around PPTP's GRE version 1, at depth 2: the GRE carries nothing
+    fanoutd decodes, so the inner fields are the IPv4 packet's, the innermost decoded."""
+    pptp = gre(0x880B, b"\xff\x03\x00\x21" + INNER_TCP4, key=1, version=1)
+    frame = vxlan_frame(9, eth(MAC_C, MAC_D, 0x0800, ipv4("10.9.0.1", "10.9.0.2", 47, pptp)))
+    row = decoded(frame, depth=2)
+    assert pick(row, {"tunnel": 1, "inner_src": 1, "inner_proto": 1, "inner_eth_src": 1}) == {
+        "tunnel": "vxlan", "inner_src": ip_bytes("10.9.0.1"), "inner_proto": 47,
+        "inner_eth_src": MAC_D}
+
+
 def test_mpls_in_gre_needs_depth_2():
     frame = outer4(47, gre(0x8847, mpls([20], INNER_TCP4)))
     assert decoded(frame)["inner_src"] is None
