@@ -323,9 +323,14 @@ def markdown(rows: list[Row], lat: Latency | None, args: argparse.Namespace,
 
 def write_docs(path: Path, generated: str, section: str = "") -> None:
     """Put `generated` between the markers of `path` (the section's), keeping what is
-    around them; a file without them gets it appended, a missing file is created with a
-    title."""
-    begin, end = markers(section)
+    around them."""
+    write_between(path, *markers(section), generated)
+
+
+def write_between(path: Path, begin: str, end: str, generated: str) -> None:
+    """Put `generated` (which starts with `begin` and ends with `end`) in place of what
+    is between those markers of `path`, markers included, keeping what is around them; a
+    file without them gets it appended, a missing file is created with a title."""
     old = path.read_text() if path.exists() else "# Performance\n\n"
     if begin in old and end in old:
         before = old.split(begin, 1)[0]

@@ -289,6 +289,27 @@ class NoneTool(Tool):
         return Counts(0, 0, 0)
 
 
+def start_fanoutd(ns: netlab.NetNS, workdir: Path, stack: contextlib.ExitStack,
+                  workers: int, extra: list[str]) -> netlab.Daemon:
+    """`fanoutd run` on cap0 inside the namespace, pinned to CAP_CPU, with `workers`
+    workers, the default ring and fanout, and `extra` options; killed when `stack`
+    closes. Returns once every worker is up."""
+    (workdir / "run").mkdir(exist_ok=True)
+    d = netlab.Daemon(ns, workdir, workers=workers)
+    d.argv = ["taskset", "-c", str(CAP_CPU), "ip", "netns", "exec", ns.name,
+              sys.executable, "-m", "fanoutd", "run", "--interface", "cap0",
+              "--workers", str(workers), "--publish", d.endpoint,
+              "--metrics", f"127.0.0.1:{d.metrics_port}",
+              "--runtime-dir", str(workdir / "run"), *extra]
+    stack.callback(d.kill)
+    d.start()
+    try:
+        d.wait_ready(timeout=30)
+    except netlab.WaitTimeout as e:
+        raise BenchError(str(e)) from None
+    return d
+
+
 class FanoutdTool(Tool):
     """`fanoutd run` on cap0 with N workers, its default ring and fanout (RING_MIB per
     worker, 10 ms block timeout, hash) unless `fanout` or `rxhash` say otherwise, plus a
@@ -309,26 +330,13 @@ class FanoutdTool(Tool):
         self.result: dict | None = None
 
     def start(self) -> None:
-        (self.workdir / "run").mkdir(exist_ok=True)
-        d = netlab.Daemon(self.ns, self.workdir, workers=self.workers)
-        d.argv = ["taskset", "-c", str(CAP_CPU), "ip", "netns", "exec", self.ns.name,
-                  sys.executable, "-m", "fanoutd", "run", "--interface", "cap0",
-                  "--workers", str(self.workers), "--format", self.wire_format,
-                  "--publish", d.endpoint,
-                  "--metrics", f"127.0.0.1:{d.metrics_port}",
-                  "--runtime-dir", str(self.workdir / "run")]
+        extra = ["--format", self.wire_format]
         if self.fanout is not None:
-            d.argv += ["--fanout", self.fanout]
+            extra += ["--fanout", self.fanout]
         if self.rxhash is not None:
-            d.argv += ["--rxhash", str(self.rxhash).lower()]
-        d.argv += self.args.fanoutd_args.split()
-        self.daemon = d
-        self.stack.callback(d.kill)
-        d.start()
-        try:
-            d.wait_ready(timeout=30)
-        except netlab.WaitTimeout as e:
-            raise BenchError(str(e)) from None
+            extra += ["--rxhash", str(self.rxhash).lower()]
+        d = self.daemon = start_fanoutd(self.ns, self.workdir, self.stack, self.workers,
+                                        extra + self.args.fanoutd_args.split())
         ctx = mp.get_context("fork")  # this process runs no thread: fork is safe
         self.ctl, child_ctl = ctx.Pipe()
         self.rows = ctx.Value("q", 0, lock=False)

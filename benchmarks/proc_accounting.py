@@ -124,14 +124,14 @@ def cpu_busy(cpu: int) -> tuple[int, int]:
 
 
 def proc_memory(pid: int) -> dict[str, int]:
-    """A process's memory in KiB: VmRSS and RssAnon (/proc/PID/status), and `ring`, the
-    resident size of its packet-socket mappings (`socket:[inode]` in /proc/PID/smaps:
-    the TPACKET ring, kernel memory mapped in)."""
-    out = {"VmRSS": 0, "RssAnon": 0, "ring": 0}
+    """A process's memory in KiB: VmRSS, VmHWM (the peak of VmRSS) and RssAnon
+    (/proc/PID/status), and `ring`, the resident size of its packet-socket mappings
+    (`socket:[inode]` in /proc/PID/smaps: the TPACKET ring, kernel memory mapped in)."""
+    out = {"VmRSS": 0, "VmHWM": 0, "RssAnon": 0, "ring": 0}
     with contextlib.suppress(OSError):
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key in ("VmRSS", "RssAnon"):
+            if key in ("VmRSS", "VmHWM", "RssAnon"):
                 out[key] = int(value.split()[0])
     with contextlib.suppress(OSError):
         in_socket = False
