@@ -76,9 +76,9 @@ def _case(kind: str, i: int) -> Case:
         return c(F.ipv6_frame(s6, d6, 0, payload, m, hlim=ttl),
                  proto=6, sport=sport, dport=22, tcp_flags=0x018, **v6)
     if kind == "udp6-frag0":  # first fragment, more-fragments set: ports are readable
-        payload = F.ipv6_frag(17, offset=0, more=True, ident=i) + F.udp(sport, 4789, b"x" * 8)
+        payload = F.ipv6_frag(17, offset=0, more=True, ident=i) + F.udp(sport, 4790, b"x" * 8)
         return c(F.ipv6_frame(s6, d6, 44, payload, m, hlim=ttl),
-                 proto=17, sport=sport, dport=4789, frag=True, **v6)
+                 proto=17, sport=sport, dport=4790, frag=True, **v6)
     if kind == "arp":
         return c(F.arp_frame(1, s4, d4, eth_src=m), ip=False, eth_dst=F.BROADCAST,
                  pkttype=PACKET_BROADCAST, ethertype=0x0806, ttl=None, proto=None)

@@ -466,8 +466,9 @@ def test_batches_dropped_for_a_full_subscriber_queue_are_counted(injector, start
             stats.subscribe(b"stats")
             stats.connect(daemon.endpoint)
             assert stalled.wait_ready(timeout=10), daemon.logs()
-            # 1 MiB / (8 KiB block + 4 KiB batch overhead + 256 B topic and bookkeeping)
-            assert "each subscriber's queue holds at most 83 batches" in daemon.logs()
+            # 1 MiB / (17/16 of an 8 KiB block + 4 KiB batch overhead + 256 B topic and
+            # bookkeeping: wire.max_batch_bytes, publish.MESSAGE_OVERHEAD)
+            assert "each subscriber's queue holds at most 80 batches" in daemon.logs()
             with Pump(injector, 0, 20_000):
                 pass
             m = metrics_once_decoded(daemon, 20_000)
