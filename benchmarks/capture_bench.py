@@ -36,7 +36,6 @@ import argparse
 import contextlib
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -75,12 +74,12 @@ from proc_accounting import (
     cpu_by_thread,
     cpu_delta_ns,
     cpu_snapshot,
+    run_benchmark,
     snapshot_ticks,
 )
 
 QUIET_S = 0.5  # drained: the tool used at most QUIET_TICKS of CPU and delivered nothing new
 QUIET_TICKS = 1  # ... in this long
-EXIT_FAILED = 3
 
 
 # --------------------------------------------------------------------------- arguments
@@ -381,31 +380,11 @@ def run(args: argparse.Namespace, command: str) -> int:
     return 0
 
 
-def interrupt(signum: int, frame: object) -> None:
-    """Ctrl-C or SIGTERM: stop the run, and ignore both from now on so that a second one
-    cannot cut the clean-up (the `finally` blocks and exit stacks) short."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.scapy_child:
         return scapy_child(args.iface, args.timeout)
-    command = "sudo .venv/bin/python benchmarks/capture_bench.py " + " ".join(
-        argv if argv is not None else sys.argv[1:])
-    signal.signal(signal.SIGINT, interrupt)
-    signal.signal(signal.SIGTERM, interrupt)
-    try:
-        return run(args, command.strip())
-    except KeyboardInterrupt:
-        print("\ninterrupted: everything was stopped and the namespace deleted",
-              file=sys.stderr)
-        return 130
-    except (BenchError, netlab.WaitTimeout, OSError) as e:
-        print(f"capture_bench: {e}", file=sys.stderr)
-        return EXIT_FAILED
+    return run_benchmark("capture_bench.py", run, args, argv)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ from pathlib import Path
 import netlab  # tests/netlab.py: namespace, daemon, metrics, /proc helpers
 from capture_report import DEFAULT_MARKDOWN, environment, write_between
 from capture_tools import RING_MIB, Sent, run_trafgen, start_fanoutd, trafgen_config
-from proc_accounting import BenchError, proc_memory
+from proc_accounting import BenchError, proc_memory, run_benchmark
 
 from fanoutd.client import Subscriber
 from fanoutd.config import PublishConfig, RingConfig
@@ -62,7 +62,6 @@ READING_RCVHWM = 1_000_000  # a reading subscriber never drops a batch itself
 QUIET_S = 0.5  # settled: nothing new decoded or received for this long, and all received
 STUCK_S = 3.0  # ... or nothing at all moved for this long (a subscriber lost batches)
 LEFT_S = 1.0  # after the subscribers left: the proxy's memory unchanged for this long
-EXIT_FAILED = 3
 DOCS_BEGIN = "<!-- memory_bench:begin -->"
 DOCS_END = "<!-- memory_bench:end -->"
 QUEUE_LOG = re.compile(r"each subscriber's queue holds at most (\d+) batches")
@@ -491,29 +490,10 @@ def run(args: argparse.Namespace, command: str) -> int:
     return 0
 
 
-def interrupt(signum: int, frame: object) -> None:
-    """Ctrl-C or SIGTERM: stop the run, and ignore both from now on so that a second one
-    cannot cut the clean-up (the exit stacks) short."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise KeyboardInterrupt
-
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    command = "sudo .venv/bin/python benchmarks/memory_bench.py " + " ".join(
-        argv if argv is not None else sys.argv[1:])
-    signal.signal(signal.SIGINT, interrupt)
-    signal.signal(signal.SIGTERM, interrupt)
-    try:
-        return run(args, command.strip())
-    except KeyboardInterrupt:
-        print("\ninterrupted: everything was stopped and the namespace deleted",
-              file=sys.stderr)
-        return 130
-    except (BenchError, netlab.WaitTimeout, OSError) as e:
-        print(f"memory_bench: {e}", file=sys.stderr)
-        return EXIT_FAILED
+    return run_benchmark("memory_bench.py", run, args, argv)
 
 
 if __name__ == "__main__":

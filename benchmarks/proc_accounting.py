@@ -8,7 +8,8 @@ import os
 import re
 import signal
 import subprocess
-from collections.abc import Iterable, Iterator
+import sys
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -203,3 +204,34 @@ def wait_for_text(path: Path, pattern: str, proc: subprocess.Popen, timeout: flo
     except netlab.WaitTimeout as e:
         raise BenchError(f"{e}:\n{path.read_text(errors='replace')[-2000:]}") from None
 
+
+# --------------------------------------------------------------------------- entry point
+
+EXIT_FAILED = 3  # the run itself failed (not a figure that fell short)
+
+
+def interrupt(signum: int, frame: object) -> None:
+    """Ctrl-C or SIGTERM: stop the run, and ignore both from now on so that a second one
+    cannot cut the clean-up (the `finally` blocks and exit stacks) short."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def run_benchmark(script: str, run: Callable[[object, str], int], args: object,
+                  argv: list[str] | None) -> int:
+    """A benchmark's main: run(args, the command line as typed) with Ctrl-C and SIGTERM
+    stopping it cleanly (130), and its failures one line on stderr (EXIT_FAILED)."""
+    command = f"sudo .venv/bin/python benchmarks/{script} " + " ".join(
+        argv if argv is not None else sys.argv[1:])
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        return run(args, command.strip())
+    except KeyboardInterrupt:
+        print("\ninterrupted: everything was stopped and the namespace deleted",
+              file=sys.stderr)
+        return 130
+    except (BenchError, netlab.WaitTimeout, OSError) as e:
+        print(f"{script.removesuffix('.py')}: {e}", file=sys.stderr)
+        return EXIT_FAILED
