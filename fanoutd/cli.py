@@ -6,7 +6,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fanoutd import __version__, exits, settings
 from fanoutd.config import (
@@ -19,6 +19,9 @@ from fanoutd.config import (
     load_config,
     parse_host_port,
 )
+
+if TYPE_CHECKING:
+    from fanoutd.views import DisplayFilter
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,7 +121,7 @@ def _parser() -> argparse.ArgumentParser:
                           "not admitted) or CURVE is on one side only"),
             INTERRUPTED),
         description="Print the packets a running fanoutd publishes, from one or several "
-                    "sensors. --proto, --host, --port, --vlan and --worker are display "
+                    "sensors. --proto, --host, --port, --vlan, --tunnel and --worker are display "
                     "filters, applied here, on the subscriber's side: the daemon still "
                     "captures and publishes every packet (the capture filter is the "
                     "daemon's own --filter). Each option may be repeated or given a comma "
@@ -154,6 +157,10 @@ def _parser() -> argparse.ArgumentParser:
     tail.add_argument("--vlan", action="extend", default=[], metavar="ID",
                       type=_listed(lambda v: _number(v, 0, 4095, "a VLAN ID")),
                       help="a VLAN ID the packet carries (any of its tags)")
+    tail.add_argument("--tunnel", action="extend", default=[], metavar="NAME",
+                      type=_listed(_views_parser("parse_tunnel")),
+                      help="the packet went through this tunnel (pppoe, mpls, gre, vxlan, "
+                           "geneve, ipip), or through any")
     tail.add_argument("--worker", action="extend", default=[], metavar="N",
                       type=_listed(lambda v: _number(v, 0, 65535, "a worker")),
                       help="worker slot index")
@@ -396,11 +403,18 @@ def _key_file(secret: bool) -> Callable[[str], str]:
     return check
 
 
-def _cmd_tail(args: argparse.Namespace) -> int:
-    from fanoutd.client import DEFAULT_ENDPOINT, Subscriber
+def tail_display_filter(args: argparse.Namespace) -> "DisplayFilter":
+    """The display filter of `fanoutd tail`'s options."""
     from fanoutd.views import DisplayFilter
 
-    show = DisplayFilter.from_options(args.proto, args.host, args.port, args.vlan, args.worker)
+    return DisplayFilter.from_options(args.proto, args.host, args.port, args.vlan, args.worker,
+                                      args.tunnel)
+
+
+def _cmd_tail(args: argparse.Namespace) -> int:
+    from fanoutd.client import DEFAULT_ENDPOINT, Subscriber
+
+    show = tail_display_filter(args)
     if args.nats:
         if args.endpoint:
             args.command_parser.error("--endpoint and --nats: one source or the other")

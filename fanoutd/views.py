@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from fanoutd.batch import Record, format_ip, format_mac, format_tcp_flags
+from fanoutd.wire import TUNNELS
 
 PROTO_NAMES = {1: "ICMP", 6: "TCP", 17: "UDP", 58: "ICMP6", 132: "SCTP", 33: "DCCP",
                136: "UDPLite", 47: "GRE", 50: "ESP", 51: "AH"}
@@ -142,6 +143,14 @@ def parse_proto(text: str) -> int | str:
                      f"{', '.join(PROTO_BY_NAME)})")
 
 
+def parse_tunnel(text: str) -> str:
+    """A --tunnel value: an encapsulation name (wire.TUNNELS), or "any"."""
+    name = text.strip().lower()
+    if name == "any" or name in TUNNELS:
+        return name
+    raise ValueError(f"unknown tunnel {text!r} (any, or one of {', '.join(TUNNELS)})")
+
+
 def parse_host(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     """A --host value: an address, or a network in CIDR notation (10.0.0.0/8)."""
     try:
@@ -174,12 +183,17 @@ class DisplayFilter:
     ports: frozenset[int] = field(default_factory=frozenset)  # sport or dport, or inner
     vlans: frozenset[int] = field(default_factory=frozenset)  # any of the packet's VLAN IDs
     workers: frozenset[int] = field(default_factory=frozenset)
+    tunnels: frozenset[str] = field(default_factory=frozenset)  # wire.TUNNELS, or "any"
 
     def __bool__(self) -> bool:
-        return bool(self.protos or self.hosts or self.ports or self.vlans or self.workers)
+        return bool(self.protos or self.hosts or self.ports or self.vlans or self.workers
+                    or self.tunnels)
 
     def matches(self, rec: Record) -> bool:
         if self.workers and rec.worker not in self.workers:
+            return False
+        if self.tunnels and not (rec.tunnel in self.tunnels or (
+                "any" in self.tunnels and rec.tunnel is not None)):
             return False
         if self.protos and not (rec.proto in self.protos or rec.inner_proto in self.protos or (
                 "arp" in self.protos and rec.ethertype == ETHERTYPE_ARP)):
@@ -200,9 +214,10 @@ class DisplayFilter:
     @classmethod
     def from_options(cls, protos: Iterable[int | str] = (), hosts: Iterable = (),
                      ports: Iterable[int] = (), vlans: Iterable[int] = (),
-                     workers: Iterable[int] = ()) -> "DisplayFilter":
+                     workers: Iterable[int] = (),
+                     tunnels: Iterable[str] = ()) -> "DisplayFilter":
         return cls(frozenset(protos), tuple(hosts), frozenset(ports), frozenset(vlans),
-                   frozenset(workers))
+                   frozenset(workers), frozenset(tunnels))
 
 
 # `fanoutd stats`: (column title, metric) per worker; packets/s is derived from two scrapes.

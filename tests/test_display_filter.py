@@ -68,9 +68,7 @@ def records(rows: dict[int, list], worker: int = 0) -> dict[int, Record]:
 
 def tail_filter(*options: str) -> DisplayFilter:
     """The filter tail builds from these options, through its own argument parser."""
-    args = cli._parser().parse_args(["tail", *options])
-    return DisplayFilter.from_options(args.proto, args.host, args.port, args.vlan,
-                                      args.worker)
+    return cli.tail_display_filter(cli._parser().parse_args(["tail", *options]))
 
 
 def shown(*options: str, worker: int = 0) -> set[int]:
@@ -131,7 +129,7 @@ def test_worker():
 
 @pytest.mark.parametrize("option", [
     ["--proto", "nope"], ["--proto", "256"], ["--host", "300.1.1.1"], ["--port", "65536"],
-    ["--port", "-1"], ["--vlan", "4096"], ["--worker", "x"],
+    ["--port", "-1"], ["--vlan", "4096"], ["--worker", "x"], ["--tunnel", "vxlan-gpe"],
 ])
 def test_bad_filter_values_are_usage_errors(capsys, option):
     with pytest.raises(SystemExit) as info:
@@ -338,6 +336,18 @@ def test_proto_matches_the_inner_or_the_outer_protocol():
     assert tunnels_shown("--proto", "tcp", "--port", "443", "--host", "192.0.2.1") == \
         INNER_TCP & OUTER_192
     assert tunnels_shown("--proto", "arp") == set()
+
+
+def test_tunnel_matches_the_encapsulation():
+    every = set(TUNNEL_FRAMES)
+    vxlan = {name for name in every if name.startswith("vxlan")}
+    assert tunnels_shown("--tunnel", "vxlan") == vxlan
+    assert tunnels_shown("--tunnel", "pppoe,MPLS") == {
+        name for name in every if name.startswith(("pppoe", "mpls"))}
+    assert tunnels_shown("--tunnel", "ipip") == {"ipip", "6in4"}
+    assert tunnels_shown("--tunnel", "any") == every
+    assert tunnels_shown("--tunnel", "vxlan", "--host", "10.0.0.1") == {"vxlan", "vxlan-gre"}
+    assert shown("--tunnel", "any") == set()  # the rows without a tunnel
 
 
 def test_tail_json_and_records_of_tunnelled_packets():
