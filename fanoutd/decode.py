@@ -5,6 +5,11 @@ Decoding never raises on wire input: a frame that ends early or carries an impos
 gets `err` set to one of wire.ERROR_REASONS and keeps every field parsed before the problem.
 An unknown or unparsed protocol is not an error; its fields simply stay None.
 
+Tunnels (PPPoE, MPLS, GRE, VXLAN, Geneve, IP in IP; the "tunnels" section below) are
+decoded through to `tunnel_depth` levels: the outer fields stay those of the outer packet,
+and the inner packet is decoded by the same functions into a row of its own, whose fields
+become the row's inner_* fields.
+
 Every header is read with a precompiled struct.Struct and every read is bounded by the
 captured length, never by the buffer (the buffer is a whole ring block holding other frames).
 """
