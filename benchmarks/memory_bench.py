@@ -54,6 +54,7 @@ from proc_accounting import BenchError, proc_memory, run_benchmark
 
 from fanoutd.client import Subscriber
 from fanoutd.config import PublishConfig, RingConfig
+from fanoutd.publish import FreedMemory
 
 KINDS = ("reading", "stalled", "staggered")
 DEFAULT_KINDS = ("reading", "stalled")
@@ -62,6 +63,7 @@ READING_RCVHWM = 1_000_000  # a reading subscriber never drops a batch itself
 QUIET_S = 0.5  # settled: nothing new decoded or received for this long, and all received
 STUCK_S = 3.0  # ... or nothing at all moved for this long (a subscriber lost batches)
 LEFT_S = 1.0  # after the subscribers left: the proxy's memory unchanged for this long
+BACK_KIB = 2048  # the proxy's memory is back when within this of what it was idle
 DOCS_BEGIN = "<!-- memory_bench:begin -->"
 DOCS_END = "<!-- memory_bench:end -->"
 QUEUE_LOG = re.compile(r"each subscriber's queue holds at most (\d+) batches")
@@ -302,6 +304,13 @@ def wait_settled(daemon: netlab.Daemon, subs: Subscribers, timeout: float) -> fl
     return time.monotonic() - start
 
 
+def wait_back(pid: int, rss_kib: int, timeout: float) -> None:
+    """Wait, at most `timeout` seconds, until the process's RSS is rss_kib or less."""
+    deadline = time.monotonic() + timeout
+    while Memory.of(pid).rss > rss_kib and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
 def wait_memory_stable(pid: int, timeout: float = 10.0) -> Memory:
     """A process's memory once its RSS did not change for LEFT_S (bounded)."""
     start = since = time.monotonic()
@@ -333,7 +342,11 @@ def measure(ns: netlab.NetNS, conf: Path, kind: str, n: int, run: int,
         after = metrics(daemon)
         counted = subs.stop()
         wait_subscribers(daemon, 0)
-        proxy_left = wait_memory_stable(daemon.children_by_comm()["fanoutd-proxy"])
+        # The proxy gives freed memory back at its stats ticks for a while after a
+        # subscriber left (publish.FreedMemory), once libzmq has freed the queues.
+        pid = daemon.children_by_comm()["fanoutd-proxy"]
+        wait_back(pid, proxy_idle.rss + BACK_KIB, FreedMemory.LEAVING_WINDOW_S)
+        proxy_left = wait_memory_stable(pid)
         queue = QUEUE_LOG.search(daemon.stderr_text())
 
     def diff(name: str) -> int:

@@ -1,8 +1,10 @@
-"""Allocator settings for the workers, which make a batch for every ring block.
+"""Allocator settings for the workers, which make a batch for every ring block, and
+giving freed memory back for the proxy.
 
-Not for the proxy: it passes on the buffers libzmq received without copying them, so it
-gains nothing from them, while M_TRIM_THRESHOLD below lets the heap keep up to 256 MiB it
-has freed (the proxy sat at 288 MB after its queues had once been full)."""
+keep_large_allocations is not for the proxy: it passes on the buffers libzmq received
+without copying them, so it gains nothing from it, while M_TRIM_THRESHOLD below lets the
+heap keep up to 256 MiB it has freed (the proxy sat at 288 MB after its queues had once
+been full). The proxy calls release_freed_memory instead, once queues have emptied."""
 
 import ctypes
 
@@ -20,3 +22,11 @@ def keep_large_allocations() -> None:
     libc = ctypes.CDLL(None)
     libc.mallopt(M_MMAP_THRESHOLD, 64 << 20)
     libc.mallopt(M_TRIM_THRESHOLD, 256 << 20)
+
+
+def release_freed_memory() -> None:
+    """malloc_trim(0): give the pages glibc holds free, in every arena, back to the
+    system. A subscriber that stalled leaves a queue of batches in the proxy; once they
+    are freed glibc keeps them (146 MiB after 16 such subscribers had left, in
+    benchmarks/memory_bench.py) unless asked."""
+    ctypes.CDLL(None).malloc_trim(0)

@@ -39,6 +39,7 @@ from zmq.utils import monitor as zmq_monitor
 
 from fanoutd import __version__, exits, privileges, wire
 from fanoutd.config import MAX_WORKERS, CurveConfig
+from fanoutd.memory import release_freed_memory
 from fanoutd.proctitle import set_process_name
 from fanoutd.slotstats import ProxyStats, RingTable, StatsTable, publisher_report, worker_reports
 from fanoutd.wire import BATCH_TOPIC_PREFIX, HELLO, STATS_TOPIC, batch_topic, max_batch_bytes
@@ -695,6 +696,30 @@ REJECTED_BECAUSE = {
 }
 
 
+class FreedMemory:
+    """When the proxy gives freed memory back (memory.release_freed_memory): at every
+    stats tick for LEAVING_WINDOW_S after a subscriber left (libzmq frees its queue some
+    seconds later, after the connection has ended: ~10 s in benchmarks/memory_bench.py),
+    and every TRIM_INTERVAL_S anyway (a queue that filled and drained again)."""
+
+    LEAVING_WINDOW_S = 30.0
+    TRIM_INTERVAL_S = 30.0
+
+    def __init__(self, subscribers: int, now: float) -> None:
+        self.subscribers = subscribers
+        self.window_end = now
+        self.next = now + self.TRIM_INTERVAL_S
+
+    def due(self, subscribers: int, now: float) -> bool:
+        if subscribers < self.subscribers:
+            self.window_end = now + self.LEAVING_WINDOW_S
+        self.subscribers = subscribers
+        if now < self.window_end or now >= self.next:
+            self.next = now + self.TRIM_INTERVAL_S
+            return True
+        return False
+
+
 def run_proxy(plan: ProxyPlan, ready_fd: int, tables: list[tuple[str, StatsTable]],
               rings: RingTable, stats: ProxyStats) -> int:
     """The proxy process's main. Binds both endpoints and writes b"ok" (or the reason it
@@ -721,6 +746,7 @@ def run_proxy(plan: ProxyPlan, ready_fd: int, tables: list[tuple[str, StatsTable
     proxy.log_queue_size()
     next_stats = time.monotonic()
     supervisor = os.getppid()
+    trim = FreedMemory(stats["subscribers"], time.monotonic())
     try:
         while not stopping and os.getppid() == supervisor:  # no orphan outlives it
             proxy.run_once(200)
@@ -731,6 +757,8 @@ def run_proxy(plan: ProxyPlan, ready_fd: int, tables: list[tuple[str, StatsTable
                     body = msgpack.packb(body, use_bin_type=True)
                     proxy.send_stats(STATS_TOPIC, body)
                 next_stats = time.monotonic() + plan.stats_interval_s
+                if trim.due(stats["subscribers"], time.monotonic()):
+                    release_freed_memory()
         # The workers stop first and flush to us; pass on what they sent.
         for _ in range(10):
             proxy.run_once(20)

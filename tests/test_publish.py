@@ -13,6 +13,7 @@ from fanoutd.publish import (
     ENVELOPE,
     MESSAGE_OVERHEAD,
     UNWATCHED_WINDOW_S,
+    FreedMemory,
     Proxy,
     ProxyPlan,
     RefusalLog,
@@ -259,3 +260,15 @@ def test_batches_are_taken_only_from_the_rings_worker_on_its_topic(tmp_path):
         proxy.close()
     finally:
         ctx.destroy(linger=0)
+
+
+def test_freed_memory_goes_back_after_a_subscriber_left_and_now_and_then():
+    trim = FreedMemory(subscribers=3, now=100.0)
+    assert not trim.due(3, 105.0)
+    assert trim.due(2, 110.0)  # one left: at every tick for LEAVING_WINDOW_S
+    assert trim.due(2, 115.0)
+    assert trim.due(2, 139.9)
+    assert not trim.due(2, 140.0)  # the window is over
+    assert not trim.due(4, 145.0)  # more came: nothing was freed
+    assert not trim.due(4, 169.8)
+    assert trim.due(4, 169.9)  # TRIM_INTERVAL_S after the last
