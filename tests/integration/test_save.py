@@ -80,13 +80,13 @@ def test_save_rotates_and_the_files_answer_queries(ns, injector, start_daemon, t
     top = pl.sql(f"""
         SELECT src, count(*) AS packets, sum(len) AS bytes
         FROM read_parquet('{out}/*.parquet')
-        GROUP BY src ORDER BY bytes DESC LIMIT 3
+        GROUP BY src ORDER BY bytes DESC, src LIMIT 3
     """).collect()
     want: dict[bytes, int] = {}
     for src, length in zip(table.column("src").to_pylist(), table.column("len").to_pylist(),
                            strict=True):
         want[src] = want.get(src, 0) + length
-    best = sorted(want.items(), key=lambda kv: -kv[1])[:3]
+    best = sorted(want.items(), key=lambda kv: (-kv[1], kv[0]))[:3]  # ties by address, as the SQL
     assert list(zip(top["src"].to_list(), top["bytes"].to_list(), strict=True)) == best
 
 
