@@ -38,7 +38,6 @@ except ImportError:  # not built: msgpack, which copies each bin, and pyarrow pe
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 WIRE_FIELDS = frozenset(wire.FIELD_BY_NAME)  # a Record answers None for one a batch lacks
-OPTIONAL_FIELDS = tuple(f.name for f in wire.FIELD_TABLE if f.optional)
 _WIRE_RANK = {name: i for i, name in enumerate(wire.FIELD_BY_NAME)}  # payload last
 _fields_cache: dict[tuple[str, ...], list[str]] = {}
 
@@ -51,7 +50,7 @@ def with_optional_fields(carried: list[str]) -> list[str]:
     cached = _fields_cache.get(key)
     if cached is None:
         cached = list(carried)
-        for name in OPTIONAL_FIELDS:
+        for name in wire.TUNNEL_FIELDS:  # the optional fields
             if name in cached:
                 continue
             rank = _WIRE_RANK[name]

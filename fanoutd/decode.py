@@ -118,7 +118,7 @@ _TCP = struct.Struct("!HH8xBB")  # ports, data offset, flags
 _ICMP = struct.Struct("!BB")
 _ETHERTYPE = struct.Struct("!H")
 _PPPOE = struct.Struct("!2xHHH")  # (ver/type, code,) session id, length, PPP protocol
-_MPLS = struct.Struct("!I")
+_U32 = struct.Struct("!I")  # an MPLS label stack entry, a GRE key
 _GRE = struct.Struct("!HH")  # flags and version, protocol type
 _VXLAN_VNI = struct.Struct("!4xI")  # (flags, reserved,) VNI << 8 | reserved
 _GENEVE = struct.Struct("!BxHI")  # version and option length, (flags,) protocol, VNI << 8
@@ -387,6 +387,10 @@ def _inner(buf: bytes, pos: int, end: int, row: list, depth: int, decode) -> tup
     return payload
 
 
+# What GRE and Geneve carry, by their protocol type (an ethertype): how to decode it.
+_CARRIED = {ETH_P_IP: _ipv4, ETH_P_IPV6: _ipv6, ETH_P_TEB: _frame}
+
+
 def _pppoe(buf: bytes, pos: int, end: int, row: list,
            depth: int) -> tuple[int, int] | None:
     """PPPoE session (RFC 2516): a 6-byte header, then PPP's 2-byte protocol."""
@@ -416,7 +420,7 @@ def _mpls(buf: bytes, pos: int, end: int, row: list,
         if end - pos < 4:
             row[ERR] = "truncated-mpls"
             return None
-        (entry,) = _MPLS.unpack_from(buf, pos)
+        (entry,) = _U32.unpack_from(buf, pos)
         if row[TUNNEL_ID] is None:
             row[TUNNEL_ID] = entry >> 12
         pos += 4
@@ -455,14 +459,10 @@ def _gre(buf: bytes, pos: int, end: int, row: list,
         row[ERR] = "truncated-gre"
         return None
     if flags & GRE_KEY:
-        (row[TUNNEL_ID],) = _MPLS.unpack_from(buf, key_at)
+        (row[TUNNEL_ID],) = _U32.unpack_from(buf, key_at)
     pos += hlen
-    if ptype == ETH_P_IP:
-        return _inner(buf, pos, end, row, depth, _ipv4)
-    if ptype == ETH_P_IPV6:
-        return _inner(buf, pos, end, row, depth, _ipv6)
-    if ptype == ETH_P_TEB:
-        return _inner(buf, pos, end, row, depth, _frame)
+    if ptype in _CARRIED:
+        return _inner(buf, pos, end, row, depth, _CARRIED[ptype])
     if ptype == ETH_P_ERSPAN:
         if flags & GRE_SEQ:  # type II: an 8-byte ERSPAN header before the frame
             if end - pos < ERSPAN_II_HEADER:
@@ -507,12 +507,8 @@ def _geneve(buf: bytes, pos: int, end: int, row: list,
         row[ERR] = "truncated-geneve"
         return None
     pos += hlen
-    if ptype == ETH_P_TEB:
-        return _inner(buf, pos, end, row, depth, _frame)
-    if ptype == ETH_P_IP:
-        return _inner(buf, pos, end, row, depth, _ipv4)
-    if ptype == ETH_P_IPV6:
-        return _inner(buf, pos, end, row, depth, _ipv6)
+    if ptype in _CARRIED:
+        return _inner(buf, pos, end, row, depth, _CARRIED[ptype])
     return pos, end
 
 

@@ -163,7 +163,7 @@ FIELD_TABLE = (
     Field("inner_dport", "uint16", "fixed", True, fmt="H", optional=True),
     Field("inner_tcp_flags", "uint16", "fixed", True, fmt="H", optional=True),
 )
-TUNNEL_FIELDS = tuple(f.name for f in FIELD_TABLE if f.optional)
+TUNNEL_FIELDS = tuple(f.name for f in FIELD_TABLE if f.optional)  # the optional fields
 # With payload_bytes > 0, rows end with one more field.
 PAYLOAD = Field("payload", "binary", "binary", True)
 
