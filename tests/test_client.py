@@ -7,9 +7,9 @@ import json
 import time
 from datetime import UTC, datetime
 
-import msgpack
 import pytest
 import zmq
+from fakes import FakeSensor
 
 from fanoutd.client import Batch, Record, SeqTracker, StreamKey, Subscriber
 from fanoutd.views import DisplayFilter, json_line, packet_line, parse_host, parse_proto
@@ -160,31 +160,6 @@ def test_streams_are_tracked_apart():
 # --------------------------------------------------------------------------- Subscriber
 
 
-class FakeSensor:
-    """An in-process XPUB that answers the welcome subscription as fanoutd's proxy does."""
-
-    def __init__(self, ctx: zmq.Context, name: str) -> None:
-        self.endpoint = f"inproc://{name}"
-        self.sock = ctx.socket(zmq.XPUB)
-        self.sock.setsockopt(zmq.XPUB_VERBOSE, 1)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.bind(self.endpoint)
-
-    def answer_hello(self, timeout: float = 5.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.sock.poll(100) and self.sock.recv() == b"\x01" + HELLO:
-                self.sock.send(HELLO)
-                return
-        raise AssertionError(f"no subscription to the welcome on {self.endpoint}")
-
-    def publish(self, seq: int, rows: list, iface: str = "eth0", worker: int = 0,
-                fields: list = FIELDS) -> None:
-        body = {"v": 1, "iface": iface, "worker": worker, "seq": seq, "fields": fields,
-                "packets": rows}
-        self.sock.send_multipart([f"pkt.{iface}.{worker}".encode(), msgpack.packb(body)])
-
-
 @pytest.fixture
 def ctx():
     context = zmq.Context()
@@ -197,7 +172,7 @@ def sensors(ctx):
     made = []
 
     def make(name: str) -> FakeSensor:
-        made.append(FakeSensor(ctx, name))
+        made.append(FakeSensor(ctx, f"inproc://{name}", FIELDS))
         return made[-1]
     yield make
     for s in made:

@@ -8,18 +8,16 @@ which packet is pinned here.
 import ipaddress
 import json
 import threading
-import time
 
 import frames as F
-import msgpack
 import pytest
 import zmq
+from fakes import FakeSensor
 
 from fanoutd import cli, wire
 from fanoutd.client import Batch, Record
 from fanoutd.encoder import encode_columns_py, encode_rows_py
 from fanoutd.views import DisplayFilter, json_line, packet_line
-from fanoutd.wire import HELLO
 
 FIELDS = ["ts_ns", "len", "caplen", "ifindex", "rxhash", "pkttype", "eth_dst", "eth_src",
           "ethertype", "vlan", "src", "dst", "proto", "ttl", "sport", "dport", "tcp_flags",
@@ -138,37 +136,11 @@ def test_bad_filter_values_are_usage_errors(capsys, option):
     assert option[0] in capsys.readouterr().err
 
 
-class FakePublisher:
-    """An XPUB on ipc:// that answers tail's welcome subscription as fanoutd's proxy does
-    and publishes version 1 batches."""
-
-    def __init__(self, ctx: zmq.Context, endpoint: str) -> None:
-        self.endpoint = endpoint
-        self.sock = ctx.socket(zmq.XPUB)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.bind(endpoint)
-
-    def answer_hello(self, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            # tail subscribes to pkt. before the welcome: once the welcome's subscription
-            # is read, so was pkt.'s, and nothing published from now on is missed.
-            if self.sock.poll(100) and self.sock.recv() == b"\x01" + HELLO:
-                self.sock.send(HELLO)
-                return
-        raise AssertionError("tail never subscribed to the welcome")
-
-    def publish(self, seq: int, rows: list[list]) -> None:
-        body = {"v": 1, "iface": "cap0", "worker": 0, "seq": seq, "fields": FIELDS,
-                "packets": rows}
-        self.sock.send_multipart([b"pkt.cap0.0", msgpack.packb(body)])
-
-
 def test_tail_prints_exactly_the_matching_packets(capsys, tmp_path):
     """tail --json --proto udp --port 53 --count N reading a publisher: the N matching
     packets, one JSON object per line, in order; the others never printed."""
     ctx = zmq.Context()
-    pub = FakePublisher(ctx, f"ipc://{tmp_path}/pub")
+    pub = FakeSensor(ctx, f"ipc://{tmp_path}/pub", FIELDS)
     wanted = list(MATCHING.values())
     status: list[int] = []
     tail = threading.Thread(target=lambda: status.append(cli.main([
@@ -177,8 +149,8 @@ def test_tail_prints_exactly_the_matching_packets(capsys, tmp_path):
     try:
         tail.start()
         pub.answer_hello()
-        pub.publish(0, list(OTHERS.values())[:3])
-        pub.publish(1, list(ROWS.values()))
+        pub.publish(0, list(OTHERS.values())[:3], iface="cap0")
+        pub.publish(1, list(ROWS.values()), iface="cap0")
         tail.join(15)
         assert not tail.is_alive(), "tail did not stop after --count packets"
     finally:

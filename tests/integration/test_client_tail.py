@@ -34,6 +34,22 @@ def background(argv: list[str]):
         proc.wait(timeout=10)
 
 
+@contextlib.contextmanager
+def tail_beside_a_subscriber(daemon: netlab.Daemon, *options: str):
+    """`fanoutd tail --endpoint DAEMON OPTIONS` in the background and a Subscriber, both
+    with their subscriptions in effect: (tail process, its stdout, its stderr, the
+    Subscriber, a logs() for failure messages)."""
+    argv = [*netlab.cli_argv(), "tail", "--endpoint", daemon.endpoint, *options]
+    with background(argv) as (tail, out, err), Subscriber(daemon.endpoint) as sub:
+        def logs() -> str:
+            return f"tail stdout {out.drain()[-5:]}, stderr {err.drain()[-5:]}\n{daemon.logs()}"
+
+        netlab.wait_line(err, lambda line: "listening on" in line, 15,
+                         "tail to say its subscriptions are in effect", detail=logs)
+        assert sub.wait_ready(10), daemon.logs()
+        yield tail, out, err, sub, logs
+
+
 def collect(sub: Subscriber, want: set, key, timeout: float = 10.0,
             detail=None) -> dict:
     """Records from sub until key(rec) has covered `want` (bounded): {key: Record}."""
@@ -87,16 +103,9 @@ def test_tail_display_filter_and_records(ns, injector, start_daemon):
     last = F.mac(5)  # sent only once every other frame is known to be published
     matching_all = {**matching, last: F.ipv4_frame("198.51.100.5", "192.0.2.53", 17,
                                                    F.udp(40005, 53), eth_src=last)}
-    argv = [*netlab.cli_argv(), "tail", "--endpoint", daemon.endpoint, "--json",
-            "--proto", "udp", "--port", "53", "--count", str(len(matching_all)),
-            "--timeout", "30", "--stats"]
-    with background(argv) as (tail, out, err), Subscriber(daemon.endpoint) as sub:
-        def logs() -> str:
-            return f"tail stdout {out.drain()[-5:]}, stderr {err.drain()[-5:]}\n{daemon.logs()}"
-
-        netlab.wait_line(err, lambda line: "listening on" in line, 15,
-                         "tail to say its subscriptions are in effect", detail=logs)
-        assert sub.wait_ready(10), daemon.logs()
+    with tail_beside_a_subscriber(daemon, "--json", "--proto", "udp", "--port", "53",
+                                  "--count", str(len(matching_all)), "--timeout", "30",
+                                  "--stats") as (tail, out, err, sub, logs):
         frames = [f for pair in zip(others.values(), matching.values(), strict=True)
                   for f in pair]
         injector.send_all(frames)
@@ -176,15 +185,8 @@ def test_tail_shows_tunnels_and_matches_the_inner_host(ns, injector, start_daemo
         5: f"VXLAN 5003 TCP 10.0.0.1:443 > 10.0.0.2:51000 [P.] via 192.0.2.1 > 192.0.2.2 "
            f"len {len(last)}",
     }
-    argv = [*netlab.cli_argv(), "tail", "--endpoint", daemon.endpoint, "--host", "10.0.0.1",
-            "--count", str(len(want)), "--timeout", "30"]
-    with background(argv) as (tail, out, err), Subscriber(daemon.endpoint) as sub:
-        def logs() -> str:
-            return f"tail stdout {out.drain()[-5:]}, stderr {err.drain()[-5:]}\n{daemon.logs()}"
-
-        netlab.wait_line(err, lambda line: "listening on" in line, 15,
-                         "tail to say its subscriptions are in effect", detail=logs)
-        assert sub.wait_ready(10), daemon.logs()
+    with tail_beside_a_subscriber(daemon, "--host", "10.0.0.1", "--count", str(len(want)),
+                                  "--timeout", "30") as (tail, out, _err, sub, logs):
         injector.send_all(frames.values())
         got = collect(sub, {F.mac(i) for i in frames}, mac_of, detail=logs)
         injector.send(last)
