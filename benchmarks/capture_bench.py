@@ -69,6 +69,7 @@ from capture_tools import (
     trafgen_config,
 )
 from proc_accounting import (
+    EXIT_STATUSES,
     BenchError,
     cpu_busy,
     cpu_by_thread,
@@ -91,8 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Benchmark fanoutd's capture against tcpdump and scapy inside a private "
                     "network namespace: trafgen bursts of many UDP flows on CPU 0, one "
                     "capture tool at a time on CPU 1. Needs root, trafgen and tcpdump.",
-        epilog="Exit status: 0 done, 2 usage error, 3 the benchmark could not run, "
-               "130 interrupted.")
+        epilog=EXIT_STATUSES)
     p.add_argument("--runs", type=int,
                    help="runs of every (tool, frame size) burst; the table shows the median "
                         "(default: 3)")

@@ -50,7 +50,7 @@ from pathlib import Path
 import netlab  # tests/netlab.py: namespace, daemon, metrics, /proc helpers
 from capture_report import DEFAULT_MARKDOWN, environment, write_between
 from capture_tools import RING_MIB, Sent, run_trafgen, start_fanoutd, trafgen_config
-from proc_accounting import BenchError, proc_memory, run_benchmark
+from proc_accounting import EXIT_STATUSES, BenchError, proc_memory, run_benchmark
 
 from fanoutd.client import Subscriber
 from fanoutd.config import PublishConfig, RingConfig
@@ -78,8 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Measure the memory of fanoutd's proxy and worker (besides the ring) "
                     "with 0..N subscribers that read, or that stall, inside a private "
                     "network namespace. Needs root and trafgen.",
-        epilog="Exit status: 0 done, 2 usage error, 3 the benchmark could not run, "
-               "130 interrupted.")
+        epilog=EXIT_STATUSES)
     p.add_argument("--subscribers", default="0,1,4,16",
                    help="comma-separated numbers of subscribers (default: %(default)s; the "
                         "daemon admits publish.max_subscribers, 32)")

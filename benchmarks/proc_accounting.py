@@ -208,6 +208,9 @@ def wait_for_text(path: Path, pattern: str, proc: subprocess.Popen, timeout: flo
 # --------------------------------------------------------------------------- entry point
 
 EXIT_FAILED = 3  # the run itself failed (not a figure that fell short)
+# run_benchmark's statuses, for a benchmark's --help (argparse's epilog)
+EXIT_STATUSES = ("Exit status: 0 done, 2 usage error, 3 the benchmark could not run, "
+                 "130 interrupted.")
 
 
 def interrupt(signum: int, frame: object) -> None:
