@@ -425,6 +425,17 @@ static TUNNEL_FN int inner(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, R
     return ok;
 }
 
+/* What GRE and Geneve carry, by their protocol type (an ethertype): inner()'s `decode`,
+ * or -1 for none of these (decode.py's _CARRIED). */
+static int carried(uint16_t ptype) {
+    switch (ptype) {
+    case ETH_P_IP: return D_IPV4;
+    case ETH_P_IPV6: return D_IPV6;
+    case ETH_P_TEB_: return D_FRAME;
+    default: return -1;
+    }
+}
+
 /* PPPoE session (RFC 2516): a 6-byte header, then PPP's 2-byte protocol. */
 static int pppoe(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r) {
     set_tunnel(r, T_PPPOE);
@@ -475,10 +486,9 @@ static int gre(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r) {
     if (end - pos < hlen) { r->err = E_TRUNC_GRE; return 0; }
     if (flags & GRE_KEY) r->tunnel_id = be32(buf + key_at);
     pos += hlen;
+    int decode = carried(ptype);
+    if (decode >= 0) return inner(buf, pos, end, r, decode);
     switch (ptype) {
-    case ETH_P_IP: return inner(buf, pos, end, r, D_IPV4);
-    case ETH_P_IPV6: return inner(buf, pos, end, r, D_IPV6);
-    case ETH_P_TEB_: return inner(buf, pos, end, r, D_FRAME);
     case ETH_P_ERSPAN_:
         if (flags & GRE_SEQ) {  /* type II: an 8-byte ERSPAN header before the frame */
             if (end - pos < ERSPAN_II_HEADER) { r->err = E_TRUNC_GRE; return 0; }
@@ -513,10 +523,8 @@ static int geneve(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, Row *r) {
     Py_ssize_t hlen = 8 + (Py_ssize_t)(ver_optlen & 0x3F) * 4;
     if (end - pos < hlen) { r->err = E_TRUNC_GENEVE; return 0; }
     pos += hlen;
-    if (ptype == ETH_P_TEB_) return inner(buf, pos, end, r, D_FRAME);
-    if (ptype == ETH_P_IP) return inner(buf, pos, end, r, D_IPV4);
-    if (ptype == ETH_P_IPV6) return inner(buf, pos, end, r, D_IPV6);
-    return payload_at(r, pos, end);
+    int decode = carried(ptype);
+    return decode >= 0 ? inner(buf, pos, end, r, decode) : payload_at(r, pos, end);
 }
 
 /* IP in IP (protocol 4: IPv4 inside, 41: IPv6 inside): no header of its own. */
