@@ -503,15 +503,6 @@ def test_batches_dropped_for_a_full_subscriber_queue_are_counted(injector, start
             ctx.destroy(linger=0)
 
 
-def proxy_rss_mib(daemon: netlab.Daemon) -> float:
-    """The proxy's resident memory, from /proc/PID/status."""
-    pid = daemon.children_by_comm()["fanoutd-proxy"]
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS for the proxy")
-
-
 def test_a_stalled_subscribers_backlog_is_given_back_once_it_leaves(injector, start_daemon):
     """A subscriber that stops reading makes the proxy hold up to its queue's bytes of
     batches; once it leaves, libzmq frees them and the proxy hands the pages back to the
@@ -526,20 +517,21 @@ def test_a_stalled_subscribers_backlog_is_given_back_once_it_leaves(injector, st
         try:
             stalled = ClientSubscriber(daemon.endpoint, rcvhwm=2, context=ctx)
             assert stalled.wait_ready(timeout=10), daemon.logs()
-            idle = proxy_rss_mib(daemon)
+            proxy = daemon.children_by_comm()["fanoutd-proxy"]
+            idle = rss_mib(proxy)
             frame = F.udp4_frame(payload=b"\xab" * 1400)
             for _ in range(20):  # ~30 MB of batches (the queue keeps 256: ~16 MB), bounded
                 injector.send_all([frame] * 1000)
                 time.sleep(0.05)
-            netlab.wait_for(lambda: proxy_rss_mib(daemon) > idle + 10, 15,
+            netlab.wait_for(lambda: rss_mib(proxy) > idle + 10, 15,
                             "the proxy to hold the stalled subscriber's batches",
-                            detail=lambda: f"{proxy_rss_mib(daemon):.1f} MiB, idle "
+                            detail=lambda: f"{rss_mib(proxy):.1f} MiB, idle "
                                            f"{idle:.1f}\n{daemon.logs()}")
-            held = proxy_rss_mib(daemon)
+            held = rss_mib(proxy)
             stalled.close()
-            netlab.wait_for(lambda: proxy_rss_mib(daemon) < idle + 4, 15,
+            netlab.wait_for(lambda: rss_mib(proxy) < idle + 4, 15,
                             "the proxy to give the memory back",
-                            detail=lambda: f"{proxy_rss_mib(daemon):.1f} MiB, idle "
+                            detail=lambda: f"{rss_mib(proxy):.1f} MiB, idle "
                                            f"{idle:.1f}, held {held:.1f}\n{daemon.logs()}")
         finally:
             ctx.destroy(linger=0)
