@@ -298,10 +298,11 @@ def arista(version: int, rest: bytes, subtype: int = 1) -> bytes:
 
 
 def vxlan_frame(vni: int, inner: bytes, outer_src: str = "192.0.2.1",
-                outer_dst: str = "192.0.2.2", sport: int = 49152) -> bytes:
+                outer_dst: str = "192.0.2.2", sport: int = 49152,
+                eth_src: bytes = MAC_A) -> bytes:
     """Ethernet/IPv4/UDP to port 4789/VXLAN around an inner Ethernet frame."""
-    return eth(MAC_B, MAC_A, 0x0800, ipv4(outer_src, outer_dst, 17,
-                                          udp(sport, 4789, vxlan(vni, inner))))
+    return eth(MAC_B, eth_src, 0x0800, ipv4(outer_src, outer_dst, 17,
+                                            udp(sport, 4789, vxlan(vni, inner))))
 
 
 # One frame down every path of the decoder: each protocol, option, fragment, tag and

@@ -152,10 +152,8 @@ def test_tail_display_filter_and_records(ns, injector, start_daemon):
 
 
 def vxlan_frame(name: int, vni: int, inner: bytes) -> bytes:
-    """Ethernet (source MAC frames.mac(name)) / IPv4 192.0.2.1 > 192.0.2.2 / UDP to 4789 /
-    VXLAN around the inner Ethernet frame."""
-    return F.eth(F.MAC_B, F.mac(name), 0x0800, F.ipv4("192.0.2.1", "192.0.2.2", 17, F.udp(
-        49152, 4789, F.vxlan(vni, inner))))
+    """frames.vxlan_frame from source MAC frames.mac(name): the packet's identity."""
+    return F.vxlan_frame(vni, inner, eth_src=F.mac(name))
 
 
 def inner_ip(src: str, dst: str, proto: int, payload: bytes) -> bytes:
