@@ -31,9 +31,11 @@ slotstats.py and worker.py point here):
    held block is let go: its batch still waits in the worker's queue, lost only if the
    worker dies.
 
-While any block is held the socket cannot be polled (the kernel reports it readable as
-long as the block before its current one is the user's), so the worker sleeps in short
-steps instead (HeldBlocks.idle).
+While blocks are held, a level-triggered poll of the socket would return at once (the
+kernel reports it readable as long as the block before its current one is the user's), so
+the worker waits edge-triggered (RxRing.wait): the kernel wakes it once per block it hands
+over, and HeldBlocks.idle bounds the wait, so that the proxy's word is looked at even when
+no block comes.
 """
 
 import time
@@ -43,7 +45,7 @@ from collections.abc import Callable
 from fanoutd.ring import RxRing
 from fanoutd.slotstats import RingTable
 
-HOLD_WAIT_S = 0.0002  # how often a worker holding blocks looks for the proxy's word
+HOLD_WAIT_S = 0.0002  # how often a draining worker looks for the proxy's word
 RETAIN_S = 0.1  # how long blocks the proxy passed on stay held once traffic pauses
 
 
@@ -64,7 +66,6 @@ class HeldBlocks:
         self.block_count = geometry.block_count
         self.retain = max(2, self.block_count // 8)  # passed on, yet held (step 4)
         self.reserve = max(1, self.block_count // 8)  # blocks kept free for the kernel
-        self.retain_wait_s = min(0.005, geometry.block_timeout_ms / 2000)
         self.let_go = 0  # blocks handed back early to keep `reserve` free (step 6)
 
     def __len__(self) -> int:
@@ -97,13 +98,18 @@ class HeldBlocks:
             self._acked = acked
 
     def idle(self, draining: bool) -> float:
-        """No new block is ready: how long to sleep before looking again, or 0.0 once
-        every block is handed back (the socket may be polled). Retained blocks go back
-        once traffic has paused for RETAIN_S, at once when draining (nothing follows)."""
-        if self._acked < len(self._held):
-            return HOLD_WAIT_S  # the proxy has yet to pass a block on
-        if self._held and not draining and self._clock() - self._last_ack < RETAIN_S:
-            return self.retain_wait_s
+        """No new block is ready: the longest to wait for one before calling again, or 0.0
+        once every block is handed back. The proxy's word needs no wake-up of its own:
+        while traffic flows, the next block's hand-over wakes the worker, which then
+        releases what the proxy passed on. Retained blocks go back once traffic has paused
+        for RETAIN_S, at once when draining (nothing follows); a draining worker looks for
+        the proxy's word often, since no block will wake it."""
+        if self._acked < len(self._held):  # the proxy has yet to pass a block on
+            return HOLD_WAIT_S if draining else RETAIN_S
+        if self._held and not draining:
+            left = RETAIN_S - (self._clock() - self._last_ack)
+            if left > 0:
+                return left
         while self._held:  # traffic paused: the proxy has had time to send them
             self._release(self._held.popleft()[0])
         self._acked = 0

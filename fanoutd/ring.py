@@ -189,8 +189,13 @@ class RxRing:
         self.map = mmap.mmap(sock.fileno(), geometry.size, mmap.MAP_SHARED,
                              mmap.PROT_READ | mmap.PROT_WRITE)
         self.view = memoryview(self.map)
-        self.poller = select.poll()
-        self.poller.register(sock.fileno(), select.POLLIN | select.POLLERR)
+        # Edge-triggered: the kernel wakes the socket once per block it hands over (TPACKET_V3
+        # calls sk_data_ready when it closes a block, not per packet), so the worker sleeps
+        # until the next block even while it holds older ones. Level-triggered, the socket
+        # reads as ready as long as the block before the kernel's current one is the user's
+        # (a held one), and a holding worker could only sleep in steps.
+        self.poller = select.epoll(1)
+        self.poller.register(sock.fileno(), select.EPOLLIN | select.EPOLLERR | select.EPOLLET)
         self._head = _linux.BLOCK_HEAD.unpack_from
         self.socket_errors: list[int] = []  # errno values poll reported, for the worker
         # A replacement worker resumes where its predecessor stopped.
@@ -198,6 +203,7 @@ class RxRing:
         self.cursor = 0 if oldest is None else oldest
 
     def close(self) -> None:
+        self.poller.close()
         self.view.release()
         self.map.close()
 
@@ -229,26 +235,25 @@ class RxRing:
         """True when the block at the cursor is the user's to read."""
         return bool(self.head(self.cursor)[0] & _linux.TP_STATUS_USER)
 
-    def poll(self, timeout_ms: int) -> None:
-        """Sleep until the kernel hands over a block (or timeout_ms passes).
+    def wait(self, timeout_s: float, resync: bool) -> None:
+        """Sleep until the kernel hands over its next block, or timeout_s passes. Held
+        blocks do not wake it (see __init__); a wake-up may be for a block already read.
 
-        Only call this while every block read so far has been released: the kernel reports
-        the socket readable as long as the block before its current one is user-owned, so
-        a held block would make poll return at once. The kernel fills blocks in ring order,
-        so normally the cursor's block is the next one; if poll says data is ready but the
-        cursor's block is not, the cursor is out of step: resynchronise on the oldest user
-        block.
+        resync: nothing is held (every block before the cursor went back to the kernel). A
+        wake-up that finds the cursor's block not ready while another block is the user's
+        then means the cursor is out of step: it moves to the oldest user block. (With a
+        block held, that block is the oldest, and the cursor is past it on purpose.)
         """
-        events = self.poller.poll(timeout_ms)
+        events = self.poller.poll(max(timeout_s, 0.0))
         if not events:
             return
-        if events[0][1] & select.POLLERR:
-            # A pending socket error (ENETDOWN when the link goes down) keeps poll firing
-            # until it is read; reading SO_ERROR clears it.
+        if events[0][1] & select.EPOLLERR:
+            # A pending socket error (ENETDOWN when the link goes down) keeps waking the
+            # socket until it is read; reading SO_ERROR clears it.
             err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
                 self.socket_errors.append(err)
-        if not self.ready():
+        if resync and not self.ready():
             oldest = self.oldest_user_block()
             if oldest is not None:
                 self.cursor = oldest

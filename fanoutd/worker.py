@@ -25,7 +25,7 @@ from fanoutd.systemd import set_log_context
 
 log = logging.getLogger("fanoutd.worker")
 
-POLL_MS = 100  # the longest a worker goes without a heartbeat or checking for stop
+POLL_S = 0.1  # the longest a worker goes without a heartbeat or checking for stop
 GATE_WAIT_S = 0.005  # how often a worker looks whether the proxy forwards again
 CONNECT_TIMEOUT_S = 10.0
 
@@ -173,16 +173,15 @@ def _capture(rx: RxRing, pub: BatchPublisher, encoder: BlockEncoder,
         if not rx.ready():
             wait_s = held.idle(draining=stop.drain_since is not None)
             if wait_s:
-                time.sleep(wait_s)  # not poll: a held block makes it return at once
-                continue
-            if stop.drain_since is not None:
+                rx.wait(min(wait_s, POLL_S), resync=False)
+            elif stop.drain_since is not None:
                 if time.monotonic() - stop.drain_since >= drain_quiet_s:
                     return 0  # drained: everything this ring got is published
-                rx.poll(int(drain_quiet_s * 1000) + 1)
+                rx.wait(drain_quiet_s, resync=True)
             else:
-                rx.poll(POLL_MS)
-                if rx.socket_errors:
-                    _report_socket_errors(rx, plan.iface, index)
+                rx.wait(POLL_S, resync=True)
+            if rx.socket_errors:
+                _report_socket_errors(rx, plan.iface, index)
             continue
         block, first, num_pkts, block_seq = rx.read(copy=not READS_IN_PLACE)
         if held.passed_on(block_seq):

@@ -58,17 +58,19 @@ def publish(held: HeldBlocks, indexes, first_seq: int = 1) -> None:
 
 def test_sizes_follow_the_ring():
     held = HeldBlocks(FakeRing(block_count=128), RingTable(1), 0)
-    assert (held.retain, held.reserve, held.retain_wait_s) == (16, 16, 0.005)
+    assert (held.retain, held.reserve) == (16, 16)
     small = HeldBlocks(FakeRing(block_count=4, block_timeout_ms=2), RingTable(1), 0)
-    assert (small.retain, small.reserve, small.retain_wait_s) == (2, 1, 0.001)
+    assert (small.retain, small.reserve) == (2, 1)
 
 
 def test_nothing_goes_back_before_the_proxy_passed_it_on(held, ring, rings):
     publish(held, [5, 6, 7, 8])
     held.release_passed_on()
     assert ring.released == []
-    assert held.idle(draining=False) == HOLD_WAIT_S
-    assert held.idle(draining=True) == HOLD_WAIT_S  # draining waits for the proxy too
+    # Waits for the next block (which wakes it) at most RETAIN_S; draining, no block
+    # will come: it looks at the proxy's word often.
+    assert held.idle(draining=False) == RETAIN_S
+    assert held.idle(draining=True) == HOLD_WAIT_S
     assert ring.released == []
     assert len(held) == 4
 
@@ -79,7 +81,7 @@ def test_what_the_proxy_passed_on_goes_back_but_the_newest_retain(held, ring, ri
     held.release_passed_on()
     assert ring.released == [5]  # acknowledged 1..3; the newest 2 (retain) stay
     assert (len(held), held.acknowledged) == (3, 2)
-    assert held.idle(draining=False) == HOLD_WAIT_S  # seq 4 is not passed on yet
+    assert held.idle(draining=False) == RETAIN_S  # seq 4 is not passed on yet
     rings.forwarded[RING_ID] = 4
     held.release_passed_on()
     assert ring.released == [5, 6]
@@ -100,13 +102,14 @@ def test_retained_blocks_go_back_once_traffic_pauses(held, ring, rings, clock):
     held.release_passed_on()
     assert ring.released == []  # both retained
     clock.now += RETAIN_S / 2
-    assert held.idle(draining=False) == held.retain_wait_s
+    # Waits for the next block at most until the pause would be over.
+    assert held.idle(draining=False) == pytest.approx(RETAIN_S / 2)
     publish(held, [2], first_seq=3)  # traffic again: the pause counts from the last ack
     rings.forwarded[RING_ID] = 3
     held.release_passed_on()
     assert ring.released == [0]
     clock.now += RETAIN_S * 0.9
-    assert held.idle(draining=False) == held.retain_wait_s
+    assert held.idle(draining=False) == pytest.approx(RETAIN_S * 0.1)
     clock.now += RETAIN_S * 0.2
     assert held.idle(draining=False) == 0.0
     assert ring.released == [0, 1, 2]
@@ -154,7 +157,7 @@ def test_room_is_made_from_retained_blocks_first(held, ring, rings):
     held.make_room(unread=5)  # 16 - 11 - 5 = 0 free: two more, the retained one first
     assert ring.released == [0, 1, 2] and held.acknowledged == 0
     assert held.let_go == 3
-    assert held.idle(draining=False) == HOLD_WAIT_S  # the rest still waits for the proxy
+    assert held.idle(draining=False) == RETAIN_S  # the rest still waits for the proxy
 
 
 def test_the_proxys_acknowledgement_releases_the_block(tmp_path, ring, rings, clock):
