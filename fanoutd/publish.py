@@ -49,6 +49,20 @@ ENVELOPE = struct.Struct("<HQ")  # ring id, kernel block seq: worker -> proxy on
 log = logging.getLogger("fanoutd.proxy")
 
 
+def batch_context() -> zmq.Context:
+    """A ZeroMQ context for the worker or the proxy: one I/O thread, run as SCHED_BATCH.
+
+    Each batch the caller hands over wakes the I/O thread; as a normal thread it would
+    preempt the caller on its CPU at once (a context switch there and another back),
+    though the caller is about to sleep anyway. A SCHED_BATCH thread never preempts on
+    waking (the scheduler's wake-up preemption is for SCHED_NORMAL only): it runs on the
+    other CPU if that is idle, or when the caller sleeps. Measured: ~22 % fewer context
+    switches per batch over both processes, docs/performance.md."""
+    ctx = zmq.Context(1)
+    ctx.set(zmq.THREAD_SCHED_POLICY, os.SCHED_BATCH)
+    return ctx
+
+
 class BatchPublisher:
     """A worker's PUSH socket towards the proxy."""
 
@@ -732,7 +746,7 @@ def run_proxy(plan: ProxyPlan, ready_fd: int, tables: list[tuple[str, StatsTable
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     privileges.handlers_installed()  # blocked since the fork (supervisor._spawn)
-    ctx = zmq.Context(1)
+    ctx = batch_context()
     try:
         proxy = Proxy(ctx, plan, rings, stats, [iface for iface, _ in tables])
         if plan.user:

@@ -12,14 +12,12 @@ import socket
 import time
 from dataclasses import dataclass
 
-import zmq
-
 from fanoutd import exits, privileges, slotstats
 from fanoutd.encoder import IMPLEMENTATION, READS_IN_PLACE, BlockEncoder
 from fanoutd.holding import HeldBlocks
 from fanoutd.memory import keep_large_allocations
 from fanoutd.proctitle import set_process_name
-from fanoutd.publish import BatchPublisher
+from fanoutd.publish import BatchPublisher, batch_context
 from fanoutd.ring import RingGeometry, RxRing
 from fanoutd.systemd import set_log_context
 
@@ -87,7 +85,7 @@ def run_worker(index: int, sock: socket.socket, stats: slotstats.SlotStats,
     except OSError as e:
         log.error("worker %d: cannot map the ring of %s: %s", index, plan.iface, e.strerror)
         return exits.BOOT_FAILED
-    ctx = zmq.Context(1)
+    ctx = batch_context()
     pub = BatchPublisher(ctx, plan.backend, plan.iface, index, plan.ring_id, plan.sndhwm)
     status = exits.BOOT_FAILED
     try:

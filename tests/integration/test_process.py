@@ -42,6 +42,21 @@ def test_named_children_and_clean_exit(start_daemon, sig):
     assert "Traceback" not in daemon.logs(), daemon.logs()
 
 
+def test_zeromq_io_threads_never_preempt_the_thread_that_feeds_them(start_daemon):
+    """The workers' and the proxy's ZeroMQ I/O threads run SCHED_BATCH (publish.
+    batch_context), their main threads as started."""
+    daemon = start_daemon(workers=2, fanout="hash")
+    kids = wait_children(daemon)
+    for name in sorted(CHILDREN):
+        pid = kids[name]
+        policies = {}
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                policies[f.read().strip()] = os.sched_getscheduler(int(tid))
+        assert policies.get("ZMQbg/IO/0") == os.SCHED_BATCH, (name, policies)
+        assert policies[name] == os.SCHED_OTHER, (name, policies)
+
+
 def test_killed_worker_is_replaced_and_delivery_continues(injector, start_daemon, subscribe):
     daemon = start_daemon(workers=2, fanout="lb")
     sub = subscribe(daemon)
