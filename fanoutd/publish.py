@@ -67,7 +67,8 @@ class BatchPublisher:
     """A worker's PUSH socket towards the proxy."""
 
     def __init__(self, ctx: zmq.Context, endpoint: str, iface: str, worker: int, ring_id: int,
-                 sndhwm: int) -> None:
+                 sndhwm: int, block_size: int) -> None:
+        self.send_buffer = 2 * max_batch_bytes(block_size)
         self.iface = iface
         self.worker = worker
         self.ring_id = ring_id
@@ -82,8 +83,10 @@ class BatchPublisher:
 
     def _events(self, timeout_ms: int) -> None:
         while self.monitor.poll(timeout_ms):
-            event = zmq_monitor.recv_monitor_message(self.monitor)["event"]
-            self.connected = event == zmq.EVENT_CONNECTED
+            message = zmq_monitor.recv_monitor_message(self.monitor)
+            self.connected = message["event"] == zmq.EVENT_CONNECTED
+            if self.connected:
+                _widen_send_buffer(message["value"], self.send_buffer)
             timeout_ms = 0
 
     def wait_connected(self, timeout_s: float) -> bool:
@@ -118,6 +121,24 @@ class BatchPublisher:
         self.sock.disable_monitor()
         self.monitor.close()
         self.sock.close(linger=linger_ms)
+
+
+def _widen_send_buffer(fd: int, size: int) -> None:
+    """Let the kernel queue `size` bytes on the worker's connection to the proxy (two of
+    the largest batches), where the default (net.core.wmem_default, 208 KiB) holds about
+    one: a batch that does not fit wakes the worker's I/O thread again for the rest, once
+    the proxy has read. libzmq sets no buffer size on ipc connections itself; fd is the
+    connection's (the monitor's connected event names it). The worker is still root
+    here: SO_SNDBUFFORCE, else (no CAP_NET_ADMIN, as under the systemd unit)
+    SO_SNDBUF, which the kernel caps at net.core.wmem_max."""
+    with socket.socket(fileno=os.dup(fd)) as conn:
+        try:
+            conn.setsockopt(socket.SOL_SOCKET, _SO_SNDBUFFORCE, size)
+        except PermissionError:
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+
+
+_SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)  # asm-generic/socket.h
 
 
 class BindError(Exception):

@@ -86,7 +86,8 @@ def run_worker(index: int, sock: socket.socket, stats: slotstats.SlotStats,
         log.error("worker %d: cannot map the ring of %s: %s", index, plan.iface, e.strerror)
         return exits.BOOT_FAILED
     ctx = batch_context()
-    pub = BatchPublisher(ctx, plan.backend, plan.iface, index, plan.ring_id, plan.sndhwm)
+    pub = BatchPublisher(ctx, plan.backend, plan.iface, index, plan.ring_id, plan.sndhwm,
+                         plan.geometry.block_size)
     status = exits.BOOT_FAILED
     try:
         # Everything privileged happens before this point: the ring is mapped and the
