@@ -221,10 +221,9 @@ def memory_lines(rows: list[Row]) -> list[str]:
 
 
 def is_hop(thread: str) -> bool:
-    """A thread of the hop from a worker to the public endpoint: a worker's ZeroMQ
-    threads, and the proxy."""
-    return thread.startswith("fanoutd-proxy") or (
-        thread.startswith("fanoutd-w") and "/ZMQbg" in thread)
+    """A thread of the hop from a worker to the public endpoint: the proxy's. (A worker's
+    writing into its outbox, fanoutd/outbox.py, is in its own thread's time.)"""
+    return thread.startswith("fanoutd-proxy")
 
 
 def thread_lines(results: list[Measurement]) -> list[str]:
@@ -246,7 +245,7 @@ def thread_lines(results: list[Measurement]) -> list[str]:
         shown = sorted(((ns, name) for name, ns in per.items() if ns >= 1), reverse=True)
         case = f"{tool} {size} B" + (f" {flows:,} flows" if flows else "")
         lines.append(f"{case}: " + ", ".join(f"{name} {ns:,.0f}" for ns, name in shown)
-                     + f" ns/pkt; the hop (workers' ZeroMQ threads and the proxy) "
+                     + f" ns/pkt; the hop (the proxy's threads) "
                        f"{100 * hop:.0f} % of the tree's CPU")
     return lines
 

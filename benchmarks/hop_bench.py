@@ -7,12 +7,13 @@ A worker process sends batches of random bytes at a fixed rate (a capture worker
 one batch per ring block, ~100-500 a second); a subscriber receives them over TCP. What
 lies between is the transport under test:
 
-* `ipc`: fanoutd's design today: the worker PUSHes over ipc to a proxy process that
-  PULLs and sends on its XPUB (without fanoutd's checks and acknowledgements: the
-  bare ZeroMQ cost);
-* `shm`: the worker copies each batch into a slot of shared memory and signals an
-  eventfd; the proxy sends the slot on its XPUB and hands the slot back through
-  another eventfd;
+* `ipc`: fanoutd's design until the outbox (fanoutd/outbox.py): the worker PUSHes over
+  ipc to a proxy process that PULLs and sends on its XPUB (without fanoutd's checks and
+  acknowledgements: the bare ZeroMQ cost);
+* `shm`: close to fanoutd's design since (without its checks): the worker copies each
+  batch into a slot of shared memory and signals an eventfd; the proxy sends the slot on
+  its XPUB and hands the slot back through another eventfd (fanoutd's outbox hands it
+  back through a counter in the shared memory instead);
 * `direct`: the worker sends on its own XPUB: no hop at all, the floor.
 
 Every process's CPU time (all its threads: ZeroMQ's I/O thread included) comes from

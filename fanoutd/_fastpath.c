@@ -1111,7 +1111,8 @@ static int columns_put(Out *o, Py_ssize_t n, int ncols) {
     return 0;
 }
 
-static PyObject *encode_columns(PyObject *self, PyObject *args) {
+/* Version 2 into `into` at into_offset (NULL: into a bytes object that is returned). */
+static PyObject *columns_encode(Py_buffer *into, Py_ssize_t into_offset, PyObject *args) {
     PARSE_ENCODE_ARGS(args);
     const uint8_t *block = view.buf;
     const Py_ssize_t limit = view.len;
@@ -1136,12 +1137,17 @@ static PyObject *encode_columns(PyObject *self, PyObject *args) {
         pos += next_offset;
     }
     tunnel_columns_finish(rows);
-    /* Written straight into the bytes object that is returned (no copy of the batch),
-     * sized for the most it can take and then cut to what it took. */
+    /* Written straight into the caller's buffer when the most it can take fits there,
+     * else into a bytes object sized for that most and then cut to what it took (and
+     * copied into the caller's buffer, if any). */
     const size_t bound = (size_t)prefix.len + 64 + columns_bound(rows, ncols);
-    body = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)bound);
-    if (body == NULL) goto done;
-    Out o = {(uint8_t *)PyBytes_AS_STRING(body), 0, bound, 1}, *out = &o;
+    const size_t room = into ? (size_t)(into->len - into_offset) : 0;
+    uint8_t *direct = into && bound <= room ? (uint8_t *)into->buf + into_offset : NULL;
+    if (direct == NULL) {
+        body = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)bound);
+        if (body == NULL) goto done;
+    }
+    Out o = {direct ? direct : (uint8_t *)PyBytes_AS_STRING(body), 0, bound, 1}, *out = &o;
     memcpy(out->buf, prefix.buf, (size_t)prefix.len);
     out->len = (size_t)prefix.len;
     put_str(out, "seq");
@@ -1150,6 +1156,20 @@ static PyObject *encode_columns(PyObject *self, PyObject *args) {
     put_uint(out, (uint64_t)rows);
     put_str(out, "columns");
     if (columns_put(out, rows, ncols) < 0) goto done;
+    if (into != NULL) {
+        if (direct == NULL) {
+            if (out->len > room) {
+                PyErr_Format(PyExc_ValueError, "a batch of %zu bytes outgrows its buffer of "
+                             "%zu", out->len, room);
+                goto done;
+            }
+            memcpy((uint8_t *)into->buf + into_offset, out->buf, out->len);
+        }
+        if (add_error_counts(errors, counts) < 0) goto done;
+        result = Py_BuildValue("(nnK)", (Py_ssize_t)out->len, rows,
+                               (unsigned long long)wire_bytes);
+        goto done;
+    }
     if (add_error_counts(errors, counts) < 0) goto done;
     if (_PyBytes_Resize(&body, (Py_ssize_t)out->len) < 0) goto done;  /* frees body on error */
     result = Py_BuildValue("(NnK)", body, rows, (unsigned long long)wire_bytes);
@@ -1158,6 +1178,33 @@ done:
     Py_XDECREF(body);
     PyBuffer_Release(&prefix);
     PyBuffer_Release(&view);
+    return result;
+}
+
+static PyObject *encode_columns(PyObject *self, PyObject *args) {
+    return columns_encode(NULL, 0, args);
+}
+
+static PyObject *encode_columns_into(PyObject *self, PyObject *args) {
+    Py_buffer into;
+    Py_ssize_t offset;
+    if (PyTuple_GET_SIZE(args) < 2) {
+        PyErr_SetString(PyExc_TypeError, "encode_columns_into(buffer, offset, block, ...)");
+        return NULL;
+    }
+    if (PyObject_GetBuffer(PyTuple_GET_ITEM(args, 0), &into, PyBUF_WRITABLE) < 0) return NULL;
+    offset = PyNumber_AsSsize_t(PyTuple_GET_ITEM(args, 1), PyExc_OverflowError);
+    PyObject *result = NULL, *rest = NULL;
+    if (offset == -1 && PyErr_Occurred()) goto done;
+    if (offset < 0 || offset > into.len) {
+        PyErr_SetString(PyExc_ValueError, "offset out of the buffer");
+        goto done;
+    }
+    rest = PyTuple_GetSlice(args, 2, PyTuple_GET_SIZE(args));
+    if (rest != NULL) result = columns_encode(&into, offset, rest);
+done:
+    Py_XDECREF(rest);
+    PyBuffer_Release(&into);
     return result;
 }
 
@@ -1711,7 +1758,52 @@ fail:
     return NULL;
 }
 
+/* ---- the shared-memory outbox's two counters (fanoutd/outbox.py) -------------------- */
+
+/* A counter word at `offset` of a shared mapping: 8-byte aligned, in bounds. */
+static uint64_t *counter_word(Py_buffer *view, Py_ssize_t offset) {
+    if (offset < 0 || offset % 8 || offset + 8 > view->len) {
+        PyErr_SetString(PyExc_ValueError, "counter offset out of bounds or unaligned");
+        return NULL;
+    }
+    return (uint64_t *)((char *)view->buf + offset);
+}
+
+/* load_acquire(buffer, offset) -> int: what the other side published with store_release,
+   and everything it wrote before it. */
+static PyObject *load_acquire(PyObject *self, PyObject *args) {
+    Py_buffer view;
+    Py_ssize_t offset;
+    if (!PyArg_ParseTuple(args, "y*n", &view, &offset)) return NULL;
+    uint64_t *word = counter_word(&view, offset);
+    uint64_t value = word ? __atomic_load_n(word, __ATOMIC_ACQUIRE) : 0;
+    PyBuffer_Release(&view);
+    return word ? PyLong_FromUnsignedLongLong(value) : NULL;
+}
+
+/* store_release(buffer, offset, value): publish value after everything written before. */
+static PyObject *store_release(PyObject *self, PyObject *args) {
+    Py_buffer view;
+    Py_ssize_t offset;
+    unsigned long long value;
+    if (!PyArg_ParseTuple(args, "w*nK", &view, &offset, &value)) return NULL;
+    uint64_t *word = counter_word(&view, offset);
+    if (word) __atomic_store_n(word, (uint64_t)value, __ATOMIC_RELEASE);
+    PyBuffer_Release(&view);
+    if (!word) return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"load_acquire", load_acquire, METH_VARARGS,
+     "load_acquire(buffer, offset) -> int\n\n"
+     "The 64-bit counter at offset (8-aligned) of a shared mapping, loaded with acquire "
+     "ordering: what was written before its store_release is visible after it."},
+    {"store_release", store_release, METH_VARARGS,
+     "store_release(buffer, offset, value)\n\n"
+     "Store the 64-bit counter at offset (8-aligned) of a writable shared mapping with "
+     "release ordering: everything written before it is visible to a load_acquire that "
+     "sees it."},
     {"encode_batch", encode_batch, METH_VARARGS,
      "encode_batch(block, first_offset, num_pkts, payload_bytes, errors, prefix, seq, "
      "tunnel_depth=1) -> (batch, rows, wire bytes)\n\n"
@@ -1725,6 +1817,11 @@ static PyMethodDef methods[] = {
      "The version 2 batch encoder.encode_columns_py makes of a ring block "
      "(decode.decode_block, then wire.columns_body): prefix, seq, n, then the columns, "
      "less the optional (tunnel) ones nil in every row."},
+    {"encode_columns_into", encode_columns_into, METH_VARARGS,
+     "encode_columns_into(buffer, offset, block, first_offset, num_pkts, payload_bytes, "
+     "errors, prefix, seq, tunnel_depth=1) -> (length, rows, wire bytes)\n\n"
+     "encode_columns, with the batch written into the writable buffer at offset instead "
+     "of returned: its first length bytes from there. ValueError when it does not fit."},
     {"arrow_capsules", arrow_capsules, METH_VARARGS,
      "arrow_capsules(columns, n) -> (schema capsule, array capsule)\n\n"
      "A version 2 batch's columns (as unpacked) as an Arrow struct array through the C data "

@@ -66,6 +66,8 @@ class BlockEncoder:
         fields = tuple(f.name for f in wire.fields_for(payload_bytes))
         self.prefix = wire.batch_prefix(version, iface, worker, epoch, fields, sensor=sensor)
         self._encode = ENCODERS[version]
+        self._encode_into = (_fastpath.encode_columns_into
+                             if _fastpath and version == wire.COLUMNS_VERSION else None)
 
     def encode(self, block: bytes, first_offset: int, num_pkts: int, errors: dict,
                seq: int) -> tuple[bytes, int, int]:
@@ -73,3 +75,19 @@ class BlockEncoder:
         finds them."""
         return self._encode(block, first_offset, num_pkts, self.payload_bytes, errors,
                             self.prefix, seq, self.tunnel_depth)
+
+    def encode_into(self, buffer: memoryview, block: bytes, first_offset: int,
+                    num_pkts: int, errors: dict, seq: int) -> tuple[int, int, int]:
+        """encode(), with the batch written at the start of buffer (an outbox slot):
+        (its length, rows, wire bytes). The C encoder of version 2 writes it there
+        directly; ValueError when it does not fit."""
+        if self._encode_into is not None:
+            return self._encode_into(buffer, 0, block, first_offset, num_pkts,
+                                     self.payload_bytes, errors, self.prefix, seq,
+                                     self.tunnel_depth)
+        body, rows, wire_bytes = self.encode(block, first_offset, num_pkts, errors, seq)
+        if len(body) > len(buffer):
+            raise ValueError(f"a batch of {len(body)} bytes outgrows its buffer of "
+                             f"{len(buffer)}")
+        buffer[:len(body)] = body
+        return len(body), rows, wire_bytes

@@ -3,24 +3,24 @@
 How a block travels and when it goes back to the kernel (told here only; publish.py,
 slotstats.py and worker.py point here):
 
-1. A worker publishes each ring block as one batch, PUSHed to the proxy over ipc with an
-   envelope frame (ring id, the block's kernel seq) that subscribers never see
-   (publish.BatchPublisher).
-2. The proxy checks that the batch comes from the ring's worker on the ring's topic
-   (Proxy._rejected), strips the envelope, passes the batch on to its subscribers, and
-   writes the block's seq into the ring's `forwarded` word of the shared RingTable
-   (slotstats.py): every block up to that seq is passed on. The word is out of the
-   workers' reach (SharedWords.read_only).
+1. A worker publishes each ring block as one batch, written into its outbox with the
+   block's kernel seq (outbox.py, publish.BatchPublisher).
+2. The proxy took the outbox only from the ring's worker, on the ring's topic
+   (outbox.take_hello); it passes the batch on to its subscribers, and writes the block's
+   seq into the ring's `forwarded` word of the shared RingTable (slotstats.py): every
+   block up to that seq is passed on. The word is out of the workers' reach
+   (SharedWords.read_only).
 3. Only then does the worker hand the block back to the kernel. Until then the batch may
-   sit in the worker's ZeroMQ queue, and a worker killed at that moment would lose it;
-   held in the ring, it is published again by the replacement worker, which starts at the
+   sit in the outbox, and a worker killed at that moment would leave it there (the proxy
+   takes it only while the ring is still that worker's, Proxy._take_batches); held in
+   the ring, it is published again by the replacement worker, which starts at the
    oldest block user space holds (RxRing) and skips what the proxy already passed on.
    The kernel's seq continues across the replacement, so a block published again carries
    the same seq and subscribers drop duplicates by it.
 4. The newest `retain` blocks passed on stay held a little longer (RETAIN_S once traffic
    pauses): a proxy that is killed loses what it had handed to ZeroMQ but not yet sent to
    its subscribers. The supervisor then clears the ring's word; the workers, which cannot
-   reconnect to root's ipc socket, leave (exits.RECONNECT) with their blocks held, and
+   reconnect to root's socket, leave (exits.RECONNECT) with their blocks held, and
    their successors publish every block still held again.
 5. A new proxy passes nothing on, and so acknowledges nothing, until its predecessor's
    subscribers are back (publish.StartGate); it clears ProxyStats `forwarding` meanwhile,
@@ -28,8 +28,9 @@ slotstats.py and worker.py point here):
    it is full.
 6. Holding costs ring space for the microseconds the proxy takes. A stalled proxy makes a
    worker hold until the ring is all but full (`reserve` free blocks); then the oldest
-   held block is let go: its batch still waits in the worker's queue, lost only if the
-   worker dies.
+   held block is let go: its batch still waits in the outbox, lost only if the worker
+   dies. Once the outbox is full too, the worker waits for a free slot and reads no new
+   block: the kernel fills the ring, and counts what it drops once it is full.
 
 While blocks are held, a level-triggered poll of the socket would return at once (the
 kernel reports it readable as long as the block before its current one is the user's), so

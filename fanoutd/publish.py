@@ -1,16 +1,14 @@
-"""ZeroMQ: the worker's batch publisher and the proxy that fronts the public endpoint.
+"""The worker's batch publisher and the proxy that fronts the public endpoint (ZeroMQ).
 
-Workers push their batches to the proxy over ipc in the runtime directory; the proxy's
-XPUB binds the public endpoint, so subscribers connect to one address whatever the worker
-count. Every message a subscriber sees is [topic, msgpack body] (docs/wire-format.md).
+Workers hand their batches to the proxy through shared memory, an outbox each, handed
+over on a socket in the runtime directory (outbox.py); the proxy's XPUB binds the public
+endpoint, so subscribers connect to one address whatever the worker count. Every message
+a subscriber sees is [topic, msgpack body] (docs/wire-format.md).
 
-Worker -> proxy is PUSH/PULL rather than PUB/XSUB because a PUB socket silently discards
-what it sends before the proxy's subscription reaches it (every new or replaced worker,
-every proxy restart), which would lose batches at the very moments a worker is replaced.
-PUSH queues them until the proxy is there. Sends are NOBLOCK, so a full queue (the
-high-water mark) refuses the batch instead of stalling capture, and the worker counts it;
-`seq` shows subscribers the gap. How the proxy acknowledges what it passed on, and why a
-worker holds each block until then: holding.py.
+A batch waits in the outbox until the proxy is there to take it: a new or replaced
+worker, a proxy restart lose nothing. A full outbox makes the worker wait, not drop: the
+ring buffers meanwhile. How the proxy acknowledges what it passed on, and why a worker
+holds each block until then: holding.py.
 
 The public XPUB keeps ZeroMQ's per-subscriber drop at a full queue, so one slow subscriber
 never holds back the others; the proxy bounds that queue in bytes and counts what it
@@ -21,8 +19,10 @@ of the proxy it replaced are back, or publish.restart_grace_ms is over (StartGat
 """
 
 import contextlib
+import itertools
 import logging
 import os
+import select
 import signal
 import socket
 import struct
@@ -37,14 +37,13 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import monitor as zmq_monitor
 
-from fanoutd import __version__, exits, privileges, wire
+from fanoutd import __version__, exits, outbox, privileges, wire
 from fanoutd.config import MAX_WORKERS, CurveConfig
 from fanoutd.memory import release_freed_memory
+from fanoutd.outbox import Inbox, Outbox, Rejected
 from fanoutd.proctitle import set_process_name
 from fanoutd.slotstats import ProxyStats, RingTable, StatsTable, publisher_report, worker_reports
 from fanoutd.wire import BATCH_TOPIC_PREFIX, HELLO, STATS_TOPIC, batch_topic, max_batch_bytes
-
-ENVELOPE = struct.Struct("<HQ")  # ring id, kernel block seq: worker -> proxy only
 
 log = logging.getLogger("fanoutd.proxy")
 
@@ -64,81 +63,68 @@ def batch_context() -> zmq.Context:
 
 
 class BatchPublisher:
-    """A worker's PUSH socket towards the proxy."""
+    """A worker's outbox towards the proxy, and its connection to it (outbox.py)."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, iface: str, worker: int, ring_id: int,
-                 sndhwm: int, block_size: int) -> None:
-        self.send_buffer = 2 * max_batch_bytes(block_size)
+    def __init__(self, endpoint: str, iface: str, worker: int, ring_id: int,
+                 block_size: int) -> None:
+        self.endpoint = endpoint
         self.iface = iface
         self.worker = worker
         self.ring_id = ring_id
         self.topic = batch_topic(iface, worker)
-        self.sock = ctx.socket(zmq.PUSH)
-        self.sock.setsockopt(zmq.SNDHWM, sndhwm)
-        self.sock.setsockopt(zmq.LINGER, 2000)  # flush queued batches on a clean stop
-        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_CONNECTED
-                                                    | zmq.EVENT_DISCONNECTED)
-        self.connected = False
-        self.sock.connect(endpoint)
-
-    def _events(self, timeout_ms: int) -> None:
-        while self.monitor.poll(timeout_ms):
-            message = zmq_monitor.recv_monitor_message(self.monitor)
-            self.connected = message["event"] == zmq.EVENT_CONNECTED
-            if self.connected:
-                _widen_send_buffer(message["value"], self.send_buffer)
-            timeout_ms = 0
+        self.outbox = Outbox(block_size)
+        self.sock: socket.socket | None = None
+        self._poll = select.poll()
 
     def wait_connected(self, timeout_s: float) -> bool:
-        """Wait until the connection to the proxy is up (a worker that drops privileges
-        must connect first: the ipc socket is only root's)."""
+        """Connect to the proxy and hand it the outbox (a worker that drops privileges
+        must connect first: the proxy's socket is only root's); retried until timeout_s,
+        for a proxy that is still starting."""
         deadline = time.monotonic() + timeout_s
-        while not self.connected and (left := deadline - time.monotonic()) > 0:
-            self._events(int(left * 1000) + 1)
-        return self.connected
-
-    def lost_connection(self) -> bool:
-        """True once the connection to the proxy has dropped (the proxy was replaced)."""
-        self._events(0)
-        return not self.connected
-
-    def publish(self, block_seq: int, body: bytes) -> bool:
-        """Send the batch of ring block block_seq (made by encoder.BlockEncoder) behind
-        its envelope (holding.py); False when the high-water mark refused it.
-
-        Sent as a copy: ZeroMQ's zero-copy send frees the object through pyzmq's
-        garbage-collector thread, a thread wake-up per batch that costs more than the copy.
-        """
-        envelope = ENVELOPE.pack(self.ring_id, block_seq)
-        try:
-            self.sock.send_multipart((envelope, self.topic, body), flags=zmq.NOBLOCK)
-        except zmq.Again:
-            return False
+        while self.sock is None:
+            try:
+                self.sock = outbox.connect(self.endpoint, self.outbox, self.ring_id,
+                                           self.topic)
+            except OSError as e:
+                if time.monotonic() >= deadline:
+                    log.error("worker %d: cannot connect to the proxy at %s: %s",
+                              self.worker, self.endpoint, e.strerror)
+                    return False
+                time.sleep(0.01)
+        self._poll.register(self.sock, select.POLLIN)  # the proxy never writes: its end
         return True
 
-    def close(self, linger_ms: int | None = None) -> None:
-        """linger_ms: how long to try to deliver what is queued (None: LINGER, 2 s)."""
-        self.sock.disable_monitor()
-        self.monitor.close()
-        self.sock.close(linger=linger_ms)
+    def lost_connection(self) -> bool:
+        """True once the connection to the proxy has ended (the proxy was replaced, or
+        refused this worker's outbox)."""
+        return self.sock is None or bool(self._poll.poll(0))
+
+    def free_slot(self) -> memoryview | None:
+        """Room for the next batch (encoder.BlockEncoder.encode_into writes it there), or
+        None when the outbox is full: the proxy has yet to take the batches before."""
+        return self.outbox.free_slot()
+
+    def publish(self, block_seq: int, length: int) -> None:
+        """The batch of ring block block_seq is the first `length` bytes of free_slot()."""
+        self.outbox.commit(block_seq, length)
+
+    def close(self) -> None:
+        """The proxy takes what is in the outbox once the connection has ended."""
+        if self.sock is not None:
+            self.sock.close()
+        self.outbox.close()
 
 
-def _widen_send_buffer(fd: int, size: int) -> None:
-    """Let the kernel queue `size` bytes on the worker's connection to the proxy (two of
-    the largest batches), where the default (net.core.wmem_default, 208 KiB) holds about
-    one: a batch that does not fit wakes the worker's I/O thread again for the rest, once
-    the proxy has read. libzmq sets no buffer size on ipc connections itself; fd is the
-    connection's (the monitor's connected event names it). The worker is still root
-    here: SO_SNDBUFFORCE, else (no CAP_NET_ADMIN, as under the systemd unit)
-    SO_SNDBUF, which the kernel caps at net.core.wmem_max."""
-    with socket.socket(fileno=os.dup(fd)) as conn:
-        try:
-            conn.setsockopt(socket.SOL_SOCKET, _SO_SNDBUFFORCE, size)
-        except PermissionError:
+def widen_local_send_buffer(fd: int, size: int) -> None:
+    """Let the kernel queue `size` bytes (two of the largest batches) to a subscriber on
+    an ipc:// endpoint, where its default (net.core.wmem_default, 208 KiB) holds about
+    one: a batch that does not fit wakes the proxy's I/O thread again for the rest, once
+    the subscriber has read. libzmq sets no buffer size on ipc connections; TCP ones are
+    left to the kernel's autotuning, which a fixed size would turn off. The kernel caps
+    the size at net.core.wmem_max. fd is the connection's (the monitor names it)."""
+    with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as conn:
+        if conn.family == socket.AF_UNIX:
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
-
-
-_SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)  # asm-generic/socket.h
 
 
 class BindError(Exception):
@@ -224,7 +210,6 @@ class _Authenticator(ThreadAuthenticator):
 MAX_INCOMING_BYTES = 512
 SUBSCRIBER_RCVHWM = 100  # subscriptions queued from one connection before it must wait
 UNWATCHED_WINDOW_S = 60.0  # after a restart, how long missing subscribers are waited for
-INGRESS_QUEUE_BYTES = 16 << 20  # what the proxy queues from each worker, at most
 
 
 def subscription_topics(topic: bytes, interfaces: list[bytes]) -> tuple[bytes, ...] | None:
@@ -433,9 +418,9 @@ class RateLimitedLog:
 
 @dataclass(frozen=True)
 class ProxyPlan:
-    backend: str  # ipc endpoint the workers push to
+    backend: str  # the path of the socket the workers hand their outboxes over on
     frontend: str  # the public endpoint
-    sndhwm: int  # the workers' queues to the proxy, in batches; caps subscriber queues too
+    sndhwm: int  # caps subscriber queues, in batches (publish.sndhwm)
     subscriber_queue_bytes: int  # each subscriber's queue, at most (see subscriber_hwm())
     max_subscribers: int
     max_subscriptions: int
@@ -458,7 +443,7 @@ MESSAGE_OVERHEAD = 256  # the topic frame and ZeroMQ's bookkeeping of a queued m
 
 
 class Proxy:
-    """PULL (ipc, from the workers) -> XPUB (the public endpoint).
+    """The workers' outboxes (outbox.py) -> XPUB (the public endpoint).
 
     The XPUB runs in manual mode (ZMQ_XPUB_MANUAL): each subscription reaches the proxy,
     which applies it to the connection it came from, or refuses it (Subscribers). With
@@ -473,11 +458,12 @@ class Proxy:
         self.stats = stats
         self.authenticator: _Authenticator | None = None
         self.plan = plan
-        self.pull = ctx.socket(zmq.PULL)
-        self.pull.setsockopt(zmq.LINGER, 0)
         self.xpub = ctx.socket(zmq.XPUB)
         self._size_queues()
-        _bind(self.pull, plan.backend, "runtime_dir")
+        try:
+            self.listener = outbox.listen(plan.backend)
+        except OSError as e:
+            raise BindError(f"runtime_dir: cannot bind {plan.backend}: {e.strerror}") from None
         self.xpub.setsockopt(zmq.RCVHWM, SUBSCRIBER_RCVHWM)
         self.xpub.setsockopt(zmq.MAXMSGSIZE, MAX_INCOMING_BYTES)
         self.xpub.setsockopt(zmq.LINGER, 1000)
@@ -497,10 +483,17 @@ class Proxy:
         self.poller = zmq.Poller()
         self.poller.register(self.xpub, zmq.POLLIN)
         self.poller.register(self.monitor, zmq.POLLIN)
-        self._pids: dict[str, int] = {}  # Peer-Address -> pid
+        self.poller.register(self.listener.fileno(), zmq.POLLIN)
+        # The workers' connections, by descriptor: the socket, and its outbox's id in
+        # `inboxes` once the hello is taken. Outboxes by id, oldest first: a replaced
+        # worker's batches go before its successor's; one stays after its connection
+        # ended until what is in it is taken.
+        self.connections: dict[int, tuple[socket.socket, int | None]] = {}
+        self.inboxes: dict[int, Inbox] = {}
+        self._inbox_ids = itertools.count()
         self.warnings = RateLimitedLog()
-        self._waiting: list[zmq.Frame] | None = None  # a batch waiting for room (catch-up)
-        self._ingress = False  # the workers' socket is polled
+        self._waiting = False  # a batch waits for room in a subscriber's queue (catch-up)
+        self._ingress = False  # the outboxes' eventfds are polled
         self._try_open(time.monotonic())  # at once, unless subscribers are to come back
 
     def _size_queues(self) -> None:
@@ -511,10 +504,6 @@ class Proxy:
         got only every low-water-mark messages, and the mark moves with the HWM), so after
         a reload to larger blocks the length holds until the proxy is restarted."""
         self.block_size = self.stats["block_size"]
-        # What a worker has sent waits in its own queue rather than here: the proxy takes
-        # in as fast as it passes on, unless it is stalled.
-        self.pull.setsockopt(zmq.RCVHWM, subscriber_hwm(INGRESS_QUEUE_BYTES, self.block_size,
-                                                        self.plan.sndhwm))
         self.subscriber_hwm = subscriber_hwm(self.plan.subscriber_queue_bytes,
                                              self.block_size, self.plan.sndhwm)
         self.xpub.setsockopt(zmq.SNDHWM, self.subscriber_hwm)
@@ -538,34 +527,27 @@ class Proxy:
         self.xpub.curve_server = True
 
     def run_once(self, timeout_ms: int) -> None:
-        """Take in subscriber connections and subscriptions, then forward what the workers
-        sent (once the start-up gate is open), without copying the frames, and tell each
-        ring's worker which blocks were passed on."""
+        """Take in subscriber connections and subscriptions and the workers' outboxes,
+        then pass on what the workers wrote (once the start-up gate is open), and tell
+        each ring's worker which blocks were passed on."""
         now = time.monotonic()
         if self.gate.opened_at is None:
             timeout_ms = max(0, min(timeout_ms, int((self.gate.deadline - now) * 1000) + 1))
-        if self._waiting is not None:
+        if self._waiting:
             timeout_ms = min(timeout_ms, 1)
         events = dict(self.poller.poll(timeout_ms))
         if self.monitor in events:
             self._connections()
         if self.xpub in events:
             self._subscriptions()
+        if self.listener.fileno() in events:
+            self._accept()
+        for fd in [fd for fd in events if fd in self.connections]:
+            self._worker_message(fd)
         if self.gate.opened_at is None:
             self._try_open(time.monotonic())
-        if self._waiting is not None:
-            frames, self._waiting = self._waiting, None
-            self._pass_on(frames, time.monotonic())
-        if self.pull in events and self._waiting is None:
-            # Bounded, so the caller's loop keeps its pace. Asking for the socket's events
-            # costs a third of the zmq.Again a receive raises when nothing is left.
-            for _ in range(1000):
-                if not self.pull.get(zmq.EVENTS) & zmq.POLLIN:
-                    break
-                frames = self.pull.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-                self._forward(frames)
-                if self._waiting is not None:
-                    break
+        if self.gate.opened_at is not None and (self._ingress or self._waiting):
+            self._take_batches(events)
 
     def _try_open(self, now: float) -> None:
         subscribers = self.subscribers.subscribed
@@ -579,12 +561,117 @@ class Proxy:
         self.stats["forwarding"] = 1  # workers take new blocks again
 
     def _take_in(self, on: bool) -> None:
-        """Poll the workers' socket, or leave what they send waiting in their queues."""
-        if on and not self._ingress:
-            self.poller.register(self.pull, zmq.POLLIN)
-        elif not on and self._ingress:
-            self.poller.unregister(self.pull)
+        """Wake up for the workers' signals, or leave what they write in their outboxes."""
+        if on != self._ingress:
+            for inbox in self.inboxes.values():
+                if on:
+                    self.poller.register(inbox.eventfd, zmq.POLLIN)
+                else:
+                    self.poller.unregister(inbox.eventfd)
         self._ingress = on
+
+    # -- the workers' outboxes (outbox.py)
+
+    def _accept(self) -> None:
+        for _ in range(64):  # bounded; the socket is root's: only workers connect
+            try:
+                conn, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            conn.setblocking(False)
+            self.connections[conn.fileno()] = (conn, None)
+            self.poller.register(conn.fileno(), zmq.POLLIN)
+
+    def _worker_message(self, fd: int) -> None:
+        """A worker's hello, or the end of its connection (anything else ends it too)."""
+        conn, inbox_id = self.connections[fd]
+        if inbox_id is None:
+            try:
+                inbox = outbox.take_hello(conn, self._ring_pid, self._ring_topic)
+            except Rejected as e:
+                self._reject(e.reason, fd)
+            except (OSError, ValueError, struct.error):
+                self._reject("malformed", fd)
+            else:
+                inbox_id = next(self._inbox_ids)
+                self.inboxes[inbox_id] = inbox
+                self.connections[fd] = (conn, inbox_id)
+                if self._ingress:
+                    self.poller.register(inbox.eventfd, zmq.POLLIN)
+            return
+        self._end_connection(fd)
+        if inbox_id in self.inboxes:  # else let go already: its worker was replaced
+            self.inboxes[inbox_id].closing = True
+
+    def _ring_pid(self, ring_id: int) -> int:
+        return self.rings.pid[ring_id] if ring_id < self.rings.count else -1
+
+    def _ring_topic(self, ring_id: int) -> bytes | None:
+        if ring_id >= self.rings.count or not self.rings.pid[ring_id]:
+            return None
+        return self.rings.topic(ring_id)
+
+    def _reject(self, reason: str, fd: int) -> None:
+        self.stats.add(f"rejected:{reason}")
+        self.warnings.warn(reason, "refused a worker's connection: %s", REJECTED_BECAUSE[reason])
+        self._end_connection(fd)
+
+    def _end_connection(self, fd: int) -> None:
+        conn, _ = self.connections.pop(fd)
+        self.poller.unregister(fd)
+        conn.close()
+
+    def _take_batches(self, events: dict) -> None:
+        """Pass on what the outboxes hold, oldest outbox first, a bounded number each, so
+        the caller's loop keeps its pace; let an outbox go once its connection has ended
+        and it is empty."""
+        self._waiting = False
+        for inbox_id, inbox in list(self.inboxes.items()):
+            if inbox.eventfd in events:
+                inbox.clear_signal()  # before looking: a batch written later signals again
+            stale = self.rings.pid[inbox.ring_id] != inbox.pid
+            for _ in range(1000):
+                got = inbox.next()
+                if got is None:
+                    break
+                if got == "malformed":
+                    self.stats.add("rejected:malformed")
+                    self.warnings.warn("malformed", "dropped a batch from a worker's outbox: "
+                                       "%s", REJECTED_BECAUSE["malformed"])
+                elif not stale:  # else its worker was replaced: the ring's blocks were
+                    seq, body = got  # held, and its successor publishes them again
+                    try:
+                        if not self._pass_on(inbox, seq, body):
+                            return
+                    finally:
+                        body.release()  # a view of the slot: the worker's again
+                inbox.done()
+            if stale or (inbox.closing and inbox.empty()):
+                if self._ingress:
+                    self.poller.unregister(inbox.eventfd)
+                inbox.close()
+                del self.inboxes[inbox_id]
+
+    def _pass_on(self, inbox: Inbox, seq: int, body: memoryview) -> bool:
+        """Send a batch to the subscribers and tell its worker. While catching up after a
+        restart, a full subscriber queue makes it wait (and the batches behind it)
+        instead: False, and nothing was sent."""
+        now = time.monotonic()
+        gate = self.gate
+        catching_up = bool(gate.expected) and gate.catching_up(now)
+        if not self._send((inbox.topic, body), wait=catching_up):
+            if catching_up:
+                self._waiting = True
+                self._take_in(False)
+                return False
+            self.stats.add("subscriber_overflows")
+        if not self._ingress:
+            self._take_in(True)
+        if gate.expected and gate.unwatched(self.subscribers.subscribed, now):
+            self.stats.add("restart_unwatched")
+        if seq > self.rings.forwarded[inbox.ring_id]:  # the acknowledgement (holding.py)
+            self.rings.forwarded[inbox.ring_id] = seq
+        return True
 
     def _connections(self) -> None:
         while True:
@@ -593,6 +680,7 @@ class Proxy:
             except zmq.Again:
                 return
             if event["event"] == zmq.EVENT_ACCEPTED:
+                widen_local_send_buffer(event["value"], 2 * max_batch_bytes(self.block_size))
                 self.subscribers.accepted(event["value"])
             elif event["event"] == zmq.EVENT_DISCONNECTED:
                 self.subscribers.disconnected(event["value"])
@@ -626,67 +714,6 @@ class Proxy:
                 self._send((HELLO,))
                 self.xpub.setsockopt(zmq.UNSUBSCRIBE, HELLO)
 
-    def _forward(self, frames: list[zmq.Frame]) -> None:
-        reason = self._rejected(frames)
-        if reason is not None:
-            self.stats.add(f"rejected:{reason}")
-            self.warnings.warn(reason, "dropped a message on the workers' socket: %s",
-                               REJECTED_BECAUSE[reason])
-            return
-        self._pass_on(frames, time.monotonic())
-
-    def _pass_on(self, frames: list[zmq.Frame], now: float) -> None:
-        """Send a checked batch to the subscribers and tell its worker. While catching up
-        after a restart, a full subscriber queue makes it wait (and the batches behind
-        it) instead."""
-        gate = self.gate
-        catching_up = bool(gate.expected) and gate.catching_up(now)
-        if not self._send(frames[1:], wait=catching_up):
-            if catching_up:
-                self._waiting = frames
-                self._take_in(False)
-                return
-            self.stats.add("subscriber_overflows")
-        if not self._ingress:
-            self._take_in(True)
-        if gate.expected and gate.unwatched(self.subscribers.subscribed, now):
-            self.stats.add("restart_unwatched")
-        ring_id, block_seq = ENVELOPE.unpack(frames[0].buffer)
-        if block_seq > self.rings.forwarded[ring_id]:  # the acknowledgement (holding.py)
-            self.rings.forwarded[ring_id] = block_seq
-
-    def _rejected(self, frames: list[zmq.Frame]) -> str | None:
-        """Why a message from the ipc socket is not a batch to forward, or None. Only the
-        ring's worker may send for its ring: the process at the other end of the
-        connection is the kernel's word (SO_PEERCRED, which libzmq reads when it accepts
-        the connection and gives as Peer-Address, uid:gid:pid), and the supervisor names
-        each ring's worker in the RingTable, out of the workers' reach."""
-        if len(frames) != 3 or len(frames[0]) != ENVELOPE.size:
-            return "malformed"
-        ring_id, _ = ENVELOPE.unpack(frames[0].buffer)
-        if ring_id >= self.rings.count or self.rings.pid[ring_id] == 0:
-            return "malformed"
-        if self._sender(frames[0]) != self.rings.pid[ring_id]:
-            return "sender"
-        if frames[1].bytes != self.rings.topic(ring_id):
-            return "topic"
-        return None
-
-    def _sender(self, frame: zmq.Frame) -> int:
-        """The pid of the process that sent frame (0 when unknown)."""
-        try:
-            address = frame.get("Peer-Address")
-        except zmq.ZMQError:
-            return 0
-        pid = self._pids.get(address)
-        if pid is None:
-            tail = address.rsplit(":", 1)[-1]
-            pid = int(tail) if tail.isdigit() else 0
-            if len(self._pids) >= 4096:  # one entry per worker connection in practice
-                self._pids.clear()
-            self._pids[address] = pid
-        return pid
-
     def _send(self, frames: tuple | list, wait: bool = False) -> bool:
         """Send to every matching subscriber. False when a subscriber's queue was full:
         with wait, nothing was sent (try again later); else the others got the message,
@@ -706,10 +733,11 @@ class Proxy:
 
     def _send_parts(self, parts: tuple | list) -> None:
         """send_multipart, without its flag arithmetic on enums (~3 us a batch). With
-        NODROP a refusal comes at the first part: the others go where it went."""
+        NODROP a refusal comes at the first part: the others go where it went. Copied:
+        a batch is a view of its outbox slot, which is the worker's again once sent."""
         last = len(parts) - 1
         for i, part in enumerate(parts):
-            self.xpub.send(part, _MORE_NOBLOCK if i < last else _NOBLOCK, copy=False)
+            self.xpub.send(part, _MORE_NOBLOCK if i < last else _NOBLOCK, copy=True)
 
     def send_stats(self, topic: bytes, body: bytes) -> None:
         self._send((topic, body))
@@ -717,7 +745,11 @@ class Proxy:
     def close(self) -> None:
         self.xpub.disable_monitor()
         self.monitor.close()
-        self.pull.close()
+        for conn, _ in self.connections.values():
+            conn.close()
+        for inbox in self.inboxes.values():
+            inbox.close()
+        self.listener.close()
         self.xpub.close()
         if self.authenticator is not None:
             self.authenticator.stop()
@@ -727,8 +759,8 @@ _NOBLOCK = int(zmq.NOBLOCK)
 _MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 
 REJECTED_BECAUSE = {
-    "malformed": "not a batch of a ring in use",
-    "sender": "sent by a process that is not the ring's worker",
+    "malformed": "not an outbox (or a batch) of a ring in use",
+    "sender": "from a process that is not the ring's worker",
     "topic": "not on the ring's topic",
 }
 

@@ -1,5 +1,5 @@
 """What the daemon sets up around capture before it forks: the runtime directory (the
-workers' ipc socket lives there), the metrics endpoint, and a word on endpoints opened
+workers' socket to the proxy lives there), the metrics endpoint, and a word on endpoints opened
 wider than loopback without protection. A problem here stops the start with one line and
 an exit status (StartupError)."""
 

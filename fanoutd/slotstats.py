@@ -24,7 +24,7 @@ FIELDS = (
     "packets",           # frames decoded
     "bytes",             # wire bytes of those frames
     "batches",           # batches handed to ZeroMQ
-    "publish_drops",     # batches refused at the high-water mark
+    "publish_drops",     # batches not handed to the proxy (none: a full outbox makes it wait)
     "blocks",            # ring blocks walked
     "blocks_skipped",    # blocks whose decoding raised (a decoder bug): their packets are lost
     "blocks_user",       # blocks held by user space at the last look: the backlog
@@ -171,8 +171,8 @@ PROXY_FIELDS = (
     "subscribers_closed",      # connections closed for publish.max_subscriptions
     "subscriber_overflows",    # batches dropped for a subscriber whose queue was full
     "restart_unwatched",       # batches passed on after a restart before the subscribers were back
-    "rejected:malformed",      # ipc messages that are no batch of a known ring
-    "rejected:sender",         # ... sent by a process that is not the ring's worker
+    "rejected:malformed",      # worker connections (or batches) that are no outbox of a known ring
+    "rejected:sender",         # ... from a process that is not the ring's worker
     "rejected:topic",          # ... on another topic than the ring's
 )
 PROXY_INDEX = {name: i for i, name in enumerate(PROXY_FIELDS)}
@@ -218,7 +218,8 @@ SLOT_COUNTERS = (
     ("fanoutd_bytes", "bytes", "Wire bytes of the decoded frames."),
     ("fanoutd_batches_published", "batches", "Batches (ring blocks) handed to ZeroMQ."),
     ("fanoutd_publish_drops", "publish_drops",
-     "Batches refused at the publish high-water mark (their seq is skipped)."),
+     "Batches a worker could not hand to the proxy (their seq is skipped); a full outbox "
+     "makes the worker wait instead, so this stays 0."),
     ("fanoutd_worker_restarts", "restarts", "Times this worker slot's process was replaced."),
     ("fanoutd_blocks_skipped", "blocks_skipped",
      "Ring blocks skipped because decoding them failed (a decoder bug; their packets are "
@@ -253,9 +254,9 @@ PROXY_GAUGES = (
      "1 while the proxy passes batches on; 0 while a new proxy waits for the subscribers "
      "of the one it replaced (publish.restart_grace_ms) and while none runs."),
 )
-REJECTED_HELP = ("Messages on the workers' ipc socket the proxy dropped: malformed (not a "
-                 "batch of a ring in use), sender (not from that ring's worker), topic (not "
-                 "the ring's topic).")
+REJECTED_HELP = ("Worker connections the proxy refused, and batches it dropped from an "
+                 "outbox: malformed (no outbox or batch of a ring in use), sender (not from "
+                 "that ring's worker), topic (not the ring's topic).")
 
 
 def publisher_report(proxy: ProxyStats) -> dict:

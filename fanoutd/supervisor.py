@@ -100,7 +100,7 @@ class Supervisor:
             warn_if_exposed(self.cfg)
             self.metrics = open_metrics(self.cfg.metrics, self)
             self.runtime_dir = make_runtime_dir(self.cfg)
-            self.backend = f"ipc://{self.runtime_dir}/workers.ipc"
+            self.backend = f"{self.runtime_dir}/workers.sock"
             self._start_proxy()
             for capture in self.captures:
                 self.start_workers(capture)
@@ -239,7 +239,7 @@ class Supervisor:
             self.rings.read_only()  # written by the proxy and the supervisor only
             self.proxy_stats.read_only()
             plan = worker.WorkerPlan(capture.interface, ring_id, cfg.ring.geometry,
-                                     self.backend, self.cfg.publish.sndhwm, self.cfg.user,
+                                     self.backend, self.cfg.user,
                                      cfg.payload_bytes, name,
                                      wire.FORMATS[self.cfg.publish.format], epoch, drain,
                                      self.cfg.sensor or "", tunnel_depth=cfg.tunnel_depth)

@@ -17,7 +17,7 @@ from fanoutd.encoder import IMPLEMENTATION, READS_IN_PLACE, BlockEncoder
 from fanoutd.holding import HeldBlocks
 from fanoutd.memory import keep_large_allocations
 from fanoutd.proctitle import set_process_name
-from fanoutd.publish import BatchPublisher, batch_context
+from fanoutd.publish import BatchPublisher
 from fanoutd.ring import RingGeometry, RxRing
 from fanoutd.systemd import set_log_context
 
@@ -25,6 +25,7 @@ log = logging.getLogger("fanoutd.worker")
 
 POLL_S = 0.1  # the longest a worker goes without a heartbeat or checking for stop
 GATE_WAIT_S = 0.005  # how often a worker looks whether the proxy forwards again
+OUTBOX_WAIT_S = 0.0005  # how often a worker with a full outbox looks for a free slot
 CONNECT_TIMEOUT_S = 10.0
 
 class _Stop:
@@ -52,8 +53,7 @@ class WorkerPlan:
     iface: str
     ring_id: int  # this ring's words in the RingTable (see holding.py)
     geometry: RingGeometry
-    backend: str  # the proxy's ipc endpoint
-    sndhwm: int
+    backend: str  # the proxy's socket for the workers' outboxes (outbox.py)
     user: str | None  # drop to this user once set up; None keeps the supervisor's
     payload_bytes: int  # > 0: rows get a payload column
     name: str  # process name: fanoutd-w0, or fd-eth1-w0 with several interfaces
@@ -85,17 +85,25 @@ def run_worker(index: int, sock: socket.socket, stats: slotstats.SlotStats,
     except OSError as e:
         log.error("worker %d: cannot map the ring of %s: %s", index, plan.iface, e.strerror)
         return exits.BOOT_FAILED
-    ctx = batch_context()
-    pub = BatchPublisher(ctx, plan.backend, plan.iface, index, plan.ring_id, plan.sndhwm,
-                         plan.geometry.block_size)
+    try:
+        pub = BatchPublisher(plan.backend, plan.iface, index, plan.ring_id,
+                             plan.geometry.block_size)
+    except OSError as e:
+        log.error("worker %d: cannot make its outbox: %s", index, e.strerror)
+        rx.close()
+        return exits.BOOT_FAILED
     status = exits.BOOT_FAILED
     try:
+        # The proxy takes the outbox only from the process the supervisor named the
+        # ring's worker: be that before handing it over.
+        if not _named_the_rings_worker(rings, plan.ring_id, stats):
+            log.error("worker %d: the supervisor did not name this process the worker of "
+                      "ring %d", index, plan.ring_id)
+            return exits.BOOT_FAILED
         # Everything privileged happens before this point: the ring is mapped and the
-        # proxy's ipc socket (root's) connected. From here on the worker parses hostile
+        # proxy's socket (root's) connected. From here on the worker parses hostile
         # input as an unprivileged user with no capabilities.
         if not pub.wait_connected(CONNECT_TIMEOUT_S):
-            log.error("worker %d: no connection to the proxy within %.0f s", index,
-                      CONNECT_TIMEOUT_S)
             return exits.BOOT_FAILED
         if plan.user:
             try:
@@ -103,10 +111,6 @@ def run_worker(index: int, sock: socket.socket, stats: slotstats.SlotStats,
             except (privileges.PrivilegeError, OSError) as e:
                 log.error("worker %d: cannot drop privileges to %s: %s", index, plan.user, e)
                 return exits.BOOT_FAILED
-        if not _named_the_rings_worker(rings, plan.ring_id, stats):
-            log.error("worker %d: the supervisor did not name this process the worker of "
-                      "ring %d", index, plan.ring_id)
-            return exits.BOOT_FAILED
         stats["pid"] = os.getpid()
         if stop.drain_since is None:  # one started to drain an old ring leaves the slot's
             stats["capturing"] = os.getpid()  # flag to the worker of its new ring
@@ -119,18 +123,14 @@ def run_worker(index: int, sock: socket.socket, stats: slotstats.SlotStats,
     finally:
         if stats["capturing"] == os.getpid():  # not a successor's (a reload overlaps them)
             stats["capturing"] = 0
-        # Leaving for a new proxy: what waits in the queue (for a reconnection this process
-        # cannot make) is held in the ring for the successor, which must start at once.
-        pub.close(linger_ms=0 if status == exits.RECONNECT else None)
-        ctx.term()
+        pub.close()  # the proxy takes what is left in the outbox
         rx.close()
 
 
 def _named_the_rings_worker(rings: slotstats.RingTable, ring_id: int,
                             stats: slotstats.SlotStats) -> bool:
     """Wait until the supervisor has named this process the ring's worker (it does so
-    right after fork, long before a worker is ready): the proxy takes the ring's batches
-    from that process only."""
+    right after fork): the proxy takes the ring's outbox from that process only."""
     deadline = time.monotonic() + CONNECT_TIMEOUT_S
     while rings.pid[ring_id] != os.getpid():
         if time.monotonic() >= deadline:
@@ -148,7 +148,7 @@ def _capture(rx: RxRing, pub: BatchPublisher, encoder: BlockEncoder,
 
     Returns the worker's exit status: 0 on stop, exits.RECONNECT when the proxy went away:
     a new worker connects to the new proxy (an unprivileged one could not reconnect to
-    root's ipc socket) and publishes again what the ring holds.
+    root's socket) and publishes again what the ring holds.
     """
     errors: dict[str, int] = {}
     held = HeldBlocks(rx, rings, plan.ring_id)
@@ -182,9 +182,18 @@ def _capture(rx: RxRing, pub: BatchPublisher, encoder: BlockEncoder,
             if rx.socket_errors:
                 _report_socket_errors(rx, plan.iface, index)
             continue
+        slot = pub.free_slot()
+        if slot is None:
+            # The outbox is full: the proxy has yet to take the batches before. Wait, the
+            # block unread: the ring buffers meanwhile (the kernel counts what it drops
+            # once it is full).
+            held.make_room(rx.user_blocks())
+            time.sleep(OUTBOX_WAIT_S)
+            continue
         block, first, num_pkts, block_seq = rx.read(copy=not READS_IN_PLACE)
         if held.passed_on(block_seq):
             # Left behind by a replaced worker after the proxy had passed it on.
+            slot.release()
             rx.release(rx.cursor)
             rx.advance()
             continue
@@ -192,8 +201,9 @@ def _capture(rx: RxRing, pub: BatchPublisher, encoder: BlockEncoder,
             # seq: the kernel's block sequence number - 1, which needs no bookkeeping: it
             # continues across a worker replacement, a block published again carries the
             # same seq, and a refused batch leaves a gap subscribers can see.
-            body, rows, wire_bytes = encoder.encode(block, first, num_pkts, errors,
-                                                    block_seq - 1)
+            with slot:
+                length, rows, wire_bytes = encoder.encode_into(slot, block, first, num_pkts,
+                                                               errors, block_seq - 1)
         except Exception:
             # decode never raises on wire input (property-tested); if a bug makes it, skip
             # the block rather than crash on it again in every replacement worker.
@@ -205,16 +215,9 @@ def _capture(rx: RxRing, pub: BatchPublisher, encoder: BlockEncoder,
             rx.advance()
             continue
         del block  # a view of the ring: the block may go back to the kernel from here on
-        if pub.publish(block_seq, body):
-            stats.add("batches")
-            held.hold(rx.cursor, block_seq)
-        elif pub.lost_connection():
-            # The proxy is gone: the block stays held, for the next worker to publish.
-            log.info("worker %d: the proxy was replaced; restarting to reconnect", index)
-            return exits.RECONNECT
-        else:
-            stats.add("publish_drops")
-            rx.release(rx.cursor)
+        pub.publish(block_seq, length)
+        stats.add("batches")
+        held.hold(rx.cursor, block_seq)
         # Counters change once per block: one store each (slotstats.py).
         stats.add("packets", rows)
         stats.add("bytes", wire_bytes)

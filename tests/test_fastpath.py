@@ -49,6 +49,32 @@ def same(frames: list[RingFrame], payload_bytes: int, depths=(1,)) -> None:
                            depth)
             assert got == expected, f"version {version}, tunnel_depth {depth}"
             assert c_errors == py_errors, f"version {version}, tunnel_depth {depth}"
+            if version == wire.COLUMNS_VERSION:
+                same_into(block, first, num, payload_bytes, depth, expected)
+
+
+def same_into(block, first, num, payload_bytes, depth, expected) -> None:
+    """encode_columns_into writes what encode_columns returns: straight into a roomy
+    buffer, through a copy into one just large enough (its worst case does not fit);
+    and refuses one a byte too small, leaving the error counts alone."""
+    body, rows, wire_bytes = expected
+    for room in (len(body) + (1 << 20), len(body)):
+        buffer = bytearray(b"\xee" * (16 + room + 8))
+        errors: dict = {}
+        got = _fastpath.encode_columns_into(buffer, 16, block, first, num, payload_bytes,
+                                            errors, PREFIX[wire.COLUMNS_VERSION],
+                                            2**40 + 7, depth)
+        assert got == (len(body), rows, wire_bytes)
+        assert bytes(buffer[16:16 + len(body)]) == body
+        assert buffer[:16] == b"\xee" * 16  # nothing before the offset
+        if room == len(body):
+            assert buffer[16 + len(body):] == b"\xee" * 8  # nor past the buffer's room
+    errors = {}
+    with pytest.raises(ValueError, match="outgrows"):
+        _fastpath.encode_columns_into(bytearray(16 + len(body) - 1), 16, block, first, num,
+                                      payload_bytes, errors, PREFIX[wire.COLUMNS_VERSION],
+                                      2**40 + 7, depth)
+    assert errors == {}
 
 
 @pytest.mark.parametrize("depth", DEPTHS)
@@ -84,6 +110,19 @@ def test_block_encoder_passes_tunnel_depth_on(version, depth):
     encoder = BlockEncoder(version, "eth0", 3, 2**60 + 5, 8, tunnel_depth=depth)
     expected = PY[version](block, first, num, 8, {}, encoder.prefix, 9, depth)
     assert encoder.encode(block, first, num, {}, 9) == expected
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_block_encoder_writes_into_an_outbox_slot_what_it_returns(version):
+    """encode_into: the C encoder's own path for version 2, a copy for version 1."""
+    block, first, num = tpacket3_block([RingFrame(f) for f in SAMPLES])
+    encoder = BlockEncoder(version, "eth0", 3, 2**60 + 5, 8)
+    body, rows, wire_bytes = encoder.encode(block, first, num, {}, 9)
+    slot = memoryview(bytearray(len(body) + 100))
+    assert encoder.encode_into(slot, block, first, num, {}, 9) == (len(body), rows, wire_bytes)
+    assert slot[:len(body)] == body
+    with pytest.raises(ValueError, match="outgrows"):
+        encoder.encode_into(slot[:len(body) - 1], block, first, num, {}, 9)
     with pytest.raises(ValueError, match="tunnel_depth"):
         BlockEncoder(version, "eth0", 3, 1, 0, tunnel_depth=MAX_TUNNEL_DEPTH + 1)
 

@@ -8,9 +8,11 @@ import pytest
 import zmq
 from fakes import FakeClock
 
+from fanoutd import outbox
 from fanoutd.config import CurveConfig
 from fanoutd.holding import HOLD_WAIT_S, RETAIN_S, HeldBlocks
-from fanoutd.publish import ENVELOPE, Proxy, ProxyPlan
+from fanoutd.outbox import Outbox
+from fanoutd.publish import Proxy, ProxyPlan
 from fanoutd.ring import RingGeometry
 from fanoutd.slotstats import ProxyStats, RingTable
 
@@ -161,23 +163,23 @@ def test_room_is_made_from_retained_blocks_first(held, ring, rings):
 
 
 def test_the_proxys_acknowledgement_releases_the_block(tmp_path, ring, rings, clock):
-    """A batch through a real Proxy, this process as ring 3's worker: the proxy's word
-    makes the worker's block go back (once out of the retained ones)."""
+    """A batch through a real Proxy and this process's outbox, as ring 3's worker: the
+    proxy's word makes the worker's block go back (once out of the retained ones)."""
     rings.pid[RING_ID] = os.getpid()
     stats = ProxyStats()
     stats["block_size"] = 65536
-    plan = ProxyPlan(f"ipc://{tmp_path}/w.ipc", f"ipc://{tmp_path}/p.ipc", 16, 1 << 20, 4,
+    plan = ProxyPlan(f"{tmp_path}/w.sock", f"ipc://{tmp_path}/p.ipc", 16, 1 << 20, 4,
                      4, 1.0, 1.0, None, CurveConfig())
     held = HeldBlocks(ring, rings, RING_ID, clock)
     ctx = zmq.Context()
+    box = Outbox(65536)
     try:
         proxy = Proxy(ctx, plan, rings, stats, ["eth0"])
         assert stats["forwarding"] == 1  # no subscribers to wait for
-        push = ctx.socket(zmq.PUSH)
-        push.connect(plan.backend)
+        conn = outbox.connect(plan.backend, box, RING_ID, b"pkt.eth0.0")
         for index, seq in ((4, 41), (5, 42), (6, 43)):
             held.hold(index, seq)
-            push.send_multipart([ENVELOPE.pack(RING_ID, seq), b"pkt.eth0.0", b"body"])
+            assert box.put(seq, b"body")
         for _ in range(50):
             proxy.run_once(100)
             if rings.forwarded[RING_ID] == 43:
@@ -185,7 +187,8 @@ def test_the_proxys_acknowledgement_releases_the_block(tmp_path, ring, rings, cl
         assert rings.forwarded[RING_ID] == 43
         held.release_passed_on()
         assert ring.released == [4]
-        push.close(linger=0)
+        conn.close()
         proxy.close()
     finally:
+        box.close()
         ctx.destroy(linger=0)

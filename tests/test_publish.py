@@ -1,21 +1,15 @@
 """The proxy without a daemon: its log of refused subscribers (once per client, rate-limited),
-the limits on subscribers, the restart gate, queue sizes, the checks of the ipc socket."""
+the limits on subscribers, the restart gate, queue sizes (the workers' outboxes: test_outbox.py)."""
 
 import logging
-import os
 
 import pytest
-import zmq
 from fakes import FakeClock
 
-from fanoutd.config import CurveConfig
 from fanoutd.publish import (
-    ENVELOPE,
     MESSAGE_OVERHEAD,
     UNWATCHED_WINDOW_S,
     FreedMemory,
-    Proxy,
-    ProxyPlan,
     RefusalLog,
     StartGate,
     Subscribers,
@@ -23,7 +17,7 @@ from fanoutd.publish import (
     subscriber_hwm,
     subscription_topics,
 )
-from fanoutd.slotstats import ProxyStats, RingTable
+from fanoutd.slotstats import ProxyStats
 from fanoutd.wire import max_batch_bytes
 
 
@@ -220,46 +214,6 @@ def test_subscriber_queues_follow_their_byte_budget():
     assert subscriber_hwm(32 << 20, block, 0) == (32 << 20) // per_message
     assert subscriber_hwm(32 << 20, block, 10) == 10  # sndhwm caps it
     assert subscriber_hwm(1 << 16, block, 256) == 1  # never 0 (which means no limit)
-
-
-# --------------------------------------------------------------------------- the ipc socket
-
-
-def test_batches_are_taken_only_from_the_rings_worker_on_its_topic(tmp_path):
-    """The proxy's checks of what arrives on the workers' socket, with this process as
-    the worker of ring 3."""
-    rings = RingTable(8)
-    rings.assign(3, b"pkt.eth0.1")
-    rings.pid[3] = os.getpid()
-    stats = ProxyStats()
-    stats["block_size"] = 65536
-    plan = ProxyPlan(f"ipc://{tmp_path}/w.ipc", f"ipc://{tmp_path}/p.ipc", 16, 1 << 20, 4,
-                     4, 1.0, 1.0, None, CurveConfig())
-    ctx = zmq.Context()
-    try:
-        proxy = Proxy(ctx, plan, rings, stats, ["eth0"])
-        push = ctx.socket(zmq.PUSH)
-        push.connect(plan.backend)
-        envelope = ENVELOPE.pack
-        cases = {
-            "ours": [envelope(3, 9), b"pkt.eth0.1", b"body"],
-            "topic": [envelope(3, 10), b"pkt.eth0.2", b"body"],
-            "malformed": [envelope(4, 1), b"pkt.eth0.1", b"body"],
-        }
-        got = {}
-        for name, message in cases.items():
-            push.send_multipart(message)
-            assert proxy.pull.poll(5000)
-            got[name] = proxy._rejected(proxy.pull.recv_multipart(copy=False))
-        assert got == {"ours": None, "topic": "topic", "malformed": "malformed"}
-        rings.pid[3] = os.getpid() + 1  # the ring has another worker now
-        push.send_multipart(cases["ours"])
-        assert proxy.pull.poll(5000)
-        assert proxy._rejected(proxy.pull.recv_multipart(copy=False)) == "sender"
-        push.close(linger=0)
-        proxy.close()
-    finally:
-        ctx.destroy(linger=0)
 
 
 def test_freed_memory_goes_back_after_a_subscriber_left_and_now_and_then():

@@ -5,8 +5,8 @@ import base64
 import hashlib
 import json
 import re
+import socket
 import ssl
-import struct
 import subprocess
 import time
 import urllib.error
@@ -19,6 +19,7 @@ import pytest
 import zmq
 import zmq.auth
 
+from fanoutd import outbox
 from fanoutd.client import Subscriber
 
 pytestmark = pytest.mark.integration
@@ -216,23 +217,50 @@ def test_metrics_over_mutual_tls_with_basic_auth(tls_daemon):
     assert scraped(), "a refused client must not disturb the next scrape"
 
 
-# --------------------------------------------------------------------------- the ipc socket
+# --------------------------------------------------------------------------- the workers' socket
 
 FORGED = b"not a batch of this worker"
 
 
-def test_the_proxy_forwards_a_ring_only_from_its_worker(injector, start_daemon):
-    """Anything on the workers' ipc socket that is no batch of a ring in use (a ring id
-    of 65535 used to crash the proxy), or that another process than the ring's worker
-    sends (a ring id in range used to be forwarded, and acknowledged for that worker), is
-    dropped and counted by reason; the proxy keeps running and forwarding real batches."""
+def hostile_hellos(backend: Path) -> list[socket.socket]:
+    """Connections to the proxy's socket for the workers' outboxes that must be refused:
+    four malformed (a short hello, a ring id out of range, a ring not in use, a hello
+    without the eventfd), then a well-formed outbox for worker 0's ring, on its topic,
+    holding a forged batch, from this process, which is not that worker. (What only a
+    ring's own worker could hand over, such as an outbox not sealed against shrinking, is
+    refused too: tests/test_outbox.py.)"""
+    conns = []
+
+    def send(hello: bytes, fds: list[int]) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sock.connect(str(backend))
+        socket.send_fds(sock, [hello], fds)
+        conns.append(sock)
+
+    box = outbox.Outbox(65536)
+    assert box.put(2**63, FORGED)
+    send(b"FOB1", [box.memfd, box.eventfd])
+    for ring_id in (65535, 1):
+        send(box.hello(ring_id, b"pkt.cap0.0"), [box.memfd, box.eventfd])
+    send(box.hello(0, b"pkt.cap0.0"), [box.memfd])
+    send(box.hello(0, b"pkt.cap0.0"), [box.memfd, box.eventfd])
+    box.close()
+    return conns
+
+
+def test_the_proxy_takes_a_rings_outbox_only_from_its_worker(injector, start_daemon):
+    """Anything on the workers' socket that is no outbox of a ring in use, or that
+    another process than the ring's worker hands over (an outbox holding a batch for
+    worker 0's ring, with a seq far ahead that would have acknowledged everything), is
+    refused and counted by reason; the proxy keeps running and forwarding real batches."""
     with netlab.workdir() as wd:
         run = wd / "run"
         run.mkdir()
         daemon = start_daemon(workers=1, extra=("--runtime-dir", str(run)))
-        (backend,) = run.glob("*/workers.ipc")
+        (backend,) = run.glob("*/workers.sock")
         proxy = netlab.proc_identity(daemon.children_by_comm()["fanoutd-proxy"])
         ctx = zmq.Context()
+        conns: list[socket.socket] = []
         try:
             sub = ctx.socket(zmq.SUB)
             sub.setsockopt(zmq.LINGER, 0)
@@ -241,20 +269,7 @@ def test_the_proxy_forwards_a_ring_only_from_its_worker(injector, start_daemon):
             sub.connect(daemon.endpoint)
             netlab.wait_for(lambda: sub.poll(100) and sub.recv_multipart() == [b"fanoutd.hello"],
                             10, "the welcome", detail=daemon.logs)
-            push = ctx.socket(zmq.PUSH)
-            push.setsockopt(zmq.LINGER, 1000)
-            push.connect(f"ipc://{backend}")
-            envelope = struct.Struct("<HQ").pack
-            malformed = [
-                [envelope(65535, 1), b"pkt.cap0.0", FORGED],  # no such ring
-                [envelope(1, 1), b"pkt.cap0.0", FORGED],  # a ring not in use
-                [envelope(0, 1) + b"x", b"pkt.cap0.0", FORGED],  # not an envelope
-                [b"pkt.cap0.0", FORGED],  # no envelope at all
-            ]
-            forged = [[envelope(0, 2**63), b"pkt.cap0.0", FORGED],  # worker 0's ring
-                      [envelope(0, 1), b"stats", FORGED]]
-            for message in malformed + forged:
-                push.send_multipart(message)
+            conns = hostile_hellos(backend)
 
             def rejected() -> dict[str, float] | None:
                 m = daemon.try_metrics()
@@ -262,11 +277,14 @@ def test_the_proxy_forwards_a_ring_only_from_its_worker(injector, start_daemon):
                     return None
                 got = {dict(lbl)["reason"]: v for lbl, v in netlab.samples(
                     m, "fanoutd_proxy_rejected_messages_total").items()}
-                return got if sum(got.values()) >= 6 else None
-            got = netlab.wait_for(rejected, 10, "six messages counted as rejected",
+                return got if sum(got.values()) >= 5 else None
+            got = netlab.wait_for(rejected, 10, "five connections counted as refused",
                                   detail=daemon.logs)
-            assert got == {"malformed": 4, "sender": 2, "topic": 0}, got
+            assert got == {"malformed": 4, "sender": 1, "topic": 0}, got
             assert netlab.proc_alive(proxy), daemon.logs()
+            for conn in conns:  # the proxy ended every one of them
+                conn.settimeout(5)
+                assert conn.recv(1) == b""
 
             # Real batches still flow, and nothing forged ever reached the subscriber.
             injector.send_all(F.udp4_frame(sport=7000 + i) for i in range(20))
@@ -279,8 +297,10 @@ def test_the_proxy_forwards_a_ring_only_from_its_worker(injector, start_daemon):
             netlab.wait_for(batch_arrived, 10, "a real batch", detail=daemon.logs)
             assert not [m for m in seen if FORGED in m], seen
         finally:
+            for conn in conns:
+                conn.close()
             ctx.destroy(linger=0)
         assert netlab.proc_alive(proxy), daemon.logs()
         assert "Traceback" not in daemon.stderr_text()
-        assert "dropped a message on the workers' socket: sent by a process that is not " \
-               "the ring's worker" in daemon.stderr_text()
+        assert "refused a worker's connection: from a process that is not the ring's " \
+               "worker" in daemon.stderr_text()

@@ -140,11 +140,11 @@ def test_runtime_dirs_left_by_killed_daemons_are_removed(start_daemon):
         alive = base / f"{os.getpid()}-cap0-alive"
         for d in (precious, lookalike, alive):
             d.mkdir()
-            (d / "workers.ipc").touch()
+            (d / "workers.sock").touch()
         daemon = start_daemon(workers=1, extra=("--runtime-dir", str(base)))
         assert not left[0].exists()
         for d in (precious, lookalike, alive):
-            assert (d / "workers.ipc").exists(), d
+            assert (d / "workers.sock").exists(), d
         own = [d for d in base.iterdir() if d.name.startswith(f"{daemon.pid}-cap0-")]
         assert len(own) == 1, list(base.iterdir())
 
