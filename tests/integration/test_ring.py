@@ -4,6 +4,7 @@ hands over a block, also while it holds older blocks (holding.py)."""
 import time
 
 import netlab
+import pytest
 
 from fanoutd import filter, ring
 
@@ -22,52 +23,47 @@ def timed_wait(rx: ring.RxRing, timeout_s: float, resync: bool) -> float:
     return time.monotonic() - start
 
 
-def test_a_worker_holding_a_block_sleeps_until_the_next_one(ns, injector):
+@pytest.fixture
+def rx(ns):
+    """A real TPACKET_V3 ring on cap0, open to all traffic, closed at teardown."""
+    geo = ring.RingGeometry(1 << 16, 8, 2048, BLOCK_TIMEOUT_MS)
+    with netlab.in_netns(ns.name):
+        sock = ring.open_capture_socket("cap0", geo, rxhash=False)
+    try:
+        filter.detach(sock)
+        rx = ring.RxRing(sock, geo)
+        try:
+            yield rx
+        finally:
+            rx.close()
+    finally:
+        sock.close()
+
+
+def test_a_worker_holding_a_block_sleeps_until_the_next_one(rx, injector):
     """A held block keeps a level-triggered poll of the socket returning at once; the
     ring's wait sleeps through it and wakes when the kernel closes the next block (on its
     block timeout here), long before its own timeout."""
-    geo = ring.RingGeometry(1 << 16, 8, 2048, BLOCK_TIMEOUT_MS)
-    with netlab.in_netns(ns.name):
-        sock = ring.open_capture_socket("cap0", geo, rxhash=False)
-    try:
-        filter.detach(sock)
-        rx = ring.RxRing(sock, geo)
-        try:
-            injector.send(frame())
-            netlab.wait_for(lambda: rx.wait(0.5, resync=True) or rx.ready(), 5,
-                            "the first block to be handed over")
-            _, _, num_pkts, first_seq = rx.read(copy=True)
-            assert num_pkts == 1
-            rx.advance()  # the first block stays the user's: held, as the worker does
+    injector.send(frame())
+    netlab.wait_for(lambda: rx.wait(0.5, resync=True) or rx.ready(), 5,
+                    "the first block to be handed over")
+    _, _, num_pkts, first_seq = rx.read(copy=True)
+    assert num_pkts == 1
+    rx.advance()  # the first block stays the user's: held, as the worker does
 
-            slept = timed_wait(rx, 0.4, resync=False)
-            assert slept >= 0.35, f"woke after {slept:.3f} s with no new block"
-            assert not rx.ready()
+    slept = timed_wait(rx, 0.4, resync=False)
+    assert slept >= 0.35, f"woke after {slept:.3f} s with no new block"
+    assert not rx.ready()
 
-            injector.send(frame())
-            slept = timed_wait(rx, 10.0, resync=False)
-            assert slept < 5.0, "the next block's hand-over did not wake the wait"
-            assert rx.ready()
-            assert rx.head(rx.cursor)[4] == first_seq + 1
-        finally:
-            rx.close()
-    finally:
-        sock.close()
+    injector.send(frame())
+    slept = timed_wait(rx, 10.0, resync=False)
+    assert slept < 5.0, "the next block's hand-over did not wake the wait"
+    assert rx.ready()
+    assert rx.head(rx.cursor)[4] == first_seq + 1
 
 
-def test_a_wait_with_nothing_held_finds_the_block_handed_over_before_it(ns, injector):
+def test_a_wait_with_nothing_held_finds_the_block_handed_over_before_it(rx, injector):
     """The block closed before the wait began: its wake-up is not lost."""
-    geo = ring.RingGeometry(1 << 16, 8, 2048, BLOCK_TIMEOUT_MS)
-    with netlab.in_netns(ns.name):
-        sock = ring.open_capture_socket("cap0", geo, rxhash=False)
-    try:
-        filter.detach(sock)
-        rx = ring.RxRing(sock, geo)
-        try:
-            injector.send(frame())
-            netlab.wait_for(rx.ready, 5, "the block to be handed over")
-            assert timed_wait(rx, 10.0, resync=True) < 5.0
-        finally:
-            rx.close()
-    finally:
-        sock.close()
+    injector.send(frame())
+    netlab.wait_for(rx.ready, 5, "the block to be handed over")
+    assert timed_wait(rx, 10.0, resync=True) < 5.0
