@@ -200,7 +200,7 @@ def _capture(rx: RxRing, pub: BatchPublisher, encoder: BlockEncoder,
         try:
             # seq: the kernel's block sequence number - 1, which needs no bookkeeping: it
             # continues across a worker replacement, a block published again carries the
-            # same seq, and a refused batch leaves a gap subscribers can see.
+            # same seq, and a batch lost on the way leaves a gap subscribers can see.
             with slot:
                 length, rows, wire_bytes = encoder.encode_into(slot, block, first, num_pkts,
                                                                errors, block_seq - 1)
