@@ -223,13 +223,14 @@ def measure(ns: netlab.NetNS, tool_name: str, size: int, run: int, conf: Path,
             counts = tool.end()
     cpu_ns, vanished = cpu_delta_ns(cost0, cost1)
     threads = cpu_by_thread(cost0, cost1)
+    switches = cpu_by_thread(cost0, cost1, "slices")
     user_ns = cpu_delta_ns(user0, user1)[0] if user0 else None
     # CPU 0 during the burst: trafgen, the kernel's delivery it pays for (on a veth the
     # receive path runs in the sender's context), and the subscriber, which is taken out.
     gen_ns = gen1[0] - gen0[0] - (cpu_delta_ns(user0, user_burst)[0] if user0 else 0)
     return Measurement(tool_name, size, run, sent, counts, cpu_ns, user_ns, drain_s,
                        busy1[0] - busy0[0], busy1[1] - busy0[1], vanished, memory,
-                       max(gen_ns, 0), threads=threads)
+                       max(gen_ns, 0), threads=threads, switches=switches)
 
 
 def progress_line(m: Measurement, runs: int) -> str:

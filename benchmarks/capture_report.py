@@ -51,6 +51,7 @@ class Measurement:
     gen_ns: int = 0  # GEN_CPU's busy time during the burst, the subscriber's CPU taken out
     flows: int | None = None  # --flows: the burst's number of flows (None: a new one a frame)
     threads: dict[str, int] = field(default_factory=dict)  # cpu_ns by thread name
+    switches: dict[str, int] = field(default_factory=dict)  # times on a CPU, by thread name
 
     @property
     def other_ns(self) -> int:
@@ -244,9 +245,13 @@ def thread_lines(results: list[Measurement]) -> list[str]:
                      / max(sum(m.threads.values()), 1) for m in ms) or 0.0
         shown = sorted(((ns, name) for name, ns in per.items() if ns >= 1), reverse=True)
         case = f"{tool} {size} B" + (f" {flows:,} flows" if flows else "")
+        switches = median(sum(m.switches.values()) / m.counts.notes["batches"] for m in ms
+                          if m.switches and m.counts.notes.get("batches"))
         lines.append(f"{case}: " + ", ".join(f"{name} {ns:,.0f}" for ns, name in shown)
                      + f" ns/pkt; the hop (the proxy's threads) "
-                       f"{100 * hop:.0f} % of the tree's CPU")
+                       f"{100 * hop:.0f} % of the tree's CPU"
+                     + (f"; {switches:.1f} context switches per batch, all threads"
+                        if switches is not None else ""))
     return lines
 
 

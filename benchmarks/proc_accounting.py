@@ -38,6 +38,9 @@ class ProcCpu:
     ticks: int  # utime + stime of all its threads, exited ones included (/proc/PID/stat)
     threads: dict[int, int]  # tid -> ns on CPU of each live thread (task/TID/schedstat)
     names: dict[int, str] = field(default_factory=dict)  # tid -> "process/thread" name
+    # tid -> times each live thread was put on a CPU (schedstat's third field): its
+    # context switches in, wake-ups and preemptions alike
+    slices: dict[int, int] = field(default_factory=dict)
 
 
 def proc_cpu(pid: int) -> tuple[Ident, ProcCpu] | None:
@@ -47,14 +50,15 @@ def proc_cpu(pid: int) -> tuple[Ident, ProcCpu] | None:
         tids = os.listdir(f"/proc/{pid}/task")
     except (OSError, IndexError):
         return None
-    threads, names = {}, {}
+    threads, names, slices = {}, {}, {}
     comm = _comm(pid, pid)
     for tid in tids:
         with contextlib.suppress(OSError, ValueError, IndexError):
-            threads[int(tid)] = int(
-                Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+            stat = Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()
+            threads[int(tid)], slices[int(tid)] = int(stat[0]), int(stat[2])
             names[int(tid)] = comm if int(tid) == pid else f"{comm}/{_comm(pid, int(tid))}"
-    return (pid, int(rest[19])), ProcCpu(int(rest[11]) + int(rest[12]), threads, names)
+    return (pid, int(rest[19])), ProcCpu(int(rest[11]) + int(rest[12]), threads, names,
+                                         slices)
 
 
 def _comm(pid: int, tid: int) -> str:
@@ -64,16 +68,18 @@ def _comm(pid: int, tid: int) -> str:
         return "?"
 
 
-def cpu_by_thread(before: dict[Ident, ProcCpu], after: dict[Ident, ProcCpu]) -> dict[str, int]:
-    """CPU ns used between the snapshots, by thread name ("fanoutd-w0",
-    "fanoutd-w0/ZMQbg/IO/0"): threads of one name in several processes add up. Threads
-    that exited in between are missing (cpu_delta_ns counts them by ticks)."""
+def cpu_by_thread(before: dict[Ident, ProcCpu], after: dict[Ident, ProcCpu],
+                  what: str = "threads") -> dict[str, int]:
+    """CPU ns used between the snapshots (what="slices": times put on a CPU), by thread
+    name ("fanoutd-w0", "fanoutd-proxy/ZMQbg/IO/0"): threads of one name in several
+    processes add up. Threads that exited in between are missing (cpu_delta_ns counts
+    their CPU time by ticks)."""
     out: dict[str, int] = {}
     for ident, a in after.items():
-        b = before.get(ident, ProcCpu(0, {}))
-        for tid, ns in a.threads.items():
+        b = getattr(before.get(ident, ProcCpu(0, {})), what)
+        for tid, value in getattr(a, what).items():
             name = a.names.get(tid, "?")
-            out[name] = out.get(name, 0) + ns - b.threads.get(tid, 0)
+            out[name] = out.get(name, 0) + value - b.get(tid, 0)
     return out
 
 

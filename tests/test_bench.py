@@ -93,9 +93,11 @@ def test_latency_and_memory_figures(quick_run):
             assert re.search(rf"^memory {tool} {size} B: largest worker [\d.]+ MiB resident "
                              r"besides its ring \(RssAnon [\d.]+ MiB\), proxy [\d.]+ MiB",
                              stdout, re.M), stdout
-            # CPU by thread: the worker's main thread at least, and the hop's share
+            # CPU by thread: the worker's main thread at least, the hop's share, and the
+            # context switches per batch
             assert re.search(rf"^threads {tool} {size} B: .*\bfanoutd-w0 [\d,]+\b.* ns/pkt; "
-                             r"the hop \(.*\) \d+ % of the tree's CPU$", stdout, re.M), stdout
+                             r"the hop \(.*\) \d+ % of the tree's CPU; [\d.]+ context "
+                             r"switches per batch, all threads$", stdout, re.M), stdout
 
 
 def test_writes_the_markdown_and_the_chart(quick_run):
