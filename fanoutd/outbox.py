@@ -60,6 +60,11 @@ _PEERCRED = struct.Struct("3i")  # pid, uid, gid
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
+def slot_start(count: int, slots: int, slot_bytes: int) -> int:
+    """Where the slot of the count-th batch ever written starts: its head, then the batch."""
+    return HEADER_BYTES + (count % slots) * slot_bytes
+
+
 def slot_bytes(block_size: int) -> int:
     """A slot: its head and the largest batch of a block_size ring block, in pages."""
     need = SLOT_HEAD.size + max_batch_bytes(block_size)
@@ -86,14 +91,14 @@ class Outbox:
         None when every slot is still the proxy's."""
         if self.written - load_acquire(self.map, TAKEN) >= self.slots:
             return None
-        start = HEADER_BYTES + (self.written % self.slots) * self.slot_bytes + SLOT_HEAD.size
+        start = slot_start(self.written, self.slots, self.slot_bytes) + SLOT_HEAD.size
         return self.view[start:start + self.slot_bytes - SLOT_HEAD.size]
 
     def commit(self, seq: int, length: int) -> None:
         """The batch of kernel block `seq` is the first `length` bytes of free_slot():
         the proxy's to take from now on, and it is told so."""
-        start = HEADER_BYTES + (self.written % self.slots) * self.slot_bytes
-        SLOT_HEAD.pack_into(self.map, start, length, seq)
+        SLOT_HEAD.pack_into(self.map, slot_start(self.written, self.slots, self.slot_bytes),
+                            length, seq)
         self.written += 1
         store_release(self.map, WRITTEN, self.written)
         os.eventfd_write(self.eventfd, 1)
@@ -152,7 +157,7 @@ class Inbox:
         if not 0 < ahead <= self.slots:  # a count no worker of ours writes: go on from it
             self.taken = written - 1  # done() takes it to `written`
             return "malformed"
-        start = HEADER_BYTES + (self.taken % self.slots) * self.slot_bytes
+        start = slot_start(self.taken, self.slots, self.slot_bytes)
         length, seq = SLOT_HEAD.unpack_from(self.map, start)
         if length > self.slot_bytes - SLOT_HEAD.size:
             return "malformed"
