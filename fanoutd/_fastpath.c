@@ -1156,21 +1156,18 @@ static PyObject *columns_encode(Py_buffer *into, Py_ssize_t into_offset, PyObjec
     put_uint(out, (uint64_t)rows);
     put_str(out, "columns");
     if (columns_put(out, rows, ncols) < 0) goto done;
+    if (into != NULL && out->len > room) {  /* checked before errors counts anything */
+        PyErr_Format(PyExc_ValueError, "a batch of %zu bytes outgrows its buffer of %zu",
+                     out->len, room);
+        goto done;
+    }
+    if (add_error_counts(errors, counts) < 0) goto done;
     if (into != NULL) {
-        if (direct == NULL) {
-            if (out->len > room) {
-                PyErr_Format(PyExc_ValueError, "a batch of %zu bytes outgrows its buffer of "
-                             "%zu", out->len, room);
-                goto done;
-            }
-            memcpy((uint8_t *)into->buf + into_offset, out->buf, out->len);
-        }
-        if (add_error_counts(errors, counts) < 0) goto done;
+        if (direct == NULL) memcpy((uint8_t *)into->buf + into_offset, out->buf, out->len);
         result = Py_BuildValue("(nnK)", (Py_ssize_t)out->len, rows,
                                (unsigned long long)wire_bytes);
         goto done;
     }
-    if (add_error_counts(errors, counts) < 0) goto done;
     if (_PyBytes_Resize(&body, (Py_ssize_t)out->len) < 0) goto done;  /* frees body on error */
     result = Py_BuildValue("(NnK)", body, rows, (unsigned long long)wire_bytes);
     body = NULL;  /* the tuple has it (or, on failure, Py_BuildValue released it) */
