@@ -49,14 +49,14 @@ log = logging.getLogger("fanoutd.proxy")
 
 
 def batch_context() -> zmq.Context:
-    """A ZeroMQ context for the worker or the proxy: one I/O thread, run as SCHED_BATCH.
+    """The proxy's ZeroMQ context: one I/O thread, run as SCHED_BATCH.
 
-    Each batch the caller hands over wakes the I/O thread; as a normal thread it would
-    preempt the caller on its CPU at once (a context switch there and another back),
-    though the caller is about to sleep anyway. A SCHED_BATCH thread never preempts on
+    Each batch the proxy hands over wakes the I/O thread; as a normal thread it would
+    preempt the proxy on its CPU at once (a context switch there and another back),
+    though the proxy is about to sleep anyway. A SCHED_BATCH thread never preempts on
     waking (the scheduler's wake-up preemption is for SCHED_NORMAL only): it runs on the
-    other CPU if that is idle, or when the caller sleeps. Measured: ~22 % fewer context
-    switches per batch over both processes, docs/performance.md."""
+    other CPU if that is idle, or when the proxy sleeps. Measured (when workers still had
+    a context of their own): ~22 % fewer context switches per batch, docs/performance.md."""
     ctx = zmq.Context(1)
     ctx.set(zmq.THREAD_SCHED_POLICY, os.SCHED_BATCH)
     return ctx
@@ -612,9 +612,12 @@ class Proxy:
         return self.rings.topic(ring_id)
 
     def _reject(self, reason: str, fd: int) -> None:
-        self.stats.add(f"rejected:{reason}")
-        self.warnings.warn(reason, "refused a worker's connection: %s", REJECTED_BECAUSE[reason])
+        self._count_rejected(reason, "refused a worker's connection")
         self._end_connection(fd)
+
+    def _count_rejected(self, reason: str, what: str) -> None:
+        self.stats.add(f"rejected:{reason}")
+        self.warnings.warn(reason, "%s: %s", what, REJECTED_BECAUSE[reason])
 
     def _end_connection(self, fd: int) -> None:
         conn, _ = self.connections.pop(fd)
@@ -635,9 +638,7 @@ class Proxy:
                 if got is None:
                     break
                 if got == "malformed":
-                    self.stats.add("rejected:malformed")
-                    self.warnings.warn("malformed", "dropped a batch from a worker's outbox: "
-                                       "%s", REJECTED_BECAUSE["malformed"])
+                    self._count_rejected("malformed", "dropped a batch from a worker's outbox")
                 elif not stale:  # else its worker was replaced: the ring's blocks were
                     seq, body = got  # held, and its successor publishes them again
                     try:
