@@ -39,6 +39,7 @@ import msgpack
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
+from fanoutd import filter, ring
 from fanoutd.wire import decode_column
 
 REPO = Path(__file__).resolve().parent.parent
@@ -178,6 +179,23 @@ class NetNS:
 
 
 # --------------------------------------------------------------------------- injection
+
+
+@contextlib.contextmanager
+def capture_ring(ns: NetNS, geo: ring.RingGeometry, ifname: str = "cap0") -> Iterator[ring.RxRing]:
+    """A real TPACKET_V3 ring on ifname inside ns, open to all traffic (the capture
+    socket's drop-all filter taken off), closed afterwards."""
+    with in_netns(ns.name):
+        sock = ring.open_capture_socket(ifname, geo, rxhash=False)
+    try:
+        filter.detach(sock)
+        rx = ring.RxRing(sock, geo)
+        try:
+            yield rx
+        finally:
+            rx.close()
+    finally:
+        sock.close()
 
 
 class Injector:

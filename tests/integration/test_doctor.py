@@ -13,7 +13,7 @@ import netlab
 import pytest
 
 from fanoutd import doctor as doctor_module
-from fanoutd import filter, ring
+from fanoutd import ring
 
 pytestmark = pytest.mark.integration
 
@@ -267,19 +267,10 @@ def test_frames_per_block_is_what_the_kernel_packs(ns, block_size, frame):
     fcs = 4
     data = bytes.fromhex((netlab.CAP_MAC + netlab.INJ_MAC).replace(":", "")) + b"\x88\xb5"
     data = data.ljust(frame - fcs, b"\0")
-    with netlab.in_netns(ns.name):
-        sock = ring.open_capture_socket("cap0", geo, rxhash=False)
-    try:
-        filter.detach(sock)
-        rx = ring.RxRing(sock, geo)
-        try:
-            with netlab.Injector(ns) as inj:
-                inj.send_all(data for _ in range(per_block + 1))
-            netlab.wait_for(rx.ready, timeout=5, what="the first block to be full")
-            _, num_pkts, first, _, _ = rx.head(0)
-        finally:
-            rx.close()
-    finally:
-        sock.close()
+    with netlab.capture_ring(ns, geo) as rx:
+        with netlab.Injector(ns) as inj:
+            inj.send_all(data for _ in range(per_block + 1))
+        netlab.wait_for(rx.ready, timeout=5, what="the first block to be full")
+        _, num_pkts, first, _, _ = rx.head(0)
     assert first == doctor_module.BLOCK_HEADER
     assert num_pkts == per_block

@@ -6,7 +6,7 @@ import time
 import netlab
 import pytest
 
-from fanoutd import filter, ring
+from fanoutd import ring
 
 BLOCK_TIMEOUT_MS = 20
 
@@ -26,18 +26,8 @@ def timed_wait(rx: ring.RxRing, timeout_s: float, resync: bool) -> float:
 @pytest.fixture
 def rx(ns):
     """A real TPACKET_V3 ring on cap0, open to all traffic, closed at teardown."""
-    geo = ring.RingGeometry(1 << 16, 8, 2048, BLOCK_TIMEOUT_MS)
-    with netlab.in_netns(ns.name):
-        sock = ring.open_capture_socket("cap0", geo, rxhash=False)
-    try:
-        filter.detach(sock)
-        rx = ring.RxRing(sock, geo)
-        try:
-            yield rx
-        finally:
-            rx.close()
-    finally:
-        sock.close()
+    with netlab.capture_ring(ns, ring.RingGeometry(1 << 16, 8, 2048, BLOCK_TIMEOUT_MS)) as rx:
+        yield rx
 
 
 def test_a_worker_holding_a_block_sleeps_until_the_next_one(rx, injector):
