@@ -150,12 +150,16 @@ typedef struct {
     Inner inner;
 } Row;
 
+/* Copied from a template rather than memset and then set: a memset of this size
+ * compiles to `rep stos`, whose start-up cost was a third of read_packet's time. */
+static const Row ROW_INIT = {
+    .ethertype = NIL, .meta_vlan = NIL,
+    .proto = NIL, .ttl = NIL, .sport = NIL, .dport = NIL, .tcp_flags = NIL,
+    .icmp_type = NIL, .icmp_code = NIL, .err = -1, .payload_start = -1,
+};
+
 static void row_init(Row *r) {
-    memset(r, 0, offsetof(Row, tunnel_id));
-    r->ethertype = r->meta_vlan = NIL;
-    r->proto = r->ttl = r->sport = r->dport = r->tcp_flags = r->icmp_type = r->icmp_code = NIL;
-    r->err = -1;
-    r->payload_start = -1;
+    memcpy(r, &ROW_INIT, offsetof(Row, tunnel_id));
 }
 
 /* The row goes through a tunnel of this kind: its tunnel fields become nil but `tunnel`. */
@@ -909,7 +913,11 @@ static inline int col_bytes(Column *c, Py_ssize_t i, const uint8_t *p, Py_ssize_
     if (p == NULL) c->nulls++;
     else {
         if (out_reserve(&c->values, (size_t)n) < 0) return -1;
-        memcpy(c->values.buf + c->values.len, p, (size_t)n);
+        uint8_t *to = c->values.buf + c->values.len;
+        /* addresses: constant sizes, so no call to memcpy for 4 or 16 bytes */
+        if (n == 4) memcpy(to, p, 4);
+        else if (n == 16) memcpy(to, p, 16);
+        else memcpy(to, p, (size_t)n);
         c->values.len += (size_t)n;
         set_bit(&c->validity, i);
     }
