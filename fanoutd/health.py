@@ -73,14 +73,12 @@ def log_summary(captures: list[Capture]) -> None:
     published, per interface (the current worker slots' counters)."""
     for capture in captures:
         total = {key: sum(slot.stats[key] for slot in capture.slots)
-                 for key in ("kernel_packets", "kernel_drops", "packets", "batches",
-                             "publish_drops")}
+                 for key in ("kernel_packets", "kernel_drops", "packets", "batches")}
         log.info("%s: %s received by the kernel, %s dropped by the kernel, %s decoded, "
-                 "%s published, %s dropped at the publish high-water mark",
+                 "%s published",
                  capture.interface, count(total["kernel_packets"], "packet"),
                  count(total["kernel_drops"], "packet"), count(total["packets"], "packet"),
-                 count(total["batches"], "batch", "batches"),
-                 count(total["publish_drops"], "batch", "batches"))
+                 count(total["batches"], "batch", "batches"))
 
 
 def ns(seconds: float) -> int:

@@ -28,6 +28,7 @@ FIELDS = (
     "blocks",            # ring blocks walked
     "blocks_skipped",    # blocks whose decoding raised (a decoder bug): their packets are lost
     "blocks_user",       # blocks held by user space at the last look: the backlog
+    "outbox_full",       # times the worker waited for a free outbox slot (the proxy is behind)
     "active",            # the rest is written by the supervisor: 1 while the slot exists
     "up",                # 1 while its worker is RUNNING
     "kernel_packets",
@@ -220,6 +221,9 @@ SLOT_COUNTERS = (
     ("fanoutd_publish_drops", "publish_drops",
      "Batches a worker could not hand to the proxy (their seq is skipped); a full outbox "
      "makes the worker wait instead, so this stays 0."),
+    ("fanoutd_outbox_full", "outbox_full",
+     "Times this worker found every slot of its outbox still waiting for the proxy and "
+     "waited 0.5 ms, the next ring block unread: the proxy does not keep up with it."),
     ("fanoutd_worker_restarts", "restarts", "Times this worker slot's process was replaced."),
     ("fanoutd_blocks_skipped", "blocks_skipped",
      "Ring blocks skipped because decoding them failed (a decoder bug; their packets are "

@@ -227,7 +227,7 @@ STATS_COLUMNS = (
     ("freezes", "fanoutd_kernel_freezes_total"),
     ("decoded", "fanoutd_packets_decoded_total"),
     ("decode errs", "fanoutd_decode_errors_total"),
-    ("publish drops", "fanoutd_publish_drops_total"),
+    ("outbox full", "fanoutd_outbox_full_total"),
     ("restarts", "fanoutd_worker_restarts_total"),
     ("backlog", "fanoutd_ring_blocks_user"),
 )

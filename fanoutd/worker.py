@@ -188,6 +188,7 @@ def _capture(rx: RxRing, pub: BatchPublisher, encoder: BlockEncoder,
             # block unread: the ring buffers meanwhile (the kernel counts what it drops
             # once it is full).
             held.make_room(rx.user_blocks())
+            stats.add("outbox_full")
             time.sleep(OUTBOX_WAIT_S)
             continue
         block, first, num_pkts, block_seq = rx.read(copy=not READS_IN_PLACE)

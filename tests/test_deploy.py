@@ -269,6 +269,7 @@ ALERT_LABELS = {  # labels each alert's annotations must name
     "FanoutdDown": {"instance"},
     "FanoutdWorkersDown": {"interface", "instance"},
     "FanoutdLinkDown": {"interface", "instance"},
+    "FanoutdPublishDrops": {"instance"},  # the proxy's: one per daemon
 }
 # Prometheus itself adds `up` for every scrape target; FanoutdDown needs it.
 PROMETHEUS_METRICS = {"up"}

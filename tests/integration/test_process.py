@@ -123,5 +123,5 @@ def test_start_line_timestamps_and_exit_summary(injector, start_daemon, subscrib
     assert f"metrics on http://127.0.0.1:{daemon.metrics_port}/metrics" in start, start
     # How many blocks the 25 frames filled depends on timing; the packets do not.
     assert re.search(r"cap0: 25 packets received by the kernel, 0 packets dropped by the "
-                     r"kernel, 25 packets decoded, [1-9]\d* batch(es)? published, 0 batches "
-                     r"dropped at the publish high-water mark$", lines[-1]), lines[-1]
+                     r"kernel, 25 packets decoded, [1-9]\d* batch(es)? published$", lines[-1]), \
+        lines[-1]

@@ -53,6 +53,39 @@ def test_sigkill_worker_mid_traffic_loses_nothing(injector, start_daemon, subscr
     assert "fanoutd-w0 was killed by SIGKILL" in daemon.logs()
 
 
+def test_stopped_proxy_makes_the_worker_wait_and_loses_nothing(injector, start_daemon,
+                                                               subscribe):
+    """SIGSTOP the proxy while frames come: the worker fills its outbox, then waits with
+    the next blocks unread in its ring, and counts the waits (fanoutd_outbox_full_total);
+    once the proxy runs again every frame reaches the subscriber, none dropped."""
+    daemon = start_daemon(workers=1)
+    sub = subscribe(daemon)
+    proxy = daemon.children_by_comm()["fanoutd-proxy"]
+    rounds, per_round = 8, 100  # more blocks than the outbox has slots (4)
+    os.kill(proxy, signal.SIGSTOP)
+    try:
+        for r in range(rounds):
+            injector.send_all(netlab.numbered_frame(i)
+                              for i in range(r * per_round, (r + 1) * per_round))
+            # Each round its own block: the worker has written it (or waits to).
+            netlab.wait_for(lambda r=r: netlab.metric_sum(
+                daemon.metrics(), "fanoutd_batches_published_total") >= min(r + 1, 4)
+                and netlab.metric_sum(daemon.metrics(), "fanoutd_kernel_packets_total")
+                >= (r + 1) * per_round, 10, f"round {r} in the ring", detail=daemon.logs)
+        netlab.wait_for(lambda: netlab.metric_sum(daemon.metrics(),
+                                                  "fanoutd_outbox_full_total") > 0,
+                        10, "the worker to wait for a free outbox slot", detail=daemon.logs)
+        m = daemon.metrics()
+        assert netlab.metric_sum(m, "fanoutd_batches_published_total") == 4, \
+            "the worker wrote more batches than its outbox holds"
+    finally:
+        os.kill(proxy, signal.SIGCONT)
+    assert_every_frame_delivered(sub, daemon, rounds * per_round)
+    m = daemon.metrics()
+    assert netlab.metric_sum(m, "fanoutd_kernel_drops_total") == 0
+    assert netlab.metric_sum(m, "fanoutd_publish_drops_total") == 0
+
+
 def test_hung_worker_is_terminated_replaced_and_loses_nothing(injector, start_daemon,
                                                               subscribe):
     """A worker that stops heartbeating (SIGSTOP) gets SIGTERM, then SIGKILL, and is
