@@ -132,6 +132,13 @@ class JetStreamSubscriber(BatchSource):
             try:
                 msgs = self._run(self._sub.fetch(self.fetch_size, timeout=wait))
             except TimeoutError:  # nats-py raises its own subclass, or the builtin
+                msgs = []
+            if not msgs:
+                # Nothing came. nats-py's fetch() can also return nothing at once: its
+                # request expires as its wait ends, so the server's 408 ending it comes
+                # just after, to the next fetch(), which takes it for its own answer. That
+                # is no batch: it must not restart the idle clock, or a consumer told to
+                # stop after `timeout` idle seconds can go on for minutes.
                 if timeout is not None and time.monotonic() - last >= timeout:
                     return
                 continue

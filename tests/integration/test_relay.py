@@ -289,6 +289,39 @@ def test_two_consumers_of_one_durable_share_the_batches(cluster, daemon, injecto
     check_exactly(got_a + got_b, counts)
 
 
+def test_idle_consumers_of_one_durable_stop_on_time(cluster):
+    """Consumers told to stop after `idle` seconds without a batch stop then, however
+    many share the durable and for as long as they idle. The server ends each pull
+    request with a status (408 when its expires passes): a status that comes for a
+    request the client no longer waits for must not be taken for the end of the next
+    one, nor count as a batch (that kept one of test_two_consumers' consumers going for
+    a minute and more)."""
+    idle, consumers, rounds = 2.0, 4, 5
+    took: list[float] = []
+    errors: list[BaseException] = []
+
+    def idle_consumer() -> None:
+        try:
+            with JetStreamSubscriber(cluster.url_list, durable="idle") as sub:
+                for _ in range(rounds):
+                    start = time.monotonic()
+                    assert list(sub.batches(timeout=idle)) == []
+                    took.append(time.monotonic() - start)
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=idle_consumer, daemon=True)
+               for _ in range(consumers)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + rounds * (idle + 1.5) + 60
+    for t in threads:
+        t.join(timeout=max(0.0, deadline - time.monotonic()))
+    assert not errors, errors
+    assert len(took) == consumers * rounds, "a consumer never stopped"
+    assert max(took) < idle + 1.5, sorted(took)
+
+
 def test_a_consumer_that_was_down_catches_up(cluster, daemon, injector, start_relay):
     relay = start_relay(daemon)
     with Traffic(injector, rounds=10):
