@@ -55,7 +55,7 @@ __all__ = ["Batch", "JetStreamSubscriber", "Record", "SeqTracker", "StreamKey", 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:7440"
 
 # Socket monitor events that tell whether an endpoint let this client in.
-_HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
                      | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
 
@@ -134,6 +134,24 @@ class SeqTracker:
         return missing
 
 
+def curve_keys(server_key: str, client_cert: str | None) -> tuple[bytes, bytes, bytes]:
+    """(server public, client public, client secret) for a CURVE SUB socket: the
+    publisher's public key file (`fanoutd keygen` writes NAME.key) and this client's
+    secret key file (NAME.key_secret), or a new key pair when client_cert is None (an
+    ephemeral identity, which a publisher with clients_dir refuses). OSError or
+    ValueError for a file that is missing or holds no such key."""
+    import zmq.auth
+
+    server_public, _ = zmq.auth.load_certificate(server_key)
+    if client_cert is None:
+        public, secret = zmq.curve_keypair()
+    else:
+        public, secret = zmq.auth.load_certificate(client_cert)
+        if secret is None:
+            raise ValueError(f"{client_cert} holds no secret key (use NAME.key_secret)")
+    return server_public, public, secret
+
+
 class Subscriber(BatchSource):
     """Reads fanoutd's batches from one or many endpoints (sensors).
 
@@ -176,7 +194,7 @@ class Subscriber(BatchSource):
                     sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = curve
                 for topic in (*topics, HELLO):  # HELLO last: see docs/wire-format.md
                     sock.subscribe(topic)
-                monitor = sock.get_monitor_socket(_HANDSHAKE_EVENTS)
+                monitor = sock.get_monitor_socket(HANDSHAKE_EVENTS)
                 self._monitors[sock] = monitor
                 self._monitored[monitor] = ep
                 sock.connect(ep)
@@ -194,16 +212,7 @@ class Subscriber(BatchSource):
 
     @staticmethod
     def _curve_keys(server_key: str, client_cert: str | None) -> tuple[bytes, bytes, bytes]:
-        import zmq.auth
-
-        server_public, _ = zmq.auth.load_certificate(server_key)
-        if client_cert is None:  # an ephemeral identity: fine when any client is admitted
-            public, secret = zmq.curve_keypair()
-        else:
-            public, secret = zmq.auth.load_certificate(client_cert)
-            if secret is None:
-                raise ValueError(f"{client_cert} holds no secret key (use NAME.key_secret)")
-        return server_public, public, secret
+        return curve_keys(server_key, client_cert)
 
     # -- the accounting of every stream, read from the tracker
 

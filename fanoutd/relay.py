@@ -36,10 +36,11 @@ from typing import Any
 import zmq
 import zmq.asyncio
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from zmq.utils import monitor as zmq_monitor
 
 from fanoutd import exits, jetstream
 from fanoutd.batch import Batch, StreamKey
-from fanoutd.client import SeqTracker
+from fanoutd.client import HANDSHAKE_EVENTS, SeqTracker, curve_keys, handshake_problem
 from fanoutd.config import parse_host_port
 from fanoutd.relay_config import RelayConfig
 from fanoutd.wire import BATCH_TOPIC_PREFIX, HELLO
@@ -118,6 +119,7 @@ class Relay:
         self._window = asyncio.Semaphore(cfg.max_in_flight)
         self._tasks: set[asyncio.Task] = set()
         self._ready: set[str] = set()
+        self._refused: dict[str, str] = {}  # endpoint -> why its handshake last failed
         self._told_too_large = False
         self.nc: Any = None
         self.js: Any = None
@@ -189,13 +191,22 @@ class Relay:
         ctx = zmq.asyncio.Context()
         poller = zmq.asyncio.Poller()
         endpoint_of: dict[Any, str] = {}
+        monitored: dict[Any, str] = {}  # a SUB socket's handshake events -> its endpoint
+        # The configuration checked the key files (relay_config._curve_problems).
+        curve = (curve_keys(self.cfg.curve_server_key, self.cfg.curve_client_cert or None)
+                 if self.cfg.curve_server_key else None)
         try:
             for endpoint in self.cfg.sources:
                 sock = ctx.socket(zmq.SUB)
                 sock.setsockopt(zmq.RCVHWM, RCVHWM)
                 sock.setsockopt(zmq.LINGER, 0)
+                if curve is not None:
+                    sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = curve
                 for topic in (BATCH_TOPIC_PREFIX, HELLO):  # HELLO last: docs/wire-format.md
                     sock.subscribe(topic)
+                monitor = sock.get_monitor_socket(HANDSHAKE_EVENTS)
+                poller.register(monitor, zmq.POLLIN)
+                monitored[monitor] = endpoint
                 sock.connect(endpoint)
                 poller.register(sock, zmq.POLLIN)
                 endpoint_of[sock] = endpoint
@@ -203,6 +214,9 @@ class Relay:
                      ", ".join(self.cfg.sources), self.cfg.stream, ",".join(self.cfg.nats))
             while not self.stopping.is_set():
                 for sock, _ in await poller.poll(timeout=200):
+                    if sock in monitored:
+                        await self._handshakes(sock, monitored[sock], curve is not None)
+                        continue
                     for _ in range(100):  # bounded: one busy sensor does not starve others
                         if self.stopping.is_set():
                             break
@@ -213,8 +227,27 @@ class Relay:
                         await self._take(endpoint_of[sock], frames)
         finally:
             for sock in endpoint_of:
+                sock.disable_monitor()
                 sock.close()
+            for monitor in monitored:
+                monitor.close()
             ctx.term()
+
+    async def _handshakes(self, monitor: Any, endpoint: str, curve: bool) -> None:
+        """Say why a sensor refused the relay (a CURVE key it does not admit, CURVE on one
+        side only), once until a handshake with it succeeds; ZeroMQ keeps retrying."""
+        while True:
+            try:
+                event = await zmq_monitor.recv_monitor_message(monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                if self._refused.pop(endpoint, None) is not None:
+                    log.info("relay: %s: handshake succeeded", endpoint)
+            elif endpoint not in self._refused:
+                self._refused[endpoint] = handshake_problem(event["event"], event["value"],
+                                                            curve)
+                log.warning("relay: %s: %s; retrying", endpoint, self._refused[endpoint])
 
     async def _take(self, endpoint: str, frames: list[zmq.Frame]) -> None:
         if len(frames) == 1:

@@ -8,6 +8,8 @@ import argparse
 from dataclasses import dataclass, replace
 from typing import Any
 
+import zmq.auth
+
 from fanoutd import jetstream
 from fanoutd.config import ConfigError, _read_yaml, endpoint_problem, parse_host_port
 from fanoutd.settings import LOG_LEVELS, Setting
@@ -27,6 +29,8 @@ class RelayConfig:
     retry_seconds: int = 60  # how long one batch is retried before it counts as failed
     metrics: str = "127.0.0.1:9741"
     log_level: str = "info"
+    curve_server_key: str = ""  # "": the sensors publish without CURVE
+    curve_client_cert: str = ""  # "": a new key pair at each start
 
 
 # key -> RelayConfig field, where they differ (`from` is a Python keyword)
@@ -58,6 +62,12 @@ RELAY_SETTINGS = (
             metavar="HOST:PORT"),
     Setting("log_level", "debug, info, warning or error", flag="--log-level",
             metavar="LEVEL", choices=LOG_LEVELS),
+    Setting("curve_server_key", "the sensors' publisher public key (NAME.key, written by "
+            "fanoutd keygen), the same for every sensor: connect with CURVE",
+            flag="--curve-server-key", metavar="FILE"),
+    Setting("curve_client_cert", "this relay's secret key (NAME.key_secret), which the "
+            "sensors' publish.curve.clients_dir must hold the public half of",
+            flag="--curve-client-cert", metavar="FILE"),
 )
 BY_KEY = {s.key: s for s in RELAY_SETTINGS}
 
@@ -71,6 +81,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         shown = ",".join(value) if isinstance(value, tuple) else value
         if s.low_text and value == s.low:
             shown = s.low_text
+        if shown == "":
+            shown = "none"
         parser.add_argument(s.flag, dest=f"relay_{s.dest}", metavar=s.metavar,
                             action="append" if s.repeat else "store",
                             help=f"{s.help} (default: from the file, else {shown})")
@@ -152,4 +164,32 @@ def _rules(cfg: RelayConfig, labels: dict[str, str]) -> list[tuple[str, str]]:
         parse_host_port(cfg.metrics)
     except ValueError as e:
         problems.append((labels.get("metrics", "metrics"), str(e)))
+    problems += _curve_problems(cfg, labels)
+    return problems
+
+
+def _curve_problems(cfg: RelayConfig, labels: dict[str, str]) -> list[tuple[str, str]]:
+    """Both key files readable and holding their keys, or neither given."""
+    server_label = labels.get("curve_server_key", "curve_server_key")
+    client_label = labels.get("curve_client_cert", "curve_client_cert")
+    if not cfg.curve_server_key:
+        if cfg.curve_client_cert:
+            return [(client_label, "needs curve_server_key (the sensors' public key)")]
+        return []
+    problems = []
+    for label, path, secret in ((server_label, cfg.curve_server_key, False),
+                                (client_label, cfg.curve_client_cert, True)):
+        if not path:
+            continue
+        try:
+            public, secret_key = zmq.auth.load_certificate(path)
+        except OSError as e:
+            problems.append((label, f"cannot read {path}: {e.strerror or e}"))
+        except ValueError as e:
+            problems.append((label, f"{path}: not a key file of fanoutd keygen ({e})"))
+        else:
+            if secret and secret_key is None:
+                problems.append((label, f"{path} holds no secret key (give NAME.key_secret)"))
+            elif not public:
+                problems.append((label, f"{path} holds no public key"))
     return problems

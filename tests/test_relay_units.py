@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import zmq.auth
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -66,6 +67,24 @@ def test_relay_config_problems_all_at_once(tmp_path):
     keys = sorted(key for key, _ in info.value.problems)
     assert keys == ["from (--from)", "max_in_flight", "metrics (--metrics)", "nats (--nats)",
                     "replicas (--replicas)", "stream", "surprise"], info.value.problems
+
+
+def test_relay_curve_keys_are_checked(tmp_path):
+    """The key files are read when the configuration is: a missing file, a public key
+    where the secret one is needed, or a client key without the server's, named by key."""
+    public, secret = zmq.auth.create_certificates(str(tmp_path), "relay")
+    cfg = load_relay_config(None, relay_args("--curve-server-key", public,
+                                             "--curve-client-cert", secret))
+    assert (cfg.curve_server_key, cfg.curve_client_cert) == (public, secret)
+    with pytest.raises(ConfigError) as info:
+        load_relay_config(None, relay_args("--curve-server-key", str(tmp_path / "nope.key"),
+                                           "--curve-client-cert", public))
+    problems = dict(info.value.problems)
+    assert "cannot read" in problems["curve_server_key (--curve-server-key)"], problems
+    assert "no secret key" in problems["curve_client_cert (--curve-client-cert)"], problems
+    with pytest.raises(ConfigError) as info:
+        load_relay_config(None, relay_args("--curve-client-cert", secret))
+    assert [key for key, _ in info.value.problems] == ["curve_client_cert (--curve-client-cert)"]
 
 
 def test_relay_exits_78_on_a_bad_configuration(capsys):

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import frames as F
 import natslab
@@ -46,15 +47,17 @@ def daemon(ns, start_daemon):
 
 @pytest.fixture
 def start_relay(cluster):
-    """Factory: start_relay(daemon, name) -> a running natslab.Relay whose subscription is
-    in effect; every relay is SIGKILLed at teardown."""
+    """Factory: start_relay(daemon, name, extra) -> a running natslab.Relay whose
+    subscription is in effect (unless wait=False); every relay is SIGKILLed at teardown."""
     with contextlib.ExitStack() as stack:
         wd = stack.enter_context(netlab.workdir())
 
-        def start(daemon: netlab.Daemon, name: str = "relay") -> natslab.Relay:
+        def start(daemon: netlab.Daemon, name: str = "relay", extra: tuple[str, ...] = (),
+                  wait: bool = True) -> natslab.Relay:
             relay = stack.enter_context(natslab.Relay(wd, [daemon.endpoint], cluster,
-                                                      name=name))
-            relay.wait_ready()
+                                                      extra=extra, name=name))
+            if wait:
+                relay.wait_ready()
             return relay
         yield start
 
@@ -179,6 +182,43 @@ def test_every_batch_arrives(cluster, daemon, injector, start_relay):
     lines = [json.loads(line) for line in tail.stdout.splitlines()]
     assert len(lines) == 5 and {line["sensor"] for line in lines} == {SENSOR}, lines
     assert {line["dport"] for line in lines} == {9}
+
+
+def keygen(directory, name: str) -> tuple[str, str]:
+    proc = netlab.run_cli(None, "keygen", str(directory), "--name", name)
+    assert proc.returncode == 0, proc.stderr
+    return str(directory / f"{name}.key"), str(directory / f"{name}.key_secret")
+
+
+def test_a_sensor_that_encrypts_is_relayed_with_the_relays_key(cluster, ns, start_daemon,
+                                                              injector, start_relay):
+    """A sensor whose publisher uses CURVE and admits only known clients: the relay with
+    an admitted key stores every batch; one with another key gets nothing and says why."""
+    with netlab.workdir() as wd:
+        server_public, server_secret = keygen(wd / "server", "server")
+        relay_public, relay_secret = keygen(wd / "relay", "relay")
+        _, intruder_secret = keygen(wd / "intruder", "intruder")
+        clients = wd / "clients"
+        clients.mkdir()
+        (clients / "relay.key").write_bytes(Path(relay_public).read_bytes())
+        config = wd / "fanoutd.yaml"
+        config.write_text(f"publish:\n  curve:\n    secret_key_file: {server_secret}\n"
+                          f"    clients_dir: {clients}\n")
+        daemon = start_daemon(workers=WORKERS, fanout="lb",
+                              extra=("-c", str(config), "--sensor", SENSOR))
+        intruder = start_relay(daemon, "intruder", ("--curve-server-key", server_public,
+                                                    "--curve-client-cert", intruder_secret),
+                               wait=False)
+        relay = start_relay(daemon, "relay", ("--curve-server-key", server_public,
+                                              "--curve-client-cert", relay_secret))
+        with Traffic(injector, rounds=10):
+            pass
+        counts = published(daemon)
+        wait_stored([relay], cluster, sum(counts.values()))
+        check_exactly(consume(cluster), counts)
+        netlab.wait_for(lambda: "does not admit this client's key" in intruder.log.read_text(),
+                        15, "the refused relay to say why", detail=intruder.log.read_text)
+        assert intruder.metrics().get("fanoutd_relay_batches_received_total", 0) == 0
 
 
 def test_a_cluster_node_killed_under_traffic_loses_nothing(cluster, daemon, injector,
