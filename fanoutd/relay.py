@@ -43,6 +43,7 @@ from fanoutd.batch import Batch, StreamKey
 from fanoutd.client import HANDSHAKE_EVENTS, SeqTracker, curve_keys, handshake_problem
 from fanoutd.config import parse_host_port
 from fanoutd.relay_config import RelayConfig
+from fanoutd.systemd import Notifier
 from fanoutd.wire import BATCH_TOPIC_PREFIX, HELLO
 
 log = logging.getLogger("fanoutd")
@@ -50,6 +51,13 @@ log = logging.getLogger("fanoutd")
 RCVHWM = 10_000  # batches queued per sensor while the window is full
 ACK_TIMEOUT_S = 5.0  # one try's wait for its PubAck
 FIRST_PAUSE_S, LAST_PAUSE_S = 0.05, 2.0  # between tries: doubling from the first
+STATUS_INTERVAL_S = 5.0  # how often systemd's status line is brought up to date
+
+
+def _total(counter: Counter) -> float:
+    """A labelled counter's sum over its labels."""
+    return sum(sample.value for metric in counter.collect() for sample in metric.samples
+               if sample.name.endswith("_total"))
 
 
 class RelayMetrics:
@@ -109,9 +117,14 @@ class _Pending:
 
 
 class Relay:
-    def __init__(self, cfg: RelayConfig, metrics: RelayMetrics | None = None) -> None:
+    def __init__(self, cfg: RelayConfig, metrics: RelayMetrics | None = None,
+                 notifier: Notifier | None = None) -> None:
         self.cfg = cfg
         self.metrics = metrics or RelayMetrics()
+        # systemd (Type=notify): READY once relaying, STATUS, WATCHDOG from the receive
+        # loop, STOPPING; nothing without NOTIFY_SOCKET.
+        self.notifier = notifier or Notifier()
+        self._next_status = 0.0
         self.metrics.window.set(cfg.max_in_flight)
         self.stopping = asyncio.Event()
         self.tracker = SeqTracker(self._gap)
@@ -167,7 +180,25 @@ class Relay:
             await self.nc.close()
 
     def stop(self) -> None:
+        if not self.stopping.is_set():
+            self.notifier.stopping()
         self.stopping.set()
+
+    def _status(self) -> str:
+        m = self.metrics
+        return (f"{len(self._ready)}/{len(self.cfg.sources)} sensors subscribed, "
+                f"{_total(m.stored):,.0f} batches stored, {_total(m.failed):,.0f} failed, "
+                f"{len(self._tasks)} in flight; NATS "
+                f"{'connected' if self.nc is not None and self.nc.is_connected else 'away'}")
+
+    def _tell_systemd(self) -> None:
+        """The watchdog from the receive loop (it turns at least every 200 ms), and the
+        status line every STATUS_INTERVAL_S."""
+        self.notifier.watchdog(True)
+        now = time.monotonic()
+        if now >= self._next_status:
+            self.notifier.status(self._status())
+            self._next_status = now + STATUS_INTERVAL_S
 
     async def _drain(self) -> None:
         """After stop: let the batches in flight finish (each within retry_seconds)."""
@@ -212,7 +243,10 @@ class Relay:
                 endpoint_of[sock] = endpoint
             log.info("relay: subscribed to %s; storing into stream %s at %s",
                      ", ".join(self.cfg.sources), self.cfg.stream, ",".join(self.cfg.nats))
+            self.notifier.ready(self._status())
+            self._next_status = time.monotonic() + STATUS_INTERVAL_S
             while not self.stopping.is_set():
+                self._tell_systemd()
                 for sock, _ in await poller.poll(timeout=200):
                     if sock in monitored:
                         await self._handshakes(sock, monitored[sock], curve is not None)

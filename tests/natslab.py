@@ -231,7 +231,8 @@ class Relay:
     workdir. Leaving it SIGKILLs it if it still runs."""
 
     def __init__(self, workdir: Path, sources: list[str], cluster: NatsCluster,
-                 extra: list[str] | tuple[str, ...] = (), name: str = "relay") -> None:
+                 extra: list[str] | tuple[str, ...] = (), name: str = "relay",
+                 env: dict[str, str] | None = None) -> None:
         self.metrics_port = free_ports(1)[0]
         self.argv = [sys.executable, "-m", "fanoutd", "relay",
                      *(a for src in sources for a in ("--from", src)),
@@ -239,12 +240,14 @@ class Relay:
                      "--replicas", str(cluster.replicas),
                      "--metrics", f"127.0.0.1:{self.metrics_port}", *extra]
         self.log = Path(workdir) / f"{name}.log"
+        self.env = env or {}  # NOTIFY_SOCKET, WATCHDOG_USEC: as systemd would set them
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> Relay:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
         env.pop("NOTIFY_SOCKET", None)
         env.pop("JOURNAL_STREAM", None)
+        env.update(self.env)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=env, stdout=log,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

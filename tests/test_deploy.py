@@ -208,6 +208,9 @@ def test_relay_unit_settings():
     assert svc["DynamicUser"] == ["yes"] and svc["CapabilityBoundingSet"] == [""]
     assert svc["Restart"] == ["on-failure"] and svc["RestartPreventExitStatus"] == ["78"]
     assert "AF_PACKET" not in svc["RestrictAddressFamilies"][0]
+    # it notifies (fanoutd.relay: READY, STATUS, WATCHDOG, STOPPING), as fanoutd does
+    assert svc["Type"] == ["notify"] and svc["NotifyAccess"] == ["main"]
+    assert svc["WatchdogSec"] == ["30s"]
 
 
 @pytest.fixture

@@ -221,6 +221,38 @@ def test_a_sensor_that_encrypts_is_relayed_with_the_relays_key(cluster, ns, star
         assert intruder.metrics().get("fanoutd_relay_batches_received_total", 0) == 0
 
 
+def test_the_relay_notifies_systemd(cluster, daemon, injector):
+    """Under systemd (Type=notify): READY=1 once it relays, with a status line naming its
+    sensors; the status kept up to date; WATCHDOG=1 at half WATCHDOG_USEC; STOPPING=1 on
+    SIGTERM, and exit 0."""
+    with netlab.workdir() as wd, netlab.DatagramSink(wd / "notify.sock") as sink:
+        def lines() -> list[tuple[float, str]]:
+            return [(t, line) for t, data in sink.snapshot()
+                    for line in data.decode(errors="replace").split("\n") if line]
+
+        def after(t: float, prefix: str) -> list[str]:
+            return [line for at, line in lines() if at >= t and line.startswith(prefix)]
+
+        relay = natslab.Relay(wd, [daemon.endpoint], cluster, env={
+            "NOTIFY_SOCKET": str(sink.path), "WATCHDOG_USEC": "1000000"})
+        with relay:
+            ready_at = netlab.wait_for(
+                lambda: next((t for t, line in lines() if line == "READY=1"), None), 30,
+                "READY=1", detail=lambda: f"{lines()}\n{relay.log.read_text()}")
+            assert any(line.startswith("STATUS=") and "sensors subscribed" in line
+                       for line in after(ready_at, "STATUS=")), lines()
+            netlab.wait_for(lambda: len(after(ready_at, "WATCHDOG=1")) >= 3, 5,
+                            "3 WATCHDOG=1", detail=lines)
+            with Traffic(injector, rounds=5):
+                pass
+            netlab.wait_for(lambda: any("1/1 sensors subscribed" in line and
+                                        " 0 batches stored" not in line
+                                        for line in after(ready_at, "STATUS=")),
+                            15, "a status line with batches stored", detail=lines)
+            assert relay.stop() == 0, relay.log.read_text()
+        assert "STOPPING=1" in [line for _, line in lines()], lines()
+
+
 def test_a_cluster_node_killed_under_traffic_loses_nothing(cluster, daemon, injector,
                                                            start_relay):
     relay = start_relay(daemon)
