@@ -58,7 +58,9 @@ def test_stopped_proxy_makes_the_worker_wait_and_loses_nothing(injector, start_d
     """SIGSTOP the proxy while frames come: the worker fills its outbox, then waits with
     the next blocks unread in its ring, and counts the waits (fanoutd_outbox_full_total);
     once the proxy runs again every frame reaches the subscriber, none dropped."""
-    daemon = start_daemon(workers=1)
+    # A ring with room for what waits meanwhile (the tests' default has 8 blocks; a round
+    # split over two blocks by the 5 ms block timeout would fill it, and the kernel drop).
+    daemon = start_daemon(workers=1, extra=("--block-count", "64"))
     sub = subscribe(daemon)
     proxy = daemon.children_by_comm()["fanoutd-proxy"]
     rounds, per_round = 8, 100  # more blocks than the outbox has slots (4)
