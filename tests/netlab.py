@@ -564,6 +564,38 @@ def run_cli(ns: NetNS | None, *args: str, timeout: float = 30.0,
                           timeout=timeout, stdin=subprocess.DEVNULL, check=False)
 
 
+@dataclass
+class CurveKeys:
+    """A CURVE publisher's configuration file and the keys its clients need."""
+
+    config: Path  # publish.curve: the server's secret key, clients_dir
+    server_public: Path  # what clients give as their curve_server_key
+    secrets: dict[str, Path]  # each client's secret key (NAME.key_secret)
+
+
+def curve_keys(workdir: Path, admitted: Iterable[str], others: Iterable[str] = ()) -> CurveKeys:
+    """Key pairs from `fanoutd keygen` for a publisher that admits only the `admitted`
+    clients (their public keys in its clients_dir), and for `others` it does not know."""
+    def keygen(name: str) -> tuple[Path, Path]:
+        proc = run_cli(None, "keygen", str(workdir / name), "--name", name)
+        assert proc.returncode == 0, proc.stderr
+        return workdir / name / f"{name}.key", workdir / name / f"{name}.key_secret"
+
+    server_public, server_secret = keygen("server")
+    clients = workdir / "clients"
+    clients.mkdir()
+    secrets: dict[str, Path] = {}
+    for name in admitted:
+        public, secrets[name] = keygen(name)
+        (clients / public.name).write_bytes(public.read_bytes())
+    for name in others:
+        _, secrets[name] = keygen(name)
+    config = workdir / "fanoutd.yaml"
+    config.write_text(f"publish:\n  curve:\n    secret_key_file: {server_secret}\n"
+                      f"    clients_dir: {clients}\n")
+    return CurveKeys(config, server_public, secrets)
+
+
 # --------------------------------------------------------------------------- subscriber
 
 

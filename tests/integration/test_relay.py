@@ -16,7 +16,6 @@ import sys
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 
 import frames as F
 import natslab
@@ -184,33 +183,21 @@ def test_every_batch_arrives(cluster, daemon, injector, start_relay):
     assert {line["dport"] for line in lines} == {9}
 
 
-def keygen(directory, name: str) -> tuple[str, str]:
-    proc = netlab.run_cli(None, "keygen", str(directory), "--name", name)
-    assert proc.returncode == 0, proc.stderr
-    return str(directory / f"{name}.key"), str(directory / f"{name}.key_secret")
-
-
 def test_a_sensor_that_encrypts_is_relayed_with_the_relays_key(cluster, ns, start_daemon,
                                                               injector, start_relay):
     """A sensor whose publisher uses CURVE and admits only known clients: the relay with
     an admitted key stores every batch; one with another key gets nothing and says why."""
     with netlab.workdir() as wd:
-        server_public, server_secret = keygen(wd / "server", "server")
-        relay_public, relay_secret = keygen(wd / "relay", "relay")
-        _, intruder_secret = keygen(wd / "intruder", "intruder")
-        clients = wd / "clients"
-        clients.mkdir()
-        (clients / "relay.key").write_bytes(Path(relay_public).read_bytes())
-        config = wd / "fanoutd.yaml"
-        config.write_text(f"publish:\n  curve:\n    secret_key_file: {server_secret}\n"
-                          f"    clients_dir: {clients}\n")
+        keys = netlab.curve_keys(wd, admitted=["relay"], others=["intruder"])
         daemon = start_daemon(workers=WORKERS, fanout="lb",
-                              extra=("-c", str(config), "--sensor", SENSOR))
-        intruder = start_relay(daemon, "intruder", ("--curve-server-key", server_public,
-                                                    "--curve-client-cert", intruder_secret),
-                               wait=False)
-        relay = start_relay(daemon, "relay", ("--curve-server-key", server_public,
-                                              "--curve-client-cert", relay_secret))
+                              extra=("-c", str(keys.config), "--sensor", SENSOR))
+
+        def relay_with_key(name: str, wait: bool) -> natslab.Relay:
+            return start_relay(daemon, name, ("--curve-server-key", str(keys.server_public),
+                                              "--curve-client-cert", str(keys.secrets[name])),
+                               wait=wait)
+        intruder = relay_with_key("intruder", wait=False)
+        relay = relay_with_key("relay", wait=True)
         with Traffic(injector, rounds=10):
             pass
         counts = published(daemon)

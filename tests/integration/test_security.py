@@ -25,27 +25,13 @@ from fanoutd.client import Subscriber
 pytestmark = pytest.mark.integration
 
 
-def keygen(directory: Path, name: str) -> tuple[Path, Path]:
-    proc = netlab.run_cli(None, "keygen", str(directory), "--name", name)
-    assert proc.returncode == 0, proc.stderr
-    return directory / f"{name}.key", directory / f"{name}.key_secret"
-
-
 @pytest.fixture
 def curve_daemon(start_daemon):
     """A daemon whose publisher only admits the client key in clients/."""
     with netlab.workdir() as wd:
-        server_public, server_secret = keygen(wd / "server", "server")
-        client_public, client_secret = keygen(wd / "client", "client")
-        _, intruder_secret = keygen(wd / "intruder", "intruder")
-        clients = wd / "clients"
-        clients.mkdir()
-        (clients / "client.key").write_bytes(client_public.read_bytes())
-        config = wd / "fanoutd.yaml"
-        config.write_text(f"publish:\n  curve:\n    secret_key_file: {server_secret}\n"
-                          f"    clients_dir: {clients}\n")
-        daemon = start_daemon(workers=1, extra=("-c", str(config)))
-        yield daemon, server_public, client_secret, intruder_secret
+        keys = netlab.curve_keys(wd, admitted=["client"], others=["intruder"])
+        daemon = start_daemon(workers=1, extra=("-c", str(keys.config)))
+        yield daemon, keys.server_public, keys.secrets["client"], keys.secrets["intruder"]
 
 
 def test_curve_admits_the_authorised_client(curve_daemon, injector):
