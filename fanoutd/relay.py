@@ -191,14 +191,17 @@ class Relay:
                 f"{len(self._tasks)} in flight; NATS "
                 f"{'connected' if self.nc is not None and self.nc.is_connected else 'away'}")
 
-    def _tell_systemd(self) -> None:
-        """The watchdog from the receive loop (it turns at least every 200 ms), and the
-        status line every STATUS_INTERVAL_S."""
-        self.notifier.watchdog(True)
-        now = time.monotonic()
-        if now >= self._next_status:
-            self.notifier.status(self._status())
-            self._next_status = now + STATUS_INTERVAL_S
+    async def _tell_systemd(self) -> None:
+        """The watchdog and the status line, from a task of their own: the receive loop
+        waits as long as the window is full (NATS away: up to retry_seconds), which is
+        no hang. What stops this task is a stuck event loop."""
+        while True:
+            self.notifier.watchdog(True)
+            now = time.monotonic()
+            if now >= self._next_status:
+                self.notifier.status(self._status())
+                self._next_status = now + STATUS_INTERVAL_S
+            await asyncio.sleep(0.2)
 
     async def _drain(self) -> None:
         """After stop: let the batches in flight finish (each within retry_seconds)."""
@@ -226,6 +229,7 @@ class Relay:
         # The configuration checked the key files (relay_config._curve_problems).
         curve = (curve_keys(self.cfg.curve_server_key, self.cfg.curve_client_cert or None)
                  if self.cfg.curve_server_key else None)
+        systemd: asyncio.Task | None = None
         try:
             for endpoint in self.cfg.sources:
                 sock = ctx.socket(zmq.SUB)
@@ -245,8 +249,8 @@ class Relay:
                      ", ".join(self.cfg.sources), self.cfg.stream, ",".join(self.cfg.nats))
             self.notifier.ready(self._status())
             self._next_status = time.monotonic() + STATUS_INTERVAL_S
+            systemd = asyncio.create_task(self._tell_systemd())
             while not self.stopping.is_set():
-                self._tell_systemd()
                 for sock, _ in await poller.poll(timeout=200):
                     if sock in monitored:
                         await self._handshakes(sock, monitored[sock], curve is not None)
@@ -260,6 +264,8 @@ class Relay:
                             break
                         await self._take(endpoint_of[sock], frames)
         finally:
+            if systemd is not None:
+                systemd.cancel()
             for sock in endpoint_of:
                 sock.disable_monitor()
                 sock.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -210,8 +211,9 @@ def test_a_sensor_that_encrypts_is_relayed_with_the_relays_key(cluster, ns, star
 
 def test_the_relay_notifies_systemd(cluster, daemon, injector):
     """Under systemd (Type=notify): READY=1 once it relays, with a status line naming its
-    sensors; the status kept up to date; WATCHDOG=1 at half WATCHDOG_USEC; STOPPING=1 on
-    SIGTERM, and exit 0."""
+    sensors; the status kept up to date; WATCHDOG=1 at half WATCHDOG_USEC, also while
+    its window is full and NATS does not answer (waiting is no hang: the watchdog must
+    not kill it then); STOPPING=1 on SIGTERM, and exit 0."""
     with netlab.workdir() as wd, netlab.DatagramSink(wd / "notify.sock") as sink:
         def lines() -> list[tuple[float, str]]:
             return [(t, line) for t, data in sink.snapshot()
@@ -220,8 +222,9 @@ def test_the_relay_notifies_systemd(cluster, daemon, injector):
         def after(t: float, prefix: str) -> list[str]:
             return [line for at, line in lines() if at >= t and line.startswith(prefix)]
 
-        relay = natslab.Relay(wd, [daemon.endpoint], cluster, env={
-            "NOTIFY_SOCKET": str(sink.path), "WATCHDOG_USEC": "1000000"})
+        relay = natslab.Relay(wd, [daemon.endpoint], cluster, extra=("--max-in-flight", "1"),
+                              env={"NOTIFY_SOCKET": str(sink.path),
+                                   "WATCHDOG_USEC": "1000000"})
         with relay:
             ready_at = netlab.wait_for(
                 lambda: next((t for t, line in lines() if line == "READY=1"), None), 30,
@@ -236,6 +239,24 @@ def test_the_relay_notifies_systemd(cluster, daemon, injector):
                                         " 0 batches stored" not in line
                                         for line in after(ready_at, "STATUS=")),
                             15, "a status line with batches stored", detail=lines)
+
+            # NATS stops answering (every server stopped): the window fills, the relay
+            # waits for its acknowledgement, and keeps telling the watchdog it lives.
+            servers = [s.proc for s in cluster.servers if s.proc and s.proc.poll() is None]
+            for proc in servers:
+                proc.send_signal(signal.SIGSTOP)
+            try:
+                with Traffic(injector, rounds=5):
+                    pass
+                netlab.wait_for(lambda: relay.metrics().get("fanoutd_relay_in_flight") == 1,
+                                15, "the relay's window to fill", detail=relay.log.read_text)
+                waiting_since = time.monotonic()
+                netlab.wait_for(lambda: len(after(waiting_since, "WATCHDOG=1")) >= 3, 5,
+                                "3 WATCHDOG=1 while waiting for NATS", detail=lines)
+                assert relay.metrics().get("fanoutd_relay_in_flight") == 1  # still waiting
+            finally:
+                for proc in servers:
+                    proc.send_signal(signal.SIGCONT)
             assert relay.stop() == 0, relay.log.read_text()
         assert "STOPPING=1" in [line for _, line in lines()], lines()
 
