@@ -80,10 +80,16 @@ def connect(proxy: Proxy, box: Outbox, ring: int = RING, topic: bytes = TOPIC):
     return outbox.connect(proxy.plan.backend, box, ring, topic)
 
 
-def test_a_batch_goes_to_the_subscriber_and_is_acknowledged(proxy, rings, subscriber):
-    box = Outbox(BLOCK)
+def taken_outbox(proxy: Proxy, slots: int = outbox.SLOTS) -> tuple[Outbox, socket.socket]:
+    """Ring RING's worker's outbox, handed over and taken in by the proxy."""
+    box = Outbox(BLOCK, slots=slots)
     conn = connect(proxy, box)
     run_until(proxy, lambda: proxy.inboxes)
+    return box, conn
+
+
+def test_a_batch_goes_to_the_subscriber_and_is_acknowledged(proxy, rings, subscriber):
+    box, conn = taken_outbox(proxy)
     for seq in (41, 42, 43):
         assert box.put(seq, b"body %d" % seq)
     run_until(proxy, lambda: rings.forwarded[RING] == 43)
@@ -94,9 +100,7 @@ def test_a_batch_goes_to_the_subscriber_and_is_acknowledged(proxy, rings, subscr
 
 
 def test_a_full_outbox_refuses_until_the_proxy_takes_a_batch(proxy, rings):
-    box = Outbox(BLOCK, slots=2)
-    conn = connect(proxy, box)
-    run_until(proxy, lambda: proxy.inboxes)
+    box, conn = taken_outbox(proxy, slots=2)
     proxy._take_in(False)  # as while the proxy waits for its subscribers
     assert box.put(1, b"a") and box.put(2, b"b")
     assert not box.put(3, b"c")  # both slots are the proxy's
@@ -109,9 +113,7 @@ def test_a_full_outbox_refuses_until_the_proxy_takes_a_batch(proxy, rings):
 
 
 def test_what_a_worker_wrote_before_its_connection_ended_is_taken(proxy, rings):
-    box = Outbox(BLOCK)
-    conn = connect(proxy, box)
-    run_until(proxy, lambda: proxy.inboxes)
+    box, conn = taken_outbox(proxy)
     proxy._take_in(False)
     assert box.put(7, b"last")
     conn.close()
@@ -125,9 +127,7 @@ def test_what_a_worker_wrote_before_its_connection_ended_is_taken(proxy, rings):
 
 def test_a_replaced_workers_leftovers_are_not_passed_on(proxy, rings):
     """Its successor publishes again what the ring held: the proxy drops them."""
-    box = Outbox(BLOCK)
-    conn = connect(proxy, box)
-    run_until(proxy, lambda: proxy.inboxes)
+    box, conn = taken_outbox(proxy)
     proxy._take_in(False)
     assert box.put(9, b"old")
     rings.pid[RING] = os.getpid() + 1  # the supervisor named another worker
@@ -199,9 +199,7 @@ def test_a_hostile_outbox_is_refused(proxy, stats, case):
 
 
 def test_a_malformed_batch_is_counted_and_skipped(proxy, rings, stats, subscriber):
-    box = Outbox(BLOCK)
-    conn = connect(proxy, box)
-    run_until(proxy, lambda: proxy.inboxes)
+    box, conn = taken_outbox(proxy)
     proxy._take_in(False)
     # A slot whose length runs past it, then a good batch.
     SLOT_HEAD.pack_into(box.map, HEADER_BYTES, box.slot_bytes, 5)
