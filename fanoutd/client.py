@@ -183,7 +183,7 @@ class Subscriber(BatchSource):
         self._monitors: dict[zmq.Socket, zmq.Socket] = {}  # SUB socket -> its monitor
         self._monitored: dict[zmq.Socket, str] = {}  # monitor socket -> endpoint
         self.curve = curve_server_key is not None
-        curve = self._curve_keys(curve_server_key, curve_client_cert) if self.curve else None
+        curve = curve_keys(curve_server_key, curve_client_cert) if self.curve else None
         try:
             for ep in self.endpoints:
                 sock = self.ctx.socket(zmq.SUB)
@@ -209,10 +209,6 @@ class Subscriber(BatchSource):
         self.refused: dict[str, str] = {}  # endpoint -> why its last handshake failed
         self.tracker = SeqTracker(on_gap)
         self._pending: deque[Batch] = deque()
-
-    @staticmethod
-    def _curve_keys(server_key: str, client_cert: str | None) -> tuple[bytes, bytes, bytes]:
-        return curve_keys(server_key, client_cert)
 
     # -- the accounting of every stream, read from the tracker
 
