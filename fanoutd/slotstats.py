@@ -23,7 +23,7 @@ FIELDS = (
     "pid",
     "packets",           # frames decoded
     "bytes",             # wire bytes of those frames
-    "batches",           # batches handed to ZeroMQ
+    "batches",           # batches handed to the proxy (written into the outbox)
     "publish_drops",     # batches not handed to the proxy (none: a full outbox makes it wait)
     "blocks",            # ring blocks walked
     "blocks_skipped",    # blocks whose decoding raised (a decoder bug): their packets are lost
@@ -217,7 +217,7 @@ SLOT_COUNTERS = (
      "(tp_freeze_q_cnt)."),
     ("fanoutd_packets_decoded", "packets", "Frames decoded into summaries."),
     ("fanoutd_bytes", "bytes", "Wire bytes of the decoded frames."),
-    ("fanoutd_batches_published", "batches", "Batches (ring blocks) handed to ZeroMQ."),
+    ("fanoutd_batches_published", "batches", "Batches (ring blocks) handed to the proxy."),
     ("fanoutd_publish_drops", "publish_drops",
      "Batches a worker could not hand to the proxy (their seq is skipped); a full outbox "
      "makes the worker wait instead, so this stays 0."),
