@@ -388,17 +388,11 @@ def _host_port(text: str) -> str:
 def _key_file(secret: bool) -> Callable[[str], str]:
     """argparse type: a key file `fanoutd keygen` wrote (with its secret key, if secret)."""
     def check(path: str) -> str:
-        import zmq.auth
+        from fanoutd.client import key_file_problem
 
-        if not os.path.isfile(path):
-            raise argparse.ArgumentTypeError(f"{path}: no such file")
-        try:
-            _, secret_key = zmq.auth.load_certificate(path)
-        except (OSError, ValueError) as e:
-            raise argparse.ArgumentTypeError(f"{path}: not a key file ({e})") from None
-        if secret and secret_key is None:
-            raise argparse.ArgumentTypeError(f"{path} holds no secret key (use the "
-                                             f"NAME.key_secret file)")
+        problem = key_file_problem(path, secret)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
         return path
     return check
 

@@ -29,6 +29,7 @@ would only keep quiet, or keep retrying.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -150,6 +151,26 @@ def curve_keys(server_key: str, client_cert: str | None) -> tuple[bytes, bytes, 
         if secret is None:
             raise ValueError(f"{client_cert} holds no secret key (use NAME.key_secret)")
     return server_public, public, secret
+
+
+def key_file_problem(path: str, secret: bool) -> str | None:
+    """Why `path` is not a key file `fanoutd keygen` wrote (with its secret key, if
+    secret), or None: for the flags and settings that name one."""
+    import zmq.auth
+
+    if not os.path.isfile(path):
+        return f"cannot read {path}: no such file"
+    try:
+        public, secret_key = zmq.auth.load_certificate(path)
+    except OSError as e:
+        return f"cannot read {path}: {e.strerror or e}"
+    except ValueError as e:
+        return f"{path}: not a key file of fanoutd keygen ({e})"
+    if secret and secret_key is None:
+        return f"{path} holds no secret key (use the NAME.key_secret file)"
+    if not public:
+        return f"{path} holds no public key"
+    return None
 
 
 class Subscriber(BatchSource):

@@ -8,8 +8,6 @@ import argparse
 from dataclasses import dataclass, replace
 from typing import Any
 
-import zmq.auth
-
 from fanoutd import jetstream
 from fanoutd.config import ConfigError, _read_yaml, endpoint_problem, parse_host_port
 from fanoutd.settings import LOG_LEVELS, Setting
@@ -176,20 +174,12 @@ def _curve_problems(cfg: RelayConfig, labels: dict[str, str]) -> list[tuple[str,
         if cfg.curve_client_cert:
             return [(client_label, "needs curve_server_key (the sensors' public key)")]
         return []
+    from fanoutd.client import key_file_problem  # ZeroMQ: only when keys are given
+
     problems = []
     for label, path, secret in ((server_label, cfg.curve_server_key, False),
                                 (client_label, cfg.curve_client_cert, True)):
-        if not path:
-            continue
-        try:
-            public, secret_key = zmq.auth.load_certificate(path)
-        except OSError as e:
-            problems.append((label, f"cannot read {path}: {e.strerror or e}"))
-        except ValueError as e:
-            problems.append((label, f"{path}: not a key file of fanoutd keygen ({e})"))
-        else:
-            if secret and secret_key is None:
-                problems.append((label, f"{path} holds no secret key (give NAME.key_secret)"))
-            elif not public:
-                problems.append((label, f"{path} holds no public key"))
+        problem = key_file_problem(path, secret) if path else None
+        if problem:
+            problems.append((label, problem))
     return problems
