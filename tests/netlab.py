@@ -181,6 +181,13 @@ class NetNS:
 # --------------------------------------------------------------------------- injection
 
 
+def filler_frame(length: int = 60) -> bytes:
+    """An Ethernet frame inj0 -> cap0 of an experimental ethertype (0x88B5), zeros to
+    `length` bytes: what a ring test needs to fill blocks, and nothing that decodes."""
+    macs = bytes.fromhex((CAP_MAC + INJ_MAC).replace(":", ""))
+    return (macs + b"\x88\xb5").ljust(length, b"\0")
+
+
 @contextlib.contextmanager
 def capture_ring(ns: NetNS, geo: ring.RingGeometry, ifname: str = "cap0") -> Iterator[ring.RxRing]:
     """A real TPACKET_V3 ring on ifname inside ns, open to all traffic (the capture

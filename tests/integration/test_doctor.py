@@ -265,8 +265,7 @@ def test_frames_per_block_is_what_the_kernel_packs(ns, block_size, frame):
     per_block = doctor_module.frames_per_block(block_size, frame)
     geo = ring.RingGeometry(block_size, 4, 2048, 60_000)  # a block closes when full
     fcs = 4
-    data = bytes.fromhex((netlab.CAP_MAC + netlab.INJ_MAC).replace(":", "")) + b"\x88\xb5"
-    data = data.ljust(frame - fcs, b"\0")
+    data = netlab.filler_frame(frame - fcs)
     with netlab.capture_ring(ns, geo) as rx:
         with netlab.Injector(ns) as inj:
             inj.send_all(data for _ in range(per_block + 1))

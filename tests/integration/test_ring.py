@@ -11,12 +11,6 @@ from fanoutd import ring
 BLOCK_TIMEOUT_MS = 20
 
 
-def frame() -> bytes:
-    """A minimal Ethernet frame to the capture side, of an experimental ethertype."""
-    macs = bytes.fromhex((netlab.CAP_MAC + netlab.INJ_MAC).replace(":", ""))
-    return (macs + b"\x88\xb5").ljust(60, b"\0")
-
-
 def timed_wait(rx: ring.RxRing, timeout_s: float, resync: bool) -> float:
     start = time.monotonic()
     rx.wait(timeout_s, resync=resync)
@@ -34,7 +28,7 @@ def test_a_worker_holding_a_block_sleeps_until_the_next_one(rx, injector):
     """A held block keeps a level-triggered poll of the socket returning at once; the
     ring's wait sleeps through it and wakes when the kernel closes the next block (on its
     block timeout here), long before its own timeout."""
-    injector.send(frame())
+    injector.send(netlab.filler_frame())
     netlab.wait_for(lambda: rx.wait(0.5, resync=True) or rx.ready(), 5,
                     "the first block to be handed over")
     _, _, num_pkts, first_seq = rx.read(copy=True)
@@ -45,7 +39,7 @@ def test_a_worker_holding_a_block_sleeps_until_the_next_one(rx, injector):
     assert slept >= 0.35, f"woke after {slept:.3f} s with no new block"
     assert not rx.ready()
 
-    injector.send(frame())
+    injector.send(netlab.filler_frame())
     slept = timed_wait(rx, 10.0, resync=False)
     assert slept < 5.0, "the next block's hand-over did not wake the wait"
     assert rx.ready()
@@ -54,6 +48,6 @@ def test_a_worker_holding_a_block_sleeps_until_the_next_one(rx, injector):
 
 def test_a_wait_with_nothing_held_finds_the_block_handed_over_before_it(rx, injector):
     """The block closed before the wait began: its wake-up is not lost."""
-    injector.send(frame())
+    injector.send(netlab.filler_frame())
     netlab.wait_for(rx.ready, 5, "the block to be handed over")
     assert timed_wait(rx, 10.0, resync=True) < 5.0
