@@ -112,6 +112,9 @@ def run_worker(index: int, sock: socket.socket, stats: slotstats.SlotStats,
                 log.error("worker %d: cannot drop privileges to %s: %s", index, plan.user, e)
                 return exits.BOOT_FAILED
         stats["pid"] = os.getpid()
+        # Beat before saying it captures: from then on the supervisor holds it to its
+        # heartbeat, and a new slot's word is still 0 (a hung worker, to it).
+        stats.beat()
         if stop.drain_since is None:  # one started to drain an old ring leaves the slot's
             stats["capturing"] = os.getpid()  # flag to the worker of its new ring
         log.info("worker %d capturing on %s from ring block %d (%s decoder)", index,
