@@ -89,6 +89,9 @@ BLOCK_STATUS = struct.Struct("<I")
 # The fields a reader needs, from the block_status offset on: status, num_pkts,
 # offset_to_first_pkt, blk_len, seq_num.
 BLOCK_HEAD = struct.Struct("<IIIIQ")
+# ts_first_pkt and ts_last_pkt, from this offset on: sec, nsec, sec, nsec.
+BLOCK_TIMES_OFFSET = 32
+BLOCK_TIMES = struct.Struct("<IIII")
 
 # struct tpacket3_hdr (48 bytes) followed, at TPACKET_ALIGN(48) = 48, by struct sockaddr_ll.
 #   tp_next_offset, tp_sec, tp_nsec, tp_snaplen, tp_len, tp_status, tp_mac, tp_net,

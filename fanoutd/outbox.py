@@ -85,6 +85,7 @@ class Outbox:
         self.map = mmap.mmap(self.memfd, size)
         self.view = memoryview(self.map)
         self.written = 0
+        self.unsignalled = False
 
     def free_slot(self) -> memoryview | None:
         """Room for the next batch in the next free slot (release it before close), or
@@ -94,14 +95,23 @@ class Outbox:
         start = slot_start(self.written, self.slots, self.slot_bytes) + SLOT_HEAD.size
         return self.view[start:start + self.slot_bytes - SLOT_HEAD.size]
 
-    def commit(self, seq: int, length: int) -> None:
+    def commit(self, seq: int, length: int, signal: bool = True) -> None:
         """The batch of kernel block `seq` is the first `length` bytes of free_slot():
-        the proxy's to take from now on, and it is told so."""
+        the proxy's to take from now on, and it is told so (signal), or at the next
+        signal() (one wake-up of the proxy for several batches)."""
         SLOT_HEAD.pack_into(self.map, slot_start(self.written, self.slots, self.slot_bytes),
                             length, seq)
         self.written += 1
         store_release(self.map, WRITTEN, self.written)
-        os.eventfd_write(self.eventfd, 1)
+        self.unsignalled = True
+        if signal:
+            self.signal()
+
+    def signal(self) -> None:
+        """Wake the proxy for the batches committed since the last signal, if any."""
+        if self.unsignalled:
+            self.unsignalled = False
+            os.eventfd_write(self.eventfd, 1)
 
     def put(self, seq: int, body: bytes) -> bool:
         """free_slot() and commit() for a batch made elsewhere: False when no slot is

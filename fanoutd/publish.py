@@ -105,8 +105,14 @@ class BatchPublisher:
         return self.outbox.free_slot()
 
     def publish(self, block_seq: int, length: int) -> None:
-        """The batch of ring block block_seq is the first `length` bytes of free_slot()."""
-        self.outbox.commit(block_seq, length)
+        """The batch of ring block block_seq is the first `length` bytes of free_slot().
+        The proxy hears of it at the next flush(): one wake-up for the batches of every
+        block that was ready."""
+        self.outbox.commit(block_seq, length, signal=False)
+
+    def flush(self) -> None:
+        """Wake the proxy for the batches published since the last flush, if any."""
+        self.outbox.signal()
 
     def close(self) -> None:
         """The proxy takes what is in the outbox once the connection has ended."""

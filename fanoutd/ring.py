@@ -212,6 +212,17 @@ class RxRing:
         return self._head(self.map, index * self.geometry.block_size
                           + _linux.BLOCK_STATUS_OFFSET)
 
+    def handed_over_full(self, index: int) -> tuple[bool, int]:
+        """Whether the kernel handed block `index` over because it was full (not by its
+        timeout), and the nanoseconds from its opening to its last packet (the kernel
+        stamps ts_first_pkt when it opens a block: at once after the previous one closed,
+        while traffic flows)."""
+        status = self.head(index)[0]
+        s0, ns0, s1, ns1 = _linux.BLOCK_TIMES.unpack_from(
+            self.map, index * self.geometry.block_size + _linux.BLOCK_TIMES_OFFSET)
+        full = not status & _linux.TP_STATUS_BLK_TMO
+        return full, (s1 - s0) * 1_000_000_000 + ns1 - ns0
+
     def oldest_user_block(self) -> int | None:
         """The user-owned block with the lowest seq_num: where reading must continue."""
         best = None

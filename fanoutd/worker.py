@@ -28,6 +28,25 @@ GATE_WAIT_S = 0.005  # how often a worker looks whether the proxy forwards again
 OUTBOX_WAIT_S = 0.0005  # how often a worker with a full outbox looks for a free slot
 CONNECT_TIMEOUT_S = 10.0
 
+
+def pause_after_block(full: bool, fill_ns: int, block_timeout_ms: int,
+                      spare_blocks: int) -> float:
+    """Seconds a worker may leave the ring alone after reading a block, before it looks
+    for the next ones: 0 after a block the kernel handed over by its timeout (traffic is
+    light: take the next block the moment it comes).
+
+    After a full block traffic is heavy, and every wake-up costs the worker, the proxy and
+    the subscriber tens of microseconds of CPU each (docs/performance.md, "the fourth
+    day"): taking the next blocks together, after a pause, wakes each of them once for
+    them all. The pause is the block timeout, which bounds what a packet waits for its
+    block's hand-over anyway, but no longer than `spare_blocks` blocks take to fill at
+    the rate this one filled (fill_ns, from its opening to its last packet), so that they
+    never outgrow the outbox or the ring meanwhile."""
+    if not full or fill_ns <= 0 or spare_blocks <= 0:
+        return 0.0
+    return min(block_timeout_ms / 1000, fill_ns * spare_blocks / 1e9)
+
+
 class _Stop:
     """SIGTERM: stop after the current block. SIGUSR1: drain, i.e. stop once every block
     the ring holds is published and the kernel has handed over no more for a while (the
@@ -158,6 +177,10 @@ def _capture(rx: RxRing, pub: BatchPublisher, encoder: BlockEncoder,
     # Once drained: the kernel hands over a partly filled block after block_timeout_ms.
     drain_quiet_s = 2 * rx.geometry.block_timeout_ms / 1000 + 0.02
     supervisor = os.getppid()
+    # Blocks that may pile up during a pause (pause_after_block): all but one of the
+    # outbox's slots, and no more than a quarter of the ring.
+    spare_blocks = min(pub.outbox.slots - 1, rx.geometry.block_count // 4)
+    look_again_at = 0.0  # after a full block: when to look for the next ones
     while not stop.requested:
         stats.beat()
         if os.getppid() != supervisor:
@@ -170,9 +193,15 @@ def _capture(rx: RxRing, pub: BatchPublisher, encoder: BlockEncoder,
             return exits.RECONNECT
         held.release_passed_on()
         if not proxy["forwarding"]:
+            pub.flush()
             time.sleep(GATE_WAIT_S)  # a new proxy waits for its subscribers: hold
             continue
         if not rx.ready():
+            pub.flush()  # the proxy hears of the batches written since it last did
+            pause = look_again_at - time.monotonic()
+            if pause > 0 and stop.drain_since is None:
+                time.sleep(min(pause, POLL_S))  # the next blocks, taken together
+                continue
             wait_s = held.idle(draining=stop.drain_since is not None)
             if wait_s:
                 rx.wait(min(wait_s, POLL_S), resync=False)
@@ -187,6 +216,7 @@ def _capture(rx: RxRing, pub: BatchPublisher, encoder: BlockEncoder,
             continue
         slot = pub.free_slot()
         if slot is None:
+            pub.flush()
             # The outbox is full: the proxy has yet to take the batches before. Wait, the
             # block unread: the ring buffers meanwhile (the kernel counts what it drops
             # once it is full).
@@ -195,6 +225,9 @@ def _capture(rx: RxRing, pub: BatchPublisher, encoder: BlockEncoder,
             time.sleep(OUTBOX_WAIT_S)
             continue
         block, first, num_pkts, block_seq = rx.read(copy=not READS_IN_PLACE)
+        full, fill_ns = rx.handed_over_full(rx.cursor)
+        look_again_at = time.monotonic() + pause_after_block(
+            full, fill_ns, rx.geometry.block_timeout_ms, spare_blocks)
         if held.passed_on(block_seq):
             # Left behind by a replaced worker after the proxy had passed it on.
             slot.release()
@@ -233,6 +266,7 @@ def _capture(rx: RxRing, pub: BatchPublisher, encoder: BlockEncoder,
         rx.advance()
         unread = stats["blocks_user"] = rx.user_blocks()
         held.make_room(unread)
+    pub.flush()
     return 0
 
 

@@ -692,6 +692,16 @@ class Subscriber:
         extra = f"\n{detail()}" if detail else ""
         raise WaitTimeout(f"no fanoutd.hello within {timeout}s{extra}")
 
+    def take_one(self, timeout: float) -> float | None:
+        """Receive one message and keep it (in capture); its arrival time, taken before
+        decoding it (time.monotonic()), or None when none came within timeout s."""
+        msg = self._recv(timeout)
+        if msg is None:
+            return None
+        arrived = time.monotonic()
+        self._take(msg)
+        return arrived
+
     def _take(self, msg: list[bytes]) -> None:
         if len(msg) == 2 and msg[0].startswith(b"pkt."):
             self.capture.add(msg[0].decode(), msgpack.unpackb(msg[1]))

@@ -99,6 +99,30 @@ def test_a_batch_goes_to_the_subscriber_and_is_acknowledged(proxy, rings, subscr
     box.close()
 
 
+def test_one_signal_wakes_the_proxy_for_every_batch_written_before_it(proxy, rings,
+                                                                     subscriber):
+    """A worker writes the batches of every ready block, then signals once: the eventfd
+    counts one wake-up, a signal with nothing new adds none, and the proxy, woken once,
+    passes them all on in order."""
+    box, conn = taken_outbox(proxy, slots=4)
+    for seq in (11, 12, 13):
+        room = box.free_slot()
+        with room:
+            room[:6] = b"body %d" % (seq - 10)
+        box.commit(seq, 6, signal=False)
+    with pytest.raises(BlockingIOError):  # nothing woke the proxy yet
+        os.eventfd_read(box.eventfd)
+    box.signal()
+    box.signal()
+    assert os.eventfd_read(box.eventfd) == 1
+    os.eventfd_write(box.eventfd, 1)  # the proxy's wake-up, read back above
+    run_until(proxy, lambda: rings.forwarded[RING] == 13)
+    got = [subscriber.recv_multipart() for _ in range(3)]
+    assert got == [[TOPIC, b"body 1"], [TOPIC, b"body 2"], [TOPIC, b"body 3"]]
+    conn.close()
+    box.close()
+
+
 def test_a_full_outbox_refuses_until_the_proxy_takes_a_batch(proxy, rings):
     box, conn = taken_outbox(proxy, slots=2)
     proxy._take_in(False)  # as while the proxy waits for its subscribers

@@ -51,3 +51,20 @@ def test_a_wait_with_nothing_held_finds_the_block_handed_over_before_it(rx, inje
     injector.send(netlab.filler_frame())
     netlab.wait_for(rx.ready, 5, "the block to be handed over")
     assert timed_wait(rx, 10.0, resync=True) < 5.0
+
+
+def test_a_full_block_is_told_from_one_handed_over_by_its_timeout(rx, injector):
+    """What a worker goes by to pause after a block (worker.pause_after_block): the
+    kernel's TP_STATUS_BLK_TMO, and the time from a block's opening to its last packet."""
+    injector.send(netlab.filler_frame())
+    netlab.wait_for(rx.ready, 5, "the one-frame block to be handed over")
+    assert not rx.handed_over_full(rx.cursor)[0]
+    rx.release(rx.cursor)
+    rx.advance()
+
+    # More than two blocks' worth at once (a frame takes at least 128 bytes of the ring).
+    injector.send_all([netlab.filler_frame()] * (2 * rx.geometry.block_size // 128))
+    netlab.wait_for(rx.ready, 5, "the first full block to be handed over")
+    full, fill_ns = rx.handed_over_full(rx.cursor)
+    assert full
+    assert 0 < fill_ns < 5_000_000_000

@@ -2,11 +2,13 @@
 failing to start ends the daemon with a clear FATAL and exit status 70."""
 
 import contextlib
+import itertools
 import os
 import pwd
 import signal
 import socket
 import threading
+import time
 from pathlib import Path
 
 import netlab
@@ -86,6 +88,32 @@ def test_stopped_proxy_makes_the_worker_wait_and_loses_nothing(injector, start_d
     m = daemon.metrics()
     assert netlab.metric_sum(m, "fanoutd_kernel_drops_total") == 0
     assert netlab.metric_sum(m, "fanoutd_publish_drops_total") == 0
+
+
+def test_blocks_that_come_full_are_taken_a_few_at_a_time_and_none_is_lost(
+        injector, start_daemon, subscribe):
+    """Heavy traffic: once a block comes full, the worker pauses (up to the block
+    timeout, here a second, and no longer than 3 blocks take to fill) and then takes the
+    blocks that came meanwhile together: the proxy, woken once for them, sends them back
+    to back (2-3 at a time here). Taken one at a time, the batches would come a block's
+    fill time (~20 ms) apart. Every frame is delivered, nothing is dropped."""
+    daemon = start_daemon(workers=1, extra=("--block-size", "65536", "--block-count", "64",
+                                            "--block-timeout", "1000"))
+    sub = subscribe(daemon)
+    total = 12_000  # ~450 frames a 64 KiB block: ~26 blocks, at the pump's ~20k frames/s
+    arrived: list[float] = []
+    with netlab.Pump(injector, total, mark=total):
+        deadline = time.monotonic() + 30
+        while sum(len(b["packets"]) for b in sub.capture.batches) < total:
+            assert time.monotonic() < deadline, f"{sub.capture.summary()}\n{daemon.logs()}"
+            if (at := sub.take_one(0.2)) is not None:
+                arrived.append(at)
+    assert_every_frame_delivered(sub, daemon, total)
+    # Back to back: within 5 ms of the batch before it.
+    groups = 1 + sum(b - a > 0.005 for a, b in itertools.pairwise(arrived))
+    assert groups <= 0.75 * len(arrived), \
+        f"{len(arrived)} batches came in {groups} groups: taken one block at a time"
+    assert netlab.metric_sum(daemon.metrics(), "fanoutd_kernel_drops_total") == 0
 
 
 def test_hung_worker_is_terminated_replaced_and_loses_nothing(injector, start_daemon,
