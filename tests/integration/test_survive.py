@@ -36,10 +36,17 @@ def wait_replaced(daemon: netlab.Daemon, comm: str, old: int) -> None:
                     f"a new {comm}", detail=daemon.logs)
 
 
-def test_sigkill_worker_mid_traffic_loses_nothing(injector, start_daemon, subscribe):
+@pytest.mark.parametrize("block_timeout", ["5", "1000"],
+                         ids=["blocks-handed-over-by-timeout", "full-blocks-taken-after-pauses"])
+def test_sigkill_worker_mid_traffic_loses_nothing(injector, start_daemon, subscribe,
+                                                  block_timeout):
     """SIGKILL a worker while frames flow: it is replaced, the new worker maps the same
-    ring, and every frame still reaches the subscriber, with no gap in any worker's seq."""
-    daemon = start_daemon(workers=2, fanout="lb", extra=("--block-count", "64"))
+    ring, and every frame still reaches the subscriber, with no gap in any worker's seq.
+    With a long block timeout the blocks come full, and the worker pauses between them
+    and signals the proxy once for several (worker.pause_after_block): the kill may come
+    mid-pause, with batches written and not signalled."""
+    daemon = start_daemon(workers=2, fanout="lb",
+                          extra=("--block-count", "64", "--block-timeout", block_timeout))
     sub = subscribe(daemon)
     total = 12_000
     with netlab.Pump(injector, total, mark=total // 3) as pump:
