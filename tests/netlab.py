@@ -692,15 +692,22 @@ class Subscriber:
         extra = f"\n{detail()}" if detail else ""
         raise WaitTimeout(f"no fanoutd.hello within {timeout}s{extra}")
 
-    def take_one(self, timeout: float) -> float | None:
-        """Receive one message and keep it (in capture); its arrival time, taken before
-        decoding it (time.monotonic()), or None when none came within timeout s."""
+    def take_arrivals(self, timeout: float) -> list[float]:
+        """Wait up to timeout s for a message, then receive every message already queued,
+        and keep them (in capture): their arrival times (time.monotonic()), each taken as
+        it is received, before any of them is decoded (which takes milliseconds)."""
         msg = self._recv(timeout)
         if msg is None:
-            return None
-        arrived = time.monotonic()
-        self._take(msg)
-        return arrived
+            return []
+        got = [(time.monotonic(), msg)]
+        while True:
+            try:
+                got.append((time.monotonic(), self.sock.recv_multipart(zmq.NOBLOCK)))
+            except zmq.Again:
+                break
+        for _, msg in got:
+            self._take(msg)
+        return [at for at, _ in got]
 
     def _take(self, msg: list[bytes]) -> None:
         if len(msg) == 2 and msg[0].startswith(b"pkt."):
