@@ -34,6 +34,15 @@ from fanoutd import jetstream
 from fanoutd.batch import Batch, BatchSource
 
 
+def cluster_busy_errors() -> tuple[type[BaseException], ...]:
+    """What a JetStream API request raises while the cluster cannot answer it yet (a
+    member just died and the meta leader is being elected again, or a consumer's leader
+    is): worth asking again."""
+    nats = jetstream.require_nats()
+    return (TimeoutError, nats.errors.NoRespondersError,
+            nats.js.errors.ServiceUnavailableError, nats.js.errors.ServerError)
+
+
 class JetStreamSubscriber(BatchSource):
     def __init__(self, servers: str | Iterable[str] = jetstream.DEFAULT_SERVER,
                  stream: str = jetstream.DEFAULT_STREAM, durable: str | None = None,
@@ -77,24 +86,27 @@ class JetStreamSubscriber(BatchSource):
                          seconds: float) -> Any:
         """The pull subscription, tried again for up to seconds while the cluster cannot
         answer (a member just died: its JetStream meta leader is being elected again)."""
-        nats = jetstream.require_nats()
         deadline = time.monotonic() + seconds
         while True:
             try:
                 return await self.nc.jetstream().pull_subscribe(
                     subject, durable=durable, stream=stream, config=config)
-            except (TimeoutError, nats.errors.NoRespondersError,
-                    nats.js.errors.ServiceUnavailableError, nats.js.errors.ServerError):
+            except cluster_busy_errors():
                 if time.monotonic() >= deadline:
                     raise
                 await asyncio.sleep(0.25)
 
     async def _led(self, seconds: float) -> None:
         """Wait (up to seconds) until a consumer just made in a cluster has elected its
-        leader: a pull request sent before that goes unanswered for the whole wait."""
+        leader: a pull request sent before that goes unanswered for the whole wait. Its
+        info request can go unanswered too meanwhile (then it is asked again)."""
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            info = await self._sub.consumer_info()
+            try:
+                info = await self._sub.consumer_info()
+            except cluster_busy_errors():
+                await asyncio.sleep(0.05)
+                continue
             if info.cluster is None or info.cluster.leader:
                 return
             await asyncio.sleep(0.05)
