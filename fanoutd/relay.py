@@ -121,10 +121,9 @@ class Relay:
                  notifier: Notifier | None = None) -> None:
         self.cfg = cfg
         self.metrics = metrics or RelayMetrics()
-        # systemd (Type=notify): READY once relaying, STATUS, WATCHDOG from the receive
-        # loop, STOPPING; nothing without NOTIFY_SOCKET.
+        # systemd (Type=notify): READY once relaying, STATUS and WATCHDOG from a task of
+        # their own (_tell_systemd), STOPPING; nothing without NOTIFY_SOCKET.
         self.notifier = notifier or Notifier()
-        self._next_status = 0.0
         self.metrics.window.set(cfg.max_in_flight)
         self.stopping = asyncio.Event()
         self.tracker = SeqTracker(self._gap)
@@ -194,13 +193,15 @@ class Relay:
     async def _tell_systemd(self) -> None:
         """The watchdog and the status line, from a task of their own: the receive loop
         waits as long as the window is full (NATS away: up to retry_seconds), which is
-        no hang. What stops this task is a stuck event loop."""
+        no hang. What stops this task is a stuck event loop. The status line was just
+        sent with READY."""
+        next_status = time.monotonic() + STATUS_INTERVAL_S
         while True:
             self.notifier.watchdog(True)
             now = time.monotonic()
-            if now >= self._next_status:
+            if now >= next_status:
                 self.notifier.status(self._status())
-                self._next_status = now + STATUS_INTERVAL_S
+                next_status = now + STATUS_INTERVAL_S
             await asyncio.sleep(0.2)
 
     async def _drain(self) -> None:
@@ -248,7 +249,6 @@ class Relay:
             log.info("relay: subscribed to %s; storing into stream %s at %s",
                      ", ".join(self.cfg.sources), self.cfg.stream, ",".join(self.cfg.nats))
             self.notifier.ready(self._status())
-            self._next_status = time.monotonic() + STATUS_INTERVAL_S
             systemd = asyncio.create_task(self._tell_systemd())
             while not self.stopping.is_set():
                 for sock, _ in await poller.poll(timeout=200):
