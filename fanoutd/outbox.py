@@ -113,7 +113,7 @@ class Outbox:
             self.unsignalled = False
             os.eventfd_write(self.eventfd, 1)
 
-    def put(self, seq: int, body: bytes) -> bool:
+    def put(self, seq: int, body: bytes, signal: bool = True) -> bool:
         """free_slot() and commit() for a batch made elsewhere: False when no slot is
         free (nothing was written)."""
         room = self.free_slot()
@@ -121,7 +121,7 @@ class Outbox:
             return False
         with room:
             room[:len(body)] = body
-        self.commit(seq, len(body))
+        self.commit(seq, len(body), signal)
         return True
 
     def hello(self, ring_id: int, topic: bytes) -> bytes:
