@@ -804,6 +804,11 @@ class DatagramSink:
         with self._lock:
             return list(self.received)
 
+    def notify_lines(self) -> list[tuple[float, str]]:
+        """Every sd_notify assignment received, as (arrival time, "KEY=VALUE")."""
+        return [(t, line) for t, data in self.snapshot()
+                for line in data.decode(errors="replace").split("\n") if line]
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)

@@ -89,12 +89,6 @@ def write_config(directory: Path, **supervisor: int) -> Path:
     return path
 
 
-def notify_lines(sink: netlab.DatagramSink) -> list[tuple[float, str]]:
-    """Every sd_notify assignment received, as (arrival time, "KEY=VALUE")."""
-    return [(t, line) for t, data in sink.snapshot()
-            for line in data.decode(errors="replace").split("\n") if line]
-
-
 def parse_journal_native(data: bytes) -> dict[str, str]:
     """One journal native-protocol datagram -> {field: value}.
 
@@ -353,11 +347,11 @@ def test_sd_notify_ready_status_watchdog_stopping(start_daemon):
         frozen: tuple[int, int] | None = None
         try:
             def lines_after(t: float, prefix: str) -> list[float]:
-                return [at for at, line in notify_lines(sink)
+                return [at for at, line in sink.notify_lines()
                         if at > t and line.startswith(prefix)]
 
             def notified() -> str:
-                return f"notify: {notify_lines(sink)}\n{daemon.logs()}"
+                return f"notify: {sink.notify_lines()}\n{daemon.logs()}"
 
             def ready() -> tuple[float, bytes] | None:
                 daemon.check_running()

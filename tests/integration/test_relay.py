@@ -215,9 +215,7 @@ def test_the_relay_notifies_systemd(cluster, daemon, injector):
     its window is full and NATS does not answer (waiting is no hang: the watchdog must
     not kill it then); STOPPING=1 on SIGTERM, and exit 0."""
     with netlab.workdir() as wd, netlab.DatagramSink(wd / "notify.sock") as sink:
-        def lines() -> list[tuple[float, str]]:
-            return [(t, line) for t, data in sink.snapshot()
-                    for line in data.decode(errors="replace").split("\n") if line]
+        lines = sink.notify_lines
 
         def after(t: float, prefix: str) -> list[str]:
             return [line for at, line in lines() if at >= t and line.startswith(prefix)]
